@@ -1,0 +1,26 @@
+"""lorakit: LoRA adapters for PyTorch models — attach, train, save, merge and serve."""
+
+from .attach import (
+    AttachError,
+    ParameterCount,
+    adapters,
+    attach,
+    delete_adapter,
+    disabled,
+    set_active,
+    trainable_parameters,
+)
+from .config import ConfigError, LoraConfig
+from .files import AdapterFileError, load_adapter, save_adapter
+from .layers import LoraAdapter, LoraLayer
+from .merge import MergeError, detach, merge, unmerge
+from .pretrained import load_model, load_tokenizer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterFileError", "AttachError", "ConfigError", "LoraAdapter", "LoraConfig", "LoraLayer",
+    "MergeError", "ParameterCount", "adapters", "attach", "delete_adapter", "detach", "disabled",
+    "load_adapter", "load_model", "load_tokenizer", "merge", "save_adapter", "set_active",
+    "trainable_parameters", "unmerge",
+]

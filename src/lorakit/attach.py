@@ -1,0 +1,258 @@
+"""Attach LoRA adapters to a model, manage several named adapters, and detach.
+
+``attach`` finds every target, checks all of them, and only then swaps each target
+for a LoraLayer that keeps the original ``weight``/``bias`` (Hu et al., 2021,
+arXiv:2106.09685). A failed attach leaves the model exactly as it was.
+
+The config of each adapter is kept on the model in ``model.lorakit_configs``
+(a plain dict, name -> LoraConfig) so that saving can write it back out.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from torch import nn
+
+from .config import ALL_LINEAR, LoraConfig
+from .layers import LoraAdapter, LoraConv1D, LoraConv2d, LoraEmbedding, LoraLayer, LoraLinear
+
+
+class AttachError(ValueError):
+    """An adapter cannot be attached (or named) as asked; the model is unchanged."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """One module that an adapter will be attached to."""
+
+    path: str
+    module: nn.Module
+    layer_class: type[LoraLayer]
+    rank: int
+    alpha: float
+
+
+def lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
+    """Every LoraLayer in the model with its path, in module order."""
+    return [(path, m) for path, m in model.named_modules() if isinstance(m, LoraLayer)]
+
+
+def adapters(model: nn.Module) -> list[str]:
+    """Names of the adapters on the model, in the order they were attached."""
+    names: dict[str, None] = {}
+    for _, layer in lora_layers(model):
+        names.update(dict.fromkeys(layer.adapters))
+    return list(names)
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    names: dict[str, None] = {}
+    for _, layer in lora_layers(model):
+        names.update(dict.fromkeys(layer.active))
+    return list(names)
+
+
+def attach(model: nn.Module, config: LoraConfig, name: str = "default") -> list[str]:
+    """Add adapter ``name`` to every module ``config`` targets; return their paths.
+
+    All base parameters are frozen; adapter parameters (and ``modules_to_save``)
+    stay trainable. The first adapter on a model becomes active; later ones are
+    added inactive (as PEFT's ``add_adapter`` does) until ``set_active`` names them.
+    """
+    _check_new_name(model, name)
+    targets = find_targets(model, config)
+    find_saved_modules(model, config)  # fails before any change if one is missing
+    first = not active_adapters(model)
+
+    for target in targets:
+        layer = target.module
+        if not isinstance(layer, LoraLayer):
+            layer = target.layer_class(target.module)
+            replace_module(model, target.path, layer)
+        layer.add_adapter(name, target.rank, target.alpha, config.dropout, config.use_rslora, config.init)
+        if first:
+            layer.active = [name]
+    model.lorakit_configs = {**getattr(model, "lorakit_configs", {}), name: config}
+    _freeze_base(model)
+    return [t.path for t in targets]
+
+
+def _freeze_base(model: nn.Module) -> None:
+    model.requires_grad_(False)
+    for _, layer in lora_layers(model):
+        layer.adapters.requires_grad_(True)
+    for config in model.lorakit_configs.values():
+        for module in find_saved_modules(model, config).values():
+            module.requires_grad_(True)
+
+
+def find_targets(model: nn.Module, config: LoraConfig) -> list[Target]:
+    """The modules ``config`` selects, each checked; raises AttachError listing all problems."""
+    linear_only = config.targets == ALL_LINEAR
+    head = _output_head(model) if linear_only else None
+    inside_layer = tuple(path + "." for path, _ in lora_layers(model))
+    targets: list[Target] = []
+    problems: list[str] = []
+    for path, module in model.named_modules():
+        if not path or module is head or path.startswith(inside_layer) or not config.is_target(path):
+            continue
+        layer_class = layer_class_for(module)
+        if linear_only and layer_class not in (LoraLinear, LoraConv1D):
+            continue
+        if layer_class is None:
+            problems.append(f"{path}: {type(module).__name__} is not supported "
+                            "(supported: Linear, GPT-2 Conv1D, Embedding, Conv2d)")
+            continue
+        base = module.base_module if isinstance(module, LoraLayer) else module
+        if isinstance(base, nn.Conv2d) and base.groups != 1:
+            problems.append(f"{path}: Conv2d with groups={base.groups} is not supported (groups must be 1)")
+            continue
+        rank, alpha = config.rank_for(path), config.alpha_for(path)
+        in_features, out_features = layer_class.dims(base)
+        if rank > min(in_features, out_features):
+            problems.append(f"{path}: rank {rank} > min(in={in_features}, out={out_features})")
+            continue
+        targets.append(Target(path, module, layer_class, rank, alpha))
+    if problems:
+        raise AttachError("cannot attach LoRA:\n  " + "\n  ".join(problems))
+    if not targets:
+        raise AttachError(f"targets {config.targets!r} matched no module. "
+                          f"Candidate module names: {', '.join(candidate_names(model)) or '(none)'}")
+    return targets
+
+
+def find_saved_modules(model: nn.Module, config: LoraConfig) -> dict[str, nn.Module]:
+    """Path -> module for each of ``config.modules_to_save``; every name must match."""
+    found = {path: m for path, m in model.named_modules() if path and config.saves(path)}
+    missing = [m for m in config.modules_to_save if not any(p == m or p.endswith("." + m) for p in found)]
+    if missing:
+        raise AttachError(f"modules_to_save {missing} matched no module")
+    return found
+
+
+def candidate_names(model: nn.Module) -> list[str]:
+    """Distinct last path components of the modules an adapter could go on."""
+    names = {path.rsplit(".", 1)[-1] for path, m in model.named_modules() if path and layer_class_for(m)}
+    return sorted(names)
+
+
+def layer_class_for(module: nn.Module) -> type[LoraLayer] | None:
+    if isinstance(module, LoraLayer):
+        return type(module)
+    if isinstance(module, nn.Linear):
+        return LoraLinear
+    if isinstance(module, nn.Embedding):
+        return LoraEmbedding
+    if isinstance(module, nn.Conv2d):
+        return LoraConv2d
+    # Only transformers makes Conv1D; if it was never imported there is none to find.
+    pytorch_utils = sys.modules.get("transformers.pytorch_utils")
+    if pytorch_utils is not None and isinstance(module, pytorch_utils.Conv1D):
+        return LoraConv1D
+    return None
+
+
+def set_active(model: nn.Module, names: str | Sequence[str]) -> None:
+    """Make exactly ``names`` the active adapters (an empty list gives the base model)."""
+    names = [names] if isinstance(names, str) else list(names)
+    unknown = [n for n in names if n not in adapters(model)]
+    if unknown:
+        raise AttachError(f"unknown adapter(s) {unknown}; the model has {adapters(model)}")
+    for _, layer in lora_layers(model):
+        layer.active = [n for n in names if n in layer.adapters]
+
+
+@contextmanager
+def disabled(model: nn.Module) -> Iterator[None]:
+    """Run the base model: inside the block no adapter contributes, merged or not."""
+    layers = [layer for _, layer in lora_layers(model)]
+    before = [layer.disabled for layer in layers]
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield
+    finally:
+        for layer, was in zip(layers, before):
+            layer.disabled = was
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter ``name`` (unmerging it first); a layer left empty becomes its base module again."""
+    if name not in adapters(model):
+        raise AttachError(f"unknown adapter {name!r}; the model has {adapters(model)}")
+    for path, layer in lora_layers(model):
+        if name not in layer.adapters:
+            continue
+        layer.unmerge(name)
+        del layer.adapters[name]
+        layer.active = [n for n in layer.active if n != name]
+        if not layer.adapters:
+            replace_module(model, path, layer.to_base())
+    model.lorakit_configs = {k: v for k, v in model.lorakit_configs.items() if k != name}
+
+
+@dataclass(frozen=True)
+class ParameterCount:
+    """Parameter totals of a model with adapters.
+
+    ``by_type`` maps a module name (q_proj, up_proj, ...) to (number of modules,
+    trainable parameters in them).
+    """
+
+    by_type: dict[str, tuple[int, int]]
+    base: int
+    adapter: int
+    trainable: int
+
+    @property
+    def total(self) -> int:
+        return self.base + self.adapter
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / self.total if self.total else 0.0
+
+
+def trainable_parameters(model: nn.Module) -> ParameterCount:
+    """Count base, adapter and trainable parameters, grouped by module name."""
+    by_type: dict[str, tuple[int, int]] = {}
+    for path, module in model.named_modules():
+        trainable = sum(p.numel() for p in module.parameters(recurse=False) if p.requires_grad)
+        if not trainable:
+            continue
+        if isinstance(module, LoraAdapter):  # ...q_proj.adapters.<name> counts as q_proj
+            path = path.rsplit(".adapters.", 1)[0]
+        key = path.rsplit(".", 1)[-1] or type(model).__name__
+        modules, params = by_type.get(key, (0, 0))
+        by_type[key] = (modules + 1, params + trainable)
+    adapter_ids = {id(p) for m in model.modules() if isinstance(m, LoraAdapter) for p in m.parameters()}
+    params = list(model.parameters())
+    adapter = sum(p.numel() for p in params if id(p) in adapter_ids)
+    return ParameterCount(
+        by_type=by_type,
+        base=sum(p.numel() for p in params) - adapter,
+        adapter=adapter,
+        trainable=sum(p.numel() for p in params if p.requires_grad),
+    )
+
+
+def _check_new_name(model: nn.Module, name: str) -> None:
+    if not isinstance(name, str) or not name or "." in name:
+        raise AttachError(f"adapter name must be a non-empty string without '.', got {name!r}")
+    if name in adapters(model):
+        raise AttachError(f"adapter name {name!r} is already used; the model has {adapters(model)}")
+
+
+def _output_head(model: nn.Module) -> nn.Module | None:
+    get = getattr(model, "get_output_embeddings", None)
+    return get() if callable(get) else None
+
+
+def replace_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    """Put ``module`` at ``path`` in ``model`` (the root itself cannot be replaced)."""
+    parent_path, _, leaf = path.rpartition(".")
+    setattr(model.get_submodule(parent_path), leaf, module)

@@ -1,0 +1,165 @@
+"""LoRA configuration and the rules that pick which modules get an adapter.
+
+Each targeted module W gets W' = W + (alpha / rank) * B @ A (Hu et al., 2021,
+arXiv:2106.09685), or alpha / sqrt(rank) with rsLoRA (Kalajdzievski, 2023,
+arXiv:2312.03732). Target matching follows PEFT's rules so that a config means the
+same module set in both libraries:
+
+- a list of names matches a module whose path equals a name or ends with "." + name;
+- a single string other than "all-linear" is a regular expression matched against
+  the whole module path;
+- ``rank_pattern`` / ``alpha_pattern`` keys are regular expressions matched against
+  the end of the path (``(.*\\.)?(key)$``); the first key that matches wins.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+ALL_LINEAR = "all-linear"
+INITS = ("default", "gaussian")
+
+
+class ConfigError(ValueError):
+    """A LoraConfig value is out of range or of the wrong kind."""
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """What to adapt and how.
+
+    Args:
+        rank: r, the inner dimension of B @ A.
+        alpha: numerator of the scaling alpha / r (often 2 * rank).
+        dropout: dropout probability on the adapter's input, 0 <= p < 1.
+        targets: "all-linear" (every Linear / GPT-2 Conv1D except the output head),
+            a list of module names or path suffixes, or one regular expression.
+        exclude: names / suffixes (or one regex) never adapted, even if targeted.
+        layers: only adapt modules inside these transformer block indices.
+        layers_pattern: the name of the block list ("layers", "h") used with
+            ``layers``; by default the first numbered path segment.
+        rank_pattern: regex -> rank overrides for matching modules.
+        alpha_pattern: regex -> alpha overrides for matching modules.
+        use_rslora: scale by alpha / sqrt(rank) instead of alpha / rank.
+        init: "default" (A Kaiming-uniform, B zero) or "gaussian" (A ~ N(0, 1/r)).
+        modules_to_save: modules trained in full and stored in the adapter file
+            (e.g. a classification head).
+    """
+
+    rank: int
+    alpha: float
+    dropout: float = 0.0
+    targets: str | tuple[str, ...] = ALL_LINEAR
+    exclude: str | tuple[str, ...] = ()
+    layers: tuple[int, ...] | None = None
+    layers_pattern: str | None = None
+    rank_pattern: Mapping[str, int] = field(default_factory=dict)
+    alpha_pattern: Mapping[str, float] = field(default_factory=dict)
+    use_rslora: bool = False
+    init: str = "default"
+    modules_to_save: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        # Lists are accepted for convenience and stored as tuples so the config is hashable-ish
+        # and cannot be mutated behind an attached adapter's back.
+        for name in ("targets", "exclude", "modules_to_save"):
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                object.__setattr__(self, name, tuple(value))
+        if self.layers is not None:
+            layers = (self.layers,) if isinstance(self.layers, int) else tuple(self.layers)
+            object.__setattr__(self, "layers", layers)
+        object.__setattr__(self, "rank_pattern", dict(self.rank_pattern))
+        object.__setattr__(self, "alpha_pattern", dict(self.alpha_pattern))
+        self._validate()
+
+    def _validate(self) -> None:
+        _check_rank("rank", self.rank)
+        _check_alpha("alpha", self.alpha)
+        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.init not in INITS:
+            raise ConfigError(f"init must be one of {INITS}, got {self.init!r}")
+        if isinstance(self.targets, str):
+            if self.targets != ALL_LINEAR:
+                _check_regex("targets", self.targets)
+        elif not self.targets or not all(isinstance(t, str) and t for t in self.targets):
+            raise ConfigError(f"targets must be '{ALL_LINEAR}', a regex or a non-empty list of names, got {self.targets!r}")
+        if isinstance(self.exclude, str):
+            _check_regex("exclude", self.exclude)
+        if self.layers is not None and not all(isinstance(i, int) and i >= 0 for i in self.layers):
+            raise ConfigError(f"layers must be non-negative block indices, got {self.layers!r}")
+        for key, rank in self.rank_pattern.items():
+            _check_regex("rank_pattern key", key)
+            _check_rank(f"rank_pattern[{key!r}]", rank)
+        for key, alpha in self.alpha_pattern.items():
+            _check_regex("alpha_pattern key", key)
+            _check_alpha(f"alpha_pattern[{key!r}]", alpha)
+
+    def is_target(self, path: str) -> bool:
+        """Whether the module at ``path`` is named by ``targets`` (type not checked here)."""
+        if _matches_names(self.exclude, path) or self.saves(path):
+            return False
+        if self.targets == ALL_LINEAR:
+            found = True  # the caller restricts all-linear to linear layers
+        elif isinstance(self.targets, str):
+            found = re.fullmatch(self.targets, path) is not None
+        else:
+            found = _matches_names(self.targets, path)
+        return found and self._in_layers(path)
+
+    def saves(self, path: str) -> bool:
+        """Whether ``path`` is one of ``modules_to_save``."""
+        return any(path == m or path.endswith("." + m) for m in self.modules_to_save)
+
+    def rank_for(self, path: str) -> int:
+        return _pattern_value(self.rank_pattern, path, self.rank)
+
+    def alpha_for(self, path: str) -> float:
+        return _pattern_value(self.alpha_pattern, path, self.alpha)
+
+    def _in_layers(self, path: str) -> bool:
+        if self.layers is None:
+            return True
+        if self.layers_pattern:
+            match = re.match(rf"(?:^|.*?\.){self.layers_pattern}\.(\d+)\.", path)
+        else:
+            match = re.match(r".*?\.[^.]*\.(\d+)\.", path)
+        return match is not None and int(match.group(1)) in self.layers
+
+
+def _matches_names(names: str | tuple[str, ...], path: str) -> bool:
+    if isinstance(names, str):
+        return re.fullmatch(names, path) is not None
+    return any(path == n or path.endswith("." + n) for n in names)
+
+
+def _pattern_value(patterns: Mapping[str, float], path: str, default: float):
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            return value
+    return default
+
+
+def _check_rank(what: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{what} must be an integer >= 1, got {value!r}")
+
+
+def _check_alpha(what: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ConfigError(f"{what} must be a number > 0, got {value!r}")
+
+
+def _check_regex(what: str, pattern: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        raise ConfigError(f"{what} {pattern!r} is not a valid regular expression: {err}") from None
+
+
+def as_names(value: str | Sequence[str]) -> str | tuple[str, ...]:
+    """Normalise a CLI/JSON targets value: a list stays a list, one string stays a string."""
+    return value if isinstance(value, str) else tuple(value)

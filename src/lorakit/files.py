@@ -1,0 +1,280 @@
+"""Adapter files in PEFT's on-disk format, read and written safely.
+
+An adapter is a directory with two files:
+
+- ``adapter_config.json``: ``peft_type: "LORA"``, ``r``, ``lora_alpha``,
+  ``target_modules``, ``rank_pattern``, ``alpha_pattern``, ``use_rslora``, ...
+- ``adapter_model.safetensors``: for a module at path P,
+  ``base_model.model.P.lora_A.weight`` (r x in) and ``...lora_B.weight`` (out x r);
+  embeddings use ``...P.lora_embedding_A`` / ``lora_embedding_B``; modules_to_save
+  are stored whole as ``base_model.model.P.<param>``.
+
+Every key-name conversion between lorakit and PEFT lives in this module. Loading
+reads and checks every key, shape and dtype before the model is touched, and never
+unpickles. Saving writes a temporary directory and renames it into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
+from torch import Tensor, nn
+
+from .attach import AttachError, adapters, attach, delete_adapter, find_saved_modules, find_targets, lora_layers
+from .config import ALL_LINEAR, ConfigError, LoraConfig
+from .layers import LoraConv1D, LoraEmbedding, LoraLayer
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLED_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
+PREFIX = "base_model.model."
+
+# PEFT options whose non-default values change the math: lorakit refuses them rather
+# than load an adapter that would compute something else.
+UNSUPPORTED = {
+    "use_dora": (False, None), "bias": ("none", None), "lora_bias": (False, None),
+    "target_parameters": (None, []), "trainable_token_indices": (None,), "layer_replication": (None,),
+    "use_qalora": (False, None), "alora_invocation_tokens": (None,),
+}
+
+
+class AdapterFileError(ValueError):
+    """An adapter directory is missing, unsafe, malformed or does not fit the model."""
+
+
+# -- key names and config fields (ours <-> PEFT's) -----------------------------------
+def peft_keys(path: str, layer_class: type[LoraLayer]) -> tuple[str, str]:
+    """The file keys of A and B for the module at ``path``."""
+    if layer_class is LoraEmbedding:
+        return f"{PREFIX}{path}.lora_embedding_A", f"{PREFIX}{path}.lora_embedding_B"
+    return f"{PREFIX}{path}.lora_A.weight", f"{PREFIX}{path}.lora_B.weight"
+
+
+def saved_module_keys(path: str, module: nn.Module) -> dict[str, Tensor]:
+    """File key -> parameter for a module stored whole (modules_to_save)."""
+    return {f"{PREFIX}{path}.{name}": p for name, p in module.named_parameters()}
+
+
+def config_to_peft(model: nn.Module, name: str) -> dict[str, Any]:
+    """The adapter_config.json contents for adapter ``name``."""
+    config: LoraConfig = model.lorakit_configs[name]
+    layers = [(path, layer) for path, layer in lora_layers(model) if name in layer.adapters]
+    targets = config.targets
+    if targets == ALL_LINEAR:
+        targets = sorted(path for path, _ in layers)  # PEFT also stores all-linear expanded
+    model_config = getattr(model, "config", None)
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM" if type(model).__name__.endswith("ForCausalLM") else None,
+        "base_model_name_or_path": getattr(model_config, "name_or_path", None) or None,
+        "r": config.rank,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        "target_modules": targets if isinstance(targets, str) else list(targets),
+        "exclude_modules": (config.exclude if isinstance(config.exclude, str) else list(config.exclude)) or None,
+        "layers_to_transform": list(config.layers) if config.layers is not None else None,
+        "layers_pattern": config.layers_pattern,
+        "rank_pattern": dict(config.rank_pattern),
+        "alpha_pattern": dict(config.alpha_pattern),
+        "use_rslora": config.use_rslora,
+        "init_lora_weights": "gaussian" if config.init == "gaussian" else True,
+        "modules_to_save": list(config.modules_to_save) or None,
+        "fan_in_fan_out": any(isinstance(layer, LoraConv1D) for _, layer in layers),
+        "bias": "none",
+        "use_dora": False,
+        "inference_mode": True,
+    }
+
+
+def config_from_peft(data: dict[str, Any], source: Path) -> LoraConfig:
+    """A LoraConfig from adapter_config.json contents; refuses options lorakit cannot honour."""
+    if data.get("peft_type") != "LORA":
+        raise AdapterFileError(f"{source}: peft_type is {data.get('peft_type')!r}, lorakit reads only 'LORA' adapters")
+    for key, fine in UNSUPPORTED.items():
+        if data.get(key, fine[0]) not in fine:
+            raise AdapterFileError(f"{source}: {key}={data[key]!r} is not supported by lorakit")
+    for key in ("r", "lora_alpha", "target_modules"):
+        if data.get(key) is None:
+            raise AdapterFileError(f"{source}: missing required field {key!r}")
+    layers = data.get("layers_to_transform")
+    layers_pattern = data.get("layers_pattern")
+    try:
+        return LoraConfig(
+            rank=data["r"],
+            alpha=data["lora_alpha"],
+            dropout=data.get("lora_dropout") or 0.0,
+            targets=data["target_modules"],
+            exclude=data.get("exclude_modules") or (),
+            layers=[layers] if isinstance(layers, int) else layers,
+            layers_pattern=layers_pattern[0] if isinstance(layers_pattern, list) else layers_pattern,
+            rank_pattern=data.get("rank_pattern") or {},
+            alpha_pattern=data.get("alpha_pattern") or {},
+            use_rslora=bool(data.get("use_rslora", False)),
+            init="gaussian" if data.get("init_lora_weights") == "gaussian" else "default",
+            modules_to_save=data.get("modules_to_save") or (),
+        )
+    except (ConfigError, TypeError) as err:
+        raise AdapterFileError(f"{source}: invalid LoRA config: {err}") from None
+
+
+# -- save ----------------------------------------------------------------------------
+def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "default") -> Path:
+    """Write adapter ``name`` to ``directory`` in PEFT's format, atomically; return the path."""
+    if name not in adapters(model):
+        raise AttachError(f"unknown adapter {name!r}; the model has {adapters(model)}")
+    tensors: dict[str, Tensor] = {}
+    for path, layer in lora_layers(model):
+        if name in layer.adapters:
+            key_a, key_b = peft_keys(path, type(layer))
+            tensors[key_a] = layer.adapters[name].lora_A
+            tensors[key_b] = layer.adapters[name].lora_B
+    for path, module in find_saved_modules(model, model.lorakit_configs[name]).items():
+        tensors.update(saved_module_keys(path, module))
+    # Own, contiguous CPU copies: safetensors refuses tensors that share memory (tied weights).
+    tensors = {k: t.detach().to("cpu", copy=True).contiguous() for k, t in tensors.items()}
+    files = {
+        CONFIG_NAME: json.dumps(config_to_peft(model, name), indent=2, sort_keys=True).encode() + b"\n",
+        WEIGHTS_NAME: safetensors_bytes(tensors, metadata={"format": "pt"}),
+    }
+    return write_directory(directory, files)
+
+
+def write_directory(directory: str | os.PathLike, files: dict[str, bytes]) -> Path:
+    """Write ``files`` into ``directory`` so that it holds either the old or the new set.
+
+    The files go to a temporary sibling directory, are flushed to disk, and the
+    directory is renamed into place (an existing one is moved aside first and removed
+    after). A crash leaves at most a hidden ``.NAME.tmp-*`` / ``.NAME.old-*`` sibling.
+    """
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise AdapterFileError(f"{directory} exists and is not a directory")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        for file_name, data in files.items():
+            with open(staging / file_name, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+        old = None
+        if directory.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
+            os.replace(directory, old / directory.name)
+        os.replace(staging, directory)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return directory
+
+
+# -- load ----------------------------------------------------------------------------
+def read_config(directory: str | os.PathLike) -> LoraConfig:
+    """Parse and check ``directory/adapter_config.json``."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise AdapterFileError(f"{directory}: not an adapter directory (expected {CONFIG_NAME} + {WEIGHTS_NAME})")
+    source = directory / CONFIG_NAME
+    try:
+        data = json.loads(source.read_text())
+    except FileNotFoundError:
+        raise AdapterFileError(f"{source}: missing") from None
+    except json.JSONDecodeError as err:
+        raise AdapterFileError(f"{source}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
+    if not isinstance(data, dict):
+        raise AdapterFileError(f"{source}: expected a JSON object, got {type(data).__name__}")
+    return config_from_peft(data, source)
+
+
+def read_tensors(directory: str | os.PathLike) -> dict[str, Tensor]:
+    """Every tensor of ``directory/adapter_model.safetensors``; pickled files are refused."""
+    directory = Path(directory)
+    source = directory / WEIGHTS_NAME
+    if not source.exists():
+        pickled = [directory / n for n in PICKLED_NAMES if (directory / n).exists()]
+        if pickled:
+            raise AdapterFileError(
+                f"{pickled[0]}: pickled weights are never loaded (unpickling can run arbitrary code); "
+                f"convert the adapter to {WEIGHTS_NAME}")
+        raise AdapterFileError(f"{source}: missing")
+    try:
+        return load_file(source)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise AdapterFileError(f"{source}: not a readable safetensors file ({err})") from None
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str | None = None) -> str:
+    """Load a PEFT-format adapter into ``model`` as ``name``; return the name used.
+
+    Without ``name`` the adapter is called "default", or after its directory if the
+    model already has a "default". Every key, shape and dtype is checked against the
+    model first; on any error the model is left exactly as it was.
+    """
+    directory = Path(directory)
+    config = read_config(directory)
+    tensors = read_tensors(directory)
+    if name is None:
+        name = "default" if "default" not in adapters(model) else re.sub(r"\W", "_", directory.name)
+    source = directory / WEIGHTS_NAME
+    try:
+        expected = _expected_tensors(model, config)
+    except AttachError as err:
+        raise AdapterFileError(f"{directory}: does not fit this model: {err}") from None
+    _check_tensors(source, expected, tensors)
+
+    attach(model, config, name)
+    try:
+        with torch.no_grad():
+            for path, layer in lora_layers(model):
+                if name in layer.adapters:
+                    key_a, key_b = peft_keys(path, type(layer))
+                    layer.adapters[name].lora_A.copy_(tensors[key_a])
+                    layer.adapters[name].lora_B.copy_(tensors[key_b])
+            for path, module in find_saved_modules(model, config).items():
+                for key, param in saved_module_keys(path, module).items():
+                    param.copy_(tensors[key])
+    except Exception:
+        delete_adapter(model, name)
+        raise
+    return name
+
+
+def _expected_tensors(model: nn.Module, config: LoraConfig) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """File key -> (module path, shape) that ``config`` implies for this model."""
+    expected = {}
+    for target in find_targets(model, config):
+        base = target.module.base_module if isinstance(target.module, LoraLayer) else target.module
+        shape_a, shape_b = target.layer_class.shapes(base, target.rank)
+        key_a, key_b = peft_keys(target.path, target.layer_class)
+        expected[key_a] = (target.path, shape_a)
+        expected[key_b] = (target.path, shape_b)
+    for path, module in find_saved_modules(model, config).items():
+        for key, param in saved_module_keys(path, module).items():
+            expected[key] = (path, tuple(param.shape))
+    return expected
+
+
+def _check_tensors(source: Path, expected: dict[str, tuple[str, tuple[int, ...]]], tensors: dict[str, Tensor]) -> None:
+    problems = []
+    for key, (path, shape) in expected.items():
+        if key not in tensors:
+            problems.append(f"{path}: missing key {key}")
+        elif not tensors[key].is_floating_point():
+            problems.append(f"{path}: {key} has dtype {tensors[key].dtype}, expected a floating-point tensor")
+        elif tuple(tensors[key].shape) != shape:
+            problems.append(f"{path}: {key} has shape {tuple(tensors[key].shape)}, expected {shape}")
+    problems += [f"unexpected key {key} (no such target in this model)" for key in tensors if key not in expected]
+    if problems:
+        shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
+        raise AdapterFileError(f"{source}: does not fit this model:\n  " + "\n  ".join(shown))

