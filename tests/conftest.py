@@ -74,7 +74,7 @@ def assert_unchanged(model: nn.Module, before: dict) -> None:
     assert after["configs"] == before["configs"]
     assert after["tensors"].keys() == before["tensors"].keys()
     for key, value in before["tensors"].items():
-        assert torch.equal(after["tensors"][key], value), key
+        torch.testing.assert_close(after["tensors"][key], value, rtol=0, atol=0, equal_nan=True, msg=key)
 
 
 @pytest.fixture

@@ -58,16 +58,17 @@ class LoraLayer(nn.Module):
     def __init__(self, base: nn.Module) -> None:
         super().__init__()
         self.weight = base.weight
-        self.register_parameter("bias", base.bias)
+        self.register_parameter("bias", getattr(base, "bias", None))
         self.adapters = nn.ModuleDict()
         self.active: list[str] = []
         self.merged: list[str] = []
         self.disabled = False
         # The original module, emptied of its tensors, remembers the type and settings
         # (stride, padding_idx, ...) to rebuild it on detach. Kept out of the module tree
-        # so its (absent) parameters never appear twice in state_dict.
-        del base.weight
-        del base.bias
+        # so its tensors never appear twice in state_dict.
+        base.register_parameter("weight", None)
+        if hasattr(base, "bias"):
+            base.register_parameter("bias", None)
         object.__setattr__(self, "base_module", base)
 
     # -- per base type ----------------------------------------------------------------
@@ -137,8 +138,9 @@ class LoraLayer(nn.Module):
     def to_base(self) -> nn.Module:
         """The original module type holding this layer's (possibly merged) weight and bias."""
         base = self.base_module
-        base.weight = self.weight
-        base.register_parameter("bias", self.bias)
+        base.register_parameter("weight", self.weight)
+        if hasattr(base, "bias"):
+            base.register_parameter("bias", self.bias)
         object.__setattr__(self, "base_module", None)
         return base
 

@@ -1,0 +1,188 @@
+"""LoRA layers against dense math, for every supported base type."""
+
+import copy
+import io
+import math
+from collections import OrderedDict
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+import lorakit
+from lorakit.attach import lora_layers
+
+KINDS = ["linear", "conv1d", "embedding", "conv2d"]
+
+
+def single(kind: str, dtype: torch.dtype = torch.float32):
+    """A one-module model named "layer" and an input batch for it."""
+    torch.manual_seed(0)
+    module = {
+        "linear": lambda: nn.Linear(16, 12),
+        "conv1d": lambda: Conv1D(12, 16),
+        "embedding": lambda: nn.Embedding(20, 12, padding_idx=0),
+        "conv2d": lambda: nn.Conv2d(4, 6, 3, stride=2, padding=1),
+    }[kind]()
+    inputs = {
+        "linear": lambda: torch.randn(3, 5, 16),
+        "conv1d": lambda: torch.randn(3, 5, 16),
+        "embedding": lambda: torch.randint(0, 20, (3, 5)),
+        "conv2d": lambda: torch.randn(2, 4, 9, 9),
+    }[kind]()
+    model = nn.Sequential(OrderedDict(layer=module)).to(dtype)
+    return model, (inputs.to(dtype) if inputs.is_floating_point() else inputs)
+
+
+def set_random(model, name="default", seed=3):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.layer.adapters[name].parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+
+
+def dense_reference(kind, W, b, A, B, scaling, x):
+    """base(x) + scaling * B A x written out for each base type, independently of lorakit."""
+    if kind == "linear":
+        return x @ W.T + b + scaling * (x @ A.T @ B.T)
+    if kind == "conv1d":
+        return x @ W + b + scaling * (x @ A.T @ B.T)
+    if kind == "embedding":
+        return W[x] + scaling * (A.T[x] @ B.T)
+    hidden = F.conv2d(x, A, stride=2, padding=1)
+    return F.conv2d(x, W, b, stride=2, padding=1) + scaling * F.conv2d(hidden, B)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fresh_adapter_is_exactly_the_base(kind):
+    model, x = single(kind)
+    base = model(x)
+    lorakit.attach(model, lorakit.LoraConfig(rank=3, alpha=6, targets=["layer"]))
+    assert torch.equal(model(x), base)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_forward_matches_dense_math(kind, use_rslora):
+    model, x = single(kind)
+    W = model.layer.weight.detach().clone()
+    b = model.layer.bias.detach().clone() if getattr(model.layer, "bias", None) is not None else 0
+    lorakit.attach(model, lorakit.LoraConfig(rank=3, alpha=5, targets=["layer"], use_rslora=use_rslora))
+    set_random(model)
+    adapter = model.layer.adapters["default"]
+    scaling = 5 / math.sqrt(3) if use_rslora else 5 / 3
+    assert adapter.scaling == pytest.approx(scaling)
+    expected = dense_reference(kind, W, b, adapter.lora_A.detach(), adapter.lora_B.detach(), scaling, x)
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_merge_equals_unmerged_is_idempotent_and_unmerge_restores(kind):
+    model, x = single(kind)
+    base_weight = model.layer.weight.detach().clone()
+    lorakit.attach(model, lorakit.LoraConfig(rank=3, alpha=6, targets=["layer"]))
+    set_random(model)
+    with torch.no_grad():
+        unmerged = model(x)
+        lorakit.merge(model)
+        merged_weight = model.layer.weight.detach().clone()
+        torch.testing.assert_close(model(x), unmerged, rtol=1e-5, atol=1e-5)
+        lorakit.merge(model)
+        assert torch.equal(model.layer.weight, merged_weight)
+        assert model.layer.merged == ["default"]
+        lorakit.unmerge(model)
+        lorakit.unmerge(model)
+    assert model.layer.merged == []
+    torch.testing.assert_close(model.layer.weight.detach(), base_weight, rtol=0, atol=1e-6)
+    torch.testing.assert_close(model(x), unmerged, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_detach_gives_original_type_with_merged_weights(kind):
+    model, x = single(kind)
+    original_type = type(model.layer)
+    lorakit.attach(model, lorakit.LoraConfig(rank=3, alpha=6, targets=["layer"]))
+    set_random(model)
+    with torch.no_grad():
+        adapted = model(x)
+        plain = lorakit.detach(model, merge=True)
+    assert type(plain.layer) is original_type and not lora_layers(plain)
+    torch.testing.assert_close(plain(x), adapted, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_detach_without_merge_restores_the_exact_base(kind):
+    model, x = single(kind)
+    base = model(x).detach()
+    lorakit.attach(model, lorakit.LoraConfig(rank=3, alpha=6, targets=["layer"]))
+    set_random(model)
+    plain = lorakit.detach(model, merge=False)
+    assert torch.equal(plain(x), base)
+
+
+def test_merge_in_bf16_computes_in_fp32_and_rounds_once():
+    model, x = single("linear", torch.bfloat16)
+    W = model.layer.weight.detach().clone()
+    lorakit.attach(model, lorakit.LoraConfig(rank=3, alpha=6, targets=["layer"]))
+    adapter = model.layer.adapters["default"]
+    assert adapter.lora_A.dtype == torch.float32  # adapters stay fp32 on half bases
+    set_random(model)
+    assert model(x).dtype == torch.bfloat16
+    lorakit.merge(model)
+    expected = (W.float() + adapter.scaling * adapter.lora_B.detach() @ adapter.lora_A.detach()).to(torch.bfloat16)
+    assert torch.equal(model.layer.weight, expected)
+
+
+def test_gaussian_init():
+    model = nn.Sequential(OrderedDict(layer=nn.Linear(512, 512)))
+    lorakit.attach(model, lorakit.LoraConfig(rank=4, alpha=8, targets=["layer"], init="gaussian"))
+    adapter = model.layer.adapters["default"]
+    assert adapter.lora_A.std().item() == pytest.approx(1 / 4, rel=0.05)
+    assert torch.count_nonzero(adapter.lora_B) == 0
+
+
+def test_only_adapter_parameters_get_gradients():
+    model, x = single("linear")
+    lorakit.attach(model, lorakit.LoraConfig(rank=3, alpha=6, targets=["layer"]))
+    set_random(model)
+    model(x).sum().backward()
+    assert model.layer.weight.grad is None and model.layer.bias.grad is None
+    assert model.layer.adapters["default"].lora_A.grad is not None
+    assert model.layer.adapters["default"].lora_B.grad is not None
+
+
+def test_dropout_applies_in_training_only():
+    model, x = single("linear")
+    lorakit.attach(model, lorakit.LoraConfig(rank=3, alpha=6, targets=["layer"], dropout=0.5))
+    set_random(model)
+    model.eval()
+    assert torch.equal(model(x), model(x))
+    model.train()
+    torch.manual_seed(1)
+    first = model(x)
+    assert not torch.equal(first, model(x))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_deepcopy_torch_save_and_dtype_cast_keep_adapters(kind):
+    model, x = single(kind)
+    lorakit.attach(model, lorakit.LoraConfig(rank=3, alpha=6, targets=["layer"]))
+    set_random(model)
+    expected = model(x)
+    copied = copy.deepcopy(model)
+    torch.testing.assert_close(copied(x), expected, rtol=0, atol=0)
+    assert copied.layer.weight.data_ptr() != model.layer.weight.data_ptr()
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    restored = torch.load(buffer, weights_only=False)
+    torch.testing.assert_close(restored(x), expected, rtol=0, atol=0)
+    doubled = copy.deepcopy(model).to(torch.float64)
+    assert doubled.layer.adapters["default"].lora_A.dtype == torch.float64
+    x64 = x.double() if x.is_floating_point() else x
+    torch.testing.assert_close(doubled(x64).float(), expected, rtol=1e-5, atol=1e-5)
+    # detach after deepcopy rebuilds the copy's own module around the copy's weight
+    plain = lorakit.detach(copied)
+    assert plain.layer.weight.data_ptr() != model.layer.weight.data_ptr()
