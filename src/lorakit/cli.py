@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated
 
 import typer
@@ -33,6 +35,16 @@ def parse_targets(value: str) -> str | tuple[str, ...]:
     return tuple(name.strip() for name in value.split(",") if name.strip())
 
 
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Show lorakit's own errors (bad spec, config, file) as one line and exit 2, without a traceback."""
+    try:
+        yield
+    except ValueError as err:  # every lorakit error class is a ValueError
+        console.print(f"[red]error:[/red] {err}", highlight=False)
+        raise typer.Exit(2) from None
+
+
 def _size(num_bytes: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if num_bytes < 1024 or unit == "TiB":
@@ -61,8 +73,9 @@ def inspect(
 
     if dtype not in DTYPES:
         raise typer.BadParameter(f"expected one of {sorted(DTYPES)}", param_hint="--dtype")
-    config = LoraConfig(rank=rank, alpha=alpha if alpha is not None else 2 * rank, targets=parse_targets(targets))
-    report = inspect_model(model, config, getattr(torch, DTYPES[dtype]))
+    with user_errors():
+        config = LoraConfig(rank=rank, alpha=alpha if alpha is not None else 2 * rank, targets=parse_targets(targets))
+        report = inspect_model(model, config, getattr(torch, DTYPES[dtype]))
     if as_json:
         print(json.dumps(report.to_json(), indent=2))
         return
