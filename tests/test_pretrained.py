@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import lorakit
-from lorakit.pretrained import ModelSpecError, build_meta, load_config
+from lorakit.pretrained import ModelSpecError, build_meta, default_gguf, load_config
 
 from conftest import token_batch, tiny_llama
 
@@ -17,6 +17,11 @@ def test_presets_have_the_published_parameter_counts(preset, params):
     model = build_meta(preset)
     assert next(model.parameters()).device.type == "meta"
     assert sum(p.numel() for p in model.parameters()) == params
+
+
+def test_presets_load_on_the_meta_device():
+    model = lorakit.load_model("llama-3.2-1b")
+    assert {p.device.type for p in model.parameters()} == {"meta"}
 
 
 def test_local_model_directory_loads_with_its_weights(tmp_path):
@@ -44,3 +49,7 @@ def test_embedded_default_model_loads_and_answers(tmp_path, monkeypatch):
                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
     out = model.generate(**batch, max_new_tokens=8, do_sample=False)
     assert "Paris" in tokenizer.decode(out[0, batch["input_ids"].shape[1]:])
+    # the GGUF file itself is a spec too, and gives the same weights as the cached copy
+    from_gguf = lorakit.load_model(str(default_gguf()))
+    x = token_batch(100)
+    assert torch.equal(from_gguf(x).logits, model(x).logits)

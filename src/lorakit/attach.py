@@ -60,8 +60,9 @@ def attach(model: nn.Module, config: LoraConfig, name: str = "default") -> list[
     """Add adapter ``name`` to every module ``config`` targets; return their paths.
 
     All base parameters are frozen; adapter parameters (and ``modules_to_save``)
-    stay trainable. The first adapter on a model becomes active; later ones are
-    added inactive (as PEFT's ``add_adapter`` does) until ``set_active`` names them.
+    stay trainable. If no adapter is active (the first one on a model), the new one
+    becomes active; otherwise it is added inactive, as PEFT's ``add_adapter`` does,
+    until ``set_active`` names it.
     """
     _check_new_name(model, name)
     targets = find_targets(model, config)

@@ -15,7 +15,7 @@ same module set in both libraries:
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 ALL_LINEAR = "all-linear"
@@ -159,7 +159,3 @@ def _check_regex(what: str, pattern: str) -> None:
     except re.error as err:
         raise ConfigError(f"{what} {pattern!r} is not a valid regular expression: {err}") from None
 
-
-def as_names(value: str | Sequence[str]) -> str | tuple[str, ...]:
-    """Normalise a CLI/JSON targets value: a list stays a list, one string stays a string."""
-    return value if isinstance(value, str) else tuple(value)

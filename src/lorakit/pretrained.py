@@ -64,11 +64,13 @@ def default_gguf() -> Path:
 def load_model(spec: str, dtype: torch.dtype = torch.float32) -> nn.Module:
     """A causal LM from ``spec``: a local HF model directory, a ``.gguf`` file, or ``smollm2-135m``.
 
-    Weights load on the CPU in ``dtype``. Presets other than the default have no
-    weights; use ``build_meta`` for those.
+    Weights load on the CPU in ``dtype``. The other presets and ``linear:OUTxIN``
+    have no weights: they come back on the meta device, for inspection.
     """
     from transformers import AutoModelForCausalLM
 
+    if spec != DEFAULT_MODEL and (spec in PRESETS or spec.startswith("linear:")):
+        return build_meta(spec)
     path = _resolve(spec)
     if path.suffix == ".gguf":
         return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
