@@ -1,0 +1,1 @@
+"""Fine-tuning on top of the lorakit core: data preparation (``data``)."""
