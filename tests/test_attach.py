@@ -170,15 +170,21 @@ def test_two_adapters_switch_disable_and_delete():
     torch.testing.assert_close(model(x).logits, base, rtol=0, atol=0)
 
 
+def with_two_adapters(model):
+    """``model`` with random adapters "a" (active) and "b" (inactive) on all linear layers."""
+    lorakit.attach(model, LoraConfig(rank=4, alpha=8), name="a")
+    lorakit.attach(model, LoraConfig(rank=4, alpha=8), name="b")
+    randomize_adapters(model, "a", seed=1)
+    randomize_adapters(model, "b", seed=2)
+    return model
+
+
 def test_merged_adapter_that_is_switched_off_no_longer_contributes():
     """Merging changes speed, never meaning: output is always base + active adapters."""
     model = MODELS["llama"]()
     x = token_batch(97)
     base = model(x).logits.detach()
-    lorakit.attach(model, LoraConfig(rank=4, alpha=8), name="a")
-    lorakit.attach(model, LoraConfig(rank=4, alpha=8), name="b")
-    randomize_adapters(model, "a", seed=1)
-    randomize_adapters(model, "b", seed=2)
+    with_two_adapters(model)
     with torch.no_grad():
         only_a = model(x).logits
         lorakit.merge(model, ["a", "b"])
@@ -190,12 +196,8 @@ def test_merged_adapter_that_is_switched_off_no_longer_contributes():
 
 
 def test_detach_merges_only_active_adapters():
-    model = tiny_gpt2()
+    model = with_two_adapters(tiny_gpt2())
     x = token_batch(89)
-    lorakit.attach(model, LoraConfig(rank=4, alpha=8), name="a")
-    lorakit.attach(model, LoraConfig(rank=4, alpha=8), name="b")
-    randomize_adapters(model, "a", seed=1)
-    randomize_adapters(model, "b", seed=2)
     with torch.no_grad():
         only_a = model(x).logits
         lorakit.merge(model, ["b"])

@@ -157,12 +157,19 @@ def layer_class_for(module: nn.Module) -> type[LoraLayer] | None:
     return None
 
 
+def known_adapters(model: nn.Module, names: str | Sequence[str]) -> list[str]:
+    """``names`` as a list, after checking that the model has every one of them."""
+    names = [names] if isinstance(names, str) else list(names)
+    present = adapters(model)
+    unknown = [n for n in names if n not in present]
+    if unknown:
+        raise AttachError(f"unknown adapter(s) {unknown}; the model has {present}")
+    return names
+
+
 def set_active(model: nn.Module, names: str | Sequence[str]) -> None:
     """Make exactly ``names`` the active adapters (an empty list gives the base model)."""
-    names = [names] if isinstance(names, str) else list(names)
-    unknown = [n for n in names if n not in adapters(model)]
-    if unknown:
-        raise AttachError(f"unknown adapter(s) {unknown}; the model has {adapters(model)}")
+    names = known_adapters(model, names)
     for _, layer in lora_layers(model):
         layer.active = [n for n in names if n in layer.adapters]
 
@@ -183,8 +190,7 @@ def disabled(model: nn.Module) -> Iterator[None]:
 
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter ``name`` (unmerging it first); a layer left empty becomes its base module again."""
-    if name not in adapters(model):
-        raise AttachError(f"unknown adapter {name!r}; the model has {adapters(model)}")
+    known_adapters(model, name)
     for path, layer in lora_layers(model):
         if name not in layer.adapters:
             continue

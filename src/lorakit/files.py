@@ -30,7 +30,8 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
-from .attach import AttachError, adapters, attach, delete_adapter, find_saved_modules, find_targets, lora_layers
+from .attach import (AttachError, adapters, attach, delete_adapter, find_saved_modules, find_targets,
+                     known_adapters, lora_layers)
 from .config import ALL_LINEAR, ConfigError, LoraConfig
 from .layers import LoraConv1D, LoraEmbedding, LoraLayer
 
@@ -130,8 +131,7 @@ def config_from_peft(data: dict[str, Any], source: Path) -> LoraConfig:
 # -- save ----------------------------------------------------------------------------
 def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "default") -> Path:
     """Write adapter ``name`` to ``directory`` in PEFT's format, atomically; return the path."""
-    if name not in adapters(model):
-        raise AttachError(f"unknown adapter {name!r}; the model has {adapters(model)}")
+    known_adapters(model, name)
     tensors: dict[str, Tensor] = {}
     for path, layer in lora_layers(model):
         if name in layer.adapters:

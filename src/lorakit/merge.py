@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .attach import AttachError, active_adapters, adapters, lora_layers, replace_module
+from .attach import active_adapters, adapters, known_adapters, lora_layers, replace_module
 
 
 class MergeError(ValueError):
@@ -33,7 +33,7 @@ def merge(model: nn.Module, names: Sequence[str] | None = None, safe: bool = Tru
 
 
 def _merge(model: nn.Module, names: Sequence[str] | None, safe: bool) -> None:
-    names = _known(model, active_adapters(model) if names is None else names)
+    names = known_adapters(model, active_adapters(model) if names is None else names)
     pending = [(path, layer, n) for path, layer in lora_layers(model)
                for n in names if n in layer.adapters and n not in layer.merged]
     if safe:
@@ -47,20 +47,12 @@ def _merge(model: nn.Module, names: Sequence[str] | None, safe: bool) -> None:
 
 def unmerge(model: nn.Module, names: Sequence[str] | None = None) -> None:
     """Take merged adapters (default: all) back out of the base weights."""
-    names = None if names is None else _known(model, names)
+    names = None if names is None else known_adapters(model, names)
     for _, layer in lora_layers(model):
         # Newest first, so a stack of merges unwinds in reverse order.
         for name in reversed(list(layer.merged)):
             if names is None or name in names:
                 layer.unmerge(name)
-
-
-def _known(model: nn.Module, names: str | Sequence[str]) -> list[str]:
-    names = [names] if isinstance(names, str) else list(names)
-    unknown = [n for n in names if n not in adapters(model)]
-    if unknown:
-        raise AttachError(f"unknown adapter(s) {unknown}; the model has {adapters(model)}")
-    return names
 
 
 def detach(model: nn.Module, merge: bool = True, safe: bool = True) -> nn.Module:
