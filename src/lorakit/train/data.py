@@ -101,7 +101,10 @@ def example_format(record: dict[str, Any]) -> str:
 
 def tokenize(record: dict[str, Any], tokenizer, mask_prompt: bool = True) -> Example:
     """Token ids and labels for one record."""
-    kind = example_format(record)
+    return _tokenize(record, example_format(record), tokenizer, mask_prompt)
+
+
+def _tokenize(record: dict[str, Any], kind: str, tokenizer, mask_prompt: bool) -> Example:
     if kind == "messages":
         ids, trained = _chat(record["messages"], tokenizer)
     elif kind == "prompt-completion":
@@ -124,7 +127,7 @@ def load_dataset(path: str | os.PathLike, tokenizer, max_length: int, mask_promp
         where = f"{path}:{number}"
         try:
             kind = example_format(record)
-            example = tokenize(record, tokenizer, mask_prompt)
+            example = _tokenize(record, kind, tokenizer, mask_prompt)
         except DataError as err:
             raise DataError(f"{where}: {err}") from None
         cut = len(example.input_ids) > max_length
