@@ -15,6 +15,7 @@ from .files import AdapterFileError, load_adapter, save_adapter
 from .layers import LoraAdapter, LoraLayer
 from .merge import MergeError, detach, merge, unmerge
 from .pretrained import load_model, load_tokenizer
+from .training import TrainConfig, TrainingError, train
 
 __version__ = "0.1.0"
 
@@ -22,5 +23,5 @@ __all__ = [
     "AdapterFileError", "AttachError", "ConfigError", "LoraAdapter", "LoraConfig", "LoraLayer",
     "MergeError", "ParameterCount", "adapters", "attach", "delete_adapter", "detach", "disabled",
     "load_adapter", "load_model", "load_tokenizer", "merge", "save_adapter", "set_active",
-    "trainable_parameters", "unmerge",
+    "trainable_parameters", "unmerge", "TrainConfig", "TrainingError", "train",
 ]

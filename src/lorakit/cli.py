@@ -95,5 +95,85 @@ def inspect(
                   "AdamW states; activations and framework overhead excluded)")
 
 
+@app.command()
+def train(
+    config: Annotated[str | None, typer.Option("--config", help="YAML file of settings; flags override it.")] = None,
+    model: Annotated[str | None, typer.Option(help="Model spec: HF model dir, .gguf file, or smollm2-135m.")] = None,
+    data: Annotated[str | None, typer.Option(help="JSONL training data (default: chatterbot-corpus dialogs).")] = None,
+    out: Annotated[str | None, typer.Option(help="Run directory (checkpoints, adapter, metrics).")] = None,
+    language: Annotated[str | None, typer.Option(help="chatterbot-corpus language when no --data.")] = None,
+    eval_data: Annotated[str | None, typer.Option(help="Held-out JSONL data.")] = None,
+    eval_fraction: Annotated[float | None, typer.Option(help="Fraction of --data held out (0: none).")] = None,
+    rank: Annotated[int | None, typer.Option(help="LoRA rank r.")] = None,
+    alpha: Annotated[float | None, typer.Option(help="LoRA alpha.")] = None,
+    dropout: Annotated[float | None, typer.Option(help="Dropout on the adapter input.")] = None,
+    targets: Annotated[str | None, typer.Option(help="'all-linear', comma-separated names, or re:<regex>.")] = None,
+    max_length: Annotated[int | None, typer.Option(help="Tokens per example (longer ones are truncated).")] = None,
+    packing: Annotated[bool | None, typer.Option("--packing/--no-packing", help="Pack short examples.")] = None,
+    mask_prompt: Annotated[bool | None, typer.Option("--mask-prompt/--no-mask-prompt",
+                                                     help="Train only completions / assistant turns.")] = None,
+    epochs: Annotated[float | None, typer.Option(help="Passes over the training data.")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Optimizer steps (overrides --epochs).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Examples per optimizer step, all processes.")] = None,
+    micro_batch_size: Annotated[int | None, typer.Option(help="Examples per forward pass and process.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
+    loraplus_ratio: Annotated[float | None, typer.Option(help="LoRA+: B learns at lr x ratio.")] = None,
+    warmup_steps: Annotated[int | None, typer.Option(help="Linear warmup steps.")] = None,
+    schedule: Annotated[str | None, typer.Option(help="cosine, linear or constant.")] = None,
+    max_grad_norm: Annotated[float | None, typer.Option(help="Gradient clipping norm.")] = None,
+    bf16: Annotated[bool | None, typer.Option("--bf16/--no-bf16", help="bfloat16 autocast.")] = None,
+    gradient_checkpointing: Annotated[bool | None, typer.Option(
+        "--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute activations in backward.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed: same seed, same adapter (on CPU).")] = None,
+    save_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps.")] = None,
+    eval_every: Annotated[int | None, typer.Option(help="Evaluate every N steps (0: before and after).")] = None,
+    log_every: Annotated[int | None, typer.Option(help="Log every N steps.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Require a checkpoint in --out to continue from.")] = False,
+) -> None:
+    """Fine-tune a causal LM with LoRA; resumable, and under torchrun, distributed.
+
+    Example: lorakit train --model smollm2-135m --data chat.jsonl --out runs/chat --rank 16 --epochs 2
+    """
+    flags = {k: v for k, v in locals().items() if k not in ("config", "resume") and v is not None}
+    from .training import TrainConfig, load_yaml
+    from .training import train as run_training
+
+    if "targets" in flags:
+        flags["targets"] = parse_targets(flags["targets"])
+    with user_errors():
+        settings = load_yaml(config) if config else {}
+        resolved = TrainConfig.from_dict({**settings, **flags}, config or "flags")
+        result = run_training(resolved, resume=resume)
+    if result.eval_loss_before is not None:
+        console.print(f"held-out loss  {result.eval_loss_before:.4f} -> {result.eval_loss_after:.4f}")
+    console.print(f"trained        {result.steps} steps in {result.seconds:.1f} s, "
+                  f"{result.tokens_per_second:,.0f} tokens/s, peak memory {_size(result.peak_memory_bytes)}")
+    console.print(f"adapter        {result.adapter} ({_size(result.adapter_bytes)})")
+    console.print(f"run files      {result.out}/: config.yaml, metrics.jsonl, loss.png, summary.json, checkpoints/")
+
+
+@app.command()
+def merge(
+    model: Annotated[str, typer.Argument(help="Base model spec: HF model dir, .gguf file, or smollm2-135m.")],
+    adapter: Annotated[str, typer.Argument(help="PEFT-format adapter directory.")],
+    out: Annotated[str, typer.Option(help="Directory for the merged model.")],
+    dtype: Annotated[str, typer.Option(help="Weight dtype of the merged model: fp32, bf16, fp16.")] = "fp32",
+) -> None:
+    """Merge an adapter into its base model and save a plain transformers model.
+
+    Example: lorakit merge smollm2-135m runs/chat/adapter --out merged/
+    """
+    import torch
+
+    from .pretrained import save_merged
+
+    if dtype not in DTYPES:
+        raise typer.BadParameter(f"expected one of {sorted(DTYPES)}", param_hint="--dtype")
+    with user_errors():
+        path = save_merged(model, adapter, out, getattr(torch, DTYPES[dtype]))
+    console.print(f"merged model written to {path} (loads with transformers' from_pretrained)")
+
+
 def main() -> None:
     app()

@@ -129,8 +129,8 @@ def config_from_peft(data: dict[str, Any], source: Path) -> LoraConfig:
 
 
 # -- save ----------------------------------------------------------------------------
-def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "default") -> Path:
-    """Write adapter ``name`` to ``directory`` in PEFT's format, atomically; return the path."""
+def adapter_tensors(model: nn.Module, name: str) -> dict[str, Tensor]:
+    """File key -> parameter of adapter ``name``: A and B of every layer, and modules_to_save."""
     known_adapters(model, name)
     tensors: dict[str, Tensor] = {}
     for path, layer in lora_layers(model):
@@ -140,13 +140,22 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
             tensors[key_b] = layer.adapters[name].lora_B
     for path, module in find_saved_modules(model, model.lorakit_configs[name]).items():
         tensors.update(saved_module_keys(path, module))
+    return tensors
+
+
+def adapter_files(model: nn.Module, name: str = "default") -> dict[str, bytes]:
+    """The two files of adapter ``name`` in PEFT's format, as bytes."""
     # Own, contiguous CPU copies: safetensors refuses tensors that share memory (tied weights).
-    tensors = {k: t.detach().to("cpu", copy=True).contiguous() for k, t in tensors.items()}
-    files = {
+    tensors = {k: t.detach().to("cpu", copy=True).contiguous() for k, t in adapter_tensors(model, name).items()}
+    return {
         CONFIG_NAME: json.dumps(config_to_peft(model, name), indent=2, sort_keys=True).encode() + b"\n",
         WEIGHTS_NAME: safetensors_bytes(tensors, metadata={"format": "pt"}),
     }
-    return write_directory(directory, files)
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "default") -> Path:
+    """Write adapter ``name`` to ``directory`` in PEFT's format, atomically; return the path."""
+    return write_directory(directory, adapter_files(model, name))
 
 
 def write_directory(directory: str | os.PathLike, files: dict[str, bytes]) -> Path:
@@ -248,6 +257,21 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str | Non
         delete_adapter(model, name)
         raise
     return name
+
+
+def restore_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "default") -> None:
+    """Overwrite the weights of the model's adapter ``name`` with those saved in ``directory``.
+
+    For an adapter attached with the same config (a training run resuming from its
+    checkpoint). Every key and shape is checked first; on error nothing changes.
+    """
+    params = adapter_tensors(model, name)
+    tensors = read_tensors(directory)
+    expected = {key: (key.removeprefix(PREFIX), tuple(p.shape)) for key, p in params.items()}
+    _check_tensors(Path(directory) / WEIGHTS_NAME, expected, tensors)
+    with torch.no_grad():
+        for key, param in params.items():
+            param.copy_(tensors[key])
 
 
 def _expected_tensors(model: nn.Module, config: LoraConfig) -> dict[str, tuple[str, tuple[int, ...]]]:

@@ -165,3 +165,20 @@ def _unknown(spec: str) -> str:
     return (f"{spec!r} is not a model lorakit can load: expected a local model directory (with config.json), "
             f"a .gguf file, a config.json, '{DEFAULT_MODEL}', one of the presets {sorted(PRESETS)} "
             f"or linear:OUTxIN")
+
+
+def save_merged(spec: str, adapter: str | os.PathLike, out: str | os.PathLike,
+                dtype: torch.dtype = torch.float32) -> Path:
+    """Load ``spec``, merge the adapter into it, and save a plain transformers model
+    (config, safetensors weights, tokenizer) to ``out``, atomically."""
+    from .files import load_adapter, write_directory
+    from .merge import detach
+
+    model = load_model(spec, dtype=dtype)
+    tokenizer = load_tokenizer(spec)
+    load_adapter(model, adapter)
+    detach(model)  # merged weights, original module types: no lorakit needed to load it
+    with tempfile.TemporaryDirectory() as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        return write_directory(out, {p.name: p.read_bytes() for p in Path(staging).iterdir() if p.is_file()})

@@ -36,7 +36,8 @@ class Example:
 
     @property
     def trained_tokens(self) -> int:
-        return sum(label != IGNORE for label in self.labels)
+        """Tokens the loss predicts: trained labels after the first (nothing predicts token 0)."""
+        return sum(label != IGNORE for label in self.labels[1:])
 
 
 @dataclass
@@ -44,7 +45,6 @@ class Dataset:
     examples: list[Example]
     source: str
     truncated: int = 0  # examples cut to max_length
-    skipped_blank_lines: int = 0
     formats: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -120,11 +120,17 @@ def _tokenize(record: dict[str, Any], kind: str, tokenizer, mask_prompt: bool) -
 
 def load_dataset(path: str | os.PathLike, tokenizer, max_length: int, mask_prompt: bool = True) -> Dataset:
     """Read, check and tokenize a JSONL file; every example must keep a trained token."""
+    return build_dataset([(f"{path}:{n}", r) for n, r in read_jsonl(path)], tokenizer, max_length,
+                         mask_prompt, source=str(path))
+
+
+def build_dataset(records: list[tuple[str, dict[str, Any]]], tokenizer, max_length: int, mask_prompt: bool = True,
+                  source: str = "records") -> Dataset:
+    """Tokenize (location, record) pairs; errors are prefixed with the record's location."""
     if max_length < 2:
         raise DataError(f"max_length must be at least 2, got {max_length}")
-    dataset = Dataset(examples=[], source=str(path))
-    for number, record in read_jsonl(path):
-        where = f"{path}:{number}"
+    dataset = Dataset(examples=[], source=source)
+    for where, record in records:
         try:
             kind = example_format(record)
             example = _tokenize(record, kind, tokenizer, mask_prompt)
@@ -140,7 +146,7 @@ def load_dataset(path: str | os.PathLike, tokenizer, max_length: int, mask_promp
         dataset.examples.append(example)
         dataset.formats[kind] = dataset.formats.get(kind, 0) + 1
     if not dataset.examples:
-        raise DataError(f"{path}: no examples (the file is empty)")
+        raise DataError(f"{source}: no examples (the file is empty)")
     return dataset
 
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from lorakit.train.data import IGNORE, DataError, load_dataset, tokenize
+from lorakit.training.data import IGNORE, DataError, load_dataset, tokenize
 
 WORDS = ["<unk>", "<eos>", "<user>", "<assistant>", "<system>", "<end>", "hi", "hello", "there", "bye",
          "be", "brief", "ok", "a", "b", "c"]
@@ -94,8 +94,8 @@ def test_missing_file(tmp_path, tokenizer):
 
 
 def test_chatterbot_corpus_gives_alternating_chat_records():
-    from lorakit.train.corpus import conversations, languages
-    from lorakit.train.data import example_format
+    from lorakit.training.corpus import conversations, languages
+    from lorakit.training.data import example_format
 
     assert {"swedish", "spanish", "english"} <= set(languages())
     records = conversations("swedish")

@@ -1,1 +1,0 @@
-"""Fine-tuning on top of the lorakit core: data preparation (``data``)."""

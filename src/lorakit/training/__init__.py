@@ -1,0 +1,7 @@
+"""Fine-tuning on top of the lorakit core: data, batches, the loop, checkpoints."""
+
+from .config import TrainConfig, load_yaml
+from .data import DataError
+from .loop import TrainingError, TrainResult, fit, train
+
+__all__ = ["DataError", "TrainConfig", "TrainResult", "TrainingError", "fit", "load_yaml", "train"]

@@ -1,0 +1,57 @@
+"""Several processes under torchrun: DistributedDataParallel on gloo (CPU) or NCCL (GPU).
+
+torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them the run is one process
+and every collective here is a no-op.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Processes:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> Processes:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if world_size == 1:
+            return cls()
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        return cls(dist.get_rank(), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+
+    @property
+    def main(self) -> bool:
+        """Only the main process writes files and prints."""
+        return self.rank == 0
+
+    def device(self, wanted: str) -> torch.device:
+        if wanted == "auto":
+            wanted = "cuda" if torch.cuda.is_available() else "cpu"
+        if wanted == "cuda" and self.world_size > 1:
+            return torch.device("cuda", self.local_rank)
+        return torch.device(wanted)
+
+    def sum(self, value: float | int, device: torch.device) -> float:
+        """``value`` summed over all processes."""
+        if self.world_size == 1:
+            return value
+        tensor = torch.tensor(float(value), dtype=torch.float64, device=device)
+        dist.all_reduce(tensor)
+        return tensor.item()
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()

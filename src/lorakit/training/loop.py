@@ -1,0 +1,290 @@
+"""The training loop: AdamW on the adapter parameters, read top to bottom.
+
+    for each optimizer step s:
+        lr    = schedule(s)                      warmup, then cosine / linear / constant
+        batch = the step's examples              a function of (seed, s), split over processes
+        loss  = sum of token losses / tokens     over every micro-batch of every process
+        backward per micro-batch, clip, AdamW step
+        every save_every steps: atomic checkpoint
+
+Gradient accumulation divides each micro-batch's summed loss by the number of
+trained tokens of the whole step, so N accumulated micro-batches give the gradient of
+one batch N times larger (Hu et al. LoRA, arXiv:2106.09685; LoRA+ learning rate for
+B, Hayou et al., arXiv:2402.12354).
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..attach import attach, lora_layers
+from ..files import save_adapter
+from .batches import Batch, Sample, collate, micro_batches, samples, split_eval, step_indices
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_text
+from .config import TrainConfig, dump_yaml, load_yaml
+from .data import DataError, Dataset, build_dataset, load_dataset
+from .distributed import Processes
+from .loss import LossModule, loss_sum
+from .monitor import Monitor, plot_loss
+
+# Settings that change what a run computes; the others (logging, checkpoint
+# frequency, device) may differ when a run is resumed.
+NOT_RESUMABLE_IF_CHANGED = ("model", "dtype", "rank", "alpha", "dropout", "targets", "data", "language",
+                            "eval_data", "eval_fraction", "max_length", "packing", "mask_prompt", "epochs",
+                            "max_steps", "batch_size", "micro_batch_size", "lr", "loraplus_ratio", "weight_decay",
+                            "warmup_steps", "schedule", "min_lr_ratio", "max_grad_norm", "bf16", "seed")
+
+
+class TrainingError(ValueError):
+    """The run cannot start or cannot go on (diverged, incompatible output directory, ...).
+
+    A ValueError like every lorakit error, so the command line shows it as one line."""
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    adapter: Path
+    steps: int
+    resumed_from: int | None
+    train_loss: float | None  # mean loss of the last logged step
+    eval_loss_before: float | None
+    eval_loss_after: float | None
+    tokens_per_second: float
+    seconds: float
+    peak_memory_bytes: int
+    adapter_bytes: int
+    truncated: int  # examples cut to max_length
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: str(v) if isinstance(v, Path) else v for k, v in self.__dict__.items()}
+
+
+def train(config: TrainConfig, resume: bool = False) -> TrainResult:
+    """Fine-tune ``config.model`` with a LoRA adapter; files go to ``config.out``.
+
+    A run that finds checkpoints of the same config in ``config.out`` continues from
+    the newest; ``resume=True`` additionally requires one to exist.
+    """
+    from ..pretrained import load_model, load_tokenizer
+
+    processes = Processes.from_env()
+    try:
+        check_output_dir(config, resume)
+        tokenizer = load_tokenizer(config.model)
+        train_set, eval_set = prepare_data(config, tokenizer)
+        model = load_model(config.model, dtype=getattr(torch, config.dtype))
+        return fit(model, train_set, eval_set, config, processes)
+    finally:
+        processes.close()
+
+
+def prepare_data(config: TrainConfig, tokenizer) -> tuple[Dataset, Dataset | None]:
+    """Tokenized training and held-out sets, every problem reported before training starts."""
+    if config.data is None:
+        from .corpus import conversations
+
+        records = [(f"chatterbot-corpus/{config.language}[{i}]", r)
+                   for i, r in enumerate(conversations(config.language))]
+        dataset = build_dataset(records, tokenizer, config.max_length, config.mask_prompt,
+                                source=f"chatterbot-corpus/{config.language}")
+    else:
+        dataset = load_dataset(config.data, tokenizer, config.max_length, config.mask_prompt)
+    if config.eval_data is not None:
+        return dataset, load_dataset(config.eval_data, tokenizer, config.max_length, config.mask_prompt)
+    if config.eval_fraction == 0:
+        return dataset, None
+    kept, held_out = split_eval(dataset.examples, config.eval_fraction, config.seed)
+    evaluation = Dataset(held_out, f"{dataset.source} (held out)")
+    dataset.examples = kept
+    return dataset, evaluation
+
+
+def check_output_dir(config: TrainConfig, resume: bool) -> None:
+    """An output directory holds one run: refuse to mix a different config into it."""
+    saved = config.out_dir / "config.yaml"
+    if not saved.exists():
+        if resume:
+            raise TrainingError(f"--resume: {config.out_dir} has no run to resume")
+        return
+    before = TrainConfig.from_dict(load_yaml(saved), str(saved))
+    changed = [k for k in NOT_RESUMABLE_IF_CHANGED if getattr(before, k) != getattr(config, k)]
+    if changed:
+        details = ", ".join(f"{k}: {getattr(before, k)!r} -> {getattr(config, k)!r}" for k in changed)
+        raise TrainingError(f"{config.out_dir} holds a run with other settings ({details}); "
+                            "use another --out, or the same settings to resume it")
+    if resume and latest_checkpoint(config.out_dir) is None:
+        raise TrainingError(f"--resume: {config.out_dir} has no checkpoint yet")
+
+
+def learning_rate(config: TrainConfig, step: int, total_steps: int) -> float:
+    """The learning rate of step ``step`` (0-based): linear warmup, then decay."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps)
+    if config.schedule == "constant":
+        factor = 1.0
+    elif config.schedule == "linear":
+        factor = 1.0 - progress
+    else:
+        factor = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return config.lr * (config.min_lr_ratio + (1.0 - config.min_lr_ratio) * factor)
+
+
+def parameter_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
+    """A, modules_to_save: lr. B: lr * loraplus_ratio with LoRA+. ``lr_scale`` is kept per group."""
+    b_ids = {id(adapter.lora_B) for _, layer in lora_layers(model) for adapter in layer.adapters.values()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if config.loraplus_ratio is None:
+        return [{"params": trainable, "lr_scale": 1.0}]
+    return [{"params": [p for p in trainable if id(p) not in b_ids], "lr_scale": 1.0},
+            {"params": [p for p in trainable if id(p) in b_ids], "lr_scale": config.loraplus_ratio}]
+
+
+def fit(model: nn.Module, train_set: Dataset, eval_set: Dataset | None, config: TrainConfig,
+        processes: Processes = Processes()) -> TrainResult:
+    """Attach a fresh adapter to ``model`` (or restore the newest checkpoint) and train it."""
+    out = config.out_dir
+    accumulation, remainder = divmod(config.batch_size, config.micro_batch_size * processes.world_size)
+    if remainder or accumulation == 0:
+        raise TrainingError(f"batch_size {config.batch_size} must be a multiple of micro_batch_size "
+                            f"{config.micro_batch_size} x {processes.world_size} process(es)")
+    rows = samples(train_set.examples, config.max_length, config.packing)
+    held_out = samples(eval_set.examples, config.max_length, config.packing) if eval_set else []
+    total_steps = config.max_steps or math.ceil(config.epochs * len(rows) / config.batch_size)
+    device = processes.device(config.device)
+
+    torch.manual_seed(config.seed)  # the adapter's initial A, then dropout
+    model.to(device)
+    attach(model, config.lora())
+    if config.gradient_checkpointing:
+        model.config.use_cache = False
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    groups = parameter_groups(model, config)
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    parameters = [p for group in groups for p in group["params"]]
+
+    start_step, resumed_from, state = 0, None, {"tokens": 0, "seconds": 0.0}
+    checkpoint = latest_checkpoint(out)
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, model, optimizer)
+        start_step = resumed_from = state.pop("step")
+    if processes.main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text(out / "config.yaml", dump_yaml(config))
+    monitor = Monitor(out, total_steps, start_step, processes.main, config.log_every)
+    runner: nn.Module = LossModule(model)
+    if processes.world_size > 1:
+        runner = torch.nn.parallel.DistributedDataParallel(
+            runner, device_ids=[device.index] if device.type == "cuda" else None)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16)
+    evaluate = lambda: _evaluate(model, held_out, config.micro_batch_size, processes, device, autocast)  # noqa: E731
+
+    eval_before = evaluate() if held_out and start_step == 0 else None
+    if eval_before is not None:
+        monitor.evaluation(0, eval_before)
+    last_loss = None
+    started = time.perf_counter() - state["seconds"]
+    try:
+        model.train()
+        for step in range(start_step, total_steps):
+            lr = learning_rate(config, step, total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group["lr_scale"]
+            indices = step_indices(len(rows), config.batch_size, step, config.seed)
+            batches = [collate([rows[i] for i in chunk]).to(device)
+                       for chunk in micro_batches(indices, processes.rank, processes.world_size,
+                                                  config.micro_batch_size)]
+            tokens = processes.sum(sum(b.tokens for b in batches), device)
+            step_loss = torch.zeros((), dtype=torch.float64, device=device)
+            for i, batch in enumerate(batches):
+                last = i == len(batches) - 1
+                with (nullcontext() if last or processes.world_size == 1 else runner.no_sync()), autocast:
+                    loss = runner(batch)
+                # DDP averages gradients over processes; scaling by world_size makes that a sum.
+                (loss * (processes.world_size / tokens)).backward()
+                step_loss += loss.detach()
+            last_loss = processes.sum(step_loss.item(), device) / tokens
+            grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm or math.inf)
+            if not (math.isfinite(last_loss) and torch.isfinite(grad_norm)):
+                raise TrainingError(_diverged(step + 1, last_loss, grad_norm.item(), out))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            done = step + 1
+            state["tokens"] += processes.sum(sum(b.length for b in batches), device)
+            state["seconds"] = time.perf_counter() - started
+            monitor.step({"step": done, "loss": last_loss, "lr": lr, "grad_norm": grad_norm.item(),
+                          "tokens": state["tokens"], "tokens_per_second": state["tokens"] / state["seconds"],
+                          "time": time.time()})
+            if config.eval_every and done % config.eval_every == 0 and done != total_steps and held_out:
+                monitor.evaluation(done, evaluate())
+            if done % config.save_every == 0 or done == total_steps:
+                if processes.main:
+                    save_checkpoint(out, done, model, optimizer, state, config.keep_checkpoints)
+                processes.barrier()
+        eval_after = evaluate() if held_out else None
+        if eval_after is not None:
+            monitor.evaluation(total_steps, eval_after)
+    finally:
+        monitor.close()
+
+    adapter = out / "adapter"
+    if processes.main:
+        save_adapter(model, adapter)
+        plot_loss(out / "metrics.jsonl", out / "loss.png")
+    result = TrainResult(
+        out=out, adapter=adapter, steps=total_steps, resumed_from=resumed_from, train_loss=last_loss,
+        eval_loss_before=eval_before, eval_loss_after=eval_after,
+        tokens_per_second=state["tokens"] / max(state["seconds"], 1e-9), seconds=state["seconds"],
+        peak_memory_bytes=peak_memory(device), adapter_bytes=_adapter_bytes(adapter),
+        truncated=train_set.truncated + (eval_set.truncated if eval_set else 0))
+    if processes.main:
+        import json
+
+        write_text(out / "summary.json", json.dumps(result.to_json(), indent=2) + "\n")
+    processes.barrier()
+    return result
+
+
+@torch.no_grad()
+def _evaluate(model: nn.Module, rows: list[Sample], micro_batch_size: int, processes: Processes,
+              device: torch.device, autocast) -> float:
+    """Mean loss per trained token over ``rows``, computed in shards over the processes."""
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    for chunk in micro_batches(list(range(len(rows))), processes.rank, processes.world_size, micro_batch_size):
+        batch: Batch = collate([rows[i] for i in chunk]).to(device)
+        with autocast:
+            total += loss_sum(model, batch).item()
+        tokens += batch.tokens
+    model.train(was_training)
+    return processes.sum(total, device) / processes.sum(tokens, device)
+
+
+def _diverged(step: int, loss: float, grad_norm: float, out: Path) -> str:
+    checkpoint = latest_checkpoint(out)
+    kept = f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint was written yet"
+    return (f"training diverged at step {step}: loss {loss}, gradient norm {grad_norm}; the step was not "
+            f"applied and the run stopped; {kept}. Lower lr (or set max_grad_norm) and run again.")
+
+
+def peak_memory(device: torch.device) -> int:
+    """Peak resident memory of this process in bytes (peak allocated GPU memory on CUDA)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _adapter_bytes(adapter: Path) -> int:
+    return sum(p.stat().st_size for p in adapter.iterdir()) if adapter.is_dir() else 0

@@ -1,0 +1,101 @@
+"""What a run shows while it trains and leaves behind: a progress bar on a terminal
+(plain log lines otherwise), ``metrics.jsonl``, and at the end ``loss.png``.
+
+``metrics.jsonl`` has one JSON object per logged step (``{"step", "loss", "lr",
+"grad_norm", "tokens_per_second", ...}``) or evaluation (``{"step", "eval_loss"}``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import write_text
+
+
+class Monitor:
+    """Progress and metrics of the main process (``enabled``); the others stay silent."""
+
+    def __init__(self, out: Path, total_steps: int, start_step: int, enabled: bool, log_every: int) -> None:
+        self.path = out / "metrics.jsonl"
+        self.enabled = enabled
+        self.log_every = log_every
+        self.total_steps = total_steps
+        self.progress = None
+        if not enabled:
+            return
+        # A resumed run drops what the killed one logged after its last checkpoint:
+        # those steps run again.
+        kept = [r for r in read_metrics(self.path) if r["step"] <= start_step]
+        write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        self.file = self.path.open("a")
+        if sys.stderr.isatty():
+            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.progress = Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                                     TextColumn("{task.fields[info]}"), TimeRemainingColumn(), transient=False)
+            self.task = self.progress.add_task("train", total=total_steps, completed=start_step, info="")
+            self.progress.start()
+
+    def record(self, entry: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(entry) + "\n")
+        self.file.flush()
+
+    def step(self, entry: dict[str, Any]) -> None:
+        step = entry["step"]
+        if step % self.log_every and step != self.total_steps:
+            return
+        self.record(entry)
+        info = (f"loss {entry['loss']:.4f}  lr {entry['lr']:.2e}  {entry['tokens_per_second']:,.0f} tok/s")
+        if self.progress is not None:
+            self.progress.update(self.task, completed=step, info=info)
+        elif self.enabled:
+            print(f"step {step}/{self.total_steps}  {info}", flush=True)
+
+    def evaluation(self, step: int, loss: float) -> None:
+        self.record({"step": step, "eval_loss": loss, "time": time.time()})
+        if self.enabled:
+            (self.progress.console.print if self.progress else print)(f"eval at step {step}: loss {loss:.4f}")
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+        if self.enabled:
+            self.file.close()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_loss(metrics: Path, picture: Path) -> None:
+    """Train and eval loss against the step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics)
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    held_out = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    figure, axes = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        axes.plot(*zip(*train), label="train loss", linewidth=1.2)
+    if held_out:
+        axes.plot(*zip(*held_out), "o-", label="eval loss")
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel("cross-entropy per trained token")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    temporary = picture.with_name(f".{picture.name}.tmp.png")
+    figure.savefig(temporary)
+    plt.close(figure)
+    temporary.replace(picture)
