@@ -107,7 +107,7 @@ def corpus_tokenizer(language: str = "swedish", vocab_size: int = 400):
     return tokenizer
 
 
-def save_tiny_causal_lm(directory, language: str = "swedish", hidden: int = 32, layers: int = 2, seed: int = 0):
+def save_tiny_causal_lm(directory, language: str = "swedish", hidden: int = 64, layers: int = 2, seed: int = 0):
     """A random Llama-style model and a corpus tokenizer saved as a local HF model directory."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -115,7 +115,7 @@ def save_tiny_causal_lm(directory, language: str = "swedish", hidden: int = 32, 
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2,
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=1024, tie_word_embeddings=False,
+                         max_position_embeddings=1024, tie_word_embeddings=False, initializer_range=0.1,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     LlamaForCausalLM(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)

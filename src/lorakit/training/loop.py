@@ -205,15 +205,8 @@ def fit(model: nn.Module, train_set: Dataset, eval_set: Dataset | None, config: 
                        for chunk in micro_batches(indices, processes.rank, processes.world_size,
                                                   config.micro_batch_size)]
             tokens = processes.sum(sum(b.tokens for b in batches), device)
-            step_loss = torch.zeros((), dtype=torch.float64, device=device)
-            for i, batch in enumerate(batches):
-                last = i == len(batches) - 1
-                with (nullcontext() if last or processes.world_size == 1 else runner.no_sync()), autocast:
-                    loss = runner(batch)
-                # DDP averages gradients over processes; scaling by world_size makes that a sum.
-                (loss * (processes.world_size / tokens)).backward()
-                step_loss += loss.detach()
-            last_loss = processes.sum(step_loss.item(), device) / tokens
+            last_loss = processes.sum(accumulate(runner, batches, tokens, processes.world_size, autocast),
+                                      device) / tokens
             grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm or math.inf)
             if not (math.isfinite(last_loss) and torch.isfinite(grad_norm)):
                 raise TrainingError(_diverged(step + 1, last_loss, grad_norm.item(), out))
@@ -254,6 +247,21 @@ def fit(model: nn.Module, train_set: Dataset, eval_set: Dataset | None, config: 
         write_text(out / "summary.json", json.dumps(result.to_json(), indent=2) + "\n")
     processes.barrier()
     return result
+
+
+def accumulate(runner: nn.Module, batches: list[Batch], tokens: float, world_size: int, autocast) -> float:
+    """Backward every micro-batch with weight 1 / (trained tokens of the whole step), so the
+    gradients add up to those of the mean loss over one large batch; return the loss sum."""
+    total = 0.0
+    for i, batch in enumerate(batches):
+        last = i == len(batches) - 1
+        # Under DDP only the last micro-batch synchronizes gradients.
+        with (nullcontext() if last or world_size == 1 else runner.no_sync()), autocast:
+            loss = runner(batch)
+        # DDP averages gradients over processes; scaling by world_size makes that a sum.
+        (loss * (world_size / tokens)).backward()
+        total += loss.item()
+    return total
 
 
 @torch.no_grad()

@@ -1,0 +1,43 @@
+"""torchrun with 2 CPU processes (gloo) trains the same adapter as one process with
+the same global batch."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import torch
+from safetensors.torch import load_file
+
+SETTINGS = ["--rank", "4", "--alpha", "8", "--lr", "3e-3", "--max-steps", "5", "--batch-size", "8",
+            "--micro-batch-size", "2", "--save-every", "5", "--seed", "2"]
+
+
+def test_two_processes_match_one_process(tiny_lm_dir, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    train = ["-m", "lorakit", "train", "--model", str(tiny_lm_dir), *SETTINGS]
+    single = subprocess.run([sys.executable, *train, "--out", str(tmp_path / "one")], env=env,
+                            capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    double = subprocess.run([*torchrun, *train, "--out", str(tmp_path / "two")], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert double.returncode == 0, double.stderr[-3000:]
+
+    one = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
+    two = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
+    assert one.keys() == two.keys()
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=5e-5, msg=key)
+
+    def records(run):
+        return [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+
+    # one writer: every step and evaluation logged once
+    assert [r["step"] for r in records("two") if "loss" in r] == [1, 2, 3, 4, 5]
+    for a, b in zip(records("one"), records("two")):
+        for key in ("loss", "eval_loss"):
+            if key in a:
+                assert math.isclose(a[key], b[key], rel_tol=1e-5), (key, a, b)
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["steps"] == 5
