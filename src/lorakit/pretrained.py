@@ -171,9 +171,10 @@ def save_merged(spec: str, adapter: str | os.PathLike, out: str | os.PathLike,
                 dtype: torch.dtype = torch.float32) -> Path:
     """Load ``spec``, merge the adapter into it, and save a plain transformers model
     (config, safetensors weights, tokenizer) to ``out``, atomically."""
-    from .files import load_adapter, write_directory
+    from .files import load_adapter, read_config, write_directory
     from .merge import detach
 
+    read_config(adapter)  # a missing or broken adapter fails before the model loads
     model = load_model(spec, dtype=dtype)
     tokenizer = load_tokenizer(spec)
     load_adapter(model, adapter)
