@@ -90,7 +90,14 @@ def test_run_directory_has_metrics_plot_summary_and_a_peft_adapter(tiny_lm_dir, 
     lorakit.load_adapter(fresh, result.adapter)
     ids = torch.tensor([[5, 9, 30, 41, 7]])
     with torch.no_grad():
-        torch.testing.assert_close(fresh(ids).logits, model.eval()(ids).logits, rtol=0, atol=0)
+        trained = model.eval()(ids).logits
+        torch.testing.assert_close(fresh(ids).logits, trained, rtol=0, atol=0)
+    # ... and into PEFT
+    from peft import PeftModel
+
+    theirs = PeftModel.from_pretrained(lorakit.load_model(str(tiny_lm_dir)), str(result.adapter)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, trained, rtol=1e-5, atol=1e-5)
 
 
 def test_trained_adapter_lowers_held_out_loss_on_real_dialogs(tiny_lm_dir, tmp_path):
