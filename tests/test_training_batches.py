@@ -33,6 +33,14 @@ def test_collate_shifts_targets_per_example_and_restarts_positions():
     assert batch.tokens == 4 and batch.length == 7
 
 
+def test_collate_fills_rows_instead_of_padding_to_the_longest():
+    five, three, two = (Example(list(range(n)), list(range(n))) for n in (5, 3, 2))
+    batch = collate([(two,), (five,), (three,)])
+    assert batch.input_ids.shape == (2, 5)  # [five], [three + two]: 10 slots instead of 15
+    assert batch.position_ids.tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 0, 1]]
+    assert batch.length == 10
+
+
 def test_packing_keeps_every_example_once_within_max_length():
     examples = random_examples(50, [3, 9, 4, 7, 2, 8, 1 + 1, 5])
     rows = samples(examples, max_length=10, pack=True)

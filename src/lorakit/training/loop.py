@@ -291,7 +291,13 @@ def peak_memory(device: torch.device) -> int:
     """Peak resident memory of this process in bytes (peak allocated GPU memory on CUDA)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    # Linux: VmHWM is this process image's own peak; ru_maxrss can carry a parent's across fork + exec.
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def _adapter_bytes(adapter: Path) -> int:
