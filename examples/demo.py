@@ -1,9 +1,14 @@
-"""lorakit end to end on the embedded SmolLM2-135M-Instruct: inspect, attach, a few
-training steps, save, reload, merge, detach, and check that every form gives the
-same logits."""
+"""lorakit end to end on the embedded SmolLM2-135M-Instruct: a real LoRA fine-tuning run
+that teaches the model Swedish small talk from the chatterbot-corpus dialogs, then
+reloads the adapter, merges it into a plain transformers model, and compares answers.
+
+    python examples/demo.py [--out runs/demo] [--epochs 4]
+"""
 
 from __future__ import annotations
 
+import argparse
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -11,72 +16,61 @@ from pathlib import Path
 import torch
 
 import lorakit
-from lorakit.report import inspect_model
+from lorakit.pretrained import save_merged
 
 MODEL = "smollm2-135m"
-QUESTION = "What is the capital of Sweden?"
-ANSWER = "Huvudstaden i Sverige är Stockholm."  # taught in Swedish, to see the adapter at work
+QUESTION = "Kan du prata svenska?"  # "Can you speak Swedish?"; not a line of the corpus
 
 
 def answer(model, tokenizer, question: str) -> str:
     batch = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
                                           return_tensors="pt", return_dict=True)
-    out = model.generate(**batch, max_new_tokens=20, do_sample=False)
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=24, do_sample=False)
     return tokenizer.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
 def main() -> None:
-    torch.manual_seed(0)
-    config = lorakit.LoraConfig(rank=8, alpha=16, targets="all-linear")
-    report = inspect_model(MODEL, config)
-    print(f"[inspect] {MODEL}: {report.trainable_params:,} trainable of {report.base_params:,} "
-          f"({report.trainable_percent:.2f} %), adapter {report.adapter_bytes_fp32 / 2**20:.1f} MiB fp32")
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="runs/demo")
+    parser.add_argument("--epochs", type=float, default=4)
+    args = parser.parse_args()
 
+    if Path(args.out).exists():  # the demo's own directory: start over rather than resume a finished run
+        shutil.rmtree(args.out)
+    config = lorakit.TrainConfig(model=MODEL, language="swedish", out=args.out, rank=16, alpha=32,
+                                 epochs=args.epochs, batch_size=4, micro_batch_size=4, lr=5e-4, warmup_steps=3,
+                                 eval_fraction=0.1, eval_every=10, save_every=10, log_every=5)
     start = time.perf_counter()
-    model, tokenizer = lorakit.load_model(MODEL), lorakit.load_tokenizer(MODEL)
-    print(f"[load] {type(model).__name__} in {time.perf_counter() - start:.1f} s")
-    chat = [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": ANSWER}]
-    batch = tokenizer.apply_chat_template(chat, return_tensors="pt", return_dict=True)
-    with torch.no_grad():
-        base_logits = model(**batch).logits
-    before = answer(model, tokenizer, QUESTION)
+    tokenizer = lorakit.load_tokenizer(MODEL)
+    base = lorakit.load_model(MODEL)
+    print(f"[load]    {MODEL} in {time.perf_counter() - start:.1f} s")
+    before = answer(base, tokenizer, QUESTION)
 
-    paths = lorakit.attach(model, config)
-    with torch.no_grad():
-        fresh = model(**batch).logits
-    print(f"[attach] {len(paths)} modules; fresh adapter == base exactly: {torch.equal(fresh, base_logits)}")
-
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
-    model.train()
-    for step in range(12):
-        loss = model(**batch, labels=batch["input_ids"]).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        if step in (0, 11):
-            print(f"[train] step {step + 1:2d} loss {loss.item():.3f}")
-    model.eval()
-    with torch.no_grad():
-        trained = model(**batch).logits
+    result = lorakit.train(config)  # loads its own copy of the base; a re-run resumes or reuses the run
+    trained = lorakit.load_model(MODEL)
+    lorakit.load_adapter(trained, result.adapter)
+    counts = lorakit.trainable_parameters(trained)
+    print(f"[adapter] {counts.adapter:,} trainable parameters ({100 * counts.adapter / counts.base:.2f} % of "
+          f"{counts.base:,}), {result.adapter_bytes / 2**20:.1f} MiB")
+    print(f"[train]   {result.steps} steps in {result.seconds:.0f} s ({result.tokens_per_second:,.0f} tokens/s), "
+          f"peak memory {result.peak_memory_bytes / 2**30:.1f} GiB")
+    print(f"[eval]    held-out loss {result.eval_loss_before:.3f} -> {result.eval_loss_after:.3f}")
 
     with tempfile.TemporaryDirectory() as tmp:
-        directory = lorakit.save_adapter(model, Path(tmp) / "swedish")
-        size = (directory / "adapter_model.safetensors").stat().st_size
-        print(f"[save] {directory.name}/: {', '.join(sorted(p.name for p in directory.iterdir()))} ({size / 2**20:.1f} MiB)")
-        fresh_model = lorakit.load_model(MODEL)
-        lorakit.load_adapter(fresh_model, directory)
-    with torch.no_grad():
-        reloaded = fresh_model(**batch).logits
-        lorakit.merge(fresh_model)
-        merged = fresh_model(**batch).logits
-        plain = lorakit.detach(fresh_model)
-        detached = plain(**batch).logits
-    print(f"[reload] max |logits - trained| = {(reloaded - trained).abs().max().item():.2e}")
-    print(f"[merge]  max |merged - unmerged| = {(merged - trained).abs().max().item():.2e}")
-    print(f"[detach] {type(plain.model.layers[0].self_attn.q_proj).__name__} modules, "
-          f"max |detached - trained| = {(detached - trained).abs().max().item():.2e}")
-    print(f"[answer] before: {before!r}")
-    print(f"[answer] after:  {answer(plain, tokenizer, QUESTION)!r}")
+        merged_dir = save_merged(MODEL, result.adapter, Path(tmp) / "merged")
+        from transformers import AutoModelForCausalLM
+
+        merged = AutoModelForCausalLM.from_pretrained(merged_dir, local_files_only=True)
+        ids = tokenizer(QUESTION, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            difference = (merged(ids).logits - trained(ids).logits).abs().max().item()
+    print(f"[merge]   lorakit merge -> transformers model; max |logits - adapter| = {difference:.1e}")
+    print(f"[answer]  Q: {QUESTION}")
+    print(f"          before: {before!r}")
+    print(f"          after:  {answer(trained, tokenizer, QUESTION)!r}")
+    print(f"[files]   {result.out}/: adapter/ (PEFT format), checkpoints/, metrics.jsonl, loss.png, "
+          "summary.json, config.yaml")
 
 
 if __name__ == "__main__":
