@@ -182,6 +182,12 @@ def fit(model: nn.Module, train_set: Dataset, eval_set: Dataset | None, config: 
         out.mkdir(parents=True, exist_ok=True)
         write_text(out / "config.yaml", dump_yaml(config))
     monitor = Monitor(out, total_steps, start_step, processes.main, config.log_every)
+    truncated = train_set.truncated + (eval_set.truncated if eval_set else 0)
+    monitor.note(f"data: {len(train_set.examples)} training examples in {len(rows)} rows, "
+                 f"{len(eval_set.examples) if eval_set else 0} held out, {truncated} truncated to "
+                 f"{config.max_length} tokens; {total_steps} steps of {config.batch_size}; "
+                 f"{sum(p.numel() for p in parameters):,} trainable parameters"
+                 + (f"; resuming after step {start_step}" if resumed_from else ""))
     runner: nn.Module = LossModule(model)
     if processes.world_size > 1:
         runner = torch.nn.parallel.DistributedDataParallel(
@@ -240,7 +246,7 @@ def fit(model: nn.Module, train_set: Dataset, eval_set: Dataset | None, config: 
         eval_loss_before=eval_before, eval_loss_after=eval_after,
         tokens_per_second=state["tokens"] / max(state["seconds"], 1e-9), seconds=state["seconds"],
         peak_memory_bytes=peak_memory(device), adapter_bytes=_adapter_bytes(adapter),
-        truncated=train_set.truncated + (eval_set.truncated if eval_set else 0))
+        truncated=truncated)
     if processes.main:
         import json
 

@@ -57,10 +57,13 @@ class Monitor:
         elif self.enabled:
             print(f"step {step}/{self.total_steps}  {info}", flush=True)
 
+    def note(self, text: str) -> None:
+        if self.enabled:
+            (self.progress.console.print if self.progress else print)(text)
+
     def evaluation(self, step: int, loss: float) -> None:
         self.record({"step": step, "eval_loss": loss, "time": time.time()})
-        if self.enabled:
-            (self.progress.console.print if self.progress else print)(f"eval at step {step}: loss {loss:.4f}")
+        self.note(f"eval at step {step}: loss {loss:.4f}")
 
     def close(self) -> None:
         if self.progress is not None:
