@@ -175,5 +175,91 @@ def merge(
     console.print(f"merged model written to {path} (loads with transformers' from_pretrained)")
 
 
+@app.command()
+def generate(
+    model: Annotated[str, typer.Argument(help="Base model spec: HF model dir, .gguf file, or smollm2-135m.")],
+    prompt: Annotated[list[str], typer.Option(help="A prompt; repeat for a batch.")],
+    adapter: Annotated[list[str] | None, typer.Option(help="NAME=DIR (or DIR): a PEFT adapter; repeatable.")] = None,
+    use: Annotated[list[str] | None, typer.Option(
+        help="Adapter name for each prompt, in order ('base' for none); one name applies to all.")] = None,
+    max_tokens: Annotated[int, typer.Option(help="New tokens per prompt.")] = 64,
+    temperature: Annotated[float, typer.Option(help="0: greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling.")] = 1.0,
+    seed: Annotated[int | None, typer.Option(help="Seed for sampling.")] = None,
+    stop: Annotated[list[str] | None, typer.Option(help="Stop string; repeatable.")] = None,
+    chat: Annotated[bool, typer.Option("--chat/--no-chat", help="Render prompts with the chat template.")] = True,
+) -> None:
+    """Generate for a batch of prompts, each with its own adapter, in one batch.
+
+    Example: lorakit generate smollm2-135m --adapter sv=runs/demo/adapter --prompt "Hej!" --prompt "Hello!" --use sv --use base
+    """
+    from pathlib import Path
+
+    from .serve.engine import Request, SamplingParams, acquire_all, build_engine, encode
+
+    with user_errors():
+        named = {}
+        for item in adapter or []:
+            name, _, path = item.rpartition("=")
+            named[name or Path(path).name] = path
+        uses = list(use or ([next(iter(named))] if named else ["base"]))
+        if len(uses) == 1:
+            uses *= len(prompt)
+        if len(uses) != len(prompt):
+            raise ValueError(f"--use given {len(uses)} times for {len(prompt)} prompts")
+        unknown = sorted(set(uses) - set(named) - {"base"})
+        if unknown:
+            raise ValueError(f"--use names {unknown}, but the adapters are {sorted(named) or 'none'}")
+        engine = build_engine(model, max_adapters=max(1, len(named)), max_batch=len(prompt))
+        for name, path in named.items():
+            engine.store.add_directory(name, path)
+        chat = chat and getattr(engine.tokenizer, "chat_template", None) is not None
+        params = SamplingParams(max_tokens, temperature, top_p, seed, tuple(stop or ()))
+        names = [None if u == "base" else u for u in uses]
+        requests = [Request(encode(engine.tokenizer, p, chat), n, params) for p, n in zip(prompt, names)]
+        for request, slot in zip(requests, acquire_all(engine.store, names)):
+            request.slot = slot
+        engine.generate(requests)
+    for text, name, request in zip(prompt, uses, requests):
+        console.print(f"[bold]{name}[/bold] > {text}", highlight=False)
+        console.print(f"  {request.text!r} ({request.finish_reason})", highlight=False)
+
+
+@app.command()
+def serve(
+    model: Annotated[str, typer.Argument(help="Base model spec: HF model dir, .gguf file, or smollm2-135m.")],
+    adapters: Annotated[str | None, typer.Option(help="Root directory of PEFT adapters, one per directory.")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    name: Annotated[str | None, typer.Option(help="Model name of the base (default: the spec's name).")] = None,
+    max_adapters: Annotated[int, typer.Option(help="Adapters kept loaded at once (LRU).")] = 8,
+    max_adapter_mib: Annotated[float | None, typer.Option(help="Bytes of loaded adapters, in MiB (LRU).")] = None,
+    max_batch: Annotated[int, typer.Option(help="Rows decoded together.")] = 32,
+    max_prompt_tokens: Annotated[int, typer.Option(help="Longest prompt accepted.")] = 2048,
+    max_tokens: Annotated[int, typer.Option(help="Largest max_tokens accepted.")] = 512,
+    max_queue: Annotated[int, typer.Option(help="Requests waiting or decoding before 429.")] = 256,
+    allow_runtime_lora: Annotated[bool, typer.Option(
+        "--allow-runtime-lora", help="Enable /v1/load_lora_adapter and /v1/unload_lora_adapter.")] = False,
+) -> None:
+    """Serve the base model and its adapters over an OpenAI-compatible HTTP API.
+
+    Example: lorakit serve smollm2-135m --adapters runs/adapters --port 8000
+    """
+    from pathlib import Path
+
+    import uvicorn
+
+    from .serve.engine import build_engine
+    from .serve.server import Limits, create_app
+
+    with user_errors():
+        max_bytes = int(max_adapter_mib * 2**20) if max_adapter_mib is not None else None
+        engine = build_engine(model, adapters, max_adapters, max_bytes, max_batch)
+    base_name = name or Path(model.rstrip("/")).name
+    app_ = create_app(engine, base_name, Limits(max_prompt_tokens, max_tokens, max_queue), allow_runtime_lora)
+    console.print(f"serving {base_name} and adapters from {adapters or '(none)'} on http://{host}:{port}")
+    uvicorn.run(app_, host=host, port=port, log_level="warning")
+
+
 def main() -> None:
     app()

@@ -44,6 +44,7 @@ class Request:
     adapter: str | None = None
     params: SamplingParams = field(default_factory=SamplingParams)
     on_text: Callable[[str], None] | None = None
+    on_done: Callable[[], None] | None = None  # called once, when finished (or failed)
     # filled in by the engine
     slot: int = BASE
     generated: list[int] = field(default_factory=list)
@@ -216,6 +217,8 @@ class Engine:
         if request.adapter is not None:
             self.store.release(request.adapter)
         request.done.set()
+        if request.on_done is not None:
+            request.on_done()
 
     def _drop(self, finished: list[int]) -> None:
         keep = [i for i in range(len(self.rows)) if i not in set(finished)]
@@ -263,3 +266,24 @@ def acquire_all(store: AdapterStore, names: list[str | None]) -> list[int]:
             store.release(name)
         raise
     return slots
+
+
+def build_engine(spec: str, adapters: str | None = None, max_adapters: int = 8, max_adapter_bytes: int | None = None,
+                 max_batch: int = 32, dtype: torch.dtype = torch.float32) -> Engine:
+    """Load model ``spec`` for serving: slots for ``max_adapters`` adapters from the root ``adapters``."""
+    from ..pretrained import load_model, load_tokenizer
+    from .slots import enable_slots
+
+    model = load_model(spec, dtype=dtype)
+    tokenizer = load_tokenizer(spec)
+    enable_slots(model, max_adapters)
+    return Engine(model, tokenizer, AdapterStore(model, adapters, max_adapters, max_adapter_bytes), max_batch)
+
+
+def encode(tokenizer, prompt: str, chat: bool) -> list[int]:
+    """Token ids of a prompt, rendered as one user turn with the chat template when ``chat``."""
+    if chat:
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                 tokenize=True, return_dict=True)
+        return list(rendered["input_ids"])
+    return list(tokenizer(prompt)["input_ids"])

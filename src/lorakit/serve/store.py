@@ -66,10 +66,10 @@ class AdapterStore:
     # -- names and files -----------------------------------------------------------
     def resolve(self, name: str, path: str | None = None) -> Path:
         """The directory of adapter ``name`` (or of ``path``), confined to the root."""
-        if self.root is None:
-            raise StoreError("this server has no adapter root (--adapters)", 404)
         if name in self.extra and path is None:
             return self.extra[name]
+        if self.root is None:
+            raise StoreError(f"no adapter named {name!r} (and no adapter root)", 404)
         relative = path if path is not None else name
         if not isinstance(relative, str) or not relative or os.path.isabs(relative) or ".." in Path(relative).parts:
             raise StoreError(f"adapter path {relative!r} must be a relative path inside the adapter root", 400)
@@ -188,6 +188,13 @@ class AdapterStore:
         slot = self.loaded.pop(name).slot
         for layer in self.layers.values():
             layer.slots[slot] = None
+
+    def add_directory(self, name: str, path: str | os.PathLike) -> None:
+        """Make the adapter directory ``path`` available as ``name``, wherever it is (the
+        operator's own choice, e.g. ``lorakit generate --adapter``; requests never reach this)."""
+        if not NAME.match(name or ""):
+            raise StoreError(f"adapter name {name!r} has characters other than letters, digits, . _ - /", 400)
+        self.extra[name] = Path(path).resolve()
 
     def register(self, name: str, path: str) -> None:
         """vLLM's load_lora_adapter: make ``path`` (inside the root) available as ``name`` and load it."""
