@@ -1,0 +1,86 @@
+"""The engine: continuous batching across adapters gives each request what its adapter
+gives alone; sampling, stop strings and EOS."""
+
+import pytest
+import torch
+from serving import greedy_alone, save_adapters
+
+import lorakit
+from lorakit.serve.engine import Engine, Request, SamplingParams, acquire_all
+from lorakit.serve.slots import enable_slots
+from lorakit.serve.store import AdapterStore
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_lm_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    save_adapters(tiny_lm_dir, root, [2, 8, 4])
+    model = lorakit.load_model(str(tiny_lm_dir))
+    enable_slots(model, 3)
+    engine = Engine(model, lorakit.load_tokenizer(str(tiny_lm_dir)), AdapterStore(model, root, 3), max_batch=8)
+    engine.eos = set()  # a random model: never stop early, so every request runs to max_tokens
+    return root, engine
+
+
+def make(engine, prompt_ids, adapter, **params):
+    request = Request(prompt_ids, adapter, SamplingParams(**params))
+    request.slot = acquire_all(engine.store, [adapter])[0]
+    return request
+
+
+def test_requests_that_join_mid_decode_match_their_adapter_alone(setup, tiny_lm_dir):
+    root, engine = setup
+    generator = torch.Generator().manual_seed(0)
+    names = ["a1", None, "a0", "a2", "a1", "a0", None, "a2"]
+    prompts = [torch.randint(6, 300, (n,), generator=generator).tolist() for n in (3, 9, 5, 2, 6, 4, 7, 1)]
+    requests = [make(engine, p, n, max_tokens=6) for p, n in zip(prompts, names)]
+    for request in requests[:3]:
+        engine.submit(request)
+    engine.step()
+    engine.step()  # the first three are two tokens in when the rest arrive
+    for request in requests[3:]:
+        engine.submit(request)
+    while not all(r.done.is_set() for r in requests):
+        engine.step()
+    for name, prompt, request in zip(names, prompts, requests):
+        expected = greedy_alone(tiny_lm_dir, root / name if name else None, prompt, 6)
+        assert request.generated == expected, name
+        assert request.finish_reason == "length"
+    assert all(entry.users == 0 for entry in engine.store.loaded.values())  # every slot released
+
+
+def test_seeded_sampling_is_reproducible_and_top_p_narrows_it(setup):
+    _, engine = setup
+    prompt = [10, 20, 30]
+    runs = [engine.generate([make(engine, prompt, "a0", max_tokens=8, temperature=1.0, seed=s)])[0].generated
+            for s in (1, 1, 2)]
+    assert runs[0] == runs[1] and runs[0] != runs[2]
+    greedy = engine.generate([make(engine, prompt, "a0", max_tokens=8)])[0].generated
+    nucleus = engine.generate([make(engine, prompt, "a0", max_tokens=8, temperature=1.0, top_p=1e-6, seed=3)])
+    assert nucleus[0].generated == greedy  # top_p -> 0 keeps only the most likely token
+
+
+def test_stop_strings_cut_the_text_and_streaming_never_shows_them(setup):
+    _, engine = setup
+    prompt = [11, 12, 13]
+    full = engine.generate([make(engine, prompt, None, max_tokens=12)])[0].text
+    stop = full[len(full) // 2:len(full) // 2 + 2]
+    pieces = []
+    request = make(engine, prompt, None, max_tokens=12, stop=(stop,))
+    request.on_text = pieces.append
+    engine.generate([request])
+    assert request.finish_reason == "stop"
+    assert request.text == full[:full.find(stop)]
+    assert "".join(pieces) == request.text
+
+
+def test_eos_ends_a_request(setup):
+    _, engine = setup
+    prompt = [7, 8, 9]
+    first = engine.generate([make(engine, prompt, None, max_tokens=4)])[0].generated
+    engine.eos = {first[2]}
+    try:
+        request = engine.generate([make(engine, prompt, None, max_tokens=10)])[0]
+    finally:
+        engine.eos = set()
+    assert request.generated == first[:2] and request.finish_reason == "stop"

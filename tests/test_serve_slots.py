@@ -1,0 +1,72 @@
+"""Mixed-adapter batches: each row equals running its adapter alone."""
+
+import copy
+import random
+
+import pytest
+import torch
+from conftest import MODELS, randomize_adapters
+
+import lorakit
+from lorakit.serve.slots import BASE, SlotLinear, enable_slots, make_route, routing
+from lorakit.serve.store import AdapterStore
+
+
+def build(family, tmp_path, ranks):
+    base = MODELS[family]()
+    singles = {}
+    for i, rank in enumerate(ranks):
+        model = copy.deepcopy(base)
+        config = lorakit.LoraConfig(rank=rank, alpha=rank * (i + 1), use_rslora=i % 3 == 2,
+                                    targets="all-linear" if i % 2 == 0 else ("q_proj", "v_proj", "c_attn"))
+        lorakit.attach(model, config)
+        randomize_adapters(model, seed=i, scale=0.2)
+        lorakit.save_adapter(model, tmp_path / f"a{i}")
+        singles[f"a{i}"] = model.eval()
+    served = copy.deepcopy(base)
+    enable_slots(served, len(ranks))
+    store = AdapterStore(served, tmp_path, len(ranks))
+    return base, singles, served, store
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("ranks", [[4], [2, 8, 5], [1, 2, 3, 4, 5, 6, 7, 8]])
+def test_every_row_equals_its_adapter_alone(family, ranks, tmp_path):
+    base, singles, served, store = build(family, tmp_path, ranks)
+    names = [*singles, None] * 2
+    random.Random(len(ranks)).shuffle(names)
+    slots = [store.acquire(n) if n else BASE for n in names]
+    ids = torch.randint(0, base.config.vocab_size, (len(names), 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), routing(served, slots, ids.shape[1]):
+        mixed = served(ids).logits
+    with torch.no_grad():
+        for row, name in enumerate(names):
+            expected = (singles[name] if name else base)(ids[row:row + 1]).logits[0]
+            torch.testing.assert_close(mixed[row], expected, rtol=0, atol=1e-5, msg=f"row {row} ({name})")
+
+
+def test_route_groups_tokens_by_slot_once():
+    route = make_route([2, BASE, 0, 2], seq_len=3)
+    # rows in slot order: row 1 (base), row 2 (slot 0), rows 0 and 3 (slot 2); base rows get no segment
+    assert route.segments == ((0, 3, 6), (2, 6, 12))
+    assert route.order.tolist() == [3, 4, 5, 6, 7, 8, 0, 1, 2, 9, 10, 11]
+    already = make_route([BASE, 0, 0, 3], seq_len=2)
+    assert already.order is None and already.segments == ((0, 2, 6), (3, 6, 8))
+
+
+def test_bf16_base_keeps_the_adapter_product_in_float32(tmp_path):
+    base, singles, served, store = build("llama", tmp_path, [4])
+    served.to(torch.bfloat16)
+    slot = store.acquire("a0")
+    layer = next(m for m in served.modules() if isinstance(m, SlotLinear))
+    assert layer.slots[slot].A.dtype == torch.float32
+    reference = copy.deepcopy(base).to(torch.bfloat16)
+    lorakit.load_adapter(reference, tmp_path / "a0")  # lorakit's LoRA layers keep fp32 adapters on a bf16 base
+    ids = torch.randint(0, 97, (1, 5), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad(), routing(served, [slot], 5):
+        torch.testing.assert_close(served(ids).logits, reference(ids).logits, rtol=0, atol=0)
+
+
+def test_state_dict_keeps_the_base_keys(tmp_path):
+    base, _, served, _ = build("llama", tmp_path, [2])
+    assert served.state_dict().keys() == base.state_dict().keys()
