@@ -29,9 +29,15 @@ def build(family, tmp_path, ranks):
     return base, singles, served, store
 
 
+@pytest.mark.parametrize("path", ["segments", "dense"])
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 @pytest.mark.parametrize("ranks", [[4], [2, 8, 5], [1, 2, 3, 4, 5, 6, 7, 8]])
-def test_every_row_equals_its_adapter_alone(family, ranks, tmp_path):
+def test_every_row_equals_its_adapter_alone(family, ranks, path, tmp_path, monkeypatch):
+    from lorakit.serve import slots as module
+
+    # the segment path (one matmul pair per adapter) and the dense path (one masked product) must agree
+    monkeypatch.setattr(module, "DENSE_MAX_TOKENS", 10**6 if path == "dense" else 0)
+    monkeypatch.setattr(module, "DENSE_MIN_SEGMENTS", 1)
     base, singles, served, store = build(family, tmp_path, ranks)
     names = [*singles, None] * 2
     random.Random(len(ranks)).shuffle(names)

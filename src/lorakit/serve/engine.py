@@ -5,7 +5,9 @@ The engine keeps one running batch. Each ``step``:
 1. admits waiting requests (up to ``max_batch`` rows): their prompts are prefilled
    together, left-padded, and their caches are joined to the running batch's (the
    shorter side is left-padded in the sequence dimension, masked out);
-2. decodes one token for every running row, each row on its own adapter slot;
+2. decodes one token for every running row, each row on its own adapter slot (rows
+   are kept grouped by slot, so each layer adds each adapter's update to a contiguous
+   block of rows);
 3. samples per row (greedy, or temperature / top-p with the request's own seeded
    generator), checks EOS, ``max_tokens`` and stop strings, and drops finished rows.
 
@@ -132,6 +134,7 @@ class Engine:
         return out.logits[:, -1].float(), layers
 
     def _prefill(self, requests: list[Request]) -> None:
+        requests = sorted(requests, key=lambda r: r.slot)  # grouped by adapter: no per-layer gather
         width = max(len(r.prompt_ids) for r in requests)
         ids = torch.zeros((len(requests), width), dtype=torch.long)
         mask = torch.zeros((len(requests), width), dtype=torch.long)
@@ -159,10 +162,14 @@ class Engine:
             shape[dim] = missing
             return torch.cat([t.new_zeros(shape), t], dim=dim)
 
-        self.cache = [(torch.cat([pad(k0, 2), pad(k1, 2)]), torch.cat([pad(v0, 2), pad(v1, 2)]))
+        rows = self.rows + requests
+        # Keep the rows grouped by adapter, so every layer's segments are contiguous views.
+        order = sorted(range(len(rows)), key=lambda i: rows[i].slot)
+        index = torch.tensor(order, device=self.device)
+        self.cache = [(torch.cat([pad(k0, 2), pad(k1, 2)])[index], torch.cat([pad(v0, 2), pad(v1, 2)])[index])
                       for (k0, v0), (k1, v1) in zip(self.cache, cache)]
-        self.mask = torch.cat([pad(self.mask, 1), pad(mask, 1)])
-        self.rows += requests
+        self.mask = torch.cat([pad(self.mask, 1), pad(mask, 1)])[index]
+        self.rows = [rows[i] for i in order]
 
     def _decode(self) -> None:
         last = torch.tensor([[r.generated[-1]] for r in self.rows], device=self.device)

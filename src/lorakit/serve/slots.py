@@ -23,7 +23,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -34,19 +34,48 @@ BASE = -1  # the slot id of a row that uses no adapter
 
 @dataclass(frozen=True)
 class SlotWeights:
-    """One adapter in one layer: A (r x in) and B (out x r) in float32, and alpha / r."""
+    """One adapter in one layer, float32: A (r x in) and (alpha / r) * B^T (r x out), laid
+    out so that the second product adds into the output in place (addmm)."""
 
     A: Tensor
-    B: Tensor
-    scaling: float
+    scaled_Bt: Tensor
+
+    @classmethod
+    def of(cls, A: Tensor, B: Tensor, scaling: float) -> SlotWeights:
+        return cls(A.float().contiguous(), (B.float() * scaling).T.contiguous())
 
 
 @dataclass(frozen=True)
+class Packed:
+    """All filled slots of one layer side by side: A (C x in), scaled B^T (C x out), and the
+    slot of each of the C columns. Rebuilt whenever a slot is filled or freed."""
+
+    A: Tensor
+    scaled_Bt: Tensor
+    column_slots: Tensor
+
+
+# Few tokens (decoding) and few adapter columns: one masked product over all loaded
+# adapters costs less than a pair of tiny matmuls per adapter in the batch.
+DENSE_MAX_TOKENS = 64
+DENSE_MAX_COLUMNS = 256
+DENSE_MIN_SEGMENTS = 3
+
+
+@dataclass
 class Route:
     """Which tokens go to which slot, for one forward pass."""
 
     order: Tensor | None  # token permutation that groups tokens by slot; None: already grouped
     segments: tuple[tuple[int, int, int], ...]  # (slot, start, end) in grouped token order, slots >= 0
+    token_slots: Tensor  # (N,) slot of every token, in batch order
+    masks: dict[int, Tensor] = field(default_factory=dict)  # per column layout: (N, C) token-column match
+
+    def mask_for(self, column_slots: Tensor) -> Tensor:
+        key = id(column_slots)
+        if key not in self.masks:
+            self.masks[key] = (self.token_slots[:, None] == column_slots[None, :]).float()
+        return self.masks[key]
 
 
 class Router:
@@ -66,11 +95,12 @@ def make_route(row_slots: Sequence[int], seq_len: int, device: torch.device | st
             if row_slots[row] != BASE:
                 segments.append((row_slots[row], start * seq_len, (i + 1) * seq_len))
             start = i + 1
+    token_slots = torch.tensor(row_slots, device=device).repeat_interleave(seq_len)
     if rows == sorted(rows):
-        return Route(None, tuple(segments))
+        return Route(None, tuple(segments), token_slots)
     tokens = torch.arange(seq_len, device=device)
     order = (torch.tensor(rows, device=device)[:, None] * seq_len + tokens).reshape(-1)
-    return Route(order, tuple(segments))
+    return Route(order, tuple(segments), token_slots)
 
 
 class SlotLinear(nn.Module):
@@ -84,6 +114,7 @@ class SlotLinear(nn.Module):
         self.in_features, self.out_features = (self.weight.shape if self.transposed
                                                else self.weight.shape[::-1])
         self.slots: list[SlotWeights | None] = [None] * router.capacity
+        self.packed: Packed | None = None
         object.__setattr__(self, "router", router)  # shared, not a submodule
 
     def forward(self, x: Tensor) -> Tensor:
@@ -96,19 +127,38 @@ class SlotLinear(nn.Module):
             return y
         tokens = x.reshape(-1, x.shape[-1])  # (N, in)
         out = y.view(-1, y.shape[-1])  # (N, out), shares y's memory
-        if route.order is not None:
-            tokens = tokens.index_select(0, route.order)
+        packed = self.packed
+        if (packed is not None and len(route.segments) >= DENSE_MIN_SEGMENTS and tokens.shape[0] <= DENSE_MAX_TOKENS
+                and packed.column_slots.shape[0] <= DENSE_MAX_COLUMNS):
+            # every token against every loaded adapter's A, then keep only its own adapter's columns
+            hidden = (tokens.float() @ packed.A.T) * route.mask_for(packed.column_slots)  # (N, C)
+            out += (hidden @ packed.scaled_Bt).to(out.dtype)  # (N, C) @ (C, out)
+            return y
+        if route.order is None:  # rows come grouped by slot: every segment is a view
+            for slot, start, end in route.segments:
+                weights = self.slots[slot]
+                if weights is not None:  # None: this adapter does not target this layer
+                    hidden = tokens[start:end].float() @ weights.A.T  # (n, in) @ (in, r) -> (n, r)
+                    out[start:end] += (hidden @ weights.scaled_Bt).to(out.dtype)  # (n, r) @ (r, out)
+            return y
+        grouped = tokens.index_select(0, route.order)
+        delta = torch.zeros((grouped.shape[0], out.shape[1]), dtype=torch.float32, device=out.device)
         for slot, start, end in route.segments:
             weights = self.slots[slot]
-            if weights is None:  # this adapter does not target this layer
-                continue
-            hidden = F.linear(tokens[start:end].float(), weights.A) * weights.scaling  # (n, in) @ (in, r) -> (n, r)
-            delta = F.linear(hidden, weights.B).to(out.dtype)  # (n, r) @ (r, out) -> (n, out)
-            if route.order is None:
-                out[start:end] += delta
-            else:
-                out.index_add_(0, route.order[start:end], delta)
+            if weights is not None:
+                torch.mm(grouped[start:end].float() @ weights.A.T, weights.scaled_Bt, out=delta[start:end])
+        out.index_add_(0, route.order, delta.to(out.dtype))
         return y
+
+    def repack(self) -> None:
+        """Rebuild ``packed`` from the slots (after a slot is filled or freed)."""
+        filled = [(i, w) for i, w in enumerate(self.slots) if w is not None]
+        if not filled:
+            self.packed = None
+            return
+        self.packed = Packed(
+            torch.cat([w.A for _, w in filled]), torch.cat([w.scaled_Bt for _, w in filled]),
+            torch.cat([torch.full((w.A.shape[0],), i, device=w.A.device) for i, w in filled]))
 
     def extra_repr(self) -> str:
         used = sum(s is not None for s in self.slots)

@@ -122,14 +122,13 @@ class AdapterStore:
                 continue
             alpha = config.alpha_for(layer_path)
             scaling = alpha / rank ** 0.5 if config.use_rslora else alpha / rank
-            device = layer.weight.device
-            weights[layer_path] = SlotWeights(A.to(device).contiguous(), B.to(device).contiguous(), scaling)
+            weights[layer_path] = SlotWeights.of(A.to(layer.weight.device), B.to(layer.weight.device), scaling)
         if config.modules_to_save:
             problems.append(f"modules_to_save {list(config.modules_to_save)} cannot be served per request")
         if problems or not weights:
             shown = problems[:10] or ["no LoRA weights"]
             raise StoreError(f"adapter {name!r} ({path}) does not fit this model: " + "; ".join(shown), 422)
-        nbytes = sum(w.A.numel() * w.A.element_size() + w.B.numel() * w.B.element_size() for w in weights.values())
+        nbytes = sum(4 * (w.A.numel() + w.scaled_Bt.numel()) for w in weights.values())
         if self.max_bytes is not None and nbytes > self.max_bytes:
             raise StoreError(f"adapter {name!r} needs {nbytes} bytes, more than the store's {self.max_bytes}", 422)
         return Prepared(name, path, weights, nbytes)
@@ -180,6 +179,7 @@ class AdapterStore:
         slot = next(i for i in range(self.capacity) if i not in taken)
         for path, layer in self.layers.items():
             layer.slots[slot] = prepared.weights.get(path)
+            layer.repack()
         entry = Loaded(slot, prepared.nbytes)
         self.loaded[prepared.name] = entry
         return entry
@@ -187,7 +187,9 @@ class AdapterStore:
     def _evict(self, name: str) -> None:
         slot = self.loaded.pop(name).slot
         for layer in self.layers.values():
-            layer.slots[slot] = None
+            if layer.slots[slot] is not None:
+                layer.slots[slot] = None
+                layer.repack()
 
     def add_directory(self, name: str, path: str | os.PathLike) -> None:
         """Make the adapter directory ``path`` available as ``name``, wherever it is (the

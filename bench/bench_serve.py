@@ -1,0 +1,250 @@
+"""Serving many adapters on one base: the cost of mixed-adapter batches, adapter loading,
+and server throughput, each as a ratio measured side by side in one run.
+
+1. forward of a batch whose rows use 8 distinct adapters / the same batch on one adapter
+   (lorakit), and lorakit's mixed batch / PEFT's ``adapter_names`` mixed batch;
+2. loading a 13,197,312-parameter adapter (Qwen2-0.5B shapes, r=24, all linear layers)
+   into a ready model: lorakit's store / PEFT's ``load_adapter`` (each load is undone
+   before the next);
+3. a bounded load test of ``lorakit serve`` on 127.0.0.1 (SmolLM2-135M-Instruct, the real
+   embedded model): tokens/s with 32 adapters in rotation / with 1 adapter, interleaved
+   rounds; then 500 requests, 32 concurrent, across 16 adapters: errors, lost responses,
+   throughput, p50/p99 latency.
+
+    python bench/bench_serve.py [--rounds 5] [--skip-load] [--skip-server]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_core import interleaved, table  # noqa: E402
+
+
+def random_adapters(model, root: Path, ranks: list[int], prefix: str = "a") -> list[str]:
+    """Adapters with random A and B (as if trained), saved under ``root``."""
+    import lorakit
+
+    names = []
+    for i, rank in enumerate(ranks):
+        lorakit.attach(model, lorakit.LoraConfig(rank=rank, alpha=2 * rank), name="tmp")
+        generator = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for p in (p for n, p in model.named_parameters() if ".adapters.tmp." in n):
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.01)
+        lorakit.save_adapter(model, root / f"{prefix}{i}", name="tmp")
+        lorakit.delete_adapter(model, "tmp")
+        names.append(f"{prefix}{i}")
+    return names
+
+
+def smollm2_shaped(layers: int):
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.pretrained import load_config
+
+    config = load_config("smollm2-135m")
+    config.num_hidden_layers = layers
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def mixed_batch(rounds: int, layers: int, rows: int, seq: int) -> None:
+    import peft
+
+    from lorakit.serve.slots import enable_slots, routing
+    from lorakit.serve.store import AdapterStore
+
+    base = smollm2_shaped(layers)
+    ranks = [8, 16, 8, 32, 16, 8, 64, 16]  # mixed ranks, as real fleets have
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        names = random_adapters(copy.deepcopy(base), root, ranks)
+        ours = copy.deepcopy(base)
+        enable_slots(ours, len(names))
+        store = AdapterStore(ours, root, len(names))
+        slots = {n: store.acquire(n) for n in names}
+        theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(root / names[0]), adapter_name=names[0])
+        for name in names[1:]:
+            theirs.load_adapter(str(root / name), adapter_name=name)
+        theirs.eval()
+    ids = torch.randint(0, 49152, (rows, seq), generator=torch.Generator().manual_seed(1))
+    per_row = [names[i % len(names)] for i in range(rows)]  # 8 distinct adapters, interleaved rows
+
+    def ours_with(row_names):
+        row_slots = [slots[n] for n in row_names]
+
+        def call():
+            with torch.inference_mode(), routing(ours, row_slots, seq):
+                ours(ids)
+        return call
+
+    def peft_mixed():
+        with torch.inference_mode():
+            theirs(input_ids=ids, adapter_names=per_row)
+
+    medians = interleaved({"lorakit, 1 adapter": ours_with([names[0]] * rows),
+                           "lorakit, 8 adapters mixed": ours_with(per_row),
+                           "peft, 8 adapters mixed (adapter_names)": peft_mixed}, rounds)
+    print(f"### Mixed-adapter forward: SmolLM2-135M shapes ({layers} layers), batch {rows}x{seq}, "
+          f"adapters of ranks {ranks} on all linear layers\n")
+    print(table("forward", medians, "lorakit, 1 adapter"))
+    print(f"\n8 adapters / 1 adapter: {medians['lorakit, 8 adapters mixed'] / medians['lorakit, 1 adapter']:.3f} "
+          f"(target <= 1.15); lorakit / peft mixed: "
+          f"{medians['lorakit, 8 adapters mixed'] / medians['peft, 8 adapters mixed (adapter_names)']:.3f} "
+          "(target <= 0.33)\n")
+
+
+def loading(rounds: int) -> None:
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    import lorakit
+    from lorakit.pretrained import load_config
+    from lorakit.serve.slots import enable_slots
+    from lorakit.serve.store import AdapterStore
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(load_config("qwen2-0.5b")).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        writer = copy.deepcopy(base)
+        lorakit.attach(writer, lorakit.LoraConfig(rank=24, alpha=48))
+        count = lorakit.trainable_parameters(writer).adapter
+        lorakit.save_adapter(writer, root / "big")
+        del writer
+        theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(root / "big"), adapter_name="resident")
+        ours = base
+        enable_slots(ours, 2)
+        store = AdapterStore(ours, root, 2)
+
+        def lorakit_load():
+            store.acquire("big")
+            store.release("big")
+            store.unregister("big")  # empties the slot: the next call loads from disk again
+
+        def peft_load():
+            theirs.load_adapter(str(root / "big"), adapter_name="big")
+            theirs.delete_adapter("big")
+
+        medians = interleaved({"peft load_adapter": peft_load, "lorakit store": lorakit_load}, rounds)
+    print(f"### Loading an adapter of {count:,} parameters (Qwen2-0.5B shapes, r=24, all linear layers)\n")
+    print(table("load", medians, "peft load_adapter"))
+    print(f"\nlorakit / peft: {medians['lorakit store'] / medians['peft load_adapter']:.3f} (target <= 0.2)\n")
+
+
+async def _load_test(url: str, models: list[str], requests: int, concurrency: int, max_tokens: int):
+    import httpx
+
+    latencies, tokens, errors = [], 0, []
+    semaphore = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(timeout=300) as client:
+        async def one(i: int):
+            nonlocal tokens
+            async with semaphore:
+                body = {"model": models[i % len(models)], "prompt": f"Question {i}: what is LoRA?",
+                        "max_tokens": max_tokens, "temperature": 0}
+                start = time.perf_counter()
+                try:
+                    reply = await client.post(url + "/v1/completions", json=body)
+                    if reply.status_code != 200:
+                        errors.append(reply.status_code)
+                        return None
+                    tokens += reply.json()["usage"]["completion_tokens"]
+                    latencies.append(time.perf_counter() - start)
+                    return True
+                except httpx.HTTPError as err:
+                    errors.append(repr(err))
+                    return None
+
+        start = time.perf_counter()
+        results = await asyncio.gather(*(one(i) for i in range(requests)))
+        seconds = time.perf_counter() - start
+    return {"ok": sum(r is True for r in results), "errors": errors, "tokens": tokens, "seconds": seconds,
+            "latencies": sorted(latencies)}
+
+
+def server(rounds: int) -> None:
+    import httpx
+
+    import lorakit
+    from serving_helpers import free_port
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        names = random_adapters(lorakit.load_model("smollm2-135m"), root, [8] * 32)
+        port = free_port()
+        process = subprocess.Popen([sys.executable, "-m", "lorakit", "serve", "smollm2-135m", "--adapters", str(root),
+                                    "--port", str(port), "--max-adapters", "32", "--max-batch", "32"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            for _ in range(600):
+                try:
+                    if httpx.get(url + "/health").status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    time.sleep(0.2)
+            # warm-up: every adapter loaded once, so the rounds measure decoding, not loading
+            asyncio.run(_load_test(url, names, 64, 32, 2))
+            runs: dict[str, list[float]] = {"1 adapter": [], "32 adapters in rotation": []}
+            for r in range(rounds):
+                order = list(runs) if r % 2 == 0 else list(runs)[::-1]
+                for label in order:
+                    models = names[:1] if label == "1 adapter" else names
+                    result = asyncio.run(_load_test(url, models, 64, 32, 16))
+                    assert not result["errors"], result["errors"]
+                    runs[label].append(result["tokens"] / result["seconds"])
+            medians = {k: statistics.median(v) for k, v in runs.items()}
+            print("### Server throughput (SmolLM2-135M-Instruct, 64 requests x 16 tokens per round, 32 concurrent, "
+                  f"median of {rounds} interleaved rounds)\n")
+            print("| adapters | tokens/s |\n|---|---:|")
+            for label, value in medians.items():
+                print(f"| {label} | {value:.1f} |")
+            print(f"\n32 adapters / 1 adapter: {medians['32 adapters in rotation'] / medians['1 adapter']:.3f} "
+                  "(target >= 0.85)\n")
+
+            result = asyncio.run(_load_test(url, names[:16], 500, 32, 16))
+            lat = result["latencies"]
+            print("### Load test: 500 requests, 32 concurrent, 16 adapters, 16 tokens each\n")
+            print(f"- responses: {result['ok']} ok, {len(result['errors'])} errors, "
+                  f"{500 - result['ok'] - len(result['errors'])} lost")
+            print(f"- throughput: {result['tokens'] / result['seconds']:.1f} tokens/s, "
+                  f"{result['ok'] / result['seconds']:.2f} requests/s over {result['seconds']:.1f} s")
+            if lat:
+                print(f"- latency: p50 {lat[len(lat) // 2]:.2f} s, p99 {lat[min(len(lat) - 1, int(len(lat) * 0.99))]:.2f} s")
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--layers", type=int, default=30)
+    parser.add_argument("--rows", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--skip-load", action="store_true")
+    parser.add_argument("--skip-server", action="store_true")
+    args = parser.parse_args()
+    print(f"{torch.get_num_threads()} threads; torch {torch.__version__}\n")
+    mixed_batch(args.rounds, args.layers, args.rows, args.seq)
+    if not args.skip_load:
+        loading(args.rounds)
+    if not args.skip_server:
+        server(args.rounds)
+
+
+if __name__ == "__main__":
+    main()
