@@ -60,50 +60,65 @@ def smollm2_shaped(layers: int):
     return AutoModelForCausalLM.from_config(config).eval()
 
 
-def mixed_batch(rounds: int, layers: int, rows: int, seq: int) -> None:
-    import peft
-
-    from lorakit.serve.slots import enable_slots, routing
+def served(base, root: Path, names: list[str]):
+    """A copy of ``base`` with slots filled by ``names``; returns (model, name -> slot)."""
+    from lorakit.serve.slots import enable_slots
     from lorakit.serve.store import AdapterStore
 
+    model = copy.deepcopy(base)
+    enable_slots(model, len(names))
+    store = AdapterStore(model, root, len(names))
+    return model, {n: store.acquire(n) for n in names}
+
+
+def mixed_batch(rounds: int, layers: int) -> None:
+    import peft
+
+    from lorakit.serve.slots import mixed_forward
+
     base = smollm2_shaped(layers)
-    ranks = [8, 16, 8, 32, 16, 8, 64, 16]  # mixed ranks, as real fleets have
+    mixed_ranks = [8, 16, 8, 32, 16, 8, 64, 16]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        names = random_adapters(copy.deepcopy(base), root, ranks)
-        ours = copy.deepcopy(base)
-        enable_slots(ours, len(names))
-        store = AdapterStore(ours, root, len(names))
-        slots = {n: store.acquire(n) for n in names}
-        theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(root / names[0]), adapter_name=names[0])
-        for name in names[1:]:
+        uniform = random_adapters(copy.deepcopy(base), root, [16] * 8, prefix="u")
+        mixed = random_adapters(copy.deepcopy(base), root, mixed_ranks, prefix="m")
+        ours, slots = served(base, root, uniform)
+        ours_mixed, mixed_slots = served(base, root, mixed)
+        theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(root / uniform[0]), adapter_name=uniform[0])
+        for name in uniform[1:]:
             theirs.load_adapter(str(root / name), adapter_name=name)
         theirs.eval()
-    ids = torch.randint(0, 49152, (rows, seq), generator=torch.Generator().manual_seed(1))
-    per_row = [names[i % len(names)] for i in range(rows)]  # 8 distinct adapters, interleaved rows
+    print(f"### Mixed-adapter forward: SmolLM2-135M shapes ({layers} layers, random weights, fp32), "
+          f"8 adapters of rank 16 (or of ranks {mixed_ranks}) on all linear layers; rows take adapters "
+          "in turn (row i: adapter i mod 8); lorakit groups the rows by adapter once per forward "
+          "(``mixed_forward``)\n")
+    for rows, seq, label in [(32, 1, "decode-sized: 32 rows x 1 token"), (16, 64, "prefill-sized: 16 rows x 64 tokens")]:
+        ids = torch.randint(0, 49152, (rows, seq), generator=torch.Generator().manual_seed(1))
 
-    def ours_with(row_names):
-        row_slots = [slots[n] for n in row_names]
+        def ours_with(model, row_slots):
+            def call():
+                with torch.inference_mode():
+                    mixed_forward(model, ids, row_slots)
+            return call
 
-        def call():
-            with torch.inference_mode(), routing(ours, row_slots, seq):
-                ours(ids)
-        return call
+        def peft_with(row_names):
+            def call():
+                with torch.inference_mode():
+                    theirs(input_ids=ids, adapter_names=row_names)
+            return call
 
-    def peft_mixed():
-        with torch.inference_mode():
-            theirs(input_ids=ids, adapter_names=per_row)
-
-    medians = interleaved({"lorakit, 1 adapter": ours_with([names[0]] * rows),
-                           "lorakit, 8 adapters mixed": ours_with(per_row),
-                           "peft, 8 adapters mixed (adapter_names)": peft_mixed}, rounds)
-    print(f"### Mixed-adapter forward: SmolLM2-135M shapes ({layers} layers), batch {rows}x{seq}, "
-          f"adapters of ranks {ranks} on all linear layers\n")
-    print(table("forward", medians, "lorakit, 1 adapter"))
-    print(f"\n8 adapters / 1 adapter: {medians['lorakit, 8 adapters mixed'] / medians['lorakit, 1 adapter']:.3f} "
-          f"(target <= 1.15); lorakit / peft mixed: "
-          f"{medians['lorakit, 8 adapters mixed'] / medians['peft, 8 adapters mixed (adapter_names)']:.3f} "
-          "(target <= 0.33)\n")
+        turns = [uniform[i % 8] for i in range(rows)]
+        medians = interleaved({
+            "lorakit, 1 adapter": ours_with(ours, [slots[uniform[0]]] * rows),
+            "lorakit, 8 adapters": ours_with(ours, [slots[n] for n in turns]),
+            "lorakit, 8 adapters of mixed ranks": ours_with(ours_mixed, [mixed_slots[mixed[i % 8]] for i in range(rows)]),
+            "peft, 8 adapters (adapter_names)": peft_with(turns),
+            "peft, 1 adapter (adapter_names)": peft_with([uniform[0]] * rows),
+        }, rounds)
+        print(table(label, medians, "lorakit, 1 adapter"))
+        print(f"\n8 adapters / 1 adapter: {medians['lorakit, 8 adapters'] / medians['lorakit, 1 adapter']:.3f} "
+              f"(target <= 1.15); lorakit / peft, 8 adapters: "
+              f"{medians['lorakit, 8 adapters'] / medians['peft, 8 adapters (adapter_names)']:.3f} (target <= 0.33)\n")
 
 
 def loading(rounds: int) -> None:
@@ -233,13 +248,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--layers", type=int, default=30)
-    parser.add_argument("--rows", type=int, default=16)
-    parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--skip-load", action="store_true")
     parser.add_argument("--skip-server", action="store_true")
     args = parser.parse_args()
     print(f"{torch.get_num_threads()} threads; torch {torch.__version__}\n")
-    mixed_batch(args.rounds, args.layers, args.rows, args.seq)
+    mixed_batch(args.rounds, args.layers)
     if not args.skip_load:
         loading(args.rounds)
     if not args.skip_server:

@@ -51,6 +51,20 @@ def test_every_row_equals_its_adapter_alone(family, ranks, path, tmp_path, monke
             torch.testing.assert_close(mixed[row], expected, rtol=0, atol=1e-5, msg=f"row {row} ({name})")
 
 
+def test_mixed_forward_groups_rows_once_and_returns_them_in_order(tmp_path):
+    from lorakit.serve.slots import mixed_forward
+
+    base, singles, served, store = build("qwen2" if "qwen2" in MODELS else "llama", tmp_path, [3, 5])
+    names = ["a1", None, "a0", "a1", None]
+    slots = [store.acquire(n) if n else BASE for n in names]
+    ids = torch.randint(0, base.config.vocab_size, (5, 4), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        logits = mixed_forward(served, ids, slots)
+        for row, name in enumerate(names):
+            expected = (singles[name] if name else base)(ids[row:row + 1]).logits[0]
+            torch.testing.assert_close(logits[row], expected, rtol=0, atol=1e-5)
+
+
 def test_route_groups_tokens_by_slot_once():
     route = make_route([2, BASE, 0, 2], seq_len=3)
     # rows in slot order: row 1 (base), row 2 (slot 0), rows 0 and 3 (slot 2); base rows get no segment

@@ -194,3 +194,16 @@ def routing(model: nn.Module, row_slots: Sequence[int], seq_len: int) -> Iterato
         yield
     finally:
         router.current = None
+
+
+def mixed_forward(model: nn.Module, input_ids: Tensor, row_slots: Sequence[int]) -> Tensor:
+    """Logits of a batch whose row i uses slot ``row_slots[i]``, in the caller's row order.
+
+    The rows are grouped by slot once, before the model runs, so that every layer adds
+    each adapter's update to a contiguous block of rows (no per-layer gather/scatter).
+    """
+    order = sorted(range(len(row_slots)), key=lambda i: row_slots[i])
+    index = torch.tensor(order, device=input_ids.device)
+    with routing(model, [row_slots[i] for i in order], input_ids.shape[1]):
+        logits = model(input_ids=input_ids.index_select(0, index)).logits
+    return logits.index_select(0, torch.argsort(index))
