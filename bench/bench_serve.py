@@ -11,7 +11,7 @@ and server throughput, each as a ratio measured side by side in one run.
    rounds; then 500 requests, 32 concurrent, across 16 adapters: errors, lost responses,
    throughput, p50/p99 latency.
 
-    python bench/bench_serve.py [--rounds 5] [--skip-load] [--skip-server]
+    python bench/bench_serve.py [--rounds 5] [--skip-mixed] [--skip-load] [--skip-server]
 """
 
 from __future__ import annotations
@@ -248,11 +248,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--layers", type=int, default=30)
+    parser.add_argument("--skip-mixed", action="store_true")
     parser.add_argument("--skip-load", action="store_true")
     parser.add_argument("--skip-server", action="store_true")
     args = parser.parse_args()
     print(f"{torch.get_num_threads()} threads; torch {torch.__version__}\n")
-    mixed_batch(args.rounds, args.layers)
+    if not args.skip_mixed:
+        mixed_batch(args.rounds, args.layers)
     if not args.skip_load:
         loading(args.rounds)
     if not args.skip_server:
