@@ -15,11 +15,13 @@ B, Hayou et al., arXiv:2402.12354).
 
 from __future__ import annotations
 
+import json
 import math
 import resource
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -154,8 +156,7 @@ def fit(model: nn.Module, train_set: Dataset, eval_set: Dataset | None, config: 
         processes: Processes = Processes()) -> TrainResult:
     """Attach a fresh adapter to ``model`` (or restore the newest checkpoint) and train it."""
     out = config.out_dir
-    accumulation, remainder = divmod(config.batch_size, config.micro_batch_size * processes.world_size)
-    if remainder or accumulation == 0:
+    if config.batch_size % (config.micro_batch_size * processes.world_size):
         raise TrainingError(f"batch_size {config.batch_size} must be a multiple of micro_batch_size "
                             f"{config.micro_batch_size} x {processes.world_size} process(es)")
     rows = samples(train_set.examples, config.max_length, config.packing)
@@ -193,7 +194,7 @@ def fit(model: nn.Module, train_set: Dataset, eval_set: Dataset | None, config: 
         runner = torch.nn.parallel.DistributedDataParallel(
             runner, device_ids=[device.index] if device.type == "cuda" else None)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16)
-    evaluate = lambda: _evaluate(model, held_out, config.micro_batch_size, processes, device, autocast)  # noqa: E731
+    evaluate = partial(_evaluate, model, held_out, config.micro_batch_size, processes, device, autocast)
 
     eval_before = evaluate() if held_out and start_step == 0 else None
     if eval_before is not None:
@@ -248,8 +249,6 @@ def fit(model: nn.Module, train_set: Dataset, eval_set: Dataset | None, config: 
         peak_memory_bytes=peak_memory(device), adapter_bytes=_adapter_bytes(adapter),
         truncated=truncated)
     if processes.main:
-        import json
-
         write_text(out / "summary.json", json.dumps(result.to_json(), indent=2) + "\n")
     processes.barrier()
     return result
