@@ -29,15 +29,15 @@ def build(family, tmp_path, ranks):
     return base, singles, served, store
 
 
-@pytest.mark.parametrize("path", ["segments", "dense"])
+@pytest.mark.parametrize("path", ["segments", "gathered"])
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-@pytest.mark.parametrize("ranks", [[4], [2, 8, 5], [1, 2, 3, 4, 5, 6, 7, 8]])
+@pytest.mark.parametrize("ranks", [[4], [2, 8, 5], [4, 4, 4], [1, 2, 3, 4, 5, 6, 7, 8], [3] * 8])
 def test_every_row_equals_its_adapter_alone(family, ranks, path, tmp_path, monkeypatch):
     from lorakit.serve import slots as module
 
-    # the segment path (one matmul pair per adapter) and the dense path (one masked product) must agree
-    monkeypatch.setattr(module, "DENSE_MAX_TOKENS", 10**6 if path == "dense" else 0)
-    monkeypatch.setattr(module, "DENSE_MIN_SEGMENTS", 1)
+    # the segment path (one matmul pair per adapter) and the gathered path (batched matmuls over
+    # every row's own A and B, used when the batch's adapters share a rank) must agree
+    monkeypatch.setattr(module, "ROW_GATHER_MIN_ADAPTERS", 1 if path == "gathered" else 10**6)
     base, singles, served, store = build(family, tmp_path, ranks)
     names = [*singles, None] * 2
     random.Random(len(ranks)).shuffle(names)

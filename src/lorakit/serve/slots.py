@@ -13,9 +13,12 @@ come grouped) and the contiguous segment of each slot. Every layer then computes
     y[segment] += (alpha / r) * (x[segment] A^T) B^T  one pair of matmuls per slot in the batch
 
 which is the SGMV idea of Punica / S-LoRA (segmented gather matrix-vector) in plain
-torch: one gather of the tokens, one matmul per (slot, layer), one scatter back; no
-padding to a common rank, no per-row loop. x A^T is computed in float32 whatever the
-base dtype, since reduced-precision intermediates lose the small adapter update.
+torch: no padding to a common rank, no per-row loop, and no gather at all when the
+rows come grouped by slot (``mixed_forward`` and the engine group them once per step).
+When a batch mixes many adapters of one rank, each layer instead stacks every row's
+A and B and runs two batched matmuls (the BGMV form): a few large operations instead
+of a pair of small ones per adapter. x A^T is computed in float32 whatever the base
+dtype, since reduced-precision intermediates lose the small adapter update.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -45,37 +48,19 @@ class SlotWeights:
         return cls(A.float().contiguous(), (B.float() * scaling).T.contiguous())
 
 
+# With at least this many adapters in a batch, each layer gathers every row's A and B and
+# runs two batched matmuls, instead of a pair of matmuls per adapter: fewer, larger
+# operations, which is what matters once the batch mixes many adapters.
+ROW_GATHER_MIN_ADAPTERS = 3
+
+
 @dataclass(frozen=True)
-class Packed:
-    """All filled slots of one layer side by side: A (C x in), scaled B^T (C x out), and the
-    slot of each of the C columns. Rebuilt whenever a slot is filled or freed."""
-
-    A: Tensor
-    scaled_Bt: Tensor
-    column_slots: Tensor
-
-
-# Few tokens (decoding) and few adapter columns: one masked product over all loaded
-# adapters costs less than a pair of tiny matmuls per adapter in the batch.
-DENSE_MAX_TOKENS = 64
-DENSE_MAX_COLUMNS = 256
-DENSE_MIN_SEGMENTS = 3
-
-
-@dataclass
 class Route:
     """Which tokens go to which slot, for one forward pass."""
 
     order: Tensor | None  # token permutation that groups tokens by slot; None: already grouped
     segments: tuple[tuple[int, int, int], ...]  # (slot, start, end) in grouped token order, slots >= 0
-    token_slots: Tensor  # (N,) slot of every token, in batch order
-    masks: dict[int, Tensor] = field(default_factory=dict)  # per column layout: (N, C) token-column match
-
-    def mask_for(self, column_slots: Tensor) -> Tensor:
-        key = id(column_slots)
-        if key not in self.masks:
-            self.masks[key] = (self.token_slots[:, None] == column_slots[None, :]).float()
-        return self.masks[key]
+    row_slots: tuple[int, ...]  # the slot of every row, in batch order
 
 
 class Router:
@@ -95,12 +80,11 @@ def make_route(row_slots: Sequence[int], seq_len: int, device: torch.device | st
             if row_slots[row] != BASE:
                 segments.append((row_slots[row], start * seq_len, (i + 1) * seq_len))
             start = i + 1
-    token_slots = torch.tensor(row_slots, device=device).repeat_interleave(seq_len)
     if rows == sorted(rows):
-        return Route(None, tuple(segments), token_slots)
+        return Route(None, tuple(segments), tuple(row_slots))
     tokens = torch.arange(seq_len, device=device)
     order = (torch.tensor(rows, device=device)[:, None] * seq_len + tokens).reshape(-1)
-    return Route(order, tuple(segments), token_slots)
+    return Route(order, tuple(segments), tuple(row_slots))
 
 
 class SlotLinear(nn.Module):
@@ -114,7 +98,7 @@ class SlotLinear(nn.Module):
         self.in_features, self.out_features = (self.weight.shape if self.transposed
                                                else self.weight.shape[::-1])
         self.slots: list[SlotWeights | None] = [None] * router.capacity
-        self.packed: Packed | None = None
+        self.zeros: dict[int, SlotWeights] = {}  # rank -> an all-zero adapter, for rows without one
         object.__setattr__(self, "router", router)  # shared, not a submodule
 
     def forward(self, x: Tensor) -> Tensor:
@@ -125,15 +109,10 @@ class SlotLinear(nn.Module):
         route = self.router.current
         if route is None or not route.segments:
             return y
+        if len(route.segments) >= ROW_GATHER_MIN_ADAPTERS and self._add_gathered(x, y, route.row_slots):
+            return y
         tokens = x.reshape(-1, x.shape[-1])  # (N, in)
         out = y.view(-1, y.shape[-1])  # (N, out), shares y's memory
-        packed = self.packed
-        if (packed is not None and len(route.segments) >= DENSE_MIN_SEGMENTS and tokens.shape[0] <= DENSE_MAX_TOKENS
-                and packed.column_slots.shape[0] <= DENSE_MAX_COLUMNS):
-            # every token against every loaded adapter's A, then keep only its own adapter's columns
-            hidden = (tokens.float() @ packed.A.T) * route.mask_for(packed.column_slots)  # (N, C)
-            out += (hidden @ packed.scaled_Bt).to(out.dtype)  # (N, C) @ (C, out)
-            return y
         if route.order is None:  # rows come grouped by slot: every segment is a view
             for slot, start, end in route.segments:
                 weights = self.slots[slot]
@@ -150,15 +129,24 @@ class SlotLinear(nn.Module):
         out.index_add_(0, route.order, delta.to(out.dtype))
         return y
 
-    def repack(self) -> None:
-        """Rebuild ``packed`` from the slots (after a slot is filled or freed)."""
-        filled = [(i, w) for i, w in enumerate(self.slots) if w is not None]
-        if not filled:
-            self.packed = None
-            return
-        self.packed = Packed(
-            torch.cat([w.A for _, w in filled]), torch.cat([w.scaled_Bt for _, w in filled]),
-            torch.cat([torch.full((w.A.shape[0],), i, device=w.A.device) for i, w in filled]))
+    def _add_gathered(self, x: Tensor, y: Tensor, row_slots: tuple[int, ...]) -> bool:
+        """y[b] += x[b] A_b^T B_b^T for every row b with its own adapter's A and B, as two
+        batched matmuls. Needs one rank for all adapters in the batch; False if not (or if
+        the rows are not the batch dimension)."""
+        weights = [self.slots[s] if s != BASE else None for s in row_slots]
+        ranks = {w.A.shape[0] for w in weights if w is not None}
+        if len(ranks) != 1 or x.dim() != 3 or x.shape[0] != len(row_slots):
+            return len(ranks) == 0  # no adapter in this layer: nothing to add
+        rank = ranks.pop()
+        if rank not in self.zeros:
+            self.zeros[rank] = SlotWeights(self.weight.new_zeros((rank, self.in_features), dtype=torch.float32),
+                                           self.weight.new_zeros((rank, self.out_features), dtype=torch.float32))
+        weights = [w if w is not None else self.zeros[rank] for w in weights]
+        A = torch.stack([w.A for w in weights])  # (B, r, in)
+        scaled_Bt = torch.stack([w.scaled_Bt for w in weights])  # (B, r, out)
+        hidden = torch.bmm(x.float(), A.transpose(1, 2))  # (B, T, in) @ (B, in, r) -> (B, T, r)
+        y += torch.bmm(hidden, scaled_Bt).to(y.dtype)  # (B, T, r) @ (B, r, out) -> (B, T, out)
+        return True
 
     def extra_repr(self) -> str:
         used = sum(s is not None for s in self.slots)

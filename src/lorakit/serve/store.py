@@ -179,7 +179,6 @@ class AdapterStore:
         slot = next(i for i in range(self.capacity) if i not in taken)
         for path, layer in self.layers.items():
             layer.slots[slot] = prepared.weights.get(path)
-            layer.repack()
         entry = Loaded(slot, prepared.nbytes)
         self.loaded[prepared.name] = entry
         return entry
@@ -187,9 +186,7 @@ class AdapterStore:
     def _evict(self, name: str) -> None:
         slot = self.loaded.pop(name).slot
         for layer in self.layers.values():
-            if layer.slots[slot] is not None:
-                layer.slots[slot] = None
-                layer.repack()
+            layer.slots[slot] = None
 
     def add_directory(self, name: str, path: str | os.PathLike) -> None:
         """Make the adapter directory ``path`` available as ``name``, wherever it is (the
