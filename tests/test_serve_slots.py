@@ -38,6 +38,7 @@ def test_every_row_equals_its_adapter_alone(family, ranks, path, tmp_path, monke
     # the segment path (one matmul pair per adapter) and the gathered path (batched matmuls over
     # every row's own A and B, used when the batch's adapters share a rank) must agree
     monkeypatch.setattr(module, "ROW_GATHER_MIN_ADAPTERS", 1 if path == "gathered" else 10**6)
+    monkeypatch.setattr(module, "ROW_GATHER_MAX_ROWS", 10**6)
     base, singles, served, store = build(family, tmp_path, ranks)
     names = [*singles, None] * 2
     random.Random(len(ranks)).shuffle(names)

@@ -48,10 +48,12 @@ class SlotWeights:
         return cls(A.float().contiguous(), (B.float() * scaling).T.contiguous())
 
 
-# With at least this many adapters in a batch, each layer gathers every row's A and B and
-# runs two batched matmuls, instead of a pair of matmuls per adapter: fewer, larger
-# operations, which is what matters once the batch mixes many adapters.
+# When a batch mixes at least this many adapters, with at most ROW_GATHER_MAX_ROWS rows
+# per adapter on average, each layer gathers every row's own A and B and runs two
+# batched matmuls instead of a pair of matmuls per adapter: fewer, larger operations.
+# With more rows per adapter the gathered copies cost more than they save.
 ROW_GATHER_MIN_ADAPTERS = 3
+ROW_GATHER_MAX_ROWS = 2
 
 
 @dataclass(frozen=True)
@@ -109,7 +111,9 @@ class SlotLinear(nn.Module):
         route = self.router.current
         if route is None or not route.segments:
             return y
-        if len(route.segments) >= ROW_GATHER_MIN_ADAPTERS and self._add_gathered(x, y, route.row_slots):
+        adapters = len(route.segments)
+        if (adapters >= ROW_GATHER_MIN_ADAPTERS and len(route.row_slots) <= ROW_GATHER_MAX_ROWS * adapters
+                and self._add_gathered(x, y, route.row_slots)):
             return y
         tokens = x.reshape(-1, x.shape[-1])  # (N, in)
         out = y.view(-1, y.shape[-1])  # (N, out), shares y's memory
