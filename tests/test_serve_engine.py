@@ -84,3 +84,23 @@ def test_eos_ends_a_request(setup):
     finally:
         engine.eos = set()
     assert request.generated == first[:2] and request.finish_reason == "stop"
+
+
+def test_generate_command_gives_each_prompt_its_adapter_alone(setup, tiny_lm_dir):
+    from typer.testing import CliRunner
+
+    from lorakit.cli import app
+    from lorakit.serve.engine import build_engine, complete
+
+    root, _ = setup
+    result = CliRunner().invoke(app, ["generate", str(tiny_lm_dir), "--adapter", f"x={root / 'a1'}",
+                                      "--prompt", "hej", "--prompt", "hej", "--use", "x", "--use", "base",
+                                      "--max-tokens", "5"])
+    assert result.exit_code == 0, result.output
+    for name in ("x", None):
+        engine = build_engine(str(tiny_lm_dir), max_adapters=1)
+        if name:
+            engine.store.add_directory(name, root / "a1")
+        text = complete(engine, ["hej"], [name], SamplingParams(max_tokens=5))[0].text
+        assert repr(text) in result.output
+    assert CliRunner().invoke(app, ["generate", str(tiny_lm_dir), "--prompt", "hej", "--use", "nope"]).exit_code == 2

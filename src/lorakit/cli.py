@@ -195,7 +195,7 @@ def generate(
     """
     from pathlib import Path
 
-    from .serve.engine import Request, SamplingParams, acquire_all, build_engine, encode
+    from .serve.engine import SamplingParams, build_engine, complete
 
     with user_errors():
         named = {}
@@ -213,13 +213,8 @@ def generate(
         engine = build_engine(model, max_adapters=max(1, len(named)), max_batch=len(prompt))
         for name, path in named.items():
             engine.store.add_directory(name, path)
-        chat = chat and getattr(engine.tokenizer, "chat_template", None) is not None
         params = SamplingParams(max_tokens, temperature, top_p, seed, tuple(stop or ()))
-        names = [None if u == "base" else u for u in uses]
-        requests = [Request(encode(engine.tokenizer, p, chat), n, params) for p, n in zip(prompt, names)]
-        for request, slot in zip(requests, acquire_all(engine.store, names)):
-            request.slot = slot
-        engine.generate(requests)
+        requests = complete(engine, prompt, [None if u == "base" else u for u in uses], params, chat)
     for text, name, request in zip(prompt, uses, requests):
         console.print(f"[bold]{name}[/bold] > {text}", highlight=False)
         console.print(f"  {request.text!r} ({request.finish_reason})", highlight=False)

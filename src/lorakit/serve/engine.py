@@ -294,3 +294,14 @@ def encode(tokenizer, prompt: str, chat: bool) -> list[int]:
                                                  tokenize=True, return_dict=True)
         return list(rendered["input_ids"])
     return list(tokenizer(prompt)["input_ids"])
+
+
+def complete(engine: Engine, prompts: list[str], adapters: list[str | None], params: SamplingParams = SamplingParams(),
+             chat: bool = True) -> list[Request]:
+    """Complete every prompt with its adapter (None: the base) in one batch; chat prompts go
+    through the tokenizer's chat template when it has one."""
+    chat = chat and getattr(engine.tokenizer, "chat_template", None) is not None
+    requests = [Request(encode(engine.tokenizer, text, chat), name, params) for text, name in zip(prompts, adapters)]
+    for request, slot in zip(requests, acquire_all(engine.store, adapters)):
+        request.slot = slot
+    return engine.generate(requests)
