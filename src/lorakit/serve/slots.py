@@ -43,6 +43,10 @@ class SlotWeights:
     A: Tensor
     scaled_Bt: Tensor
 
+    @property
+    def At(self) -> Tensor:  # (in, r): a view, no copy
+        return self.A.T
+
     @classmethod
     def of(cls, A: Tensor, B: Tensor, scaling: float) -> SlotWeights:
         return cls(A.float().contiguous(), (B.float() * scaling).T.contiguous())
@@ -120,9 +124,13 @@ class SlotLinear(nn.Module):
         if route.order is None:  # rows come grouped by slot: every segment is a view
             for slot, start, end in route.segments:
                 weights = self.slots[slot]
-                if weights is not None:  # None: this adapter does not target this layer
-                    hidden = tokens[start:end].float() @ weights.A.T  # (n, in) @ (in, r) -> (n, r)
-                    out[start:end] += (hidden @ weights.scaled_Bt).to(out.dtype)  # (n, r) @ (r, out)
+                if weights is None:  # this adapter does not target this layer
+                    continue
+                hidden = torch.mm(tokens[start:end].float(), weights.At)  # (n, in) @ (in, r) -> (n, r)
+                if out.dtype == torch.float32:  # add (n, r) @ (r, out) into the output in place
+                    out[start:end].addmm_(hidden, weights.scaled_Bt)
+                else:
+                    out[start:end] += (hidden @ weights.scaled_Bt).to(out.dtype)
             return y
         grouped = tokens.index_select(0, route.order)
         delta = torch.zeros((grouped.shape[0], out.shape[1]), dtype=torch.float32, device=out.device)
