@@ -198,3 +198,26 @@ def test_the_openai_client_works_unchanged(server):
     assert "".join(c.choices[0].delta.content or "" for c in streamed) == chat.choices[0].message.content
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="nope", prompt="hej")
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_row_and_slot(tiny_lm_dir, root):
+    import time
+
+    engine = build_engine(str(tiny_lm_dir), str(root), max_adapters=1)
+    engine.eos = set()  # this request could run for 900 tokens: only the hang-up can end it early
+    reasons = []
+    finish = engine._finish
+    engine._finish = lambda request: (reasons.append(request.finish_reason), finish(request))
+    thread = ServerThread(create_app(engine, BASE, Limits(max_tokens=900)))
+    try:
+        request = {"model": "a3", "prompt": "hej", "max_tokens": 900, "temperature": 0, "stream": True}
+        with httpx.stream("POST", thread.url + "/v1/completions", json=request, timeout=60) as reply:
+            next(reply.iter_lines())  # one chunk, then hang up
+        deadline = time.monotonic() + 20
+        while not reasons and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert reasons == ["cancelled"]
+        assert not engine.rows and engine.store.loaded["a3"].users == 0
+        assert post(thread, "/v1/completions", {"model": "a3", "prompt": "hej", "max_tokens": 2}).status_code == 200
+    finally:
+        thread.stop()

@@ -53,6 +53,7 @@ class Request:
     text: str = ""
     sent: int = 0  # characters of text already passed to on_text
     finish_reason: str | None = None
+    cancelled: bool = False  # set by another thread (a client went away): dropped at the next step
     error: Exception | None = None
     done: threading.Event = field(default_factory=threading.Event)
     generator: torch.Generator | None = None
@@ -182,6 +183,10 @@ class Engine:
         greedy = logits.argmax(-1).tolist()
         for row, request in enumerate(rows):
             params = request.params
+            if request.cancelled:
+                request.finish_reason = "cancelled"
+                self._emit(request)
+                continue
             if params.temperature > 0:
                 token = _sample_top_p(logits[row] / params.temperature, params.top_p, request.generator)
             else:

@@ -226,9 +226,13 @@ class Reply:
 
     async def stream(self, pieces: asyncio.Queue, request: Request):
         first = True
-        while (text := await pieces.get()) is not None:
-            yield self._chunk(text, None, first)
-            first = False
+        try:
+            while (text := await pieces.get()) is not None:
+                yield self._chunk(text, None, first)
+                first = False
+        finally:  # the client went away mid-stream: stop decoding for it and free its slot
+            if request.finish_reason is None:
+                request.cancelled = True
         if request.error is not None:
             error = {"message": f"generation failed: {request.error}", "type": "server_error", "code": 500}
             yield f"data: {json.dumps({'error': error})}\n\n"
