@@ -47,8 +47,8 @@ class Request:
     params: SamplingParams = field(default_factory=SamplingParams)
     on_text: Callable[[str], None] | None = None
     on_done: Callable[[], None] | None = None  # called once, when finished (or failed)
+    slot: int = BASE  # set by whoever acquired the adapter from the store (acquire_all)
     # filled in by the engine
-    slot: int = BASE
     generated: list[int] = field(default_factory=list)
     text: str = ""
     sent: int = 0  # characters of text already passed to on_text
