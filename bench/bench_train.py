@@ -119,9 +119,9 @@ def memory_run(variant: str, layers: int, batch: int, steps: int) -> None:
     step = variants(ours, theirs)[variant](build(layers))
     for _ in range(steps):
         step()
-    # VmHWM belongs to this process image; ru_maxrss would carry over the parent's peak across fork + exec.
-    status = Path("/proc/self/status").read_text()
-    print(int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) * 1024)
+    from lorakit.training.loop import peak_memory
+
+    print(peak_memory(torch.device("cpu")))
 
 
 def main() -> None:
