@@ -13,12 +13,12 @@ come grouped) and the contiguous segment of each slot. Every layer then computes
     y[segment] += (alpha / r) * (x[segment] A^T) B^T  one pair of matmuls per slot in the batch
 
 which is the SGMV idea of Punica / S-LoRA (segmented gather matrix-vector) in plain
-torch: no padding to a common rank, no per-row loop, and no gather at all when the
-rows come grouped by slot (``mixed_forward`` and the engine group them once per step).
-When a batch mixes many adapters of one rank, each layer instead stacks every row's
-A and B and runs two batched matmuls (the BGMV form): a few large operations instead
-of a pair of small ones per adapter. x A^T is computed in float32 whatever the base
-dtype, since reduced-precision intermediates lose the small adapter update.
+torch: no padding to a common rank, no per-row loop, no copy of adapter weights, and
+no gather at all when the rows come grouped by slot (``mixed_forward`` and the engine
+group them once per step). Stacking the batch's A and B for batched matmuls (the BGMV
+form) measured slower on a CPU at both decode and prefill sizes. x A^T is computed in
+float32 whatever the base dtype, since reduced-precision intermediates lose the small
+adapter update.
 """
 
 from __future__ import annotations
@@ -52,21 +52,12 @@ class SlotWeights:
         return cls(A.float().contiguous(), (B.float() * scaling).T.contiguous())
 
 
-# When a batch mixes at least this many adapters, with at most ROW_GATHER_MAX_ROWS rows
-# per adapter on average, each layer gathers every row's own A and B and runs two
-# batched matmuls instead of a pair of matmuls per adapter: fewer, larger operations.
-# With more rows per adapter the gathered copies cost more than they save.
-ROW_GATHER_MIN_ADAPTERS = 3
-ROW_GATHER_MAX_ROWS = 2
-
-
 @dataclass(frozen=True)
 class Route:
     """Which tokens go to which slot, for one forward pass."""
 
     order: Tensor | None  # token permutation that groups tokens by slot; None: already grouped
     segments: tuple[tuple[int, int, int], ...]  # (slot, start, end) in grouped token order, slots >= 0
-    row_slots: tuple[int, ...]  # the slot of every row, in batch order
 
 
 class Router:
@@ -87,10 +78,10 @@ def make_route(row_slots: Sequence[int], seq_len: int, device: torch.device | st
                 segments.append((row_slots[row], start * seq_len, (i + 1) * seq_len))
             start = i + 1
     if rows == sorted(rows):
-        return Route(None, tuple(segments), tuple(row_slots))
+        return Route(None, tuple(segments))
     tokens = torch.arange(seq_len, device=device)
     order = (torch.tensor(rows, device=device)[:, None] * seq_len + tokens).reshape(-1)
-    return Route(order, tuple(segments), tuple(row_slots))
+    return Route(order, tuple(segments))
 
 
 class SlotLinear(nn.Module):
@@ -104,7 +95,6 @@ class SlotLinear(nn.Module):
         self.in_features, self.out_features = (self.weight.shape if self.transposed
                                                else self.weight.shape[::-1])
         self.slots: list[SlotWeights | None] = [None] * router.capacity
-        self.zeros: dict[int, SlotWeights] = {}  # rank -> an all-zero adapter, for rows without one
         object.__setattr__(self, "router", router)  # shared, not a submodule
 
     def forward(self, x: Tensor) -> Tensor:
@@ -114,10 +104,6 @@ class SlotLinear(nn.Module):
             y = F.linear(x, self.weight, self.bias)
         route = self.router.current
         if route is None or not route.segments:
-            return y
-        adapters = len(route.segments)
-        if (adapters >= ROW_GATHER_MIN_ADAPTERS and len(route.row_slots) <= ROW_GATHER_MAX_ROWS * adapters
-                and self._add_gathered(x, y, route.row_slots)):
             return y
         tokens = x.reshape(-1, x.shape[-1])  # (N, in)
         out = y.view(-1, y.shape[-1])  # (N, out), shares y's memory
@@ -140,25 +126,6 @@ class SlotLinear(nn.Module):
                 torch.mm(grouped[start:end].float() @ weights.A.T, weights.scaled_Bt, out=delta[start:end])
         out.index_add_(0, route.order, delta.to(out.dtype))
         return y
-
-    def _add_gathered(self, x: Tensor, y: Tensor, row_slots: tuple[int, ...]) -> bool:
-        """y[b] += x[b] A_b^T B_b^T for every row b with its own adapter's A and B, as two
-        batched matmuls. Needs one rank for all adapters in the batch; False if not (or if
-        the rows are not the batch dimension)."""
-        weights = [self.slots[s] if s != BASE else None for s in row_slots]
-        ranks = {w.A.shape[0] for w in weights if w is not None}
-        if len(ranks) != 1 or x.dim() != 3 or x.shape[0] != len(row_slots):
-            return len(ranks) == 0  # no adapter in this layer: nothing to add
-        rank = ranks.pop()
-        if rank not in self.zeros:
-            self.zeros[rank] = SlotWeights(self.weight.new_zeros((rank, self.in_features), dtype=torch.float32),
-                                           self.weight.new_zeros((rank, self.out_features), dtype=torch.float32))
-        weights = [w if w is not None else self.zeros[rank] for w in weights]
-        A = torch.stack([w.A for w in weights])  # (B, r, in)
-        scaled_Bt = torch.stack([w.scaled_Bt for w in weights])  # (B, r, out)
-        hidden = torch.bmm(x.float(), A.transpose(1, 2))  # (B, T, in) @ (B, in, r) -> (B, T, r)
-        y += torch.bmm(hidden, scaled_Bt).to(y.dtype)  # (B, T, r) @ (B, r, out) -> (B, T, out)
-        return True
 
     def extra_repr(self) -> str:
         used = sum(s is not None for s in self.slots)
