@@ -94,7 +94,7 @@ def _freeze_base(model: nn.Module) -> None:
 def find_targets(model: nn.Module, config: LoraConfig) -> list[Target]:
     """The modules ``config`` selects, each checked; raises AttachError listing all problems."""
     linear_only = config.targets == ALL_LINEAR
-    head = _output_head(model) if linear_only else None
+    head = output_head(model) if linear_only else None
     inside_layer = tuple(path + "." for path, _ in lora_layers(model))
     targets: list[Target] = []
     problems: list[str] = []
@@ -254,7 +254,8 @@ def _check_new_name(model: nn.Module, name: str) -> None:
         raise AttachError(f"adapter name {name!r} is already used; the model has {adapters(model)}")
 
 
-def _output_head(model: nn.Module) -> nn.Module | None:
+def output_head(model: nn.Module) -> nn.Module | None:
+    """The model's output layer (``lm_head``), which "all-linear" leaves alone, as PEFT does."""
     get = getattr(model, "get_output_embeddings", None)
     return get() if callable(get) else None
 

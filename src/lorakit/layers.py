@@ -29,6 +29,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def lora_scaling(alpha: float, rank: int, use_rslora: bool) -> float:
+    """alpha / r, or alpha / sqrt(r) with rsLoRA (Kalajdzievski, 2023, arXiv:2312.03732)."""
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
 class LoraAdapter(nn.Module):
     """One adapter on one layer: A, B, its dropout and its scaling."""
 
@@ -39,7 +44,7 @@ class LoraAdapter(nn.Module):
         super().__init__()
         self.rank = a_shape[0]
         self.alpha = alpha
-        self.scaling = alpha / math.sqrt(self.rank) if use_rslora else alpha / self.rank
+        self.scaling = lora_scaling(alpha, self.rank, use_rslora)
         self.lora_A = nn.Parameter(torch.empty(a_shape, device=device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(b_shape, device=device, dtype=dtype))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()

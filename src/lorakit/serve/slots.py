@@ -23,7 +23,6 @@ adapter update.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -123,7 +122,7 @@ class SlotLinear(nn.Module):
         for slot, start, end in route.segments:
             weights = self.slots[slot]
             if weights is not None:
-                torch.mm(grouped[start:end].float() @ weights.A.T, weights.scaled_Bt, out=delta[start:end])
+                torch.mm(grouped[start:end].float() @ weights.At, weights.scaled_Bt, out=delta[start:end])
         out.index_add_(0, route.order, delta.to(out.dtype))
         return y
 
@@ -134,13 +133,13 @@ class SlotLinear(nn.Module):
 
 def enable_slots(model: nn.Module, capacity: int) -> Router:
     """Replace every linear layer except the output head by a SlotLinear with ``capacity`` slots."""
-    from ..attach import replace_module
+    from ..attach import layer_class_for, output_head, replace_module
+    from ..layers import LoraConv1D, LoraLinear
 
     router = Router(capacity)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", ())
+    head = output_head(model)
     targets = [(path, m) for path, m in model.named_modules()
-               if path and m is not head and isinstance(m, (nn.Linear, conv1d) if conv1d else nn.Linear)]
+               if path and m is not head and layer_class_for(m) in (LoraLinear, LoraConv1D)]
     for path, module in targets:
         replace_module(model, path, SlotLinear(module, router))
     model.requires_grad_(False)

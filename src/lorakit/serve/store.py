@@ -20,6 +20,7 @@ from pathlib import Path
 from torch import nn
 
 from ..files import PREFIX, AdapterFileError, read_config, read_tensors
+from ..layers import lora_scaling
 from .slots import SlotLinear, SlotWeights, slot_layers
 
 NAME = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
@@ -31,6 +32,11 @@ class StoreError(ValueError):
     def __init__(self, message: str, status: int) -> None:
         super().__init__(message)
         self.status = status
+
+
+def check_name(name: str) -> None:
+    if not isinstance(name, str) or not NAME.match(name):
+        raise StoreError(f"adapter name {name!r} has characters other than letters, digits, . _ - /", 400)
 
 
 @dataclass
@@ -73,8 +79,8 @@ class AdapterStore:
         relative = path if path is not None else name
         if not isinstance(relative, str) or not relative or os.path.isabs(relative) or ".." in Path(relative).parts:
             raise StoreError(f"adapter path {relative!r} must be a relative path inside the adapter root", 400)
-        if path is None and not NAME.match(relative):
-            raise StoreError(f"adapter name {relative!r} has characters other than letters, digits, . _ - /", 400)
+        if path is None:
+            check_name(relative)
         resolved = (self.root / relative).resolve()
         if resolved != self.root and self.root not in resolved.parents:
             raise StoreError(f"adapter {relative!r} leads outside the adapter root", 400)
@@ -120,8 +126,7 @@ class AdapterStore:
                 problems.append(f"{layer_path}: A {tuple(A.shape)}, B {tuple(B.shape)}; expected A "
                                 f"{(rank, layer.in_features)}, B {(layer.out_features, rank)}")
                 continue
-            alpha = config.alpha_for(layer_path)
-            scaling = alpha / rank ** 0.5 if config.use_rslora else alpha / rank
+            scaling = lora_scaling(config.alpha_for(layer_path), rank, config.use_rslora)
             weights[layer_path] = SlotWeights.of(A.to(layer.weight.device), B.to(layer.weight.device), scaling)
         if config.modules_to_save:
             problems.append(f"modules_to_save {list(config.modules_to_save)} cannot be served per request")
@@ -191,14 +196,12 @@ class AdapterStore:
     def add_directory(self, name: str, path: str | os.PathLike) -> None:
         """Make the adapter directory ``path`` available as ``name``, wherever it is (the
         operator's own choice, e.g. ``lorakit generate --adapter``; requests never reach this)."""
-        if not NAME.match(name or ""):
-            raise StoreError(f"adapter name {name!r} has characters other than letters, digits, . _ - /", 400)
+        check_name(name)
         self.extra[name] = Path(path).resolve()
 
     def register(self, name: str, path: str) -> None:
         """vLLM's load_lora_adapter: make ``path`` (inside the root) available as ``name`` and load it."""
-        if not NAME.match(name or ""):
-            raise StoreError(f"adapter name {name!r} has characters other than letters, digits, . _ - /", 400)
+        check_name(name)
         resolved = self.resolve(name, path)
         prepared = self.prepare(name, resolved)
         with self.lock:
