@@ -29,28 +29,36 @@ def build(family, tmp_path, ranks):
     return base, singles, served, store
 
 
-@pytest.mark.parametrize("path", ["shuffled rows", "grouped rows"])
+# Every way to add the adapters must agree: segments with rows in any order (tokens gathered
+# and scattered per layer), segments with rows grouped by adapter once (every segment a
+# contiguous view), and the compiled gathered kernel (each token reads its own adapter's rows).
+PATHS = {"segments, shuffled rows": 0, "segments, grouped rows": 0, "gathered kernel": 10**6}
+
+
+@pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 @pytest.mark.parametrize("ranks", [[4], [2, 8, 5], [4, 4, 4], [1, 2, 3, 4, 5, 6, 7, 8], [3] * 8])
 def test_every_row_equals_its_adapter_alone(family, ranks, path, tmp_path):
     from lorakit.serve import slots as module
 
-    # Both ways to add the adapters must agree: rows in any order (tokens gathered and scattered
-    # per layer) and rows grouped by adapter once (every segment a contiguous view).
     base, singles, served, store = build(family, tmp_path, ranks)
+    served.lorakit_router.gather_tokens = PATHS[path]
     names = [*singles, None] * 2 + ["a0"] * 2  # a0 has a longer segment than the others
     random.Random(len(ranks)).shuffle(names)
     slots = [store.acquire(n) if n else BASE for n in names]
     ids = torch.randint(0, base.config.vocab_size, (len(names), 6), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        if path == "shuffled rows":
-            with routing(served, slots, ids.shape[1]):
-                mixed = served(ids).logits
-        else:
+        if path == "segments, grouped rows":
             mixed = module.mixed_forward(served, ids, slots)
+        else:
+            with routing(served, slots, ids.shape[1]):
+                gathered = served.lorakit_router.current.token_slots is not None
+                mixed = served(ids).logits
+            assert gathered == (path == "gathered kernel" and len(ranks) > 1)
         for row, name in enumerate(names):
             expected = (singles[name] if name else base)(ids[row:row + 1]).logits[0]
             torch.testing.assert_close(mixed[row], expected, rtol=0, atol=1e-5, msg=f"row {row} ({name})")
+    assert served.lorakit_router.gather_tokens == PATHS[path]  # the kernel compiled: no fallback to segments
 
 
 def test_mixed_forward_groups_rows_once_and_returns_them_in_order(tmp_path):
@@ -74,6 +82,41 @@ def test_route_groups_tokens_by_slot_once():
     assert route.order.tolist() == [3, 4, 5, 6, 7, 8, 0, 1, 2, 9, 10, 11]
     already = make_route([BASE, 0, 0, 3], seq_len=2)
     assert already.order is None and already.segments == ((0, 2, 6), (3, 6, 8))
+    assert route.token_slots is None and already.token_slots is None  # gather_tokens=0: segments only
+
+
+def test_route_takes_the_gathered_kernel_only_when_adapters_have_few_tokens():
+    decode = make_route([2, BASE, 0, 2], seq_len=1, gather_tokens=2)  # 3 tokens on 2 adapters
+    assert decode.token_slots.tolist() == [2, BASE, 0, 2]  # in batch order: no grouping needed
+    assert make_route([2, BASE, 0, 2], seq_len=2, gather_tokens=3).token_slots.tolist() == [2, 2, BASE, BASE, 0, 0, 2, 2]
+    assert make_route([2, 0, 0, 2], seq_len=3, gather_tokens=2).token_slots is None  # 6 tokens per adapter
+    assert make_route([2, 2, 2], seq_len=1, gather_tokens=8).token_slots is None  # one adapter: one segment
+
+
+def test_gathered_kernel_equals_its_eager_form_and_dense_math():
+    from lorakit.serve.pool import Pool, SlotWeights
+    from lorakit.serve.slots import _gathered_kernel, add_gathered
+
+    generator = torch.Generator().manual_seed(0)
+    pool = Pool.empty(4, 16, 24, torch.device("cpu"))
+    adapters = {}
+    for slot, rank in [(0, 3), (2, 7), (3, 1)]:
+        A, B = torch.randn(rank, 16, generator=generator), torch.randn(24, rank, generator=generator)
+        adapters[slot] = (A, B)
+        pool = pool.filled(slot, SlotWeights.of(A, B, 0.5))
+    tokens = torch.randn(9, 16, generator=generator)
+    token_slots = torch.tensor([3, 0, BASE, 2, 2, 0, 3, BASE, 0])
+    y = torch.randn(9, 24, generator=generator)
+    expected = y.clone()
+    for t, slot in enumerate(token_slots.tolist()):
+        if slot != BASE:
+            A, B = adapters[slot]
+            expected[t] += 0.5 * B @ (A @ tokens[t])
+    eager, compiled = y.clone(), y.clone()
+    add_gathered(eager, tokens, pool.A, pool.scaled_Bt, pool.block_of, token_slots)
+    _gathered_kernel(compiled, tokens, pool.A, pool.scaled_Bt, pool.block_of, token_slots)
+    torch.testing.assert_close(eager, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(compiled, expected, rtol=0, atol=1e-5)
 
 
 def test_bf16_base_keeps_the_adapter_product_in_float32(tmp_path):

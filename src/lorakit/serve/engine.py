@@ -130,7 +130,7 @@ class Engine:
         past = DynamicCache(cache) if cache is not None else DynamicCache()
         with routing(self.model, slots, ids.shape[1]):
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=past,
-                             use_cache=True)
+                             use_cache=True, logits_to_keep=1)  # the output head on the last position only
         layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
         return out.logits[:, -1].float(), layers
 

@@ -21,7 +21,8 @@ from torch import nn
 
 from ..files import PREFIX, AdapterFileError, read_config, read_tensors
 from ..layers import lora_scaling
-from .slots import SlotLinear, SlotWeights, slot_layers
+from .pool import SlotWeights
+from .slots import SlotLinear, slot_layers
 
 NAME = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
 
@@ -121,6 +122,9 @@ class AdapterStore:
                 problems.append(f"{layer_path}: needs both lora_A and lora_B")
                 continue
             A, B = pair["A"].float(), pair["B"].float()
+            if not (A.isfinite().all() and B.isfinite().all()):  # it would poison other adapters' rows too
+                problems.append(f"{layer_path}: lora_A or lora_B has NaN or infinite values")
+                continue
             rank = config.rank_for(layer_path)
             if tuple(A.shape) != (rank, layer.in_features) or tuple(B.shape) != (layer.out_features, rank):
                 problems.append(f"{layer_path}: A {tuple(A.shape)}, B {tuple(B.shape)}; expected A "
@@ -182,8 +186,8 @@ class AdapterStore:
             self._evict(idle)
         taken = {e.slot for e in self.loaded.values()}
         slot = next(i for i in range(self.capacity) if i not in taken)
-        for path, layer in self.layers.items():
-            layer.slots[slot] = prepared.weights.get(path)
+        for path, weights in prepared.weights.items():
+            self.layers[path].fill(slot, weights)
         entry = Loaded(slot, prepared.nbytes)
         self.loaded[prepared.name] = entry
         return entry
@@ -191,7 +195,7 @@ class AdapterStore:
     def _evict(self, name: str) -> None:
         slot = self.loaded.pop(name).slot
         for layer in self.layers.values():
-            layer.slots[slot] = None
+            layer.empty(slot)
 
     def add_directory(self, name: str, path: str | os.PathLike) -> None:
         """Make the adapter directory ``path`` available as ``name``, wherever it is (the

@@ -1,0 +1,115 @@
+"""One layer's loaded adapters, stacked in two float32 buffers of fixed-size blocks.
+
+Slot s of a layer owns one block b_s of
+
+    A          (blocks, width, in):  its A in the first r_s rows, zeros below
+    scaled_Bt  (blocks, width, out): its (alpha / r) * B^T likewise
+
+where ``width`` is the largest rank loaded in the layer (as vLLM's ``max_lora_rank``).
+Block 0 is all zeros: rows on the base, and adapters that do not target this layer,
+read it. So an adapter's weights are contiguous views (for the segmented matmuls of a
+prefill), and every loaded adapter is one index away (for the gathered kernel of a
+decode step, where each token reads its own adapter's block; the zero padding makes a
+lower rank exact without masks). Adapters of mixed ranks cost ``width`` rows each.
+
+A ``Pool`` is an immutable snapshot. Filling or emptying a slot returns a new one, so
+the decoding thread, which reads ``layer.pool`` once per forward, always sees one
+consistent set of buffers and block indices while an adapter is installed from
+another thread. New weights go into a block that no live slot owns; when there is none,
+or the new rank is wider, the buffers are reallocated (at least twice the live blocks)
+and the live blocks copied into them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class SlotWeights:
+    """One adapter in one layer: A (r x in) and (alpha / r) * B^T (r x out), float32."""
+
+    A: Tensor
+    scaled_Bt: Tensor
+
+    @property
+    def At(self) -> Tensor:  # (in, r): a view, no copy
+        return self.A.T
+
+    @classmethod
+    def of(cls, A: Tensor, B: Tensor, scaling: float) -> SlotWeights:
+        return cls(A.float().contiguous(), (B.float() * scaling).T.contiguous())
+
+
+@dataclass(frozen=True)
+class Pool:
+    A: Tensor  # (blocks, width, in) float32; block 0 is zeros
+    scaled_Bt: Tensor  # (blocks, width, out) float32
+    spans: tuple[tuple[int, int] | None, ...]  # per slot: (block, rank), or None when empty
+    block_of: Tensor  # (capacity + 1,) long: the block of every slot, 0 when empty; the last entry serves BASE (-1)
+
+    @classmethod
+    def empty(cls, capacity: int, in_features: int, out_features: int, device: torch.device) -> Pool:
+        buffers = torch.zeros((1, 1, in_features), device=device), torch.zeros((1, 1, out_features), device=device)
+        return cls._make(*buffers, (None,) * capacity)
+
+    @classmethod
+    def _make(cls, A: Tensor, scaled_Bt: Tensor, spans: tuple[tuple[int, int] | None, ...]) -> Pool:
+        blocks = [span[0] if span else 0 for span in spans] + [0]
+        return cls(A, scaled_Bt, spans, torch.tensor(blocks, device=A.device))
+
+    def weights(self, slot: int) -> SlotWeights | None:
+        span = self.spans[slot]
+        if span is None:
+            return None
+        block, rank = span
+        return SlotWeights(self.A[block, :rank], self.scaled_Bt[block, :rank])
+
+    def rank(self, slot: int) -> int:
+        span = self.spans[slot]
+        return span[1] if span else 0
+
+    def emptied(self, slot: int) -> Pool:
+        if self.spans[slot] is None:
+            return self
+        spans = list(self.spans)
+        spans[slot] = None
+        return self._make(self.A, self.scaled_Bt, tuple(spans))
+
+    def filled(self, slot: int, weights: SlotWeights) -> Pool:
+        """A pool with ``weights`` in ``slot`` (which must be empty)."""
+        if self.spans[slot] is not None:
+            raise ValueError(f"slot {slot} is in use; empty it first")
+        rank = weights.A.shape[0]
+        pool, block = self._room_for(rank, weights.A.device)
+        pool.A[block] = 0  # a block that no live slot owns: safe to write while others decode
+        pool.scaled_Bt[block] = 0
+        pool.A[block, :rank] = weights.A
+        pool.scaled_Bt[block, :rank] = weights.scaled_Bt
+        spans = list(pool.spans)
+        spans[slot] = (block, rank)
+        return self._make(pool.A, pool.scaled_Bt, tuple(spans))
+
+    def _room_for(self, rank: int, device: torch.device) -> tuple[Pool, int]:
+        """A pool with a free block for an adapter of ``rank`` on ``device``, and that block:
+        a free block if one fits, else new buffers with the live blocks copied to 1, 2, ..."""
+        used = {span[0] for span in self.spans if span is not None}
+        blocks, width = self.A.shape[:2]
+        if self.A.device == device and rank <= width:
+            free = next((b for b in range(1, blocks) if b not in used), None)
+            if free is not None:
+                return self, free
+        size = max(blocks, 2 * (len(used) + 1) + 1)
+        width = max(width, rank)
+        A = torch.zeros((size, width, self.A.shape[2]), device=device)
+        scaled_Bt = torch.zeros((size, width, self.scaled_Bt.shape[2]), device=device)
+        spans: list[tuple[int, int] | None] = [None] * len(self.spans)
+        for new, (slot, (block, live_rank)) in enumerate(
+                ((s, span) for s, span in enumerate(self.spans) if span is not None), start=1):
+            A[new, :live_rank] = self.A[block, :live_rank]
+            scaled_Bt[new, :live_rank] = self.scaled_Bt[block, :live_rank]
+            spans[slot] = (new, live_rank)
+        return Pool(A, scaled_Bt, tuple(spans), self.block_of), len(used) + 1
