@@ -31,6 +31,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_core import interleaved, table  # noqa: E402
 
+from lorakit.serve.slots import GATHER_TOKENS  # noqa: E402
+
 
 def random_adapters(model, root: Path, ranks: list[int], prefix: str = "a") -> list[str]:
     """Adapters with random A and B (as if trained), saved under ``root``."""
@@ -82,8 +84,10 @@ def mixed_batch(rounds: int, layers: int) -> None:
         root = Path(tmp)
         uniform = random_adapters(copy.deepcopy(base), root, [16] * 8, prefix="u")
         mixed = random_adapters(copy.deepcopy(base), root, mixed_ranks, prefix="m")
+        many = random_adapters(copy.deepcopy(base), root, [8] * 32, prefix="r")
         ours, slots = served(base, root, uniform)
         ours_mixed, mixed_slots = served(base, root, mixed)
+        ours_many, many_slots = served(base, root, many)
         theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(root / uniform[0]), adapter_name=uniform[0])
         for name in uniform[1:]:
             theirs.load_adapter(str(root / name), adapter_name=name)
@@ -91,34 +95,54 @@ def mixed_batch(rounds: int, layers: int) -> None:
     print(f"### Mixed-adapter forward: SmolLM2-135M shapes ({layers} layers, random weights, fp32), "
           f"8 adapters of rank 16 (or of ranks {mixed_ranks}) on all linear layers; rows take adapters "
           "in turn (row i: adapter i mod 8); lorakit groups the rows by adapter once per forward "
-          "(``mixed_forward``)\n")
+          "(``mixed_forward``) and picks segments or the gathered kernel per batch; "
+          "\"segments only\" forces segments\n")
+
+    def ours_with(model, ids, row_slots, gather: bool = True):
+        router = model.lorakit_router
+
+        def call():
+            router.gather_tokens = GATHER_TOKENS if gather else 0
+            with torch.inference_mode():
+                mixed_forward(model, ids, row_slots)
+        return call
+
+    def run(model, ids, **kwargs):
+        def call():
+            with torch.inference_mode():
+                model(input_ids=ids, **kwargs)
+        return call
+
     for rows, seq, label in [(32, 1, "decode-sized: 32 rows x 1 token"), (16, 64, "prefill-sized: 16 rows x 64 tokens")]:
         ids = torch.randint(0, 49152, (rows, seq), generator=torch.Generator().manual_seed(1))
-
-        def ours_with(model, row_slots):
-            def call():
-                with torch.inference_mode():
-                    mixed_forward(model, ids, row_slots)
-            return call
-
-        def peft_with(row_names):
-            def call():
-                with torch.inference_mode():
-                    theirs(input_ids=ids, adapter_names=row_names)
-            return call
-
         turns = [uniform[i % 8] for i in range(rows)]
         medians = interleaved({
-            "lorakit, 1 adapter": ours_with(ours, [slots[uniform[0]]] * rows),
-            "lorakit, 8 adapters": ours_with(ours, [slots[n] for n in turns]),
-            "lorakit, 8 adapters of mixed ranks": ours_with(ours_mixed, [mixed_slots[mixed[i % 8]] for i in range(rows)]),
-            "peft, 8 adapters (adapter_names)": peft_with(turns),
-            "peft, 1 adapter (adapter_names)": peft_with([uniform[0]] * rows),
+            "lorakit, 1 adapter": ours_with(ours, ids, [slots[uniform[0]]] * rows),
+            "lorakit, 8 adapters": ours_with(ours, ids, [slots[n] for n in turns]),
+            "lorakit, 8 adapters, segments only": ours_with(ours, ids, [slots[n] for n in turns], gather=False),
+            "lorakit, 8 adapters of mixed ranks": ours_with(ours_mixed, ids, [mixed_slots[mixed[i % 8]] for i in range(rows)]),
+            "peft, 8 adapters (adapter_names)": run(theirs, ids, adapter_names=turns),
+            "peft, 1 adapter (adapter_names)": run(theirs, ids, adapter_names=[uniform[0]] * rows),
+            "base model, no adapter": run(base, ids),
         }, rounds)
         print(table(label, medians, "lorakit, 1 adapter"))
-        print(f"\n8 adapters / 1 adapter: {medians['lorakit, 8 adapters'] / medians['lorakit, 1 adapter']:.3f} "
-              f"(target <= 1.15); lorakit / peft, 8 adapters: "
-              f"{medians['lorakit, 8 adapters'] / medians['peft, 8 adapters (adapter_names)']:.3f} (target <= 0.33)\n")
+        ours8, peft8, bare = (medians[k] for k in ("lorakit, 8 adapters", "peft, 8 adapters (adapter_names)",
+                                                    "base model, no adapter"))
+        print(f"\n8 adapters / 1 adapter: {ours8 / medians['lorakit, 1 adapter']:.3f} (target <= 1.15); "
+              f"lorakit / peft, 8 adapters: {ours8 / peft8:.3f} (target <= 0.33); the base model alone / peft: "
+              f"{bare / peft8:.3f} (no adapter method can go below it); time added to the base, lorakit / peft: "
+              f"{(ours8 - bare) / (peft8 - bare):.3f}\n")
+
+    ids = torch.randint(0, 49152, (32, 1), generator=torch.Generator().manual_seed(2))
+    medians = interleaved({
+        "lorakit, 1 adapter": ours_with(ours_many, ids, [many_slots[many[0]]] * 32),
+        "lorakit, 32 adapters": ours_with(ours_many, ids, [many_slots[n] for n in many]),
+        "lorakit, 32 adapters, segments only": ours_with(ours_many, ids, [many_slots[n] for n in many], gather=False),
+        "base model, no adapter": run(base, ids),
+    }, rounds)
+    print(table("decode-sized, one adapter per row: 32 rows x 1 token, 32 adapters of rank 8 (the server's "
+                "shape)", medians, "lorakit, 1 adapter"))
+    print(f"\n1 adapter / 32 adapters: {medians['lorakit, 1 adapter'] / medians['lorakit, 32 adapters']:.3f}\n")
 
 
 def loading(rounds: int) -> None:
