@@ -135,3 +135,44 @@ def test_bf16_base_keeps_the_adapter_product_in_float32(tmp_path):
 def test_state_dict_keeps_the_base_keys(tmp_path):
     base, _, served, _ = build("llama", tmp_path, [2])
     assert served.state_dict().keys() == base.state_dict().keys()
+
+
+def _row_by_row(base, singles, names, ids):
+    return torch.cat([(singles[n] if n else base)(ids[i:i + 1]).logits for i, n in enumerate(names)])
+
+
+@pytest.mark.parametrize("ranks, kernel_runs", [([4, 4, 4], True), ([2, 2, 16], False)])
+def test_gathered_kernel_is_skipped_where_padding_would_more_than_double_the_work(ranks, kernel_runs, tmp_path,
+                                                                                  monkeypatch):
+    from lorakit.serve import slots as module
+
+    calls = []
+    compiled = module._gathered_kernel
+    monkeypatch.setattr(module, "_gathered_kernel", lambda *args: calls.append(1) or compiled(*args))
+    base, singles, served, store = build("llama", tmp_path, ranks)
+    for name in singles:
+        store.acquire(name)
+    names = ["a0", "a1", "a0", "a1", None]  # the rank-16 adapter a2 is loaded (it sets the width) but unused
+    slots = [store.acquire(n) if n else BASE for n in names]
+    ids = torch.randint(0, 97, (len(names), 1), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        mixed = module.mixed_forward(served, ids, slots)
+        torch.testing.assert_close(mixed, _row_by_row(base, singles, names, ids), rtol=0, atol=1e-5)
+    assert bool(calls) == kernel_runs
+
+
+def test_a_kernel_that_cannot_be_built_falls_back_to_segments_with_the_same_rows(tmp_path, monkeypatch):
+    from lorakit.serve import slots as module
+
+    def broken(*args):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(module, "_gathered_kernel", broken)
+    base, singles, served, store = build("llama", tmp_path, [3, 3])
+    names = ["a1", "a0", None, "a0"]
+    slots = [store.acquire(n) if n else BASE for n in names]
+    ids = torch.randint(0, 97, (len(names), 1), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        mixed = module.mixed_forward(served, ids, slots)
+    torch.testing.assert_close(mixed, _row_by_row(base, singles, names, ids), rtol=0, atol=1e-5)
+    assert served.lorakit_router.gather_tokens == 0  # segments from now on

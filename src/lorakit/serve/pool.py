@@ -50,6 +50,7 @@ class Pool:
     scaled_Bt: Tensor  # (blocks, width, out) float32
     spans: tuple[tuple[int, int] | None, ...]  # per slot: (block, rank), or None when empty
     block_of: Tensor  # (capacity + 1,) long: the block of every slot, 0 when empty; the last entry serves BASE (-1)
+    uniform: bool  # every live slot has the full width: the gathered kernel reads no padding
 
     @classmethod
     def empty(cls, capacity: int, in_features: int, out_features: int, device: torch.device) -> Pool:
@@ -59,7 +60,8 @@ class Pool:
     @classmethod
     def _make(cls, A: Tensor, scaled_Bt: Tensor, spans: tuple[tuple[int, int] | None, ...]) -> Pool:
         blocks = [span[0] if span else 0 for span in spans] + [0]
-        return cls(A, scaled_Bt, spans, torch.tensor(blocks, device=A.device))
+        uniform = all(span is None or span[1] == A.shape[1] for span in spans)
+        return cls(A, scaled_Bt, spans, torch.tensor(blocks, device=A.device), uniform)
 
     def weights(self, slot: int) -> SlotWeights | None:
         span = self.spans[slot]
@@ -112,4 +114,4 @@ class Pool:
             A[new, :live_rank] = self.A[block, :live_rank]
             scaled_Bt[new, :live_rank] = self.scaled_Bt[block, :live_rank]
             spans[slot] = (new, live_rank)
-        return Pool(A, scaled_Bt, tuple(spans), self.block_of), len(used) + 1
+        return Pool(A, scaled_Bt, tuple(spans), self.block_of, False), len(used) + 1

@@ -163,11 +163,10 @@ class SlotLinear(nn.Module):
         """Add the update with the gathered kernel; False to take segments instead: when the
         pool's padding would more than double the work (a low-rank batch in a pool widened by
         one high-rank adapter), or when the kernel cannot be built here."""
-        needed = sum(pool.rank(slot) * (end - start) for slot, start, end in route.segments)
-        if needed == 0:  # no adapter of this batch targets this layer
-            return True
-        if pool.A.shape[1] * tokens.shape[0] > 2 * needed:
-            return False
+        if not pool.uniform:
+            needed = sum(pool.rank(slot) * (end - start) for slot, start, end in route.segments)
+            if pool.A.shape[1] * tokens.shape[0] > 2 * needed:
+                return False
         try:
             _gathered_kernel(out, tokens, pool.A, pool.scaled_Bt, pool.block_of, route.token_slots)
         except Exception as err:  # no C++ compiler, an unsupported device, ...: correct but slower
