@@ -200,7 +200,8 @@ def test_the_openai_client_works_unchanged(server):
         client.completions.create(model="nope", prompt="hej")
 
 
-def test_a_client_that_leaves_mid_stream_frees_its_row_and_slot(tiny_lm_dir, root):
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_leaves_mid_request_frees_its_row_and_slot(stream, tiny_lm_dir, root):
     import time
 
     engine = build_engine(str(tiny_lm_dir), str(root), max_adapters=1)
@@ -210,9 +211,13 @@ def test_a_client_that_leaves_mid_stream_frees_its_row_and_slot(tiny_lm_dir, roo
     engine._finish = lambda request: (reasons.append(request.finish_reason), finish(request))
     thread = ServerThread(create_app(engine, BASE, Limits(max_tokens=900)))
     try:
-        request = {"model": "a3", "prompt": "hej", "max_tokens": 900, "temperature": 0, "stream": True}
-        with httpx.stream("POST", thread.url + "/v1/completions", json=request, timeout=60) as reply:
-            next(reply.iter_lines())  # one chunk, then hang up
+        request = {"model": "a3", "prompt": "hej", "max_tokens": 900, "temperature": 0, "stream": stream}
+        if stream:
+            with httpx.stream("POST", thread.url + "/v1/completions", json=request, timeout=60) as reply:
+                next(reply.iter_lines())  # one chunk, then hang up
+        else:
+            with pytest.raises(httpx.ReadTimeout):  # waits a moment for the whole answer, then hangs up
+                httpx.post(thread.url + "/v1/completions", json=request, timeout=0.5)
         deadline = time.monotonic() + 20
         while not reasons and time.monotonic() < deadline:
             time.sleep(0.05)

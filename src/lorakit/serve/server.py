@@ -124,15 +124,15 @@ def create_app(engine: Engine, base_name: str, limits: Limits = Limits(), allow_
         return {"object": "list", "data": entries}
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionBody):
+    async def completions(body: CompletionBody, http: HttpRequest):
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if len(prompts) != 1:
             raise ApiError(400, "prompt: give one string (batches of prompts are separate requests here)")
         ids = engine.tokenizer(prompts[0])["input_ids"]
-        return await _serve(body, ids, chat=False)
+        return await _serve(body, ids, False, http)
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatBody):
+    async def chat(body: ChatBody, http: HttpRequest):
         if getattr(engine.tokenizer, "chat_template", None) is None:
             raise ApiError(400, f"{base_name} has no chat template; use /v1/completions")
         messages = [m.model_dump() for m in body.messages]
@@ -141,7 +141,7 @@ def create_app(engine: Engine, base_name: str, limits: Limits = Limits(), allow_
                                                        return_dict=True)["input_ids"]
         except Exception as err:  # the template rejects the conversation (roles, order, ...)
             raise ApiError(400, f"messages: the chat template cannot render them: {err}") from None
-        return await _serve(body, list(ids), chat=True)
+        return await _serve(body, list(ids), True, http)
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora(body: LoadBody) -> dict[str, str]:
@@ -159,7 +159,7 @@ def create_app(engine: Engine, base_name: str, limits: Limits = Limits(), allow_
         if not allow_runtime_lora:
             raise ApiError(403, "runtime adapter loading is off; start the server with --allow-runtime-lora")
 
-    async def _serve(body: Sampling, ids: list[int], chat: bool):
+    async def _serve(body: Sampling, ids: list[int], chat: bool, http: HttpRequest):
         if len(ids) > limits.max_prompt_tokens:
             raise ApiError(400, f"prompt has {len(ids)} tokens, more than this server's limit of "
                                 f"{limits.max_prompt_tokens}")
@@ -175,20 +175,31 @@ def create_app(engine: Engine, base_name: str, limits: Limits = Limits(), allow_
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue[str | None] = asyncio.Queue()
         request = Request(ids, adapter, params,
-                          on_text=lambda text: loop.call_soon_threadsafe(pieces.put_nowait, text),
+                          on_text=(lambda text: loop.call_soon_threadsafe(pieces.put_nowait, text)) if body.stream else None,
                           on_done=lambda: loop.call_soon_threadsafe(pieces.put_nowait, None))
         request.slot = BASE if adapter is None else await run_in_threadpool(store.acquire, adapter)
         engine.submit(request)
         reply = Reply(body.model, chat, len(ids))
         if body.stream:
             return StreamingResponse(reply.stream(pieces, request), media_type="text/event-stream")
-        while await pieces.get() is not None:
-            pass
+        await _until_done(pieces, request, http)
         if request.error is not None:
             raise ApiError(500, f"generation failed: {request.error}", "server_error")
         return reply.whole(request)
 
     return app
+
+
+async def _until_done(pieces: asyncio.Queue, request: Request, http: HttpRequest) -> None:
+    """Wait for a non-streaming request to finish; if its client hangs up first, cancel it
+    (the engine drops it at the next step and frees its slot)."""
+    while True:
+        try:
+            await asyncio.wait_for(pieces.get(), timeout=0.25)  # only the end (None) is queued
+            return
+        except asyncio.TimeoutError:
+            if not request.cancelled and await http.is_disconnected():
+                request.cancelled = True
 
 
 class Reply:
