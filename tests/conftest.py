@@ -8,10 +8,6 @@ from torch import nn
 
 from lorakit.attach import lora_layers
 
-# One test process builds many small models of different widths, dtypes and grad modes, each
-# a new specialization of the compiled gathered LoRA kernel; a server builds a handful.
-torch._dynamo.config.recompile_limit = 64
-
 
 def tiny_llama(seed: int = 0) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM

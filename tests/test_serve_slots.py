@@ -30,9 +30,10 @@ def build(family, tmp_path, ranks):
 
 
 # Every way to add the adapters must agree: segments with rows in any order (tokens gathered
-# and scattered per layer), segments with rows grouped by adapter once (every segment a
-# contiguous view), and the compiled gathered kernel (each token reads its own adapter's rows).
-PATHS = {"segments, shuffled rows": 0, "segments, grouped rows": 0, "gathered kernel": 10**6}
+# and scattered per layer) or grouped by adapter once (every segment a contiguous view), and
+# stacked batched matmuls (here one group per token: the adapters have unequal token counts).
+PATHS = {"segments, shuffled rows": 0, "segments, grouped rows": 0, "stacked, shuffled rows": 10**6,
+         "stacked, grouped rows": 10**6}
 
 
 @pytest.mark.parametrize("path", list(PATHS))
@@ -42,23 +43,41 @@ def test_every_row_equals_its_adapter_alone(family, ranks, path, tmp_path):
     from lorakit.serve import slots as module
 
     base, singles, served, store = build(family, tmp_path, ranks)
-    served.lorakit_router.gather_tokens = PATHS[path]
+    served.lorakit_router.stack_tokens = PATHS[path]
     names = [*singles, None] * 2 + ["a0"] * 2  # a0 has a longer segment than the others
     random.Random(len(ranks)).shuffle(names)
     slots = [store.acquire(n) if n else BASE for n in names]
     ids = torch.randint(0, base.config.vocab_size, (len(names), 6), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        if path == "segments, grouped rows":
+        if path.endswith("grouped rows"):
             mixed = module.mixed_forward(served, ids, slots)
         else:
             with routing(served, slots, ids.shape[1]):
-                gathered = served.lorakit_router.current.token_slots is not None
+                stacked = served.lorakit_router.current.stack is not None
                 mixed = served(ids).logits
-            assert gathered == (path == "gathered kernel" and len(ranks) > 1)
+            assert stacked == (path.startswith("stacked") and len(ranks) > 1)
         for row, name in enumerate(names):
             expected = (singles[name] if name else base)(ids[row:row + 1]).logits[0]
             torch.testing.assert_close(mixed[row], expected, rtol=0, atol=1e-5, msg=f"row {row} ({name})")
-    assert served.lorakit_router.gather_tokens == PATHS[path]  # the kernel compiled: no fallback to segments
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_stacked_groups_of_one_adapter_each_after_the_base_rows(family, tmp_path):
+    from lorakit.serve.slots import mixed_forward
+
+    base, singles, served, store = build(family, tmp_path, [2, 8, 5])
+    names = ["a2", None, "a0", "a1", "a0", "a2", "a1", None]  # two rows per adapter, two on the base
+    slots = [store.acquire(n) if n else BASE for n in names]
+    ids = torch.randint(0, base.config.vocab_size, (len(names), 3), generator=torch.Generator().manual_seed(6))
+    grouped = sorted(slots)
+    with routing(served, grouped, 3):
+        stack = served.lorakit_router.current.stack
+    assert (stack.start, stack.end, stack.length) == (6, 24, 6) and stack.slots.tolist() == sorted(set(slots) - {BASE})
+    with torch.no_grad():
+        logits = mixed_forward(served, ids, slots)
+        for row, name in enumerate(names):
+            expected = (singles[name] if name else base)(ids[row:row + 1]).logits[0]
+            torch.testing.assert_close(logits[row], expected, rtol=0, atol=1e-5, msg=f"row {row} ({name})")
 
 
 def test_mixed_forward_groups_rows_once_and_returns_them_in_order(tmp_path):
@@ -82,41 +101,16 @@ def test_route_groups_tokens_by_slot_once():
     assert route.order.tolist() == [3, 4, 5, 6, 7, 8, 0, 1, 2, 9, 10, 11]
     already = make_route([BASE, 0, 0, 3], seq_len=2)
     assert already.order is None and already.segments == ((0, 2, 6), (3, 6, 8))
-    assert route.token_slots is None and already.token_slots is None  # gather_tokens=0: segments only
+    assert route.stack is None and already.stack is None  # stack_tokens=0: segments only
 
 
-def test_route_takes_the_gathered_kernel_only_when_adapters_have_few_tokens():
-    decode = make_route([2, BASE, 0, 2], seq_len=1, gather_tokens=2)  # 3 tokens on 2 adapters
-    assert decode.token_slots.tolist() == [2, BASE, 0, 2]  # in batch order: no grouping needed
-    assert make_route([2, BASE, 0, 2], seq_len=2, gather_tokens=3).token_slots.tolist() == [2, 2, BASE, BASE, 0, 0, 2, 2]
-    assert make_route([2, 0, 0, 2], seq_len=3, gather_tokens=2).token_slots is None  # 6 tokens per adapter
-    assert make_route([2, 2, 2], seq_len=1, gather_tokens=8).token_slots is None  # one adapter: one segment
-
-
-def test_gathered_kernel_equals_its_eager_form_and_dense_math():
-    from lorakit.serve.pool import Pool, SlotWeights
-    from lorakit.serve.slots import _gathered_kernel, add_gathered
-
-    generator = torch.Generator().manual_seed(0)
-    pool = Pool.empty(4, 16, 24, torch.device("cpu"))
-    adapters = {}
-    for slot, rank in [(0, 3), (2, 7), (3, 1)]:
-        A, B = torch.randn(rank, 16, generator=generator), torch.randn(24, rank, generator=generator)
-        adapters[slot] = (A, B)
-        pool = pool.filled(slot, SlotWeights.of(A, B, 0.5))
-    tokens = torch.randn(9, 16, generator=generator)
-    token_slots = torch.tensor([3, 0, BASE, 2, 2, 0, 3, BASE, 0])
-    y = torch.randn(9, 24, generator=generator)
-    expected = y.clone()
-    for t, slot in enumerate(token_slots.tolist()):
-        if slot != BASE:
-            A, B = adapters[slot]
-            expected[t] += 0.5 * B @ (A @ tokens[t])
-    eager, compiled = y.clone(), y.clone()
-    add_gathered(eager, tokens, pool.A, pool.scaled_Bt, pool.block_of, token_slots)
-    _gathered_kernel(compiled, tokens, pool.A, pool.scaled_Bt, pool.block_of, token_slots)
-    torch.testing.assert_close(eager, expected, rtol=0, atol=1e-5)
-    torch.testing.assert_close(compiled, expected, rtol=0, atol=1e-5)
+def test_route_stacks_only_when_adapters_have_few_tokens():
+    per_token = make_route([2, BASE, 0, 2], seq_len=1, stack_tokens=2)  # 3 tokens on 2 adapters, unequal
+    assert per_token.stack.slots.tolist() == [2, BASE, 0, 2] and per_token.stack.length == 1  # batch order
+    equal = make_route([BASE, 0, 2], seq_len=2, stack_tokens=2)  # grouped, 2 tokens per adapter
+    assert (equal.stack.start, equal.stack.end, equal.stack.length) == (2, 6, 2) and equal.stack.slots.tolist() == [0, 2]
+    assert make_route([2, 0, 0, 2], seq_len=3, stack_tokens=2).stack is None  # 6 tokens per adapter
+    assert make_route([2, 2, 2], seq_len=1, stack_tokens=8).stack is None  # one adapter: one segment
 
 
 def test_bf16_base_keeps_the_adapter_product_in_float32(tmp_path):
@@ -141,14 +135,13 @@ def _row_by_row(base, singles, names, ids):
     return torch.cat([(singles[n] if n else base)(ids[i:i + 1]).logits for i, n in enumerate(names)])
 
 
-@pytest.mark.parametrize("ranks, kernel_runs", [([4, 4, 4], True), ([2, 2, 16], False)])
-def test_gathered_kernel_is_skipped_where_padding_would_more_than_double_the_work(ranks, kernel_runs, tmp_path,
-                                                                                  monkeypatch):
+@pytest.mark.parametrize("ranks, stacks", [([4, 4, 4], True), ([2, 2, 16], False)])
+def test_stacking_is_skipped_where_padding_would_more_than_double_the_work(ranks, stacks, tmp_path, monkeypatch):
     from lorakit.serve import slots as module
 
-    calls = []
-    compiled = module._gathered_kernel
-    monkeypatch.setattr(module, "_gathered_kernel", lambda *args: calls.append(1) or compiled(*args))
+    taken = []
+    stacked = module.SlotLinear._stacked
+    monkeypatch.setattr(module.SlotLinear, "_stacked", lambda *args: taken.append(stacked(*args)) or taken[-1])
     base, singles, served, store = build("llama", tmp_path, ranks)
     for name in singles:
         store.acquire(name)
@@ -158,21 +151,22 @@ def test_gathered_kernel_is_skipped_where_padding_would_more_than_double_the_wor
     with torch.no_grad():
         mixed = module.mixed_forward(served, ids, slots)
         torch.testing.assert_close(mixed, _row_by_row(base, singles, names, ids), rtol=0, atol=1e-5)
-    assert bool(calls) == kernel_runs
+    assert taken and all(t == stacks for t in taken)
 
 
-def test_a_kernel_that_cannot_be_built_falls_back_to_segments_with_the_same_rows(tmp_path, monkeypatch):
-    from lorakit.serve import slots as module
-
-    def broken(*args):
-        raise RuntimeError("no C++ compiler")
-
-    monkeypatch.setattr(module, "_gathered_kernel", broken)
-    base, singles, served, store = build("llama", tmp_path, [3, 3])
-    names = ["a1", "a0", None, "a0"]
-    slots = [store.acquire(n) if n else BASE for n in names]
-    ids = torch.randint(0, 97, (len(names), 1), generator=torch.Generator().manual_seed(5))
-    with torch.no_grad():
-        mixed = module.mixed_forward(served, ids, slots)
-    torch.testing.assert_close(mixed, _row_by_row(base, singles, names, ids), rtol=0, atol=1e-5)
-    assert served.lorakit_router.gather_tokens == 0  # segments from now on
+def test_bf16_base_stacked_rows_match_each_adapter_alone(tmp_path):
+    base, singles, served, store = build("llama", tmp_path, [4, 4])
+    served.to(torch.bfloat16)
+    names = ["a0", "a1", "a1", "a0"]
+    slots = [store.acquire(n) for n in names]
+    references = {}
+    for name in ("a0", "a1"):
+        references[name] = copy.deepcopy(base).to(torch.bfloat16)
+        lorakit.load_adapter(references[name], tmp_path / name)
+    ids = torch.randint(0, 97, (4, 1), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad(), routing(served, slots, 1):
+        assert served.lorakit_router.current.stack is not None
+        logits = served(ids).logits
+        for row, name in enumerate(names):
+            # the same fp32 update, summed in another order: equal up to one bf16 rounding per layer
+            torch.testing.assert_close(logits[row], references[name](ids[row:row + 1]).logits[0])

@@ -8,9 +8,9 @@ Slot s of a layer owns one block b_s of
 where ``width`` is the largest rank loaded in the layer (as vLLM's ``max_lora_rank``).
 Block 0 is all zeros: rows on the base, and adapters that do not target this layer,
 read it. So an adapter's weights are contiguous views (for the segmented matmuls of a
-prefill), and every loaded adapter is one index away (for the gathered kernel of a
-decode step, where each token reads its own adapter's block; the zero padding makes a
-lower rank exact without masks). Adapters of mixed ranks cost ``width`` rows each.
+prefill), and the blocks of any set of adapters are one ``index_select`` away (for the
+batched matmuls of a decode step; the zero padding makes a lower rank exact without
+masks). Adapters of mixed ranks cost ``width`` rows each.
 
 A ``Pool`` is an immutable snapshot. Filling or emptying a slot returns a new one, so
 the decoding thread, which reads ``layer.pool`` once per forward, always sees one
@@ -50,7 +50,7 @@ class Pool:
     scaled_Bt: Tensor  # (blocks, width, out) float32
     spans: tuple[tuple[int, int] | None, ...]  # per slot: (block, rank), or None when empty
     block_of: Tensor  # (capacity + 1,) long: the block of every slot, 0 when empty; the last entry serves BASE (-1)
-    uniform: bool  # every live slot has the full width: the gathered kernel reads no padding
+    uniform: bool  # every live slot has the full width: stacking reads no padding
 
     @classmethod
     def empty(cls, capacity: int, in_features: int, out_features: int, device: torch.device) -> Pool:

@@ -14,11 +14,11 @@ token's own update (alpha / r) B_s A_s x, where s is the token's slot, in one of
   (prefill): tokens grouped by slot, one pair of matmuls per slot on its contiguous
   block of tokens. No padding, no copy of adapter weights, and no gather at all when
   the rows come grouped (``mixed_forward`` and the engine group them once per step).
-- **gathered** (BGMV), when each adapter has few tokens (a decode step): one kernel for
-  all tokens in which each token reads its own adapter's rows of the pool. It is built
-  by ``torch.compile``, which fuses the gather into the reductions, so the per-token
-  weights are never materialized and the cost does not grow with the number of
-  adapters in the batch. Where it cannot be compiled, segments are used.
+- **stacked** (BGMV, batched gather matrix-vector), when each adapter has few tokens (a
+  decode step): the blocks of the batch's adapters are gathered from the pool in one
+  ``index_select`` and every group of tokens meets its adapter in one pair of batched
+  matmuls, whatever the number of adapters. A group is one adapter's tokens when all
+  adapters have as many (rows grouped by adapter, as the engine keeps them), else one token.
 
 x A^T is computed in float32 whatever the base dtype, since reduced-precision
 intermediates lose the small adapter update.
@@ -26,7 +26,6 @@ intermediates lose the small adapter update.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -38,9 +37,17 @@ from torch import Tensor, nn
 from .pool import Pool, SlotWeights
 
 BASE = -1  # the slot id of a row that uses no adapter
-GATHER_TOKENS = 8  # see Router.gather_tokens
+STACK_TOKENS = 8  # see Router.stack_tokens
 
-log = logging.getLogger(__name__)
+
+@dataclass(frozen=True)
+class Stack:
+    """Tokens [start, end) as groups of ``length`` tokens, group g on slot slots[g]."""
+
+    start: int
+    end: int
+    length: int
+    slots: Tensor  # (G,)
 
 
 @dataclass(frozen=True)
@@ -49,26 +56,21 @@ class Route:
 
     order: Tensor | None  # token permutation that groups tokens by slot; None: already grouped
     segments: tuple[tuple[int, int, int], ...]  # (slot, start, end) in grouped token order, slots >= 0
-    token_slots: Tensor | None = None  # (N,) slot of every token in batch order: take the gathered kernel
-
-    @property
-    def slots(self) -> tuple[int, ...]:
-        return tuple(slot for slot, _, _ in self.segments)
+    stack: Stack | None = None  # set when the batch takes the stacked path
 
 
 class Router:
     """Shared by every SlotLinear of a model: the route of the forward pass under way."""
 
-    def __init__(self, capacity: int, gather_tokens: int = GATHER_TOKENS) -> None:
+    def __init__(self, capacity: int, stack_tokens: int = STACK_TOKENS) -> None:
         self.capacity = capacity
-        # the gathered kernel runs when adapters have at most this many tokens each on average;
-        # 0: segments only (also set when the kernel cannot be built here)
-        self.gather_tokens = gather_tokens
+        # the stacked path runs when adapters have at most this many tokens each on average; 0: never
+        self.stack_tokens = stack_tokens
         self.current: Route | None = None
 
 
 def make_route(row_slots: Sequence[int], seq_len: int, device: torch.device | str = "cpu",
-               gather_tokens: int = 0) -> Route:
+               stack_tokens: int = 0) -> Route:
     """The route for a batch whose row i uses slot ``row_slots[i]`` (BASE for none)."""
     rows = sorted(range(len(row_slots)), key=lambda i: row_slots[i])  # stable: rows keep their order in a slot
     segments, start = [], 0
@@ -77,31 +79,22 @@ def make_route(row_slots: Sequence[int], seq_len: int, device: torch.device | st
             if row_slots[row] != BASE:
                 segments.append((row_slots[row], start * seq_len, (i + 1) * seq_len))
             start = i + 1
-    token_slots = None
+    stack = None
     adapted = sum(end - begin for _, begin, end in segments)
-    if len(segments) > 1 and adapted <= gather_tokens * len(segments):
-        token_slots = torch.tensor(row_slots, device=device).repeat_interleave(seq_len)
-    if rows == sorted(rows):
-        return Route(None, tuple(segments), token_slots)
+    grouped = rows == sorted(rows)
+    if len(segments) > 1 and adapted <= stack_tokens * len(segments):
+        lengths = {end - begin for _, begin, end in segments}
+        if grouped and len(lengths) == 1:  # one group per adapter, after the base rows
+            stack = Stack(segments[0][1], segments[-1][2], lengths.pop(),
+                          torch.tensor([slot for slot, _, _ in segments], device=device))
+        else:  # one group per token, base tokens included (they meet the zero block)
+            token_slots = torch.tensor(row_slots, device=device).repeat_interleave(seq_len)
+            stack = Stack(0, len(token_slots), 1, token_slots)
+    if grouped:
+        return Route(None, tuple(segments), stack)
     tokens = torch.arange(seq_len, device=device)
     order = (torch.tensor(rows, device=device)[:, None] * seq_len + tokens).reshape(-1)
-    return Route(order, tuple(segments), token_slots)
-
-
-def add_gathered(out: Tensor, tokens: Tensor, A: Tensor, scaled_Bt: Tensor, block_of: Tensor,
-                 token_slots: Tensor) -> None:
-    """out[t] += (alpha / r) B_s A_s tokens[t] for every token t, with s = token_slots[t] (BGMV).
-
-    Token t reads its adapter's block of the pool (the zero block for BASE); rows past the
-    adapter's rank are zeros, so every adapter is exact at the pool's common width.
-    """
-    blocks = block_of[token_slots]  # (N,)
-    hidden = (A[blocks] * tokens.float()[:, None, :]).sum(-1)  # (N, width, in) -> (N, width)
-    out += (scaled_Bt[blocks] * hidden[:, :, None]).sum(1).to(out.dtype)  # (N, width, out) -> (N, out)
-
-
-# Compiled on first call; the (N, width, in) products are fused into the sums, never stored.
-_gathered_kernel = torch.compile(add_gathered, dynamic=True, fullgraph=True)
+    return Route(order, tuple(segments), stack)
 
 
 class SlotLinear(nn.Module):
@@ -137,7 +130,7 @@ class SlotLinear(nn.Module):
             return y
         tokens = x.reshape(-1, x.shape[-1])  # (N, in)
         out = y.view(-1, y.shape[-1])  # (N, out), shares y's memory
-        if route.token_slots is not None and self.router.gather_tokens and self._gathered(out, tokens, pool, route):
+        if route.stack is not None and self._stacked(out, tokens, pool, route):
             return y
         if route.order is None:  # rows come grouped by slot: every segment is a view
             for slot, start, end in route.segments:
@@ -159,20 +152,25 @@ class SlotLinear(nn.Module):
         out.index_add_(0, route.order, delta.to(out.dtype))
         return y
 
-    def _gathered(self, out: Tensor, tokens: Tensor, pool: Pool, route: Route) -> bool:
-        """Add the update with the gathered kernel; False to take segments instead: when the
-        pool's padding would more than double the work (a low-rank batch in a pool widened by
-        one high-rank adapter), or when the kernel cannot be built here."""
+    def _stacked(self, out: Tensor, tokens: Tensor, pool: Pool, route: Route) -> bool:
+        """Add the update by batched matmuls over the route's groups; False to take segments
+        instead, when the pool's padding would more than double the work (a low-rank batch in
+        a pool widened by one high-rank adapter)."""
         if not pool.uniform:
             needed = sum(pool.rank(slot) * (end - start) for slot, start, end in route.segments)
-            if pool.A.shape[1] * tokens.shape[0] > 2 * needed:
+            if pool.A.shape[1] * (route.stack.end - route.stack.start) > 2 * needed:
                 return False
-        try:
-            _gathered_kernel(out, tokens, pool.A, pool.scaled_Bt, pool.block_of, route.token_slots)
-        except Exception as err:  # no C++ compiler, an unsupported device, ...: correct but slower
-            log.warning("lorakit: the gathered LoRA kernel cannot be compiled here (%s); using segments", err)
-            self.router.gather_tokens = 0
-            return False
+        stack = route.stack
+        blocks = pool.block_of[stack.slots]  # (G,): the zero block for BASE and for adapters not in this layer
+        groups = (len(blocks), stack.length, -1)
+        x = tokens[stack.start:stack.end].float().view(groups)  # (G, n, in)
+        hidden = torch.bmm(x, pool.A.index_select(0, blocks).transpose(1, 2))  # (G, n, in) @ (G, in, w) -> (G, n, w)
+        Bt = pool.scaled_Bt.index_select(0, blocks)  # (G, w, out)
+        target = out[stack.start:stack.end].view(groups)  # (G, n, out), shares out's memory
+        if out.dtype == torch.float32:
+            target.baddbmm_(hidden, Bt)
+        else:
+            target += torch.bmm(hidden, Bt).to(out.dtype)
         return True
 
     def extra_repr(self) -> str:
@@ -180,14 +178,14 @@ class SlotLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, slots={used}/{self.router.capacity}"
 
 
-def enable_slots(model: nn.Module, capacity: int, gather_tokens: int = GATHER_TOKENS) -> Router:
+def enable_slots(model: nn.Module, capacity: int, stack_tokens: int = STACK_TOKENS) -> Router:
     """Replace every linear layer except the output head by a SlotLinear with ``capacity`` slots.
 
-    ``gather_tokens``: see ``Router``; 0 adds adapters by segments only (no compiled kernel)."""
+    ``stack_tokens``: see ``Router``; 0 adds adapters by segments only."""
     from ..attach import layer_class_for, output_head, replace_module
     from ..layers import LoraConv1D, LoraLinear
 
-    router = Router(capacity, gather_tokens)
+    router = Router(capacity, stack_tokens)
     head = output_head(model)
     targets = [(path, m) for path, m in model.named_modules()
                if path and m is not head and layer_class_for(m) in (LoraLinear, LoraConv1D)]
@@ -206,7 +204,7 @@ def slot_layers(model: nn.Module) -> dict[str, SlotLinear]:
 def routing(model: nn.Module, row_slots: Sequence[int], seq_len: int) -> Iterator[None]:
     """Run the model's forward passes inside the block with row i on slot ``row_slots[i]``."""
     router: Router = model.lorakit_router
-    router.current = make_route(row_slots, seq_len, next(model.parameters()).device, router.gather_tokens)
+    router.current = make_route(row_slots, seq_len, next(model.parameters()).device, router.stack_tokens)
     try:
         yield
     finally:
