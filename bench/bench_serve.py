@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_core import interleaved, table  # noqa: E402
 
-from lorakit.serve.slots import GATHER_TOKENS  # noqa: E402
+from lorakit.serve.slots import STACK_TOKENS  # noqa: E402
 
 
 def random_adapters(model, root: Path, ranks: list[int], prefix: str = "a") -> list[str]:
@@ -95,14 +95,14 @@ def mixed_batch(rounds: int, layers: int) -> None:
     print(f"### Mixed-adapter forward: SmolLM2-135M shapes ({layers} layers, random weights, fp32), "
           f"8 adapters of rank 16 (or of ranks {mixed_ranks}) on all linear layers; rows take adapters "
           "in turn (row i: adapter i mod 8); lorakit groups the rows by adapter once per forward "
-          "(``mixed_forward``) and picks segments or the gathered kernel per batch; "
+          "(``mixed_forward``) and picks segments or stacked batched matmuls per batch; "
           "\"segments only\" forces segments\n")
 
     def ours_with(model, ids, row_slots, gather: bool = True):
         router = model.lorakit_router
 
         def call():
-            router.gather_tokens = GATHER_TOKENS if gather else 0
+            router.stack_tokens = STACK_TOKENS if gather else 0
             with torch.inference_mode():
                 mixed_forward(model, ids, row_slots)
         return call
@@ -113,7 +113,8 @@ def mixed_batch(rounds: int, layers: int) -> None:
                 model(input_ids=ids, **kwargs)
         return call
 
-    for rows, seq, label in [(32, 1, "decode-sized: 32 rows x 1 token"), (16, 64, "prefill-sized: 16 rows x 64 tokens")]:
+    for rows, seq, label in [(32, 1, "decode-sized: 32 rows x 1 token"), (8, 1, "small decode: 8 rows x 1 token"),
+                             (16, 64, "prefill-sized: 16 rows x 64 tokens")]:
         ids = torch.randint(0, 49152, (rows, seq), generator=torch.Generator().manual_seed(1))
         turns = [uniform[i % 8] for i in range(rows)]
         medians = interleaved({

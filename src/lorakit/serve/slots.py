@@ -218,6 +218,9 @@ def mixed_forward(model: nn.Module, input_ids: Tensor, row_slots: Sequence[int])
     each adapter's update to a contiguous block of rows (no per-layer gather/scatter).
     """
     order = sorted(range(len(row_slots)), key=lambda i: row_slots[i])
+    if order == sorted(order):  # already grouped: no copies
+        with routing(model, row_slots, input_ids.shape[1]):
+            return model(input_ids=input_ids).logits
     index = torch.tensor(order, device=input_ids.device)
     with routing(model, [row_slots[i] for i in order], input_ids.shape[1]):
         logits = model(input_ids=input_ids.index_select(0, index)).logits
