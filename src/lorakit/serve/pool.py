@@ -75,11 +75,19 @@ class Pool:
         return span[1] if span else 0
 
     def emptied(self, slot: int) -> Pool:
+        """A pool without ``slot``; its buffers shrink (a copy of the live blocks) once they are
+        at least twice as wide or four times as many as the adapters left need."""
         if self.spans[slot] is None:
             return self
         spans = list(self.spans)
         spans[slot] = None
-        return self._make(self.A, self.scaled_Bt, tuple(spans))
+        pool = self._make(self.A, self.scaled_Bt, tuple(spans))
+        live = [span for span in spans if span is not None]
+        width = max((rank for _, rank in live), default=1)
+        if 2 * width <= self.A.shape[1] or 4 * (len(live) + 1) <= self.A.shape[0]:
+            rebuilt, _ = pool._rebuilt(2 * len(live) + 1, width, self.A.device)
+            return self._make(rebuilt.A, rebuilt.scaled_Bt, rebuilt.spans)
+        return pool
 
     def filled(self, slot: int, weights: SlotWeights) -> Pool:
         """A pool with ``weights`` in ``slot`` (which must be empty)."""
@@ -97,21 +105,27 @@ class Pool:
 
     def _room_for(self, rank: int, device: torch.device) -> tuple[Pool, int]:
         """A pool with a free block for an adapter of ``rank`` on ``device``, and that block:
-        a free block if one fits, else new buffers with the live blocks copied to 1, 2, ..."""
+        a free block if one fits, else new buffers (twice the blocks needed)."""
         used = {span[0] for span in self.spans if span is not None}
         blocks, width = self.A.shape[:2]
         if self.A.device == device and rank <= width:
             free = next((b for b in range(1, blocks) if b not in used), None)
             if free is not None:
                 return self, free
-        size = max(blocks, 2 * (len(used) + 1) + 1)
-        width = max(width, rank)
+        return self._rebuilt(max(blocks, 2 * (len(used) + 1) + 1), max(width, rank), device)
+
+    def _rebuilt(self, size: int, width: int, device: torch.device) -> tuple[Pool, int]:
+        """New buffers of ``size`` blocks of ``width`` rows with the live blocks copied to
+        1, 2, ...; returns them and the first free block."""
         A = torch.zeros((size, width, self.A.shape[2]), device=device)
         scaled_Bt = torch.zeros((size, width, self.scaled_Bt.shape[2]), device=device)
         spans: list[tuple[int, int] | None] = [None] * len(self.spans)
-        for new, (slot, (block, live_rank)) in enumerate(
-                ((s, span) for s, span in enumerate(self.spans) if span is not None), start=1):
-            A[new, :live_rank] = self.A[block, :live_rank]
-            scaled_Bt[new, :live_rank] = self.scaled_Bt[block, :live_rank]
-            spans[slot] = (new, live_rank)
-        return Pool(A, scaled_Bt, tuple(spans), self.block_of, False), len(used) + 1
+        new = 0
+        for slot, span in enumerate(self.spans):
+            if span is not None:
+                new += 1
+                block, rank = span
+                A[new, :rank] = self.A[block, :rank]
+                scaled_Bt[new, :rank] = self.scaled_Bt[block, :rank]
+                spans[slot] = (new, rank)
+        return Pool(A, scaled_Bt, tuple(spans), self.block_of, False), new + 1
