@@ -83,7 +83,9 @@ class Pool:
         spans[slot] = None
         pool = self._make(self.A, self.scaled_Bt, tuple(spans))
         live = [span for span in spans if span is not None]
-        width = max((rank for _, rank in live), default=1)
+        if not live:  # kept for the next adapter: a server's pools are refilled all the time
+            return pool
+        width = max(rank for _, rank in live)
         if 2 * width <= self.A.shape[1] or 4 * (len(live) + 1) <= self.A.shape[0]:
             rebuilt, _ = pool._rebuilt(2 * len(live) + 1, width, self.A.device)
             return self._make(rebuilt.A, rebuilt.scaled_Bt, rebuilt.spans)
@@ -95,10 +97,9 @@ class Pool:
             raise ValueError(f"slot {slot} is in use; empty it first")
         rank = weights.A.shape[0]
         pool, block = self._room_for(rank, weights.A.device)
-        pool.A[block] = 0  # a block that no live slot owns: safe to write while others decode
-        pool.scaled_Bt[block] = 0
-        pool.A[block, :rank] = weights.A
-        pool.scaled_Bt[block, :rank] = weights.scaled_Bt
+        # a block that no live slot owns: safe to write while other slots decode
+        pool.A[block, :rank], pool.A[block, rank:] = weights.A, 0
+        pool.scaled_Bt[block, :rank], pool.scaled_Bt[block, rank:] = weights.scaled_Bt, 0
         spans = list(pool.spans)
         spans[slot] = (block, rank)
         return self._make(pool.A, pool.scaled_Bt, tuple(spans))
@@ -117,15 +118,16 @@ class Pool:
     def _rebuilt(self, size: int, width: int, device: torch.device) -> tuple[Pool, int]:
         """New buffers of ``size`` blocks of ``width`` rows with the live blocks copied to
         1, 2, ...; returns them and the first free block."""
-        A = torch.zeros((size, width, self.A.shape[2]), device=device)
-        scaled_Bt = torch.zeros((size, width, self.scaled_Bt.shape[2]), device=device)
+        A = torch.empty((size, width, self.A.shape[2]), device=device)  # free blocks are zeroed when filled
+        scaled_Bt = torch.empty((size, width, self.scaled_Bt.shape[2]), device=device)
+        A[0], scaled_Bt[0] = 0, 0
         spans: list[tuple[int, int] | None] = [None] * len(self.spans)
         new = 0
         for slot, span in enumerate(self.spans):
             if span is not None:
                 new += 1
                 block, rank = span
-                A[new, :rank] = self.A[block, :rank]
-                scaled_Bt[new, :rank] = self.scaled_Bt[block, :rank]
+                A[new, :rank], A[new, rank:] = self.A[block, :rank], 0
+                scaled_Bt[new, :rank], scaled_Bt[new, rank:] = self.scaled_Bt[block, :rank], 0
                 spans[slot] = (new, rank)
         return Pool(A, scaled_Bt, tuple(spans), self.block_of, False), new + 1

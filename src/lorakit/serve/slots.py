@@ -10,15 +10,19 @@ Per forward pass a ``Route`` is computed once for the whole model from the slot 
 each row. Every layer computes y = x W^T + b for all tokens at once, then adds each
 token's own update (alpha / r) B_s A_s x, where s is the token's slot, in one of two ways:
 
-- **segments** (SGMV, as in Punica / S-LoRA), when each adapter has many tokens
-  (prefill): tokens grouped by slot, one pair of matmuls per slot on its contiguous
-  block of tokens. No padding, no copy of adapter weights, and no gather at all when
-  the rows come grouped (``mixed_forward`` and the engine group them once per step).
-- **stacked** (BGMV, batched gather matrix-vector), when each adapter has few tokens (a
-  decode step): the blocks of the batch's adapters are gathered from the pool in one
-  ``index_select`` and every group of tokens meets its adapter in one pair of batched
-  matmuls, whatever the number of adapters. A group is one adapter's tokens when all
-  adapters have as many (rows grouped by adapter, as the engine keeps them), else one token.
+- **segments** (SGMV, as in Punica / S-LoRA): tokens grouped by slot, one pair of
+  matmuls per slot on its contiguous block of tokens. No padding, no copy of adapter
+  weights, and no gather at all when the rows come grouped (``mixed_forward`` and the
+  engine group them once per step); but two operations per adapter per layer.
+- **stacked** (BGMV, batched gather matrix-vector): the blocks the batch needs are
+  gathered from the pool in one ``index_select`` and one pair of batched matmuls serves
+  every adapter at once. A group is one adapter's tokens when the rows come grouped and
+  every adapter has as many tokens (a decode step with one row per adapter; a prefill of
+  one prompt per adapter), else one token, which only pays when adapters have few
+  tokens each (``STACK_TOKENS`` on average at most: a decode step).
+
+Segments are taken otherwise, and in any layer where the pool's zero padding would
+more than double the stacked work.
 
 x A^T is computed in float32 whatever the base dtype, since reduced-precision
 intermediates lose the small adapter update.
@@ -64,7 +68,8 @@ class Router:
 
     def __init__(self, capacity: int, stack_tokens: int = STACK_TOKENS) -> None:
         self.capacity = capacity
-        # the stacked path runs when adapters have at most this many tokens each on average; 0: never
+        # the stacked path runs when every adapter of a grouped batch has as many tokens, or
+        # when adapters have at most this many tokens each on average; 0: never
         self.stack_tokens = stack_tokens
         self.current: Route | None = None
 
@@ -82,14 +87,15 @@ def make_route(row_slots: Sequence[int], seq_len: int, device: torch.device | st
     stack = None
     adapted = sum(end - begin for _, begin, end in segments)
     grouped = rows == sorted(rows)
-    if len(segments) > 1 and adapted <= stack_tokens * len(segments):
-        lengths = {end - begin for _, begin, end in segments}
-        if grouped and len(lengths) == 1:  # one group per adapter, after the base rows
-            stack = Stack(segments[0][1], segments[-1][2], lengths.pop(),
-                          torch.tensor([slot for slot, _, _ in segments], device=device))
-        else:  # one group per token, base tokens included (they meet the zero block)
-            token_slots = torch.tensor(row_slots, device=device).repeat_interleave(seq_len)
-            stack = Stack(0, len(token_slots), 1, token_slots)
+    lengths = {end - begin for _, begin, end in segments}
+    if stack_tokens and len(segments) > 1 and grouped and len(lengths) == 1:
+        # one group per adapter, after the base rows: no more weights copied than the batch uses
+        stack = Stack(segments[0][1], segments[-1][2], lengths.pop(),
+                      torch.tensor([slot for slot, _, _ in segments], device=device))
+    elif len(segments) > 1 and adapted <= stack_tokens * len(segments):
+        # one group per token, base tokens included (they meet the zero block)
+        token_slots = torch.tensor(row_slots, device=device).repeat_interleave(seq_len)
+        stack = Stack(0, len(token_slots), 1, token_slots)
     if grouped:
         return Route(None, tuple(segments), stack)
     tokens = torch.arange(seq_len, device=device)
