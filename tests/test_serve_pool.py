@@ -6,21 +6,21 @@ import random
 import pytest
 import torch
 
-from lorakit.serve.pool import Pool, SlotWeights
+from lorakit.serve.pool import LoraWeights, Pool
 
 
-def weights(rank: int, seed: int) -> SlotWeights:
+def weights(rank: int, seed: int) -> LoraWeights:
     generator = torch.Generator().manual_seed(seed)
-    return SlotWeights.of(torch.randn(rank, 6, generator=generator), torch.randn(5, rank, generator=generator), 0.5)
+    return LoraWeights(torch.randn(rank, 6, generator=generator), torch.randn(5, rank, generator=generator), 0.5)
 
 
-def check(pool: Pool, expected: dict[int, SlotWeights]) -> None:
+def check(pool: Pool, expected: dict[int, LoraWeights]) -> None:
     for slot in range(len(pool.spans)):
         got = pool.weights(slot)
         if slot not in expected:
             assert got is None and pool.rank(slot) == 0
             continue
-        assert torch.equal(got.A, expected[slot].A) and torch.equal(got.scaled_Bt, expected[slot].scaled_Bt)
+        assert torch.equal(got.A, expected[slot].A) and torch.equal(got.scaled_Bt, 0.5 * expected[slot].B.T)
         block, rank = pool.spans[slot]
         assert pool.block_of[slot] == block and block > 0
         assert not pool.A[block, rank:].any() and not pool.scaled_Bt[block, rank:].any()  # zeros past the rank

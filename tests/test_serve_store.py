@@ -106,11 +106,21 @@ def test_names_resolve_only_inside_the_root(tiny_lm_dir, root, tmp_path, name, s
         store.register("x", name)
 
 
+def _poison(path):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path)
+    key = sorted(k for k in tensors if "lora_B" in k)[-1]
+    tensors[key][0, 0] = float("nan")  # one weight of one layer
+    save_file(tensors, path)
+
+
 @pytest.mark.parametrize("damage, message", [
     (lambda d: (d / "adapter_model.safetensors").write_bytes(b"garbage"), "not a readable safetensors"),
     (lambda d: ((d / "adapter_model.safetensors").unlink(), (d / "adapter_model.bin").write_bytes(b"x")),
      "pickled weights are never loaded"),
     (lambda d: (d / "adapter_config.json").write_text("{oops"), "invalid JSON at line 1"),
+    (lambda d: _poison(d / "adapter_model.safetensors"), "has NaN or infinite values"),
 ])
 def test_bad_files_fail_with_422_and_leave_every_slot_alone(tiny_lm_dir, root, tmp_path, damage, message):
     import shutil

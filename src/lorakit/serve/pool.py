@@ -29,8 +29,21 @@ from torch import Tensor
 
 
 @dataclass(frozen=True)
+class LoraWeights:
+    """One adapter in one layer, as read from its file: A (r x in), B (out x r) and alpha / r."""
+
+    A: Tensor
+    B: Tensor
+    scaling: float
+
+    @property
+    def nbytes(self) -> int:  # in the pool, float32
+        return 4 * (self.A.numel() + self.B.numel())
+
+
+@dataclass(frozen=True)
 class SlotWeights:
-    """One adapter in one layer: A (r x in) and (alpha / r) * B^T (r x out), float32."""
+    """One filled slot of a layer: views of the pool's A (r x in) and (alpha / r) * B^T (r x out)."""
 
     A: Tensor
     scaled_Bt: Tensor
@@ -38,10 +51,6 @@ class SlotWeights:
     @property
     def At(self) -> Tensor:  # (in, r): a view, no copy
         return self.A.T
-
-    @classmethod
-    def of(cls, A: Tensor, B: Tensor, scaling: float) -> SlotWeights:
-        return cls(A.float().contiguous(), (B.float() * scaling).T.contiguous())
 
 
 @dataclass(frozen=True)
@@ -91,7 +100,7 @@ class Pool:
             return self._make(rebuilt.A, rebuilt.scaled_Bt, rebuilt.spans)
         return pool
 
-    def filled(self, slot: int, weights: SlotWeights) -> Pool:
+    def filled(self, slot: int, weights: LoraWeights) -> Pool:
         """A pool with ``weights`` in ``slot`` (which must be empty)."""
         if self.spans[slot] is not None:
             raise ValueError(f"slot {slot} is in use; empty it first")
@@ -99,7 +108,8 @@ class Pool:
         pool, block = self._room_for(rank, weights.A.device)
         # a block that no live slot owns: safe to write while other slots decode
         pool.A[block, :rank], pool.A[block, rank:] = weights.A, 0
-        pool.scaled_Bt[block, :rank], pool.scaled_Bt[block, rank:] = weights.scaled_Bt, 0
+        torch.mul(weights.B.T, weights.scaling, out=pool.scaled_Bt[block, :rank])
+        pool.scaled_Bt[block, rank:] = 0
         spans = list(pool.spans)
         spans[slot] = (block, rank)
         return self._make(pool.A, pool.scaled_Bt, tuple(spans))

@@ -17,14 +17,20 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from ..files import PREFIX, AdapterFileError, read_config, read_tensors
 from ..layers import lora_scaling
-from .pool import SlotWeights
+from .pool import LoraWeights
 from .slots import SlotLinear, slot_layers
 
 NAME = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
+
+
+def _finite(tensor: Tensor) -> bool:
+    low, high = torch.aminmax(tensor)  # one pass; NaN and inf reach the min or the max
+    return bool(torch.isfinite(low) and torch.isfinite(high))
 
 
 class StoreError(ValueError):
@@ -46,7 +52,7 @@ class Prepared:
 
     name: str
     path: Path
-    weights: dict[str, SlotWeights]  # layer path -> weights
+    weights: dict[str, LoraWeights]  # layer path -> weights
     nbytes: int
 
 
@@ -112,7 +118,7 @@ class AdapterStore:
                 problems.append(f"{key}: only lora_A / lora_B of linear layers can be served")
                 continue
             pairs.setdefault(match.group(1), {})[match.group(2)] = tensor
-        weights: dict[str, SlotWeights] = {}
+        weights: dict[str, LoraWeights] = {}
         for layer_path, pair in pairs.items():
             layer = self.layers.get(layer_path)
             if layer is None:
@@ -122,7 +128,7 @@ class AdapterStore:
                 problems.append(f"{layer_path}: needs both lora_A and lora_B")
                 continue
             A, B = pair["A"].float(), pair["B"].float()
-            if not (A.isfinite().all() and B.isfinite().all()):  # it would poison other adapters' rows too
+            if not (_finite(A) and _finite(B)):  # it would poison other adapters' rows too
                 problems.append(f"{layer_path}: lora_A or lora_B has NaN or infinite values")
                 continue
             rank = config.rank_for(layer_path)
@@ -131,13 +137,13 @@ class AdapterStore:
                                 f"{(rank, layer.in_features)}, B {(layer.out_features, rank)}")
                 continue
             scaling = lora_scaling(config.alpha_for(layer_path), rank, config.use_rslora)
-            weights[layer_path] = SlotWeights.of(A.to(layer.weight.device), B.to(layer.weight.device), scaling)
+            weights[layer_path] = LoraWeights(A.to(layer.weight.device), B.to(layer.weight.device), scaling)
         if config.modules_to_save:
             problems.append(f"modules_to_save {list(config.modules_to_save)} cannot be served per request")
         if problems or not weights:
             shown = problems[:10] or ["no LoRA weights"]
             raise StoreError(f"adapter {name!r} ({path}) does not fit this model: " + "; ".join(shown), 422)
-        nbytes = sum(4 * (w.A.numel() + w.scaled_Bt.numel()) for w in weights.values())
+        nbytes = sum(w.nbytes for w in weights.values())
         if self.max_bytes is not None and nbytes > self.max_bytes:
             raise StoreError(f"adapter {name!r} needs {nbytes} bytes, more than the store's {self.max_bytes}", 422)
         return Prepared(name, path, weights, nbytes)
