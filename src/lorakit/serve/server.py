@@ -174,8 +174,10 @@ def create_app(engine: Engine, base_name: str, limits: Limits = Limits(), allow_
         params = SamplingParams(body.max_tokens, body.temperature, body.top_p, body.seed, stops)
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue[str | None] = asyncio.Queue()
-        request = Request(ids, adapter, params,
-                          on_text=(lambda text: loop.call_soon_threadsafe(pieces.put_nowait, text)) if body.stream else None,
+        def on_text(text: str) -> None:  # streams only: a whole reply is read from the request at the end
+            loop.call_soon_threadsafe(pieces.put_nowait, text)
+
+        request = Request(ids, adapter, params, on_text=on_text if body.stream else None,
                           on_done=lambda: loop.call_soon_threadsafe(pieces.put_nowait, None))
         request.slot = BASE if adapter is None else await run_in_threadpool(store.acquire, adapter)
         engine.submit(request)

@@ -136,8 +136,13 @@ class SlotLinear(nn.Module):
             return y
         tokens = x.reshape(-1, x.shape[-1])  # (N, in)
         out = y.view(-1, y.shape[-1])  # (N, out), shares y's memory
-        if route.stack is not None and self._stacked(out, tokens, pool, route):
-            return y
+        if route.stack is None or not self._stacked(out, tokens, pool, route):
+            self._segments(out, tokens, pool, route)
+        return y
+
+    @staticmethod
+    def _segments(out: Tensor, tokens: Tensor, pool: Pool, route: Route) -> None:
+        """Add the update by one matmul pair per adapter on its contiguous tokens."""
         if route.order is None:  # rows come grouped by slot: every segment is a view
             for slot, start, end in route.segments:
                 weights = pool.weights(slot)
@@ -148,7 +153,7 @@ class SlotLinear(nn.Module):
                     out[start:end].addmm_(hidden, weights.scaled_Bt)
                 else:
                     out[start:end] += (hidden @ weights.scaled_Bt).to(out.dtype)
-            return y
+            return
         grouped = tokens.index_select(0, route.order)
         delta = torch.zeros((grouped.shape[0], out.shape[1]), dtype=torch.float32, device=out.device)
         for slot, start, end in route.segments:
@@ -156,9 +161,9 @@ class SlotLinear(nn.Module):
             if weights is not None:
                 torch.mm(grouped[start:end].float() @ weights.At, weights.scaled_Bt, out=delta[start:end])
         out.index_add_(0, route.order, delta.to(out.dtype))
-        return y
 
-    def _stacked(self, out: Tensor, tokens: Tensor, pool: Pool, route: Route) -> bool:
+    @staticmethod
+    def _stacked(out: Tensor, tokens: Tensor, pool: Pool, route: Route) -> bool:
         """Add the update by batched matmuls over the route's groups; False to take segments
         instead, when the pool's padding would more than double the work (a low-rank batch in
         a pool widened by one high-rank adapter)."""
