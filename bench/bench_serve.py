@@ -2,7 +2,9 @@
 and server throughput, each as a ratio measured side by side in one run.
 
 1. forward of a batch whose rows use 8 distinct adapters / the same batch on one adapter
-   (lorakit), and lorakit's mixed batch / PEFT's ``adapter_names`` mixed batch;
+   (lorakit; decode, small decode and prefill sizes; the stacked path and segments only),
+   lorakit's mixed batch / PEFT's ``adapter_names`` mixed batch, and the base model alone
+   (the floor for both); then a decode step with 32 distinct adapters (the server's shape);
 2. loading a 13,197,312-parameter adapter (Qwen2-0.5B shapes, r=24, all linear layers)
    into a ready model: lorakit's store / PEFT's ``load_adapter`` (each load is undone
    before the next);
@@ -11,7 +13,7 @@ and server throughput, each as a ratio measured side by side in one run.
    rounds; then 500 requests, 32 concurrent, across 16 adapters: errors, lost responses,
    throughput, p50/p99 latency.
 
-    python bench/bench_serve.py [--rounds 5] [--skip-mixed] [--skip-load] [--skip-server]
+    python bench/bench_serve.py [--rounds 7] [--skip-mixed] [--skip-load] [--skip-server]
 """
 
 from __future__ import annotations
@@ -272,7 +274,7 @@ def server(rounds: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--skip-mixed", action="store_true")
     parser.add_argument("--skip-load", action="store_true")
