@@ -96,8 +96,7 @@ class Pool:
             return pool
         width = max(rank for _, rank in live)
         if 2 * width <= self.A.shape[1] or 4 * (len(live) + 1) <= self.A.shape[0]:
-            rebuilt, _ = pool._rebuilt(2 * len(live) + 1, width, self.A.device)
-            return self._make(rebuilt.A, rebuilt.scaled_Bt, rebuilt.spans)
+            return pool._rebuilt(2 * len(live) + 1, width, self.A.device)[0]
         return pool
 
     def filled(self, slot: int, weights: LoraWeights) -> Pool:
@@ -126,8 +125,8 @@ class Pool:
         return self._rebuilt(max(blocks, 2 * (len(used) + 1) + 1), max(width, rank), device)
 
     def _rebuilt(self, size: int, width: int, device: torch.device) -> tuple[Pool, int]:
-        """New buffers of ``size`` blocks of ``width`` rows with the live blocks copied to
-        1, 2, ...; returns them and the first free block."""
+        """A pool in new buffers of ``size`` blocks of ``width`` rows, the live blocks copied
+        to 1, 2, ...; and its first free block."""
         A = torch.empty((size, width, self.A.shape[2]), device=device)  # free blocks are zeroed when filled
         scaled_Bt = torch.empty((size, width, self.scaled_Bt.shape[2]), device=device)
         A[0], scaled_Bt[0] = 0, 0
@@ -140,4 +139,4 @@ class Pool:
                 A[new, :rank], A[new, rank:] = self.A[block, :rank], 0
                 scaled_Bt[new, :rank], scaled_Bt[new, rank:] = self.scaled_Bt[block, :rank], 0
                 spans[slot] = (new, rank)
-        return Pool(A, scaled_Bt, tuple(spans), self.block_of, False), new + 1
+        return self._make(A, scaled_Bt, tuple(spans)), new + 1
