@@ -205,3 +205,11 @@ def test_detach_merges_only_active_adapters():
     assert not lora_layers(plain) and not hasattr(plain, "lorakit_configs")
     assert type(plain.transformer.h[0].attn.c_attn).__name__ == "Conv1D"
     torch.testing.assert_close(plain(x).logits, only_a, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_new_adapters_take_the_mode_of_the_model(training):
+    model = MODELS["llama"]().train(training)
+    lorakit.attach(model, LoraConfig(rank=4, alpha=8, dropout=0.5, targets="all-linear"))
+    lorakit.attach(model, LoraConfig(rank=2, alpha=4, dropout=0.5, targets="all-linear"), name="second")
+    assert {m.training for m in model.modules()} == {training}

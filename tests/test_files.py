@@ -193,3 +193,20 @@ def test_saving_over_a_file_is_refused(saved, tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(AdapterFileError, match="is not a directory"):
         lorakit.save_adapter(model, tmp_path / "file")
+
+
+def test_load_adapter_with_dropout_is_deterministic_until_the_model_trains(tmp_path):
+    model = MODELS["llama"]()
+    lorakit.attach(model, LoraConfig(rank=4, alpha=8, dropout=0.5, targets="all-linear"))
+    randomize_adapters(model)
+    directory = lorakit.save_adapter(model, tmp_path / "adapter")
+
+    fresh = MODELS["llama"]()  # built in eval mode, as a loaded model is
+    lorakit.load_adapter(fresh, directory)
+    assert not any(m.training for m in fresh.modules())
+    x = token_batch(97)
+    assert torch.equal(fresh(x).logits, fresh(x).logits)
+    fresh.train()
+    torch.manual_seed(0)
+    first = fresh(x).logits
+    assert not torch.equal(first, fresh(x).logits)  # dropout is on once the model trains

@@ -68,6 +68,7 @@ class LoraLayer(nn.Module):
         self.active: list[str] = []
         self.merged: list[str] = []
         self.disabled = False
+        self.train(base.training)  # a layer swapped into an eval-mode model stays in eval mode
         # The original module, emptied of its tensors, remembers the type and settings
         # (stride, padding_idx, ...) to rebuild it on detach. Kept out of the module tree
         # so its tensors never appear twice in state_dict.
@@ -105,7 +106,9 @@ class LoraLayer(nn.Module):
         a_shape, b_shape = self.shapes(self.base_module, rank)
         adapter = LoraAdapter(a_shape, b_shape, alpha, dropout, use_rslora, self.weight.device, dtype)
         self.reset_adapter(adapter, init)
-        self.adapters[name] = adapter
+        # New modules start in training mode; an adapter follows its layer's mode so that
+        # loading one into an eval-mode model never switches its dropout on.
+        self.adapters[name] = adapter.train(self.training)
 
     def reset_adapter(self, adapter: LoraAdapter, init: str) -> None:
         if init == "gaussian":
