@@ -33,7 +33,7 @@ def test_flags_override_the_yaml_and_the_resolved_config_is_written(tiny_lm_dir,
 
 
 @pytest.mark.parametrize("lines, message", [
-    (["{\"text\": \"hej\"}", "{oops"], r"data\.jsonl:2: invalid JSON at column 2"),
+    (["{\"text\": \"hej\"}", "{oops"], r"data\.jsonl:2: invalid JSON: Expecting property name enclosed in double quotes at column 2"),
     (["{\"messages\": [{\"role\": \"user\", \"content\": \"hej\"}]}"], r"data\.jsonl:1: no trainable token"),
     ([""], r"data\.jsonl: no examples"),
 ])

@@ -71,10 +71,20 @@ def test_load_dataset_counts_formats_and_truncation(tmp_path, tokenizer):
 
 
 @pytest.mark.parametrize("lines, message", [
-    ([{"text": "hi"}, "{not json"], r"data\.jsonl:2: invalid JSON at column 2"),
+    ([{"text": "hi"}, "{not json"], r"data\.jsonl:2: invalid JSON: Expecting property name enclosed in double "
+                                    r"quotes at column 2$"),
+    ([{"text": "hi"}, '{"text": "open'], r"data\.jsonl:2: invalid JSON: Unterminated string starting at column 10$"),
+    ([{"prompt": "a", "completion": "b", "extra": 1}],
+     r"data\.jsonl:1: unknown key\(s\) \['extra'\] in a prompt-completion example"),
+    ([{"text": "hi", "source": "web"}], r"data\.jsonl:1: unknown key\(s\) \['source'\] in a text example"),
+    ([{"messages": [{"role": "user", "content": "hi"}], "id": 7}], r"data\.jsonl:1: unknown key\(s\) \['id'\]"),
+    ([{"messages": [{"role": "user", "content": "hi", "contnet": "x"}]}],
+     r"data\.jsonl:1: messages\[0\] has unknown key\(s\) \['contnet'\]"),
+    ([{"prompt": "a", "completion": ""}], r"data\.jsonl:1: \"completion\" must not be empty"),
+    ([{"text": ""}], r"data\.jsonl:1: \"text\" must be a non-empty string"),
     ([["a list"]], r"data\.jsonl:1: expected a JSON object, got list"),
     ([{"txt": "hi"}], r"data\.jsonl:1: expected \"text\", \"prompt\" \+ \"completion\" or \"messages\", got keys \['txt'\]"),
-    ([{"text": 3}], r"data\.jsonl:1: \"text\" must be a string"),
+    ([{"text": 3}], r"data\.jsonl:1: \"text\" must be a non-empty string"),
     ([{"prompt": "hi"}], r"data\.jsonl:1: \"prompt\" and \"completion\" must both be strings \(bad 'completion'\)"),
     ([{"messages": []}], r"data\.jsonl:1: \"messages\" must be a non-empty list"),
     ([{"messages": [{"role": "robot", "content": "hi"}]}], r"data\.jsonl:1: messages\[0\] has role 'robot'"),
@@ -106,3 +116,21 @@ def test_chatterbot_corpus_gives_alternating_chat_records():
     assert all(m["content"] for r in records for m in r["messages"])
     with pytest.raises(DataError, match="no language 'klingon'"):
         conversations("klingon")
+
+
+def test_chat_trains_the_end_of_turn_token_but_not_the_template_text_after_it():
+    """ChatML writes a newline after <|im_end|>; generation stops at <|im_end|>, so the
+    newline is template, not something the model should learn to produce."""
+    from conftest import corpus_tokenizer
+
+    tok = corpus_tokenizer()
+    tok.chat_template = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>\n{% endfor %}" \
+                        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    end, newline = tok.convert_tokens_to_ids("<|end|>"), tok("\n", add_special_tokens=False)["input_ids"]
+    messages = [{"role": "user", "content": "Hej"}, {"role": "assistant", "content": "Hej!"},
+                {"role": "user", "content": "Tack"}, {"role": "assistant", "content": "Varsågod"}]
+    example = tokenize({"messages": messages}, tok)
+    trained = [t for t, label in zip(example.input_ids, example.labels) if label != IGNORE]
+    answers = [tok(m["content"], add_special_tokens=False)["input_ids"] + [end] for m in messages[1::2]]
+    assert trained == answers[0] + answers[1]
+    assert example.input_ids[-len(newline):] == newline and example.labels[-1] == IGNORE

@@ -68,35 +68,57 @@ def read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict[str, Any]]]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{number}: invalid JSON at column {err.colno}: {err.msg}") from None
+            # Some of json's messages end in "... starting at"; the column completes them.
+            where = f"column {err.colno}" if err.msg.endswith(" at") else f"at column {err.colno}"
+            raise DataError(f"{path}:{number}: invalid JSON: {err.msg} {where}") from None
         if not isinstance(record, dict):
             raise DataError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
         records.append((number, record))
     return records
 
 
+SHAPES = {"messages": {"messages"}, "prompt-completion": {"prompt", "completion"}, "text": {"text"}}
+MESSAGE_KEYS = {"role", "content"}
+
+
 def example_format(record: dict[str, Any]) -> str:
-    """Which of the three shapes a record has; raises DataError (without location) otherwise."""
-    if "messages" in record:
-        messages = record["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise DataError('"messages" must be a non-empty list')
-        for i, message in enumerate(messages):
-            if not isinstance(message, dict) or not isinstance(message.get("content"), str):
-                raise DataError(f'messages[{i}] must be an object with a string "content"')
-            if message.get("role") not in ROLES:
-                raise DataError(f'messages[{i}] has role {message.get("role")!r}, expected one of {ROLES}')
-        return "messages"
-    if "prompt" in record or "completion" in record:
+    """Which of the three shapes a record has; raises DataError (without location) otherwise.
+
+    A key outside the record's shape is an error rather than ignored: a typo such as
+    ``"completon"`` would otherwise train on the wrong tokens without a word.
+    """
+    kind = ("messages" if "messages" in record else
+            "prompt-completion" if "prompt" in record or "completion" in record else
+            "text" if "text" in record else None)
+    if kind is None:
+        raise DataError(f'expected "text", "prompt" + "completion" or "messages", got keys {sorted(record)}')
+    unknown = sorted(set(record) - SHAPES[kind])
+    if unknown:
+        raise DataError(f"unknown key(s) {unknown} in a {kind} example (expected exactly {sorted(SHAPES[kind])})")
+    if kind == "messages":
+        _check_messages(record["messages"])
+    elif kind == "prompt-completion":
         for key in ("prompt", "completion"):
             if not isinstance(record.get(key), str):
                 raise DataError(f'"prompt" and "completion" must both be strings (bad {key!r})')
-        return "prompt-completion"
-    if "text" in record:
-        if not isinstance(record["text"], str):
-            raise DataError('"text" must be a string')
-        return "text"
-    raise DataError(f'expected "text", "prompt" + "completion" or "messages", got keys {sorted(record)}')
+        if not record["completion"]:
+            raise DataError('"completion" must not be empty')
+    elif not isinstance(record["text"], str) or not record["text"]:
+        raise DataError('"text" must be a non-empty string')
+    return kind
+
+
+def _check_messages(messages: Any) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise DataError('"messages" must be a non-empty list')
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+            raise DataError(f'messages[{i}] must be an object with a string "content"')
+        if message.get("role") not in ROLES:
+            raise DataError(f'messages[{i}] has role {message.get("role")!r}, expected one of {ROLES}')
+        unknown = sorted(set(message) - MESSAGE_KEYS)
+        if unknown:
+            raise DataError(f"messages[{i}] has unknown key(s) {unknown} (expected {sorted(MESSAGE_KEYS)})")
 
 
 def tokenize(record: dict[str, Any], tokenizer, mask_prompt: bool = True) -> Example:
@@ -162,11 +184,17 @@ def _render(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bo
 
 def _chat(messages: list[dict[str, str]], tokenizer) -> tuple[list[int], list[bool]]:
     """Render the whole chat; an assistant turn spans from the end of the generation
-    prompt before it to the end of the render that includes it."""
+    prompt before it through its end-of-turn token.
+
+    What a template writes after the end-of-turn token (ChatML's newline after
+    ``<|im_end|>``) is not trained: generation stops at that token, so the model never
+    produces what follows it. TRL's ``{% generation %}`` templates draw the same line.
+    """
     if getattr(tokenizer, "chat_template", None) is None:
         raise DataError("chat examples need a tokenizer with a chat template")
     ids = _render(tokenizer, messages)
     trained = [False] * len(ids)
+    special = _special_ids(tokenizer)
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
@@ -175,5 +203,19 @@ def _chat(messages: list[dict[str, str]], tokenizer) -> tuple[list[int], list[bo
         if ids[: len(upto)] != upto:
             raise DataError("the chat template renders a conversation differently from its prefix, so "
                             "assistant tokens cannot be located; train without prompt masking")
-        trained[start:len(upto)] = [True] * (len(upto) - start)
+        end = _end_of_turn(upto, start, special, tokenizer)
+        trained[start:end] = [True] * (end - start)
     return ids, trained
+
+
+def _special_ids(tokenizer) -> set[int]:
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    return set(tokenizer.all_special_ids) | {i for i, token in added.items() if getattr(token, "special", False)}
+
+
+def _end_of_turn(ids: list[int], start: int, special: set[int], tokenizer) -> int:
+    """One past the turn's last special token, if only whitespace follows it; else the end."""
+    last = max((p for p in range(start + 1, len(ids)) if ids[p] in special), default=None)
+    if last is None or tokenizer.decode(ids[last + 1:]).strip():
+        return len(ids)
+    return last + 1
