@@ -86,9 +86,46 @@ def test_an_output_directory_refuses_a_run_with_other_settings(tiny_lm_dir, tmp_
         train(small(tiny_lm_dir, tmp_path / "run", max_steps=2, rank=8))
     # settings that do not change the result may differ
     again = train(small(tiny_lm_dir, tmp_path / "run", max_steps=2, log_every=1))
-    assert again.resumed_from == 2
+    assert again.finished_before and again.steps == 2
 
 
 def test_resume_needs_a_run(tiny_lm_dir, tmp_path):
     with pytest.raises(TrainingError, match="has no run to resume"):
         train(small(tiny_lm_dir, tmp_path / "empty"), resume=True)
+
+
+def test_a_resumed_run_reports_what_an_uninterrupted_one_does(tiny_lm_dir, tmp_path):
+    full = train(small(tiny_lm_dir, tmp_path / "full", keep_checkpoints=3))
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    for name in ("config.yaml", "metrics.jsonl"):
+        shutil.copy(full.out / name, partial / name)
+    shutil.copytree(full.out / "checkpoints" / "step-000004", partial / "checkpoints" / "step-000004")
+    resumed = train(small(tiny_lm_dir, partial))
+    assert resumed.resumed_from == 4
+    expected, summary = full.to_json(), json.loads((partial / "summary.json").read_text())
+    for key in ("eval_loss_before", "eval_loss_after", "train_loss", "steps"):
+        assert summary[key] == expected[key] and summary[key] is not None, key
+
+
+def test_a_finished_run_run_again_changes_nothing(tiny_lm_dir, tmp_path):
+    first = train(small(tiny_lm_dir, tmp_path / "run"))
+    files = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in first.out.rglob("*") if p.is_file()}
+    again = train(small(tiny_lm_dir, tmp_path / "run", log_every=1), resume=True)
+    assert again.finished_before and again.resumed_from is None
+    assert again.to_json() == first.to_json()
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in first.out.rglob("*") if p.is_file()} == files
+
+
+def test_killed_after_the_last_checkpoint_evaluates_once(tiny_lm_dir, tmp_path):
+    """Killed between the final checkpoint and summary.json: the re-run finishes the
+    run and metrics.jsonl keeps one final evaluation, not two."""
+    first = train(small(tiny_lm_dir, tmp_path / "run"))
+    shutil.rmtree(first.adapter)
+    (first.out / "summary.json").unlink()
+    again = train(small(tiny_lm_dir, tmp_path / "run"))
+    assert again.resumed_from == 6 and not again.finished_before
+    assert again.eval_loss_before == first.eval_loss_before and again.train_loss == first.train_loss
+    evaluations = [r["step"] for r in map(json.loads, (first.out / "metrics.jsonl").read_text().splitlines())
+                   if "eval_loss" in r]
+    assert evaluations == [0, 6]

@@ -66,9 +66,14 @@ class TrainResult:
     peak_memory_bytes: int
     adapter_bytes: int
     truncated: int  # examples cut to max_length
+    finished_before: bool = False  # the run had already finished; nothing was trained or written
 
     def to_json(self) -> dict[str, Any]:
-        return {k: str(v) if isinstance(v, Path) else v for k, v in self.__dict__.items()}
+        return {k: str(v) if isinstance(v, Path) else v for k, v in self.__dict__.items() if k != "finished_before"}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TrainResult:
+        return cls(**{**data, "out": Path(data["out"]), "adapter": Path(data["adapter"])})
 
 
 def train(config: TrainConfig, resume: bool = False) -> TrainResult:
@@ -82,6 +87,9 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
     processes = Processes.from_env()
     try:
         check_output_dir(config, resume)
+        done = finished_run(config.out_dir)
+        if done is not None:
+            return done
         tokenizer = load_tokenizer(config.model)
         train_set, eval_set = prepare_data(config, tokenizer)
         model = load_model(config.model, dtype=getattr(torch, config.dtype))
@@ -126,6 +134,28 @@ def check_output_dir(config: TrainConfig, resume: bool) -> None:
                             "use another --out, or the same settings to resume it")
     if resume and latest_checkpoint(config.out_dir) is None:
         raise TrainingError(f"--resume: {config.out_dir} has no checkpoint yet")
+
+
+def finished_run(out: Path) -> TrainResult | None:
+    """The result of a run in ``out`` that already finished, or None.
+
+    ``summary.json`` is the last file a run writes, after its final checkpoint and
+    adapter; a run of the same settings (checked before) that left one has nothing
+    left to do, and running it again must change nothing.
+    """
+    try:
+        summary = json.loads((out / "summary.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    checkpoint = latest_checkpoint(out)
+    if checkpoint is None or int(checkpoint.name.removeprefix("step-")) != summary.get("steps"):
+        return None
+    try:
+        result = TrainResult.from_json(summary)
+    except TypeError:  # a summary from another version of lorakit: train again
+        return None
+    result.finished_before = True
+    return result
 
 
 def learning_rate(config: TrainConfig, step: int, total_steps: int) -> float:
@@ -174,10 +204,13 @@ def fit(model: nn.Module, train_set: Dataset, eval_set: Dataset | None, config: 
     optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     parameters = [p for group in groups for p in group["params"]]
 
-    start_step, resumed_from, state = 0, None, {"tokens": 0, "seconds": 0.0}
+    # What the checkpoints carry besides weights, so that a resumed run reports what an
+    # uninterrupted one does.
+    state: dict[str, Any] = {"tokens": 0, "seconds": 0.0, "eval_loss_before": None, "train_loss": None}
+    start_step, resumed_from = 0, None
     checkpoint = latest_checkpoint(out)
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, model, optimizer)
+        state.update(load_checkpoint(checkpoint, model, optimizer))
         start_step = resumed_from = state.pop("step")
     if processes.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -196,10 +229,9 @@ def fit(model: nn.Module, train_set: Dataset, eval_set: Dataset | None, config: 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16)
     evaluate = partial(_evaluate, model, held_out, config.micro_batch_size, processes, device, autocast)
 
-    eval_before = evaluate() if held_out and start_step == 0 else None
-    if eval_before is not None:
-        monitor.evaluation(0, eval_before)
-    last_loss = None
+    if held_out and start_step == 0:
+        state["eval_loss_before"] = evaluate()
+        monitor.evaluation(0, state["eval_loss_before"])
     started = time.perf_counter() - state["seconds"]
     try:
         model.train()
@@ -212,18 +244,19 @@ def fit(model: nn.Module, train_set: Dataset, eval_set: Dataset | None, config: 
                        for chunk in micro_batches(indices, processes.rank, processes.world_size,
                                                   config.micro_batch_size)]
             tokens = processes.sum(sum(b.tokens for b in batches), device)
-            last_loss = processes.sum(accumulate(runner, batches, tokens, processes.world_size, autocast),
+            loss = processes.sum(accumulate(runner, batches, tokens, processes.world_size, autocast),
                                       device) / tokens
             grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm or math.inf)
-            if not (math.isfinite(last_loss) and torch.isfinite(grad_norm)):
-                raise TrainingError(_diverged(step + 1, last_loss, grad_norm.item(), out))
+            if not (math.isfinite(loss) and torch.isfinite(grad_norm)):
+                raise TrainingError(_diverged(step + 1, loss, grad_norm.item(), out))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
             done = step + 1
             state["tokens"] += processes.sum(sum(b.length for b in batches), device)
             state["seconds"] = time.perf_counter() - started
-            monitor.step({"step": done, "loss": last_loss, "lr": lr, "grad_norm": grad_norm.item(),
+            state["train_loss"] = loss
+            monitor.step({"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm.item(),
                           "tokens": state["tokens"], "tokens_per_second": state["tokens"] / state["seconds"],
                           "time": time.time()})
             if config.eval_every and done % config.eval_every == 0 and done != total_steps and held_out:
@@ -243,8 +276,8 @@ def fit(model: nn.Module, train_set: Dataset, eval_set: Dataset | None, config: 
         save_adapter(model, adapter)
         plot_loss(out / "metrics.jsonl", out / "loss.png")
     result = TrainResult(
-        out=out, adapter=adapter, steps=total_steps, resumed_from=resumed_from, train_loss=last_loss,
-        eval_loss_before=eval_before, eval_loss_after=eval_after,
+        out=out, adapter=adapter, steps=total_steps, resumed_from=resumed_from, train_loss=state["train_loss"],
+        eval_loss_before=state["eval_loss_before"], eval_loss_after=eval_after,
         tokens_per_second=state["tokens"] / max(state["seconds"], 1e-9), seconds=state["seconds"],
         peak_memory_bytes=peak_memory(device), adapter_bytes=_adapter_bytes(adapter),
         truncated=truncated)

@@ -28,8 +28,10 @@ class Monitor:
         if not enabled:
             return
         # A resumed run drops what the killed one logged after its last checkpoint:
-        # those steps run again.
-        kept = [r for r in read_metrics(self.path) if r["step"] <= start_step]
+        # those steps run again. So does the final evaluation, which follows the
+        # last checkpoint.
+        kept = [r for r in read_metrics(self.path)
+                if r["step"] <= start_step and not ("eval_loss" in r and r["step"] == total_steps)]
         write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self.file = self.path.open("a")
         if sys.stderr.isatty():
