@@ -210,3 +210,19 @@ def test_load_adapter_with_dropout_is_deterministic_until_the_model_trains(tmp_p
     torch.manual_seed(0)
     first = fresh(x).logits
     assert not torch.equal(first, fresh(x).logits)  # dropout is on once the model trains
+
+
+def test_saved_directories_follow_the_umask_like_any_other_file(tmp_path):
+    import os
+
+    model = MODELS["llama"]()
+    lorakit.attach(model, LoraConfig(rank=2, alpha=4))
+    previous = os.umask(0o022)
+    try:
+        directory = lorakit.save_adapter(model, tmp_path / "adapter")
+        lorakit.save_adapter(model, directory)  # replacing an existing adapter too
+    finally:
+        os.umask(previous)
+    assert directory.stat().st_mode & 0o777 == 0o755
+    assert {p.stat().st_mode & 0o777 for p in directory.iterdir()} == {0o644}
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]

@@ -53,3 +53,18 @@ def test_embedded_default_model_loads_and_answers(tmp_path, monkeypatch):
     from_gguf = lorakit.load_model(str(default_gguf()))
     x = token_batch(100)
     assert torch.equal(from_gguf(x).logits, model(x).logits)
+
+
+def test_adapter_files_name_the_base_as_the_user_gave_it(tmp_path, monkeypatch, capfd):
+    """Not the resolved cache path, which does not exist on other machines; and no
+    progress bar for a load from local disk."""
+    import json
+
+    tiny_llama().save_pretrained(tmp_path / "cache")
+    monkeypatch.setattr("lorakit.pretrained._cached_default", lambda: tmp_path / "cache")
+    for spec in ("smollm2-135m", str(tmp_path / "cache")):
+        model = lorakit.load_model(spec)
+        lorakit.attach(model, lorakit.LoraConfig(rank=2, alpha=4))
+        saved = lorakit.save_adapter(model, tmp_path / "adapter")
+        assert json.loads((saved / "adapter_config.json").read_text())["base_model_name_or_path"] == spec
+    assert "Loading weights" not in capfd.readouterr().err

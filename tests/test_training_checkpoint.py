@@ -129,3 +129,44 @@ def test_killed_after_the_last_checkpoint_evaluates_once(tiny_lm_dir, tmp_path):
     evaluations = [r["step"] for r in map(json.loads, (first.out / "metrics.jsonl").read_text().splitlines())
                    if "eval_loss" in r]
     assert evaluations == [0, 6]
+
+
+def test_stale_temporaries_of_a_killed_run_are_removed_at_its_next_start(tiny_lm_dir, tmp_path):
+    out = tmp_path / "run"
+    first = train(small(tiny_lm_dir, out, max_steps=4))
+    shutil.rmtree(first.adapter)
+    (out / "summary.json").unlink()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("not lorakit's")
+    stale = [out / ".adapter.tmp-1a2b3c4d", out / ".adapter.old-5e6f7a8b", out / "checkpoints" / ".step-000006.tmp-x1",
+             out / ".summary.json.tmp-4242", out / ".loss.png.tmp-77"]
+    for path in stale[:3]:
+        path.mkdir()
+        (path / "adapter_model.safetensors").write_bytes(b"half")
+    for path in stale[3:]:
+        path.write_text("half")
+    (out / ".metrics.jsonl.tmp-99").symlink_to(outside)
+    (out / "notes.txt").write_text("the user's")
+    train(small(tiny_lm_dir, out, max_steps=4))
+    assert not any(p.exists() or p.is_symlink() for p in [*stale, out / ".metrics.jsonl.tmp-99"])
+    assert (outside / "keep.txt").read_text() == "not lorakit's" and (out / "notes.txt").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "checkpoints", "config.yaml", "loss.png",
+                                                     "metrics.jsonl", "notes.txt", "summary.json"]
+
+
+def test_two_runs_into_one_directory_at_once_are_refused(tiny_lm_dir, tmp_path):
+    from lorakit.training.checkpoint import OutputInUse, run_lock
+
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / ".step-000002.tmp-abcd").mkdir()
+    with run_lock(out):
+        assert not (out / "checkpoints" / ".step-000002.tmp-abcd").exists()
+        child = subprocess.run([sys.executable, "-c", "import sys, pathlib\n"
+                                "from lorakit.training.checkpoint import run_lock\n"
+                                "with run_lock(pathlib.Path(sys.argv[1])): pass", str(out)],
+                               capture_output=True, text=True)
+        assert child.returncode != 0 and "is being written by another lorakit train run" in child.stderr
+    with run_lock(out):  # released with the first
+        pass

@@ -19,8 +19,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -169,7 +169,7 @@ def write_directory(directory: str | os.PathLike, files: dict[str, bytes]) -> Pa
     if directory.exists() and not directory.is_dir():
         raise AdapterFileError(f"{directory} exists and is not a directory")
     directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    staging = hidden_sibling(directory, "tmp")
     try:
         for file_name, data in files.items():
             with open(staging / file_name, "wb") as handle:
@@ -178,7 +178,7 @@ def write_directory(directory: str | os.PathLike, files: dict[str, bytes]) -> Pa
                 os.fsync(handle.fileno())
         old = None
         if directory.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
+            old = hidden_sibling(directory, "old")
             os.replace(directory, old / directory.name)
         os.replace(staging, directory)
         if old is not None:
@@ -186,6 +186,21 @@ def write_directory(directory: str | os.PathLike, files: dict[str, bytes]) -> Pa
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return directory
+
+
+def hidden_sibling(directory: Path, kind: str) -> Path:
+    """A new, empty ``.NAME.<kind>-XXXXXXXX`` directory beside ``directory``.
+
+    Unlike ``tempfile.mkdtemp`` (always mode 0700) it is created with the process
+    umask, so the directory renamed into place has the permissions of any other.
+    """
+    while True:
+        candidate = directory.parent / f".{directory.name}.{kind}-{secrets.token_hex(4)}"
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
 
 
 # -- load ----------------------------------------------------------------------------

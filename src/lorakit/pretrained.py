@@ -18,6 +18,8 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -72,9 +74,30 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32) -> nn.Module:
     if spec != DEFAULT_MODEL and (spec in PRESETS or spec.startswith("linear:")):
         return build_meta(spec)
     path = _resolve(spec)
-    if path.suffix == ".gguf":
-        return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    with _quiet():
+        if path.suffix == ".gguf":
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    # Adapter files record this as base_model_name_or_path: the spec the user gave
+    # travels to other machines; the resolved cache path would not.
+    model.config.name_or_path = spec
+    return model
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """No progress bars while loading from local disk (the load takes seconds); the
+    caller's setting is restored afterwards."""
+    from transformers.utils import logging
+
+    enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            logging.enable_progress_bar()
 
 
 def load_tokenizer(spec: str):

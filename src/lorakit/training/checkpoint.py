@@ -16,10 +16,13 @@ pickled; loading reads safetensors and JSON only.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +34,56 @@ from torch import nn
 from ..files import adapter_files, restore_adapter, write_directory
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
+# What an atomic write leaves behind when the process dies mid-write:
+# ``.NAME.tmp-*`` / ``.NAME.old-*`` beside the file or directory it was replacing.
+TEMPORARY = re.compile(r"^\..+\.(tmp|old)-[^/]+$")
+
+
+class OutputInUse(ValueError):
+    """Another process is writing a run into the same output directory."""
+
+
+@contextmanager
+def run_lock(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the run directory ``out`` while a run writes to it.
+
+    The lock (``flock`` on the directory itself, released by the kernel when the
+    process dies, even by SIGKILL) makes two runs into one directory an error rather
+    than a silent mix. While it is held, every hidden temporary that an atomic write
+    left there is stale, so they are removed first.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    handle = os.open(out, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputInUse(f"{out} is being written by another lorakit train run") from None
+        remove_stale_temporaries(out)
+        yield
+    finally:
+        os.close(handle)
+
+
+def remove_stale_temporaries(out: Path) -> list[Path]:
+    """Remove what killed atomic writes left in ``out`` and ``out/checkpoints``; return it.
+
+    Only hidden entries named like lorakit's temporaries are touched, and a symlink
+    is removed itself, never followed.
+    """
+    removed = []
+    for folder in (out, out / "checkpoints"):
+        if not folder.is_dir():
+            continue
+        for entry in folder.iterdir():
+            if not TEMPORARY.match(entry.name):
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
 
 
 def checkpoint_dir(out: Path, step: int) -> Path:

@@ -31,7 +31,7 @@ from torch import nn
 from ..attach import attach, lora_layers
 from ..files import save_adapter
 from .batches import Batch, Sample, collate, micro_batches, samples, split_eval, step_indices
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_text
+from .checkpoint import latest_checkpoint, load_checkpoint, run_lock, save_checkpoint, write_text
 from .config import TrainConfig, dump_yaml, load_yaml
 from .data import DataError, Dataset, build_dataset, load_dataset
 from .distributed import Processes
@@ -92,8 +92,9 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
             return done
         tokenizer = load_tokenizer(config.model)
         train_set, eval_set = prepare_data(config, tokenizer)
-        model = load_model(config.model, dtype=getattr(torch, config.dtype))
-        return fit(model, train_set, eval_set, config, processes)
+        with run_lock(config.out_dir) if processes.main else nullcontext():
+            model = load_model(config.model, dtype=getattr(torch, config.dtype))
+            return fit(model, train_set, eval_set, config, processes)
     finally:
         processes.close()
 

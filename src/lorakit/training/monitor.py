@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -100,7 +101,7 @@ def plot_loss(metrics: Path, picture: Path) -> None:
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
-    temporary = picture.with_name(f".{picture.name}.tmp.png")
-    figure.savefig(temporary)
+    temporary = picture.with_name(f".{picture.name}.tmp-{os.getpid()}")
+    figure.savefig(temporary, format="png")
     plt.close(figure)
     temporary.replace(picture)
