@@ -93,3 +93,74 @@ def test_merge_refuses_an_adapter_that_does_not_fit(tiny_lm_dir, tmp_path):
     result = runner.invoke(app, ["merge", str(tiny_lm_dir), str(tmp_path / "nothing"), "--out", str(tmp_path / "m")])
     assert result.exit_code == 2 and "not an adapter directory" in " ".join(result.output.split())
     assert not (tmp_path / "m").exists()
+
+
+def test_every_setting_is_a_flag_and_a_yaml_key_with_its_default_in_help():
+    import dataclasses
+
+    import typer.main
+
+    command = typer.main.get_command(app).commands["train"]
+    flags = {p.name for p in command.params} - {"config", "resume", "help"}
+    yaml_keys = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert flags == yaml_keys
+    result = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "300", "TERMINAL_WIDTH": "300"})
+    assert result.exit_code == 0
+    help_text = " ".join(result.output.split())
+    for field in dataclasses.fields(TrainConfig):
+        flag = "--" + field.name.replace("_", "-")
+        default = field.default
+        shown = ("none" if default is None else f"{flag[2:]}" if default is True else
+                 f"no-{flag[2:]}" if default is False else str(default))
+        assert re.search(re.escape(flag) + r" .*?\[default: \(?" + re.escape(shown) + r"\)?\]", help_text), flag
+
+
+def test_settings_that_were_yaml_only_are_flags_too(tiny_lm_dir, tmp_path):
+    settings = tmp_path / "run.yaml"
+    settings.write_text(yaml.safe_dump({"max_grad_norm": 0.5, "weight_decay": 0.3}))
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["train", "--config", str(settings), "--model", str(tiny_lm_dir), "--out", str(out),
+                                 "--max-steps", "2", "--batch-size", "2", "--micro-batch-size", "2",
+                                 "--dtype", "float32", "--weight-decay", "0.01", "--min-lr-ratio", "0.1",
+                                 "--keep-checkpoints", "1", "--max-grad-norm", "none", "--save-every", "1"])
+    assert result.exit_code == 0, result.output
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    assert (resolved["weight_decay"], resolved["min_lr_ratio"], resolved["keep_checkpoints"],
+            resolved["max_grad_norm"], resolved["dtype"]) == (0.01, 0.1, 1, None, "float32")
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000002"]
+    bad = runner.invoke(app, ["train", "--max-steps", "many"])
+    assert bad.exit_code == 2 and "expected a int or 'none', got 'many'" in bad.output
+
+
+def _cli(*args, cwd=None):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "lorakit", *args], capture_output=True, text=True, cwd=cwd,
+                          env={**__import__("os").environ, "COLUMNS": "80"})
+
+
+def test_data_errors_come_before_the_model_loads_and_are_never_wrapped(tmp_path):
+    """A bad last line of a 100,000-line file is reported although the model spec could
+    not load: the data is checked first. Output to a pipe is not wrapped at 80 columns."""
+    deep = tmp_path / ("a-rather-long-directory-name-" * 3) / "for-the-data"
+    deep.mkdir(parents=True)
+    data = deep / "data.jsonl"
+    data.write_text('{"prompt": "p", "completion": "c"}\n' * 99_999 + '{"prompt": "p", "completion": "c", "x": 1}\n')
+    result = _cli("train", "--model", str(tmp_path / "no-such-model"), "--data", str(data), "--out",
+                  str(tmp_path / "run"))
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    assert f"error: {data}:100000: unknown key(s) ['x'] in a prompt-completion example (expected exactly " \
+           "['completion', 'prompt'])" in lines
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_finished_run_says_so(tiny_lm_dir, tmp_path):
+    args = ["train", "--model", str(tiny_lm_dir), "--out", str(tmp_path / "run"), "--max-steps", "2",
+            "--batch-size", "2", "--micro-batch-size", "2"]
+    assert runner.invoke(app, args).exit_code == 0
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0
+    text = " ".join(again.output.split())
+    assert "holds a finished run (2 steps); nothing was changed" in text and "held-out loss" in text

@@ -99,3 +99,25 @@ def test_embedding_and_conv2d_adapters_interoperate_both_ways(tmp_path):
     ours = mixed_model()
     lorakit.load_adapter(ours, tmp_path / "theirs")
     torch.testing.assert_close(ours(ids, image), theirs(ids, image), rtol=0, atol=1e-5)
+
+
+def test_merging_rounds_like_peft_merge_and_unload(tmp_path):
+    """Merged logits differ from the unmerged adapter's only by float32 rounding of
+    W + ΔW, as PEFT's merge_and_unload's do: the merged weights agree to the last bit or
+    two, and the logit error is PEFT's own, times at most two."""
+    torch.manual_seed(3)
+    theirs = peft.get_peft_model(MODELS["llama"](), peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
+                                                                     init_lora_weights=False)).eval()
+    theirs.save_pretrained(tmp_path / "a")
+    x = token_batch(theirs.config.vocab_size, shape=(4, 32))
+    unmerged_theirs = logits(theirs, x)
+    merged_theirs = theirs.merge_and_unload()
+    ours = MODELS["llama"]()
+    lorakit.load_adapter(ours, tmp_path / "a")
+    unmerged_ours = logits(ours, x)
+    plain = lorakit.detach(ours)
+    for key, weight in merged_theirs.state_dict().items():
+        torch.testing.assert_close(plain.state_dict()[key], weight, rtol=2.5e-7, atol=0, msg=key)
+    error_theirs = (logits(merged_theirs, x) - unmerged_theirs).abs().max().item()
+    error_ours = (logits(plain, x) - unmerged_ours).abs().max().item()
+    assert 0 < error_ours <= 2 * error_theirs + 1e-7

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Annotated
+from inspect import Parameter, Signature
+from typing import Annotated, get_type_hints
 
 import typer
 from rich.console import Console
@@ -14,8 +16,10 @@ from rich.table import Table
 from .config import ALL_LINEAR, LoraConfig
 
 app = typer.Typer(help="LoRA adapters for PyTorch models.", no_args_is_help=True, add_completion=False)
-console = Console()
-
+# soft_wrap: lines are never broken at 80 columns when the output is a file or a pipe,
+# so paths in messages stay whole.
+console = Console(soft_wrap=True)
+errors = Console(stderr=True, soft_wrap=True)
 
 
 @app.callback()
@@ -41,7 +45,7 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except ValueError as err:  # every lorakit error class is a ValueError
-        console.print(f"[red]error:[/red] {err}", highlight=False)
+        errors.print(f"[red]error:[/red] {err}", highlight=False)
         raise typer.Exit(2) from None
 
 
@@ -95,62 +99,95 @@ def inspect(
                   "AdamW states; activations and framework overhead excluded)")
 
 
-@app.command()
-def train(
-    config: Annotated[str | None, typer.Option("--config", help="YAML file of settings; flags override it.")] = None,
-    model: Annotated[str | None, typer.Option(help="Model spec: HF model dir, .gguf file, or smollm2-135m.")] = None,
-    data: Annotated[str | None, typer.Option(help="JSONL training data (default: chatterbot-corpus dialogs).")] = None,
-    out: Annotated[str | None, typer.Option(help="Run directory (checkpoints, adapter, metrics).")] = None,
-    language: Annotated[str | None, typer.Option(help="chatterbot-corpus language when no --data.")] = None,
-    eval_data: Annotated[str | None, typer.Option(help="Held-out JSONL data.")] = None,
-    eval_fraction: Annotated[float | None, typer.Option(help="Fraction of --data held out (0: none).")] = None,
-    rank: Annotated[int | None, typer.Option(help="LoRA rank r.")] = None,
-    alpha: Annotated[float | None, typer.Option(help="LoRA alpha.")] = None,
-    dropout: Annotated[float | None, typer.Option(help="Dropout on the adapter input.")] = None,
-    targets: Annotated[str | None, typer.Option(help="'all-linear', comma-separated names, or re:<regex>.")] = None,
-    max_length: Annotated[int | None, typer.Option(help="Tokens per example (longer ones are truncated).")] = None,
-    packing: Annotated[bool | None, typer.Option("--packing/--no-packing", help="Pack short examples.")] = None,
-    mask_prompt: Annotated[bool | None, typer.Option("--mask-prompt/--no-mask-prompt",
-                                                     help="Train only completions / assistant turns.")] = None,
-    epochs: Annotated[float | None, typer.Option(help="Passes over the training data.")] = None,
-    max_steps: Annotated[int | None, typer.Option(help="Optimizer steps (overrides --epochs).")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Examples per optimizer step, all processes.")] = None,
-    micro_batch_size: Annotated[int | None, typer.Option(help="Examples per forward pass and process.")] = None,
-    lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
-    loraplus_ratio: Annotated[float | None, typer.Option(help="LoRA+: B learns at lr x ratio.")] = None,
-    warmup_steps: Annotated[int | None, typer.Option(help="Linear warmup steps.")] = None,
-    schedule: Annotated[str | None, typer.Option(help="cosine, linear or constant.")] = None,
-    max_grad_norm: Annotated[float | None, typer.Option(help="Gradient clipping norm.")] = None,
-    bf16: Annotated[bool | None, typer.Option("--bf16/--no-bf16", help="bfloat16 autocast.")] = None,
-    gradient_checkpointing: Annotated[bool | None, typer.Option(
-        "--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute activations in backward.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed: same seed, same adapter (on CPU).")] = None,
-    save_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps.")] = None,
-    eval_every: Annotated[int | None, typer.Option(help="Evaluate every N steps (0: before and after).")] = None,
-    log_every: Annotated[int | None, typer.Option(help="Log every N steps.")] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Require a checkpoint in --out to continue from.")] = False,
-) -> None:
+def train(context: typer.Context, config: str | None, resume: bool, **flags: object) -> None:
     """Fine-tune a causal LM with LoRA; resumable, and under torchrun, distributed.
+
+    Every setting is a flag and a YAML key (--config); flags override the file.
 
     Example: lorakit train --model smollm2-135m --data chat.jsonl --out runs/chat --rank 16 --epochs 2
     """
-    flags = {k: v for k, v in locals().items() if k not in ("config", "resume") and v is not None}
-    from .training import TrainConfig, load_yaml
-    from .training import train as run_training
+    from .training.config import TrainConfig, load_yaml
 
-    if "targets" in flags:
-        flags["targets"] = parse_targets(flags["targets"])
+    # Only flags typed on the command line override the YAML file; the others show
+    # TrainConfig's defaults in --help and leave the file's values alone. (By name:
+    # typer carries its own copy of click's ParameterSource.)
+    given = {name: None if value is NONE else value for name, value in flags.items()
+             if getattr(context.get_parameter_source(name), "name", None) == "COMMANDLINE"}
+    if isinstance(given.get("targets"), str):
+        given["targets"] = parse_targets(given["targets"])
     with user_errors():
         settings = load_yaml(config) if config else {}
-        resolved = TrainConfig.from_dict({**settings, **flags}, config or "flags")
+        resolved = TrainConfig.from_dict({**settings, **given}, config or "flags")
+        # The data files are checked before torch's training code, the tokenizer and
+        # the model load, so a bad line is reported at once.
+        from .training.data import check_file
+
+        for path in (resolved.data, resolved.eval_data):
+            if path is not None:
+                check_file(path)
+        from .training.loop import train as run_training
+
         result = run_training(resolved, resume=resume)
-    if result.eval_loss_before is not None:
+    if result.finished_before:
+        console.print(f"{result.out} holds a finished run ({result.steps} steps); nothing was changed. "
+                      "Use another --out to train again.")
+    if result.eval_loss_before is not None and result.eval_loss_after is not None:
         console.print(f"held-out loss  {result.eval_loss_before:.4f} -> {result.eval_loss_after:.4f}")
     console.print(f"trained        {result.steps} steps in {result.seconds:.1f} s, "
                   f"{result.tokens_per_second:,.0f} tokens/s, peak memory {_size(result.peak_memory_bytes)}")
     console.print(f"adapter        {result.adapter} ({_size(result.adapter_bytes)})")
     console.print(f"run files      {result.out}/: config.yaml, metrics.jsonl, loss.png, summary.json, checkpoints/")
+
+
+NONE = "none"  # an optional setting given as --flag none: no value (e.g. --max-grad-norm none)
+
+
+def _optional(kind: type) -> Callable[[str], object]:
+    def parse(text: object) -> object:
+        if not isinstance(text, str):  # the default itself
+            return text
+        if text.lower() in ("none", "null"):
+            return NONE
+        try:
+            return kind(text)
+        except ValueError:
+            raise typer.BadParameter(f"expected a {kind.__name__} or 'none', got {text!r}") from None
+    return parse
+
+
+def _train_signature() -> Signature:
+    """train's parameters: --config, --resume and one flag per TrainConfig field, with
+    that field's help and default, so the two can never disagree."""
+    from .training.config import TrainConfig
+
+    hints = get_type_hints(TrainConfig)
+    parameters = [
+        Parameter("context", Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context),
+        Parameter("config", Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+            str | None, typer.Option("--config", help="YAML file of settings; flags override it.")]),
+        Parameter("resume", Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
+            bool, typer.Option("--resume", help="Require a checkpoint in --out to continue from.")]),
+    ]
+    for field in dataclasses.fields(TrainConfig):
+        flag, kind, default = "--" + field.name.replace("_", "-"), hints[field.name], field.default
+        option = dict(help=field.metadata["help"], show_default="none" if default is None else True)
+        if kind is bool:
+            annotation = Annotated[bool, typer.Option(f"{flag}/--no-{flag[2:]}", **option)]
+        elif kind in (int | None, float | None):
+            base = int if kind == int | None else float
+            annotation = Annotated[str | None, typer.Option(flag, parser=_optional(base),
+                                                            metavar=base.__name__.upper(), **option)]
+        elif kind in (int, float):
+            annotation = Annotated[kind, typer.Option(flag, **option)]
+        else:  # str, str | None, and targets (parsed like inspect's --targets)
+            annotation = Annotated[str | None, typer.Option(flag, **option)]
+            default = default if isinstance(default, str) or default is None else ",".join(default)
+        parameters.append(Parameter(field.name, Parameter.KEYWORD_ONLY, default=default, annotation=annotation))
+    return Signature(parameters)
+
+
+train.__signature__ = _train_signature()
+app.command()(train)
 
 
 @app.command()

@@ -19,45 +19,54 @@ SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+def setting(default: Any, help: str) -> Any:
+    """A field with its one-line meaning, shown by ``lorakit train --help``."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class TrainConfig:
+    """Every setting of a run. Each field is also a ``lorakit train`` flag
+    (``micro_batch_size`` -> ``--micro-batch-size``) and a YAML key."""
+
     # -- model and adapter
-    model: str = "smollm2-135m"  # any lorakit.load_model spec: HF directory, .gguf file, smollm2-135m
-    dtype: str = "float32"  # base weights; adapters always train in float32
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    targets: str | tuple[str, ...] = ALL_LINEAR  # as in LoraConfig
+    model: str = setting("smollm2-135m", "Base model: HF model directory, .gguf file, or smollm2-135m.")
+    dtype: str = setting("float32", "Base weight dtype: float32, bfloat16 or float16; adapters train in float32.")
+    rank: int = setting(8, "LoRA rank r.")
+    alpha: float = setting(16.0, "LoRA alpha; the update is scaled by alpha / rank.")
+    dropout: float = setting(0.0, "Dropout on the adapter's input while training.")
+    targets: str | tuple[str, ...] = setting(ALL_LINEAR, "'all-linear', comma-separated module names, "
+                                                         "or re:<regex> (a list in YAML).")
     # -- data
-    data: str | None = None  # JSONL file; None trains on chatterbot-corpus dialogs in `language`
-    language: str = "swedish"  # chatterbot-corpus language when `data` is None
-    eval_data: str | None = None  # held-out JSONL; otherwise `eval_fraction` of `data` is held out
-    eval_fraction: float = 0.1  # 0 disables the held-out split
-    max_length: int = 512  # tokens per example; longer ones are truncated and counted
-    packing: bool = False  # pack short examples into rows of max_length (no cross-example attention)
-    mask_prompt: bool = True  # train only completions / assistant turns
+    data: str | None = setting(None, "JSONL training data; none: chatterbot-corpus dialogs in --language.")
+    language: str = setting("swedish", "chatterbot-corpus language when there is no --data.")
+    eval_data: str | None = setting(None, "Held-out JSONL data; none: --eval-fraction of --data is held out.")
+    eval_fraction: float = setting(0.1, "Fraction of the data held out for evaluation (0: none).")
+    max_length: int = setting(512, "Tokens per example; longer ones are truncated and counted.")
+    packing: bool = setting(False, "Pack short examples into rows of max_length (no cross-example attention).")
+    mask_prompt: bool = setting(True, "Train only completions / assistant turns.")
     # -- optimization
-    epochs: float = 1.0
-    max_steps: int | None = None  # overrides epochs
-    batch_size: int = 8  # examples (or packed rows) per optimizer step, over all processes
-    micro_batch_size: int = 8  # per forward pass and process; batch_size / (micro * processes) are accumulated
-    lr: float = 2e-4
-    loraplus_ratio: float | None = None  # LoRA+: B trains at lr * ratio (Hayou et al., 2024, arXiv:2402.12354)
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    schedule: str = "cosine"  # after warmup, from lr down to min_lr_ratio * lr
-    min_lr_ratio: float = 0.0
-    max_grad_norm: float | None = 1.0  # None: no clipping
-    bf16: bool = False  # bfloat16 autocast for the forward pass
-    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more time
-    seed: int = 0
+    epochs: float = setting(1.0, "Passes over the training data.")
+    max_steps: int | None = setting(None, "Optimizer steps; overrides --epochs.")
+    batch_size: int = setting(8, "Examples (or packed rows) per optimizer step, over all processes.")
+    micro_batch_size: int = setting(8, "Examples per forward pass and process; the rest is accumulated.")
+    lr: float = setting(2e-4, "Peak learning rate.")
+    loraplus_ratio: float | None = setting(None, "LoRA+: B learns at lr x ratio (Hayou et al., 2024).")
+    weight_decay: float = setting(0.0, "AdamW weight decay.")
+    warmup_steps: int = setting(0, "Linear warmup steps.")
+    schedule: str = setting("cosine", "Decay after warmup: cosine, linear or constant.")
+    min_lr_ratio: float = setting(0.0, "The schedule ends at lr x min_lr_ratio.")
+    max_grad_norm: float | None = setting(1.0, "Gradient clipping norm (none: no clipping).")
+    bf16: bool = setting(False, "bfloat16 autocast for the forward pass.")
+    gradient_checkpointing: bool = setting(False, "Recompute activations in backward: less memory, more time.")
+    seed: int = setting(0, "Seed: the same seed gives the same adapter (bit for bit on CPU).")
     # -- output
-    out: str = "runs/lorakit"
-    save_every: int = 50  # checkpoint every N steps (and always at the end)
-    keep_checkpoints: int = 2
-    eval_every: int = 0  # 0: evaluate only before and after training
-    log_every: int = 1
-    device: str = "auto"  # auto: cuda if available, else cpu
+    out: str = setting("runs/lorakit", "Run directory: adapter, checkpoints, metrics, summary.")
+    save_every: int = setting(50, "Checkpoint every N steps (and always at the end).")
+    keep_checkpoints: int = setting(2, "Newest checkpoints kept.")
+    eval_every: int = setting(0, "Evaluate every N steps (0: only before and after training).")
+    log_every: int = setting(1, "Log every N steps.")
+    device: str = setting("auto", "auto (cuda if available), cpu or cuda.")
 
     def __post_init__(self) -> None:
         problems = []

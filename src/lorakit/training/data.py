@@ -81,6 +81,23 @@ SHAPES = {"messages": {"messages"}, "prompt-completion": {"prompt", "completion"
 MESSAGE_KEYS = {"role", "content"}
 
 
+def check_file(path: str | os.PathLike) -> int:
+    """Check every line's JSON and shape, without a tokenizer; return the number of examples.
+
+    Cheap (no model, no tokenizer), so a run reports a bad file at once; what needs
+    the tokenizer (an example with no trained token left) is checked when tokenizing.
+    """
+    records = read_jsonl(path)
+    for number, record in records:
+        try:
+            example_format(record)
+        except DataError as err:
+            raise DataError(f"{path}:{number}: {err}") from None
+    if not records:
+        raise DataError(f"{path}: no examples (the file is empty)")
+    return len(records)
+
+
 def example_format(record: dict[str, Any]) -> str:
     """Which of the three shapes a record has; raises DataError (without location) otherwise.
 

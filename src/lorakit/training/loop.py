@@ -33,7 +33,7 @@ from ..files import save_adapter
 from .batches import Batch, Sample, collate, micro_batches, samples, split_eval, step_indices
 from .checkpoint import latest_checkpoint, load_checkpoint, run_lock, save_checkpoint, write_text
 from .config import TrainConfig, dump_yaml, load_yaml
-from .data import DataError, Dataset, build_dataset, load_dataset
+from .data import Dataset, build_dataset, check_file, load_dataset
 from .distributed import Processes
 from .loss import LossModule, loss_sum
 from .monitor import Monitor, plot_loss
@@ -87,6 +87,7 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
     processes = Processes.from_env()
     try:
         check_output_dir(config, resume)
+        check_data(config)
         done = finished_run(config.out_dir)
         if done is not None:
             return done
@@ -97,6 +98,13 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
             return fit(model, train_set, eval_set, config, processes)
     finally:
         processes.close()
+
+
+def check_data(config: TrainConfig) -> None:
+    """Every line of the data files checked before anything slow loads (tokenizer, model)."""
+    for path in (config.data, config.eval_data):
+        if path is not None:
+            check_file(path)
 
 
 def prepare_data(config: TrainConfig, tokenizer) -> tuple[Dataset, Dataset | None]:
