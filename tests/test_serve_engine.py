@@ -6,7 +6,7 @@ import torch
 from serving import greedy_alone, save_adapters
 
 import lorakit
-from lorakit.serve.engine import Engine, Request, SamplingParams, acquire_all
+from lorakit.serve.engine import Engine, Request, SamplingParams
 from lorakit.serve.slots import enable_slots
 from lorakit.serve.store import AdapterStore
 
@@ -24,7 +24,7 @@ def setup(tiny_lm_dir, tmp_path_factory):
 
 def make(engine, prompt_ids, adapter, **params):
     request = Request(prompt_ids, adapter, SamplingParams(**params))
-    request.slot = acquire_all(engine.store, [adapter])[0]
+    request.lease = engine.store.lease(adapter) if adapter else None
     return request
 
 

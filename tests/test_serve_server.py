@@ -206,9 +206,6 @@ def test_a_client_that_leaves_mid_request_frees_its_row_and_slot(stream, tiny_lm
 
     engine = build_engine(str(tiny_lm_dir), str(root), max_adapters=1)
     engine.eos = set()  # this request could run for 900 tokens: only the hang-up can end it early
-    reasons = []
-    finish = engine._finish
-    engine._finish = lambda request: (reasons.append(request.finish_reason), finish(request))
     thread = ServerThread(create_app(engine, BASE, Limits(max_tokens=900)))
     try:
         request = {"model": "a3", "prompt": "hej", "max_tokens": 900, "temperature": 0, "stream": stream}
@@ -218,10 +215,11 @@ def test_a_client_that_leaves_mid_request_frees_its_row_and_slot(stream, tiny_lm
         else:
             with pytest.raises(httpx.ReadTimeout):  # waits a moment for the whole answer, then hangs up
                 httpx.post(thread.url + "/v1/completions", json=request, timeout=0.5)
+        cancelled = 'lorakit_requests_total{adapter="a3",finish_reason="cancelled"} 1.0'
         deadline = time.monotonic() + 20
-        while not reasons and time.monotonic() < deadline:
+        while cancelled not in httpx.get(thread.url + "/metrics").text and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert reasons == ["cancelled"]
+        assert cancelled in httpx.get(thread.url + "/metrics").text
         assert not engine.rows and engine.store.loaded["a3"].users == 0
         assert post(thread, "/v1/completions", {"model": "a3", "prompt": "hej", "max_tokens": 2}).status_code == 200
     finally:

@@ -270,6 +270,11 @@ def serve(
     max_prompt_tokens: Annotated[int, typer.Option(help="Longest prompt accepted.")] = 2048,
     max_tokens: Annotated[int, typer.Option(help="Largest max_tokens accepted.")] = 512,
     max_queue: Annotated[int, typer.Option(help="Requests waiting or decoding before 429.")] = 256,
+    threads: Annotated[int | None, typer.Option(
+        help="CPU threads for the model (default: the cores this process may use; on a shared host, "
+             "give each server its share).")] = None,
+    shutdown_timeout: Annotated[float, typer.Option(
+        help="On SIGTERM/Ctrl-C: seconds in-flight requests may finish before they are cancelled.")] = 30.0,
     allow_runtime_lora: Annotated[bool, typer.Option(
         "--allow-runtime-lora", help="Enable /v1/load_lora_adapter and /v1/unload_lora_adapter.")] = False,
 ) -> None:
@@ -277,20 +282,27 @@ def serve(
 
     Example: lorakit serve smollm2-135m --adapters runs/adapters --port 8000
     """
+    import os
     from pathlib import Path
 
+    import torch
     import uvicorn
 
     from .serve.engine import build_engine
     from .serve.server import Limits, create_app
 
     with user_errors():
+        if threads is not None and threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
         max_bytes = int(max_adapter_mib * 2**20) if max_adapter_mib is not None else None
         engine = build_engine(model, adapters, max_adapters, max_bytes, max_batch)
     base_name = name or Path(model.rstrip("/")).name
     app_ = create_app(engine, base_name, Limits(max_prompt_tokens, max_tokens, max_queue), allow_runtime_lora)
-    console.print(f"serving {base_name} and adapters from {adapters or '(none)'} on http://{host}:{port}")
-    uvicorn.run(app_, host=host, port=port, log_level="warning")
+    console.print(f"serving {base_name} and adapters from {adapters or '(none)'} on http://{host}:{port} "
+                  f"({torch.get_num_threads()} threads)")
+    uvicorn.run(app_, host=host, port=port, log_level="warning",
+                timeout_graceful_shutdown=max(int(round(shutdown_timeout)), 1))
 
 
 def main() -> None:

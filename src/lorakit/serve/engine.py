@@ -19,44 +19,15 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from .slots import BASE, routing
-from .store import AdapterStore, StoreError
+from .request import Request, SamplingParams, choose_tokens, token_logprobs
+from .slots import routing
+from .store import AdapterStore, Lease, StoreError
 
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_tokens: int = 16
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-
-
-@dataclass
-class Request:
-    """One prompt to complete. ``on_text`` (optional) receives text as it is generated."""
-
-    prompt_ids: list[int]
-    adapter: str | None = None
-    params: SamplingParams = field(default_factory=SamplingParams)
-    on_text: Callable[[str], None] | None = None
-    on_done: Callable[[], None] | None = None  # called once, when finished (or failed)
-    slot: int = BASE  # set by whoever acquired the adapter from the store (acquire_all)
-    # filled in by the engine
-    generated: list[int] = field(default_factory=list)
-    text: str = ""
-    sent: int = 0  # characters of text already passed to on_text
-    finish_reason: str | None = None
-    cancelled: bool = False  # set by another thread (a client went away): dropped at the next step
-    error: Exception | None = None
-    done: threading.Event = field(default_factory=threading.Event)
-    generator: torch.Generator | None = None
+__all__ = ["Engine", "Request", "SamplingParams", "build_engine", "complete", "lease_all"]
 
 
 class Engine:
@@ -66,20 +37,21 @@ class Engine:
         self.store = store
         self.max_batch = max_batch
         self.device = next(model.parameters()).device
+        self.vocab_size = model.get_input_embeddings().num_embeddings
         self.waiting: queue.Queue[Request] = queue.Queue()
+        self.admitting: list[Request] = []  # taken off the queue, not yet running
         self.rows: list[Request] = []
         self.cache: list[tuple[Tensor, Tensor]] | None = None  # per layer (keys, values): (B, H, L, D)
         self.mask: Tensor | None = None  # (B, L): 1 for real tokens
         self.wake = threading.Event()
+        self.tokens_generated = 0  # over the engine's life, for metrics
         self.eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
         generation_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         self.eos |= set(generation_eos if isinstance(generation_eos, list) else [generation_eos]) - {None}
 
     # -- called from any thread ------------------------------------------------------
     def submit(self, request: Request) -> None:
-        """Queue ``request``; its adapter must already be acquired (``request.slot``)."""
-        if request.params.seed is not None:
-            request.generator = torch.Generator(self.device).manual_seed(request.params.seed)
+        """Queue ``request``; its adapter must already be leased (``request.lease``)."""
         self.waiting.put(request)
         self.wake.set()
 
@@ -87,23 +59,40 @@ class Engine:
     def busy(self) -> bool:
         return bool(self.rows) or not self.waiting.empty()
 
+    def has_room(self, limit: int, more: int = 1) -> bool:
+        """Whether ``more`` requests fit under ``limit`` requests waiting or decoding."""
+        return self.waiting.qsize() + len(self.admitting) + len(self.rows) + more <= limit
+
     # -- the decoding thread ---------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> None:
         """Admit waiting requests, then decode one token for every running row."""
-        admitted = []
-        while len(self.rows) + len(admitted) < self.max_batch:
+        while len(self.rows) + len(self.admitting) < self.max_batch:
             try:
-                admitted.append(self.waiting.get_nowait())
+                self.admitting.append(self.waiting.get_nowait())
             except queue.Empty:
                 break
-        if admitted:
-            self._prefill(admitted)
+        admitted, self.admitting = self.admitting, []
+        live = [r for r in admitted if not r.cancelled]
+        for request in admitted:
+            if request.cancelled:
+                request.close("cancelled")
+        try:
+            self.admitting = live
+            plain = [r for r in live if not r.params.prompt_logprobs]
+            if plain:
+                self._prefill_isolated(plain)
+            for request in live:  # scoring a prompt needs every position's logits: one at a time
+                if request.params.prompt_logprobs:
+                    self._prefill_isolated([request])
+        finally:
+            self.admitting = []
         if self.rows:
-            self._decode()
+            self._decode_isolated()
 
     def run(self, stop: threading.Event) -> None:
-        """Serve until ``stop`` is set: step while there is work, sleep otherwise."""
+        """Serve until ``stop`` is set: step while there is work, sleep otherwise. On stop,
+        every request still waiting or decoding is answered (closed as cancelled)."""
         while not stop.is_set():
             if not self.busy:
                 self.wake.wait(timeout=0.1)
@@ -113,6 +102,7 @@ class Engine:
                 self.step()
             except Exception as err:  # a broken batch fails its requests, never the server
                 self._fail_all(err)
+        self._fail_all(None)
 
     def generate(self, requests: list[Request]) -> list[Request]:
         """Run ``requests`` to completion in this thread (for the CLI and Python API)."""
@@ -122,20 +112,66 @@ class Engine:
             self.step()
         return requests
 
+    # -- failure isolation -----------------------------------------------------------
+    def _prefill_isolated(self, requests: list[Request]) -> None:
+        """Prefill ``requests`` together; if that fails, each alone, so only a request
+        that fails by itself is failed."""
+        try:
+            logits, cache, mask = self._prefill_forward(requests)
+        except Exception as err:
+            if len(requests) == 1:
+                requests[0].close(error=err)
+                return
+            for request in requests:
+                self._prefill_isolated([request])
+            return
+        self._join(requests, cache, mask)
+        self._sample(logits, requests)
+
+    def _decode_isolated(self) -> None:
+        """Decode the running batch; if that fails, find the rows that fail alone, fail
+        them, and decode the others."""
+        try:
+            self._decode()
+            return
+        except Exception as err:
+            error = err
+        failing = [i for i in range(len(self.rows)) if not self._decodes_alone(i)]
+        if not failing:  # no row fails alone: the batch as a whole is at fault
+            raise error
+        for i in failing:
+            self.rows[i].close(error=error)
+        self._drop(failing)
+        if self.rows:
+            self._decode()
+
+    def _decodes_alone(self, row: int) -> bool:
+        cache = [(k[row:row + 1], v[row:row + 1]) for k, v in self.cache]
+        mask = torch.cat([self.mask[row:row + 1], self.mask.new_ones((1, 1))], dim=1)
+        last = torch.tensor([[self.rows[row].generated[-1]]], device=self.device)
+        try:
+            self._forward(last, mask, mask[:, :-1].sum(-1, keepdim=True), [self.rows[row].slot], cache)
+            return True
+        except Exception:
+            return False
+
     # -- internals -------------------------------------------------------------------
     def _forward(self, ids: Tensor, mask: Tensor, positions: Tensor, slots: list[int],
-                 cache: list[tuple[Tensor, Tensor]] | None) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+                 cache: list[tuple[Tensor, Tensor]] | None, all_logits: bool = False,
+                 ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
         from transformers import DynamicCache
 
         past = DynamicCache(cache) if cache is not None else DynamicCache()
         with routing(self.model, slots, ids.shape[1]):
+            # The output head runs on the last position only, unless a prompt is scored.
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=past,
-                             use_cache=True, logits_to_keep=1)  # the output head on the last position only
+                             use_cache=True, logits_to_keep=0 if all_logits else 1)
         layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
-        return out.logits[:, -1].float(), layers
+        return out.logits.float(), layers
 
-    def _prefill(self, requests: list[Request]) -> None:
-        requests = sorted(requests, key=lambda r: r.slot)  # grouped by adapter: no per-layer gather
+    def _prefill_forward(self, requests: list[Request]) -> tuple[Tensor, list[tuple[Tensor, Tensor]], Tensor]:
+        """Logits of the last position, the new rows' cache and mask; changes nothing."""
+        requests.sort(key=lambda r: r.slot)  # grouped by adapter: no per-layer gather
         width = max(len(r.prompt_ids) for r in requests)
         ids = torch.zeros((len(requests), width), dtype=torch.long)
         mask = torch.zeros((len(requests), width), dtype=torch.long)
@@ -144,9 +180,13 @@ class Engine:
             mask[row, width - len(r.prompt_ids):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits, cache = self._forward(ids, mask, positions, [r.slot for r in requests], None)
-        self._join(requests, cache, mask)
-        self._sample(logits, requests)
+        scored = requests[0].params.prompt_logprobs  # then it is the only request
+        logits, cache = self._forward(ids, mask, positions, [r.slot for r in requests], None, all_logits=scored)
+        if scored:
+            request = requests[0]
+            top = request.params.logprobs or 0
+            request.prompt_logprobs = [None] + token_logprobs(logits[0, :-1], request.prompt_ids[1:], top)
+        return logits[:, -1], cache, mask
 
     def _join(self, requests: list[Request], cache: list[tuple[Tensor, Tensor]], mask: Tensor) -> None:
         """Append new rows (their cache and mask) to the running batch, left-padding the shorter side."""
@@ -175,65 +215,81 @@ class Engine:
     def _decode(self) -> None:
         last = torch.tensor([[r.generated[-1]] for r in self.rows], device=self.device)
         positions = self.mask.sum(-1, keepdim=True)  # (B, 1): the next position of every row
-        self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
-        logits, self.cache = self._forward(last, self.mask, positions, [r.slot for r in self.rows], self.cache)
-        self._sample(logits, self.rows)
+        mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
+        logits, cache = self._forward(last, mask, positions, [r.slot for r in self.rows], self.cache)
+        self.mask, self.cache = mask, cache  # only once the forward pass has succeeded
+        self._sample(logits[:, -1], self.rows)
 
     def _sample(self, logits: Tensor, rows: list[Request]) -> None:
-        greedy = logits.argmax(-1).tolist()
-        for row, request in enumerate(rows):
-            params = request.params
+        """Choose and record each row's next token; a row whose own sampling fails fails alone."""
+        live = [i for i, r in enumerate(rows) if not r.cancelled]
+        for request in rows:
             if request.cancelled:
-                request.finish_reason = "cancelled"
-                self._emit(request)
+                request.close("cancelled")
+        try:
+            tokens = choose_tokens(logits[live], [rows[i] for i in live])
+        except Exception:  # find the row at fault
+            tokens = []
+            for i in live:
+                try:
+                    tokens.append(choose_tokens(logits[i:i + 1], [rows[i]])[0])
+                except Exception as err:
+                    rows[i].close(error=err)
+                    tokens.append(None)
+        for i, token in zip(live, tokens):
+            request = rows[i]
+            if token is None or request.done.is_set():
                 continue
-            if params.temperature > 0:
-                token = _sample_top_p(logits[row] / params.temperature, params.top_p, request.generator)
-            else:
-                token = greedy[row]
-            self._append(request, token)
-        finished = [i for i, r in enumerate(self.rows) if r.finish_reason is not None]
+            try:
+                if request.params.logprobs is not None and token not in self.eos:
+                    request.logprobs += token_logprobs(logits[i:i + 1], [token], request.params.logprobs)
+                self._append(request, token)
+            except Exception as err:
+                request.close(error=err)
+        finished = [i for i, r in enumerate(self.rows) if r.done.is_set()]
         if finished:
             self._drop(finished)
 
     def _append(self, request: Request, token: int) -> None:
         params = request.params
+        if params.max_tokens == 0:  # a scored prompt: nothing to generate
+            request.close("length")
+            return
+        reason, cut = None, False
         if token in self.eos:
-            request.finish_reason = "stop"
+            reason = "stop"
         else:
             request.generated.append(token)
-            request.text = self.tokenizer.decode(request.generated, skip_special_tokens=True)
-            cut = min((i for i in (request.text.find(s) for s in params.stop) if i >= 0), default=-1)
-            if cut >= 0:
-                request.text = request.text[:cut]
-                request.finish_reason = "stop"
-            elif len(request.generated) >= params.max_tokens:
-                request.finish_reason = "length"
-        self._emit(request)
+            self.tokens_generated += 1
+            before = len(request.text)
+            request.add_text(self.tokenizer)
+            if params.stop:  # a stop string can only end in the new text or straddle its start
+                start = max(0, before - max(len(s) for s in params.stop) + 1)
+                at = min((i for i in (request.text.find(s, start) for s in params.stop) if i >= 0), default=-1)
+                if at >= 0:
+                    request.text, reason, cut = request.text[:at], "stop", True
+            if reason is None and len(request.generated) >= params.max_tokens:
+                reason = "length"
+        if reason is not None and not cut:
+            request.add_text(self.tokenizer, final=True)  # a trailing partial character, as it is
+        self._emit(request, final=reason is not None)
+        if reason is not None:
+            request.close(reason)
 
-    def _emit(self, request: Request) -> None:
-        """Pass new text on; hold back what may still become a stop string or a partial character."""
-        if request.on_text is not None:
-            end = len(request.text)
-            if request.finish_reason is None:
-                end -= max((len(s) - 1 for s in request.params.stop), default=0)
-                while end > request.sent and request.text[end - 1] == "\ufffd":
-                    end -= 1
-            if end > request.sent:
-                request.on_text(request.text[request.sent:end])
-                request.sent = end
-        if request.finish_reason is not None:
-            self._finish(request)
-
-    def _finish(self, request: Request) -> None:
-        if request.adapter is not None:
-            self.store.release(request.adapter)
-        request.done.set()
-        if request.on_done is not None:
-            request.on_done()
+    def _emit(self, request: Request, final: bool) -> None:
+        """Pass new text on; until the end, hold back what may still become a stop string."""
+        if request.on_text is None:
+            return
+        end = len(request.text)
+        if not final:
+            end -= max((len(s) - 1 for s in request.params.stop), default=0)
+        if end > request.sent:
+            request.on_text(request.text[request.sent:end])
+            request.sent = end
 
     def _drop(self, finished: list[int]) -> None:
-        keep = [i for i in range(len(self.rows)) if i not in set(finished)]
+        gone = set(finished)
+        keep = [i for i in range(len(self.rows)) if i not in gone]
         self.rows = [self.rows[i] for i in keep]
         if not keep:
             self.cache = self.mask = None
@@ -245,47 +301,41 @@ class Engine:
         self.cache = [(k.index_select(0, index)[:, :, first:], v.index_select(0, index)[:, :, first:])
                       for k, v in self.cache]
 
-    def _fail_all(self, error: Exception) -> None:
-        failed = list(self.rows)
+    def _fail_all(self, error: Exception | None) -> None:
+        """Close every request the engine holds or has queued: with ``error``, or as
+        cancelled (None, when the server stops)."""
+        failed = self.rows + self.admitting
         while not self.waiting.empty():
             failed.append(self.waiting.get_nowait())
-        self.rows, self.cache, self.mask = [], None, None
+        self.rows, self.admitting, self.cache, self.mask = [], [], None, None
         for request in failed:
-            request.error, request.finish_reason = error, "error"
-            self._finish(request)
+            request.close("cancelled", error)
 
 
-def _sample_top_p(logits: Tensor, top_p: float, generator: torch.Generator | None) -> int:
-    probs = torch.softmax(logits, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        keep = sorted_probs.cumsum(-1) - sorted_probs < top_p  # always keeps the most likely token
-        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
-    return int(torch.multinomial(probs, 1, generator=generator))
-
-
-def acquire_all(store: AdapterStore, names: list[str | None]) -> list[int]:
-    """Slots for ``names`` (None: the base); on error, releases what it took and re-raises."""
-    taken: list[str] = []
-    slots = []
+def lease_all(store: AdapterStore, names: list[str | None]) -> list[Lease | None]:
+    """Leases on the slots of ``names`` (None: the base); on error, releases what it took."""
+    leases: list[Lease | None] = []
     try:
         for name in names:
-            slots.append(BASE if name is None else store.acquire(name))
-            if name is not None:
-                taken.append(name)
+            leases.append(None if name is None else store.lease(name))
     except StoreError:
-        for name in taken:
-            store.release(name)
+        for lease in leases:
+            if lease is not None:
+                lease.release()
         raise
-    return slots
+    return leases
 
 
 def build_engine(spec: str, adapters: str | None = None, max_adapters: int = 8, max_adapter_bytes: int | None = None,
                  max_batch: int = 32, dtype: torch.dtype = torch.float32) -> Engine:
     """Load model ``spec`` for serving: slots for ``max_adapters`` adapters from the root ``adapters``."""
+    from pathlib import Path
+
     from ..pretrained import load_model, load_tokenizer
     from .slots import enable_slots
 
+    if adapters is not None and not Path(adapters).is_dir():  # before the slow part
+        raise StoreError(f"adapter root {adapters} is not a directory", 400)
     model = load_model(spec, dtype=dtype)
     tokenizer = load_tokenizer(spec)
     enable_slots(model, max_adapters)
@@ -306,7 +356,7 @@ def complete(engine: Engine, prompts: list[str], adapters: list[str | None], par
     """Complete every prompt with its adapter (None: the base) in one batch; chat prompts go
     through the tokenizer's chat template when it has one."""
     chat = chat and getattr(engine.tokenizer, "chat_template", None) is not None
-    requests = [Request(encode(engine.tokenizer, text, chat), name, params) for text, name in zip(prompts, adapters)]
-    for request, slot in zip(requests, acquire_all(engine.store, adapters)):
-        request.slot = slot
+    ids = [encode(engine.tokenizer, text, chat) for text in prompts]
+    leases = lease_all(engine.store, adapters)
+    requests = [Request(p, name, params, lease=lease) for p, name, lease in zip(ids, adapters, leases)]
     return engine.generate(requests)

@@ -2,16 +2,16 @@
 
     POST /v1/completions, POST /v1/chat/completions   "model" names the base or an adapter;
                                                        "stream": true answers with server-sent events
-    GET  /v1/models                                    the base and every available adapter
+    GET  /v1/models                                    the base and every adapter that loads
     POST /v1/load_lora_adapter   {"lora_name", "lora_path"}   vLLM's runtime loading, off unless
     POST /v1/unload_lora_adapter {"lora_name"}                the server allows it
-    GET  /health
+    GET  /health, GET /metrics (Prometheus)
 
-Requests are decoded together by one Engine thread (continuous batching, mixed
-adapters). An adapter is read and checked in the request's own worker thread before
-it joins the batch, so a bad adapter fails only its own request. Every error is a
-JSON body ``{"error": {"message", "type", "code"}}`` with a 4xx status (5xx only for
-a failure inside the model), and the server keeps serving.
+Failure isolation is the design: a request is checked completely (protocol.py) before
+it leases an adapter slot or reaches the engine; the lease belongs to the request and
+is released when the request closes, on every path; the engine answers every request
+it takes and fails only a request that fails by itself. Every error is a JSON body
+``{"error": {"message", "type", "code"}}``.
 """
 
 from __future__ import annotations
@@ -20,19 +20,20 @@ import asyncio
 import json
 import threading
 import time
-import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import FastAPI, Request as HttpRequest
+from fastapi import APIRouter, FastAPI, Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, Field
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 
-from .engine import Engine, Request, SamplingParams
-from .slots import BASE
+from .engine import Engine, lease_all
+from .metrics import Metrics
+from .protocol import ChatBody, CompletionBody, LoadBody, Reply, Sampling, UnloadBody, validation_message
+from .request import Request, SamplingParams
 from .store import StoreError
 
 
@@ -40,7 +41,7 @@ from .store import StoreError
 class Limits:
     max_prompt_tokens: int = 2048
     max_tokens: int = 512
-    max_queue: int = 256  # requests waiting or decoding
+    max_queue: int = 256  # requests (choices) waiting or decoding
 
 
 class ApiError(Exception):
@@ -49,210 +50,294 @@ class ApiError(Exception):
         self.status, self.message, self.kind = status, message, kind
 
 
-class Sampling(BaseModel):
-    model: str
-    max_tokens: int = Field(16, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stream: bool = False
-    n: int = Field(1, ge=1, le=1)
+@dataclass
+class Service:
+    """What the handlers share: one per app."""
+
+    engine: Engine
+    base_name: str
+    limits: Limits
+    allow_runtime_lora: bool
+    metrics: Metrics
+
+    @property
+    def store(self):
+        return self.engine.store
 
 
-class CompletionBody(Sampling):
-    prompt: str | list[str]
-
-
-class Message(BaseModel):
-    role: str
-    content: str
-
-
-class ChatBody(Sampling):
-    messages: list[Message] = Field(min_length=1)
-
-
-class LoadBody(BaseModel):
-    lora_name: str
-    lora_path: str
-
-
-class UnloadBody(BaseModel):
-    lora_name: str
+router = APIRouter()
 
 
 def create_app(engine: Engine, base_name: str, limits: Limits = Limits(), allow_runtime_lora: bool = False) -> FastAPI:
-    stop = threading.Event()
-
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        stop = threading.Event()
         worker = threading.Thread(target=engine.run, args=(stop,), name="lorakit-engine", daemon=True)
         worker.start()
         yield
-        stop.set()
+        stop.set()  # the engine closes whatever it still holds as cancelled, then returns
         worker.join(timeout=10)
 
     app = FastAPI(title="lorakit", lifespan=lifespan)
-    store = engine.store
-
-    @app.exception_handler(ApiError)
-    async def api_error(_: HttpRequest, err: ApiError) -> JSONResponse:
-        return _error(err.status, err.message, err.kind)
-
-    @app.exception_handler(StoreError)
-    async def store_error(_: HttpRequest, err: StoreError) -> JSONResponse:
-        kind = {404: "not_found_error", 503: "service_unavailable"}.get(err.status, "invalid_request_error")
-        return _error(err.status, str(err), kind)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_: HttpRequest, err: RequestValidationError) -> JSONResponse:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in err.errors())
-        return _error(400, f"invalid request: {problems}")
-
-    @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        now = int(time.time())
-        entries = [{"id": base_name, "object": "model", "created": now, "owned_by": "lorakit", "root": base_name,
-                    "parent": None}]
-        entries += [{"id": name, "object": "model", "created": now, "owned_by": "lorakit", "root": name,
-                     "parent": base_name} for name in await run_in_threadpool(store.available)]
-        return {"object": "list", "data": entries}
-
-    @app.post("/v1/completions")
-    async def completions(body: CompletionBody, http: HttpRequest):
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        if len(prompts) != 1:
-            raise ApiError(400, "prompt: give one string (batches of prompts are separate requests here)")
-        ids = engine.tokenizer(prompts[0])["input_ids"]
-        return await _serve(body, ids, False, http)
-
-    @app.post("/v1/chat/completions")
-    async def chat(body: ChatBody, http: HttpRequest):
-        if getattr(engine.tokenizer, "chat_template", None) is None:
-            raise ApiError(400, f"{base_name} has no chat template; use /v1/completions")
-        messages = [m.model_dump() for m in body.messages]
-        try:
-            ids = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                       return_dict=True)["input_ids"]
-        except Exception as err:  # the template rejects the conversation (roles, order, ...)
-            raise ApiError(400, f"messages: the chat template cannot render them: {err}") from None
-        return await _serve(body, list(ids), True, http)
-
-    @app.post("/v1/load_lora_adapter")
-    async def load_lora(body: LoadBody) -> dict[str, str]:
-        _runtime_allowed()
-        await run_in_threadpool(store.register, body.lora_name, body.lora_path)
-        return {"status": "ok", "message": f"adapter {body.lora_name!r} loaded"}
-
-    @app.post("/v1/unload_lora_adapter")
-    async def unload_lora(body: UnloadBody) -> dict[str, str]:
-        _runtime_allowed()
-        await run_in_threadpool(store.unregister, body.lora_name)
-        return {"status": "ok", "message": f"adapter {body.lora_name!r} unloaded"}
-
-    def _runtime_allowed() -> None:
-        if not allow_runtime_lora:
-            raise ApiError(403, "runtime adapter loading is off; start the server with --allow-runtime-lora")
-
-    async def _serve(body: Sampling, ids: list[int], chat: bool, http: HttpRequest):
-        if len(ids) > limits.max_prompt_tokens:
-            raise ApiError(400, f"prompt has {len(ids)} tokens, more than this server's limit of "
-                                f"{limits.max_prompt_tokens}")
-        if body.max_tokens > limits.max_tokens:
-            raise ApiError(400, f"max_tokens {body.max_tokens} is more than this server's limit of {limits.max_tokens}")
-        if engine.waiting.qsize() + len(engine.rows) >= limits.max_queue:
-            raise ApiError(429, "too many requests in flight; retry later", "rate_limit_error")
-        adapter = None if body.model == base_name else body.model
-        if adapter is not None and adapter not in store.loaded and adapter not in store.extra:
-            store.resolve(adapter)  # 404 for an unknown name, 400 for a path that escapes the root
-        stops = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-        params = SamplingParams(body.max_tokens, body.temperature, body.top_p, body.seed, stops)
-        loop = asyncio.get_running_loop()
-        pieces: asyncio.Queue[str | None] = asyncio.Queue()
-        def on_text(text: str) -> None:  # streams only: a whole reply is read from the request at the end
-            loop.call_soon_threadsafe(pieces.put_nowait, text)
-
-        request = Request(ids, adapter, params, on_text=on_text if body.stream else None,
-                          on_done=lambda: loop.call_soon_threadsafe(pieces.put_nowait, None))
-        request.slot = BASE if adapter is None else await run_in_threadpool(store.acquire, adapter)
-        engine.submit(request)
-        reply = Reply(body.model, chat, len(ids))
-        if body.stream:
-            return StreamingResponse(reply.stream(pieces, request), media_type="text/event-stream")
-        await _until_done(pieces, request, http)
-        if request.error is not None:
-            raise ApiError(500, f"generation failed: {request.error}", "server_error")
-        return reply.whole(request)
-
+    app.state.service = Service(engine, base_name, limits, allow_runtime_lora, Metrics(engine))
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(StoreError, _store_error)
+    app.add_exception_handler(RequestValidationError, _invalid)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)
+    app.include_router(router)
     return app
 
 
-async def _until_done(pieces: asyncio.Queue, request: Request, http: HttpRequest) -> None:
-    """Wait for a non-streaming request to finish; if its client hangs up first, cancel it
-    (the engine drops it at the next step and frees its slot)."""
-    while True:
-        try:
-            await asyncio.wait_for(pieces.get(), timeout=0.25)  # only the end (None) is queued
-            return
-        except asyncio.TimeoutError:
-            if not request.cancelled and await http.is_disconnected():
-                request.cancelled = True
+def _service(http: HttpRequest) -> Service:
+    return http.app.state.service
 
 
-class Reply:
-    """OpenAI response bodies for one request: whole, or as server-sent event chunks."""
-
-    def __init__(self, model: str, chat: bool, prompt_tokens: int) -> None:
-        self.model, self.chat, self.prompt_tokens = model, chat, prompt_tokens
-        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        self.created = int(time.time())
-
-    def _envelope(self, choice: dict[str, Any], chunk: bool) -> dict[str, Any]:
-        kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": [choice]}
-
-    def _usage(self, request: Request) -> dict[str, int]:
-        completion = len(request.generated)
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
-                "total_tokens": self.prompt_tokens + completion}
-
-    def whole(self, request: Request) -> dict[str, Any]:
-        if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": request.text},
-                      "finish_reason": request.finish_reason, "logprobs": None}
-        else:
-            choice = {"index": 0, "text": request.text, "finish_reason": request.finish_reason, "logprobs": None}
-        return {**self._envelope(choice, chunk=False), "usage": self._usage(request)}
-
-    def _chunk(self, text: str | None, finish_reason: str | None, first: bool) -> str:
-        if self.chat:
-            delta = {"role": "assistant", "content": text or ""} if first else ({"content": text} if text else {})
-            choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
-        else:
-            choice = {"index": 0, "text": text or "", "finish_reason": finish_reason, "logprobs": None}
-        return f"data: {json.dumps(self._envelope(choice, chunk=True))}\n\n"
-
-    async def stream(self, pieces: asyncio.Queue, request: Request):
-        first = True
-        try:
-            while (text := await pieces.get()) is not None:
-                yield self._chunk(text, None, first)
-                first = False
-        finally:  # the client went away mid-stream: stop decoding for it and free its slot
-            if request.finish_reason is None:
-                request.cancelled = True
-        if request.error is not None:
-            error = {"message": f"generation failed: {request.error}", "type": "server_error", "code": 500}
-            yield f"data: {json.dumps({'error': error})}\n\n"
-        else:
-            yield self._chunk(None, request.finish_reason, first)
-        yield "data: [DONE]\n\n"
-
-
+# -- errors: always the JSON body ---------------------------------------------------
 def _error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+
+
+async def _api_error(_: HttpRequest, err: ApiError) -> JSONResponse:
+    return _error(err.status, err.message, err.kind)
+
+
+async def _store_error(_: HttpRequest, err: StoreError) -> JSONResponse:
+    kind = {404: "not_found_error", 503: "service_unavailable"}.get(err.status, "invalid_request_error")
+    return _error(err.status, str(err), kind)
+
+
+async def _invalid(_: HttpRequest, err: RequestValidationError) -> JSONResponse:
+    return _error(400, validation_message(err.errors()))
+
+
+async def _http_error(_: HttpRequest, err: HTTPException) -> JSONResponse:
+    return _error(err.status_code, str(err.detail), "not_found_error" if err.status_code == 404 else
+                  "invalid_request_error")
+
+
+async def _unexpected(_: HttpRequest, err: Exception) -> JSONResponse:
+    return _error(500, f"internal error: {type(err).__name__}: {err}", "server_error")
+
+
+# -- endpoints -------------------------------------------------------------------------
+@router.get("/health")
+async def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/metrics")
+async def metrics(http: HttpRequest) -> Response:
+    return Response(_service(http).metrics.text(), media_type="text/plain; version=0.0.4")
+
+
+@router.get("/v1/models")
+async def models(http: HttpRequest) -> dict[str, Any]:
+    service = _service(http)
+    now = int(time.time())
+    entries = [{"id": service.base_name, "object": "model", "created": now, "owned_by": "lorakit",
+                "root": service.base_name, "parent": None, "max_model_len": service.limits.max_prompt_tokens}]
+    entries += [{"id": info.name, "object": "model", "created": now, "owned_by": "lorakit", "root": info.root,
+                 "parent": service.base_name, "rank": info.rank}
+                for info in await run_in_threadpool(service.store.catalog)]
+    return {"object": "list", "data": entries}
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionBody, http: HttpRequest):
+    service = _service(http)
+    if body.max_tokens == 0 and not body.echo:
+        raise ApiError(400, "max_tokens: 0 generates nothing; it is only allowed with echo (to score a prompt)")
+    if len(body.prompts()) > 64:
+        raise ApiError(400, f"prompt: at most 64 prompts in one request, got {len(body.prompts())}")
+    prompts = [_prompt_ids(service, p, i) for i, p in enumerate(body.prompts())]
+    params = _params(service, body, body.max_tokens, body.logprobs, prompt_logprobs=body.echo and
+                     body.logprobs is not None)
+    echo = [p if isinstance(p, str) else service.engine.tokenizer.decode(p) for p in body.prompts()] \
+        if body.echo else None
+    return await _serve(service, body, prompts, params, http, chat=False, echo=echo)
+
+
+@router.post("/v1/chat/completions")
+async def chat(body: ChatBody, http: HttpRequest):
+    service = _service(http)
+    tokenizer = service.engine.tokenizer
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ApiError(400, f"{service.base_name} has no chat template; use /v1/completions")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise ApiError(400, "top_logprobs: needs logprobs: true")
+    try:
+        ids = tokenizer.apply_chat_template([m.for_template() for m in body.messages], add_generation_prompt=True,
+                                            tokenize=True, return_dict=True)["input_ids"]
+    except Exception as err:  # the template rejects the conversation (roles, order, ...)
+        raise ApiError(400, f"messages: the chat template cannot render them: {err}") from None
+    prompt = _prompt_ids(service, list(ids), 0)
+    max_tokens = body.max_completion_tokens or body.max_tokens or service.limits.max_tokens
+    params = _params(service, body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None)
+    return await _serve(service, body, [prompt], params, http, chat=True)
+
+
+@router.post("/v1/load_lora_adapter")
+async def load_lora(body: LoadBody, http: HttpRequest) -> dict[str, str]:
+    service = _runtime_allowed(http)
+    await run_in_threadpool(service.store.register, body.lora_name, body.lora_path)
+    return {"status": "ok", "message": f"adapter {body.lora_name!r} loaded"}
+
+
+@router.post("/v1/unload_lora_adapter")
+async def unload_lora(body: UnloadBody, http: HttpRequest) -> dict[str, str]:
+    service = _runtime_allowed(http)
+    await run_in_threadpool(service.store.unregister, body.lora_name)
+    return {"status": "ok", "message": f"adapter {body.lora_name!r} unloaded"}
+
+
+def _runtime_allowed(http: HttpRequest) -> Service:
+    service = _service(http)
+    if not service.allow_runtime_lora:
+        raise ApiError(403, "runtime adapter loading is off; start the server with --allow-runtime-lora")
+    return service
+
+
+# -- checking a request, before it holds anything -----------------------------------------
+def _prompt_ids(service: Service, prompt: str | list[int], index: int) -> list[int]:
+    engine, limits = service.engine, service.limits
+    ids = list(engine.tokenizer(prompt)["input_ids"]) if isinstance(prompt, str) else prompt
+    where = "prompt" if index == 0 else f"prompt[{index}]"
+    if not ids:
+        raise ApiError(400, f"{where} is empty after tokenization; give at least one token")
+    if max(ids) >= engine.vocab_size:
+        raise ApiError(400, f"{where}: token id {max(ids)} is outside the vocabulary (size {engine.vocab_size})")
+    if len(ids) > limits.max_prompt_tokens:
+        raise ApiError(400, f"{where} has {len(ids)} tokens, more than this server's limit of "
+                            f"{limits.max_prompt_tokens}")
+    return ids
+
+
+def _params(service: Service, body: Sampling, max_tokens: int, logprobs: int | None,
+            prompt_logprobs: bool = False) -> SamplingParams:
+    if max_tokens > service.limits.max_tokens:
+        raise ApiError(400, f"max_tokens {max_tokens} is more than this server's limit of "
+                            f"{service.limits.max_tokens}")
+    if body.stream and logprobs is not None:
+        raise ApiError(400, "logprobs: not available with stream; ask without streaming")
+    if body.stream_options is not None and not body.stream:
+        raise ApiError(400, "stream_options: only with stream: true")
+    return SamplingParams(max_tokens, body.temperature, body.top_p, body.seed, body.stops, logprobs,
+                          prompt_logprobs, body.frequency_penalty, body.presence_penalty)
+
+
+# -- serving: lease, submit, answer ---------------------------------------------------------
+async def _serve(service: Service, body: Sampling, prompts: list[list[int]], params: SamplingParams,
+                 http: HttpRequest, chat: bool, echo: list[str] | None = None):
+    engine, store = service.engine, service.store
+    count = len(prompts) * body.n
+    if not engine.has_room(service.limits.max_queue, count):
+        raise ApiError(429, "too many requests in flight; retry later", "rate_limit_error")
+    adapter = None if body.model == service.base_name else body.model
+    if adapter is not None and not store.knows(adapter):
+        await run_in_threadpool(store.resolve, adapter)  # 404 unknown, 400 escapes the root
+    loop = asyncio.get_running_loop()
+    pieces: asyncio.Queue[tuple[int, str | None]] = asyncio.Queue()
+    requests = []
+    for index in range(count):
+        seeded = params if params.seed is None else _with_seed(params, index % body.n)
+        on_text = (lambda text, i=index: loop.call_soon_threadsafe(pieces.put_nowait, (i, text))) \
+            if body.stream else None
+
+        def on_done(request: Request, i: int = index) -> None:
+            service.metrics.observe(request)
+            loop.call_soon_threadsafe(pieces.put_nowait, (i, None))
+
+        requests.append(Request(prompts[index // body.n], adapter, seeded, on_text=on_text, on_done=on_done))
+    leases = await _lease(store, [adapter] * count)
+    submitted = 0
+    try:
+        for request, lease in zip(requests, leases):
+            request.lease = lease
+        for request in requests:
+            engine.submit(request)
+            submitted += 1
+    finally:
+        for request in requests[submitted:]:  # never reached the engine: close here, releasing the lease
+            request.close("cancelled")
+    reply = Reply(body.model, chat, engine.tokenizer)
+    if body.stream:
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        return StreamingResponse(_stream(reply, pieces, requests, include_usage), media_type="text/event-stream")
+    try:
+        await _until_done(pieces, requests, http)
+    finally:
+        for request in requests:
+            if not request.done.is_set():
+                request.cancelled = True
+    failed = next((r.error for r in requests if r.error is not None), None)
+    if failed is not None:
+        raise ApiError(500, f"generation failed: {failed}", "server_error")
+    return reply.whole(requests, [echo[i // body.n] for i in range(count)] if echo else None)
+
+
+async def _lease(store, names: list[str | None]) -> list:
+    """lease_all in a worker thread; if this handler is cancelled meanwhile, the leases
+    are released when they arrive rather than lost."""
+    work = asyncio.get_running_loop().run_in_executor(None, lease_all, store, names)
+    try:
+        return await asyncio.shield(work)
+    except asyncio.CancelledError:
+        def release(done: asyncio.Future) -> None:
+            if not done.cancelled() and done.exception() is None:
+                for lease in done.result():
+                    if lease is not None:
+                        lease.release()
+        work.add_done_callback(release)
+        raise
+
+
+def _with_seed(params: SamplingParams, choice: int) -> SamplingParams:
+    """Choice j of a seeded request samples with seed + j, so n choices differ and repeat."""
+    from dataclasses import replace
+
+    seed = params.seed + choice
+    return replace(params, seed=seed if seed < 2**64 else seed - 2**64)
+
+
+async def _until_done(pieces: asyncio.Queue, requests: list[Request], http: HttpRequest) -> None:
+    """Wait for every choice to finish; if the client hangs up first, cancel them (the
+    engine drops them at its next step and frees their slots)."""
+    remaining = len(requests)
+    while remaining:
+        try:
+            _, text = await asyncio.wait_for(pieces.get(), timeout=0.25)
+            remaining -= text is None
+        except asyncio.TimeoutError:
+            if await http.is_disconnected():
+                for request in requests:
+                    request.cancelled = True
+
+
+async def _stream(reply: Reply, pieces: asyncio.Queue, requests: list[Request], include_usage: bool):
+    started, remaining = set(), len(requests)
+    try:
+        while remaining:
+            index, text = await pieces.get()
+            request = requests[index]
+            if text is not None:
+                yield _event(reply.chunk(index, text, None, index not in started))
+            elif request.error is None:
+                remaining -= 1
+                yield _event(reply.chunk(index, None, request.finish_reason, index not in started))
+            else:
+                remaining -= 1
+                yield _event({"error": {"message": f"generation failed: {request.error}", "type": "server_error",
+                                        "code": 500}})
+            started.add(index)
+        if include_usage:
+            yield _event(reply.usage_chunk(requests))
+        yield "data: [DONE]\n\n"
+    finally:  # the client went away mid-stream: stop decoding for it and free its slots
+        for request in requests:
+            if not request.done.is_set():
+                request.cancelled = True
+
+
+def _event(data: dict[str, Any]) -> str:
+    return f"data: {json.dumps(data)}\n\n"

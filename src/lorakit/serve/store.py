@@ -20,12 +20,14 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..files import PREFIX, AdapterFileError, read_config, read_tensors
+from ..files import CONFIG_NAME, PREFIX, WEIGHTS_NAME, AdapterFileError, read_config, read_tensors
 from ..layers import lora_scaling
 from .pool import LoraWeights
 from .slots import SlotLinear, slot_layers
 
-NAME = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
+# Path segments of letters, digits, . _ -, none starting with a dot (so no "..", no hidden files).
+NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*(/[A-Za-z0-9_-][A-Za-z0-9._-]*)*$")
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def _finite(tensor: Tensor) -> bool:
@@ -42,8 +44,30 @@ class StoreError(ValueError):
 
 
 def check_name(name: str) -> None:
-    if not isinstance(name, str) or not NAME.match(name):
-        raise StoreError(f"adapter name {name!r} has characters other than letters, digits, . _ - /", 400)
+    if not isinstance(name, str) or len(name) > 255 or not NAME.match(name):
+        raise StoreError(f"adapter name {name!r} must be 1-255 letters, digits, . _ - and / between parts "
+                         "that do not start with a dot", 400)
+
+
+class Lease:
+    """One request's hold on a loaded adapter's slot; released once, however often called."""
+
+    def __init__(self, store: AdapterStore, name: str, slot: int) -> None:
+        self.store, self.name, self.slot = store, name, slot
+        self._released = threading.Lock()
+
+    def release(self) -> None:
+        if self._released.acquire(blocking=False):
+            self.store.release(self.name)
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """What /v1/models shows of an adapter that loads."""
+
+    name: str
+    root: str  # its directory, relative to the adapter root when it lies there
+    rank: int
 
 
 @dataclass
@@ -67,6 +91,8 @@ class Loaded:
 class AdapterStore:
     def __init__(self, model: nn.Module, root: str | os.PathLike | None, max_adapters: int,
                  max_bytes: int | None = None) -> None:
+        if root is not None and not Path(root).is_dir():
+            raise StoreError(f"adapter root {root} is not a directory", 400)
         self.root = Path(root).resolve() if root is not None else None
         self.layers: dict[str, SlotLinear] = slot_layers(model)
         self.capacity = model.lorakit_router.capacity
@@ -74,34 +100,83 @@ class AdapterStore:
         self.max_bytes = max_bytes
         self.loaded: OrderedDict[str, Loaded] = OrderedDict()  # least recently used first
         self.extra: dict[str, Path] = {}  # adapters registered at runtime (load_lora_adapter)
+        self.unloaded: set[str] = set()  # root adapters unloaded at runtime: unavailable until loaded again
+        self.loads = self.evictions = 0  # over the store's life, for metrics
+        self.checked: dict[tuple, AdapterInfo | None] = {}  # file stamps -> what /v1/models shows, or None
         self.lock = threading.Lock()
 
     # -- names and files -----------------------------------------------------------
     def resolve(self, name: str, path: str | None = None) -> Path:
-        """The directory of adapter ``name`` (or of ``path``), confined to the root."""
+        """The directory of adapter ``name`` (or of ``path``), confined to the root: the
+        directory and every file read from it resolve inside the root, symlinks included."""
         if name in self.extra and path is None:
             return self.extra[name]
+        if path is None and name in self.unloaded:
+            raise StoreError(f"adapter {name!r} was unloaded; load it again with /v1/load_lora_adapter", 404)
         if self.root is None:
             raise StoreError(f"no adapter named {name!r} (and no adapter root)", 404)
         relative = path if path is not None else name
-        if not isinstance(relative, str) or not relative or os.path.isabs(relative) or ".." in Path(relative).parts:
+        if not isinstance(relative, str) or CONTROL.search(relative):
+            raise StoreError(f"adapter path {relative!r} has control characters", 400)
+        if not relative or os.path.isabs(relative) or ".." in Path(relative).parts:
             raise StoreError(f"adapter path {relative!r} must be a relative path inside the adapter root", 400)
         if path is None:
             check_name(relative)
-        resolved = (self.root / relative).resolve()
-        if resolved != self.root and self.root not in resolved.parents:
-            raise StoreError(f"adapter {relative!r} leads outside the adapter root", 400)
-        if not (resolved / "adapter_config.json").is_file():
+        resolved = self._inside(self.root / relative, relative)
+        if not (resolved / CONFIG_NAME).is_file():
             raise StoreError(f"no adapter named {relative!r}", 404)
+        for file_name in (CONFIG_NAME, WEIGHTS_NAME):
+            self._inside(resolved / file_name, relative)
         return resolved
 
+    def _inside(self, path: Path, shown: str) -> Path:
+        resolved = path.resolve()
+        if resolved != self.root and self.root not in resolved.parents:
+            raise StoreError(f"adapter {shown!r} leads outside the adapter root", 400)
+        return resolved
+
+    def knows(self, name: str) -> bool:
+        return name in self.loaded or name in self.extra
+
     def available(self) -> list[str]:
-        """Adapter names under the root (directories with an adapter_config.json), and runtime ones."""
-        if self.root is None:
-            return sorted(self.extra)
-        found = {str(p.parent.relative_to(self.root)) for p in self.root.rglob("adapter_config.json")
-                 if self.root in p.resolve().parents}
-        return sorted(found | set(self.extra))
+        return [info.name for info in self.catalog()]
+
+    def catalog(self) -> list[AdapterInfo]:
+        """The adapters a request can use: under the root (not unloaded) and registered at
+        runtime, each listed only if it loads into this model. Checks are cached by the
+        files' size and modification time."""
+        candidates = dict(self.extra)
+        if self.root is not None:
+            for config in self.root.rglob(CONFIG_NAME):
+                name = str(config.parent.relative_to(self.root))
+                if name not in self.unloaded and NAME.match(name):
+                    candidates.setdefault(name, config.parent)
+        listed = []
+        for name, directory in sorted(candidates.items()):
+            info = self._check(name, directory)
+            if info is not None:
+                listed.append(info)
+        return listed
+
+    def _check(self, name: str, directory: Path) -> AdapterInfo | None:
+        try:
+            if directory != self.extra.get(name):
+                directory = self.resolve(name)
+            stamps = tuple((p.stat().st_size, p.stat().st_mtime_ns) for p in
+                           (directory / CONFIG_NAME, directory / WEIGHTS_NAME))
+        except (StoreError, OSError):
+            return None
+        key = (name, str(directory), stamps)
+        if key not in self.checked:
+            try:
+                prepared = self.prepare(name, directory)
+                rank = max(w.A.shape[0] for w in prepared.weights.values())
+                shown = str(directory.relative_to(self.root)) if self.root and self.root in directory.parents \
+                    else str(directory)
+                self.checked[key] = AdapterInfo(name, shown, rank)
+            except StoreError:
+                self.checked[key] = None
+        return self.checked[key]
 
     def prepare(self, name: str, path: Path) -> Prepared:
         """Read and check the adapter at ``path``; raises StoreError(422) if it does not fit."""
@@ -149,6 +224,10 @@ class AdapterStore:
         return Prepared(name, path, weights, nbytes)
 
     # -- slots ---------------------------------------------------------------------
+    def lease(self, name: str) -> Lease:
+        """A lease on adapter ``name``'s slot (loading it if needed); release it when done."""
+        return Lease(self, name, self.acquire(name))
+
     def acquire(self, name: str) -> int:
         """The slot of adapter ``name``, loading it if needed; the caller must ``release`` it."""
         with self.lock:
@@ -196,10 +275,12 @@ class AdapterStore:
             self.layers[path].fill(slot, weights)
         entry = Loaded(slot, prepared.nbytes)
         self.loaded[prepared.name] = entry
+        self.loads += 1
         return entry
 
     def _evict(self, name: str) -> None:
         slot = self.loaded.pop(name).slot
+        self.evictions += 1
         for layer in self.layers.values():
             layer.empty(slot)
 
@@ -217,15 +298,22 @@ class AdapterStore:
         with self.lock:
             if name in self.loaded or name in self.extra:
                 raise StoreError(f"adapter {name!r} is already loaded", 400)
+            self.unloaded.discard(name)
             self.extra[name] = resolved
             self.install(prepared)
 
     def unregister(self, name: str) -> None:
         """vLLM's unload_lora_adapter: forget ``name``; its slot is freed as soon as no request
-        in flight holds it (those finish with the adapter they started with)."""
+        in flight holds it (those finish with the adapter they started with). An adapter of
+        the root stays unavailable until it is loaded again."""
+        check_name(name)
         with self.lock:
-            if name not in self.loaded and name not in self.extra:
+            in_root = name not in self.extra and name not in self.unloaded and self.root is not None \
+                and (self.root / name / CONFIG_NAME).is_file()
+            if name not in self.loaded and name not in self.extra and not in_root:
                 raise StoreError(f"adapter {name!r} is not loaded", 404)
+            if name not in self.extra:
+                self.unloaded.add(name)
             self.extra.pop(name, None)
             entry = self.loaded.get(name)
             if entry is not None and entry.users == 0:
