@@ -104,3 +104,78 @@ def test_generate_command_gives_each_prompt_its_adapter_alone(setup, tiny_lm_dir
         text = complete(engine, ["hej"], [name], SamplingParams(max_tokens=5))[0].text
         assert repr(text) in result.output
     assert CliRunner().invoke(app, ["generate", str(tiny_lm_dir), "--prompt", "hej", "--use", "nope"]).exit_code == 2
+
+
+class Faulty:
+    """Wraps engine._forward so that any forward pass including ``slot`` raises."""
+
+    def __init__(self, engine, slot):
+        self.engine, self.slot, self.forward = engine, slot, engine._forward
+
+    def __call__(self, ids, mask, positions, slots, cache, all_logits=False):
+        if self.slot in slots:
+            raise RuntimeError("this adapter's rows break the forward pass")
+        return self.forward(ids, mask, positions, slots, cache, all_logits)
+
+
+@pytest.mark.parametrize("when", ["prefill", "decode"])
+def test_a_request_that_breaks_its_batch_fails_alone(setup, tiny_lm_dir, when):
+    """Everyone else in the batch gets exactly what their adapter gives alone, and every
+    slot is released; the failing request is answered with its error."""
+    root, engine = setup
+    names = ["a1", None, "a0", "a2"]
+    prompts = [[10, 11, 12], [20, 21], [30, 31, 32, 33], [40]]
+    requests = [make(engine, p, n, max_tokens=5) for p, n in zip(prompts, names)]
+    bad = requests[2]
+    if when == "decode":
+        for request in requests:
+            engine.submit(request)
+        engine.step()  # prefilled together, first token out
+    engine._forward = Faulty(engine, bad.slot)
+    try:
+        if when == "prefill":
+            for request in requests:
+                engine.submit(request)
+        while not all(r.done.is_set() for r in requests):
+            engine.step()
+    finally:
+        del engine._forward
+    assert bad.finish_reason == "error" and "break the forward pass" in str(bad.error)
+    for name, prompt, request in zip(names, prompts, requests):
+        if request is not bad:
+            assert request.error is None and request.generated == greedy_alone(
+                tiny_lm_dir, root / name if name else None, prompt, 5), name
+    assert all(entry.users == 0 for entry in engine.store.loaded.values())
+    assert not engine.rows and engine.cache is None
+
+
+def test_every_request_the_engine_holds_is_answered_when_it_stops(setup):
+    import threading
+
+    _, engine = setup
+    requests = [make(engine, [5, 6, 7], name, max_tokens=50) for name in ("a0", None, "a1")]
+    for request in requests[:2]:
+        engine.submit(request)
+    engine.step()
+    engine.submit(requests[2])  # still waiting
+    stop = threading.Event()
+    stop.set()
+    engine.run(stop)
+    assert [r.finish_reason for r in requests] == ["cancelled"] * 3
+    assert all(r.done.is_set() for r in requests) and not engine.rows and engine.waiting.empty()
+    assert all(entry.users == 0 for entry in engine.store.loaded.values())
+
+
+def test_an_empty_prompt_never_reaches_the_engine():
+    with pytest.raises(ValueError, match="at least one prompt token"):
+        Request([], None)
+
+
+def test_a_closed_request_releases_its_lease_once(setup):
+    _, engine = setup
+    request = make(engine, [1, 2], "a0")
+    users = engine.store.loaded["a0"].users
+    request.close("cancelled")
+    request.close(error=RuntimeError("late"))
+    assert engine.store.loaded["a0"].users == users - 1
+    assert request.finish_reason == "cancelled" and request.error is None

@@ -174,8 +174,16 @@ class Reply:
             at += len(piece)
         return {"tokens": pieces,
                 "token_logprobs": [None if s is None else s.logprob for s in scored],
-                "top_logprobs": [None if s is None else {self._piece(t): v for t, v in s.top} for s in scored],
+                "top_logprobs": [None if s is None else self._top(s) for s in scored],
                 "text_offset": offsets}
+
+    def _top(self, scored: TokenLogprob) -> dict[str, float]:
+        """Alternatives keyed by their text, as OpenAI's format has it; of tokens that read
+        alike (partial UTF-8 bytes), the most likely one keeps the key."""
+        top: dict[str, float] = {}
+        for token, value in scored.top:
+            top.setdefault(self._piece(token), value)
+        return top
 
     def _chat_logprobs(self, request: Request) -> dict[str, Any] | None:
         if request.params.logprobs is None:

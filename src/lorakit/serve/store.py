@@ -116,12 +116,12 @@ class AdapterStore:
         if self.root is None:
             raise StoreError(f"no adapter named {name!r} (and no adapter root)", 404)
         relative = path if path is not None else name
+        if path is None:
+            check_name(relative)
         if not isinstance(relative, str) or CONTROL.search(relative):
             raise StoreError(f"adapter path {relative!r} has control characters", 400)
         if not relative or os.path.isabs(relative) or ".." in Path(relative).parts:
             raise StoreError(f"adapter path {relative!r} must be a relative path inside the adapter root", 400)
-        if path is None:
-            check_name(relative)
         resolved = self._inside(self.root / relative, relative)
         if not (resolved / CONFIG_NAME).is_file():
             raise StoreError(f"no adapter named {relative!r}", 404)
@@ -308,11 +308,10 @@ class AdapterStore:
         the root stays unavailable until it is loaded again."""
         check_name(name)
         with self.lock:
-            in_root = name not in self.extra and name not in self.unloaded and self.root is not None \
-                and (self.root / name / CONFIG_NAME).is_file()
-            if name not in self.loaded and name not in self.extra and not in_root:
+            in_root = self.root is not None and (self.root / name / CONFIG_NAME).is_file()
+            if name not in self.loaded and name not in self.extra and (not in_root or name in self.unloaded):
                 raise StoreError(f"adapter {name!r} is not loaded", 404)
-            if name not in self.extra:
+            if in_root:
                 self.unloaded.add(name)
             self.extra.pop(name, None)
             entry = self.loaded.get(name)
