@@ -241,7 +241,8 @@ class Engine:
             if token is None or request.done.is_set():
                 continue
             try:
-                if request.params.logprobs is not None and token not in self.eos and request.params.max_tokens:
+                # The end-of-sequence token is scored too: harnesses read the last entry as the generated one.
+                if request.params.logprobs is not None and request.params.max_tokens:
                     request.logprobs += token_logprobs(logits[i:i + 1], [token], request.params.logprobs)
                 self._append(request, token)
             except Exception as err:

@@ -193,5 +193,6 @@ class Reply:
             piece = self._piece(token)
             return {"token": piece, "logprob": value, "bytes": list(piece.encode("utf-8"))}
 
+        scored = request.logprobs[:len(request.generated)]  # not the end-of-sequence token: not content
         return {"content": [{**entry(s.token, s.logprob), "top_logprobs": [entry(t, v) for t, v in s.top]}
-                            for s in request.logprobs]}
+                            for s in scored]}
