@@ -8,12 +8,16 @@ and server throughput, each as a ratio measured side by side in one run.
 2. loading a 13,197,312-parameter adapter (Qwen2-0.5B shapes, r=24, all linear layers)
    into a ready model: lorakit's store / PEFT's ``load_adapter`` (each load is undone
    before the next);
-3. a bounded load test of ``lorakit serve`` on 127.0.0.1 (SmolLM2-135M-Instruct, the real
-   embedded model): tokens/s with 32 adapters in rotation / with 1 adapter, interleaved
-   rounds; then 500 requests, 32 concurrent, across 16 adapters: errors, lost responses,
-   throughput, p50/p99 latency.
+3. ``lorakit serve`` on 127.0.0.1 (SmolLM2-135M-Instruct, the real embedded model, or
+   ``--model``): server tokens/s with 32 concurrent rows / the model's own limit (32 rows
+   / one decode forward of a 32-row batch on the same adapters, timed in this process
+   while the servers idle), with 1 adapter and with 32 in rotation; 32 / 1; a single
+   request's time to first token and tokens/s; with ``--bf16`` a bf16 server beside the
+   fp32 one (speed, and whether greedy texts stay the same); then 500 requests, 32
+   concurrent, across 16 adapters: errors, lost responses, throughput, p50/p99 latency.
 
     python bench/bench_serve.py [--rounds 7] [--skip-mixed] [--skip-load] [--skip-server]
+                                [--model SPEC] [--device cuda] [--bf16] [--max-tokens 32]
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import copy
+import json
 import statistics
 import subprocess
 import sys
@@ -187,6 +192,9 @@ def loading(rounds: int) -> None:
     print(f"\nlorakit / peft: {medians['lorakit store'] / medians['peft load_adapter']:.3f} (target <= 0.2)\n")
 
 
+PROMPT = "Question {i}: what is LoRA?"
+
+
 async def _load_test(url: str, models: list[str], requests: int, concurrency: int, max_tokens: int):
     import httpx
 
@@ -196,8 +204,8 @@ async def _load_test(url: str, models: list[str], requests: int, concurrency: in
         async def one(i: int):
             nonlocal tokens
             async with semaphore:
-                body = {"model": models[i % len(models)], "prompt": f"Question {i}: what is LoRA?",
-                        "max_tokens": max_tokens, "temperature": 0}
+                body = {"model": models[i % len(models)], "prompt": PROMPT.format(i=i), "max_tokens": max_tokens,
+                        "temperature": 0}
                 start = time.perf_counter()
                 try:
                     reply = await client.post(url + "/v1/completions", json=body)
@@ -218,46 +226,142 @@ async def _load_test(url: str, models: list[str], requests: int, concurrency: in
             "latencies": sorted(latencies)}
 
 
-def server(rounds: int) -> None:
+def _single(url: str, model: str, max_tokens: int) -> tuple[float, float]:
+    """One request alone, streamed: (seconds to the first token, tokens/s after it)."""
+    import httpx
+
+    body = {"model": model, "prompt": PROMPT.format(i=0), "max_tokens": max_tokens, "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True}}
+    start, first, usage = time.perf_counter(), None, None
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=300) as reply:
+        for line in reply.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            event = json.loads(line[6:])
+            if event["choices"] and event["choices"][0]["text"] and first is None:
+                first = time.perf_counter()
+            usage = event.get("usage") or usage
+    end = time.perf_counter()
+    first = first or end
+    return first - start, (usage["completion_tokens"] - 1) / max(end - first, 1e-9)
+
+
+def _greedy_texts(url: str, model: str, count: int, max_tokens: int) -> list[str]:
+    import httpx
+
+    return [httpx.post(url + "/v1/completions", json={"model": model, "prompt": PROMPT.format(i=i),
+                                                       "max_tokens": max_tokens, "temperature": 0},
+                       timeout=300).json()["choices"][0]["text"] for i in range(count)]
+
+
+def model_limit(spec: str, root: Path, names: list[str], device: str, dtype: torch.dtype, max_tokens: int):
+    """The served model's own decode speed: rows / one decode forward of a 32-row batch on
+    its adapters (one adapter, or 32 in rotation), at the mean context of the load test."""
+    from lorakit.serve.engine import build_engine
+    from lorakit.serve.request import Request
+
+    engine = build_engine(spec, str(root), max_adapters=32, max_batch=32, dtype=dtype, device=device)
+    tokenizer = engine.tokenizer
+    context = max_tokens // 2
+
+    def forward_for(models: list[str]):
+        rows = [Request(tokenizer(PROMPT.format(i=i))["input_ids"] + [7] * context, m,
+                        lease=engine.store.lease(m)) for i, m in enumerate(models)]
+        logits, cache, mask = engine._prefill_forward(rows)
+        last = torch.full((len(rows), 1), 7, device=engine.device)
+        mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
+        positions = mask[:, :-1].sum(-1, keepdim=True)
+        slots = [r.slot for r in rows]
+
+        @torch.inference_mode()
+        def step():
+            engine._forward(last, mask, positions, slots, cache)
+            if device == "cuda":
+                torch.cuda.synchronize()
+        return step
+
+    return {"1 adapter": forward_for([names[0]] * 32), "32 adapters in rotation": forward_for(names[:32])}
+
+
+def _wait_for(url: str, process: subprocess.Popen, log: Path | None) -> None:
+    import httpx
+
+    for _ in range(900):
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited with {process.returncode}"
+                               + (f"; its output:\n{log.read_text()[-4000:]}" if log else ""))
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    raise RuntimeError("the server did not start in 3 minutes")
+
+
+def server(rounds: int, spec: str, device: str, bf16: bool, max_tokens: int = 32, logs: Path | None = None,
+           load_test: bool = True) -> None:
     import httpx
 
     import lorakit
     from serving_helpers import free_port
 
+    variants = {"fp32": "fp32", **({"bf16": "bf16"} if bf16 else {})}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        names = random_adapters(lorakit.load_model("smollm2-135m"), root, [8] * 32)
-        port = free_port()
-        process = subprocess.Popen([sys.executable, "-m", "lorakit", "serve", "smollm2-135m", "--adapters", str(root),
-                                    "--port", str(port), "--max-adapters", "32", "--max-batch", "32"],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        url = f"http://127.0.0.1:{port}"
+        names = random_adapters(lorakit.load_model(spec), root, [8] * 32)
+        processes, urls = [], {}
+        for label, dtype in variants.items():
+            port = free_port()
+            log = logs / f"server-{label}.log" if logs else None
+            output = open(log, "w") if log else subprocess.DEVNULL
+            processes.append(subprocess.Popen(
+                [sys.executable, "-m", "lorakit", "serve", spec, "--adapters", str(root), "--port", str(port),
+                 "--max-adapters", "32", "--max-batch", "32", "--dtype", dtype, "--device", device],
+                stdout=output, stderr=subprocess.STDOUT))
+            urls[label] = f"http://127.0.0.1:{port}"
         try:
-            for _ in range(600):
-                try:
-                    if httpx.get(url + "/health").status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    time.sleep(0.2)
-            # warm-up: every adapter loaded once, so the rounds measure decoding, not loading
-            asyncio.run(_load_test(url, names, 64, 32, 2))
-            runs: dict[str, list[float]] = {"1 adapter": [], "32 adapters in rotation": []}
+            for (label, url), process in zip(urls.items(), processes):
+                _wait_for(url, process, logs / f"server-{label}.log" if logs else None)
+                # warm-up: every adapter loaded once, so the rounds measure decoding, not loading
+                asyncio.run(_load_test(url, names, 64, 32, 2))
+            limits = model_limit(spec, root, names, device, torch.float32, max_tokens)
+            runs: dict[str, list[float]] = {}
             for r in range(rounds):
-                order = list(runs) if r % 2 == 0 else list(runs)[::-1]
-                for label in order:
-                    models = names[:1] if label == "1 adapter" else names
-                    result = asyncio.run(_load_test(url, models, 64, 32, 16))
-                    assert not result["errors"], result["errors"]
-                    runs[label].append(result["tokens"] / result["seconds"])
+                for label, step in limits.items():  # the servers are idle meanwhile
+                    step()
+                    start = time.perf_counter()
+                    step()
+                    runs.setdefault(f"model limit, {label}", []).append(32 / (time.perf_counter() - start))
+                for variant, url in urls.items():
+                    for label in (["1 adapter", "32 adapters in rotation"][:: 1 if r % 2 == 0 else -1]):
+                        models = names[:1] if label == "1 adapter" else names
+                        result = asyncio.run(_load_test(url, models, 64, 32, max_tokens))
+                        assert not result["errors"], result["errors"]
+                        runs.setdefault(f"server {variant}, {label}", []).append(result["tokens"] / result["seconds"])
+                    first, speed = _single(url, names[0], max_tokens)
+                    runs.setdefault(f"single request {variant}: time to first token (ms)", []).append(first * 1000)
+                    runs.setdefault(f"single request {variant}: tokens/s", []).append(speed)
             medians = {k: statistics.median(v) for k, v in runs.items()}
-            print("### Server throughput (SmolLM2-135M-Instruct, 64 requests x 16 tokens per round, 32 concurrent, "
-                  f"median of {rounds} interleaved rounds)\n")
-            print("| adapters | tokens/s |\n|---|---:|")
+            print(f"### Server on {device} (model {spec}, 32 rank-8 adapters, 64 requests x {max_tokens} tokens a "
+                  f"round, 32 concurrent; median of {rounds} interleaved rounds)\n")
+            print("| measure | value |\n|---|---:|")
             for label, value in medians.items():
                 print(f"| {label} | {value:.1f} |")
-            print(f"\n32 adapters / 1 adapter: {medians['32 adapters in rotation'] / medians['1 adapter']:.3f} "
-                  "(target >= 0.85)\n")
+            for variant in urls:
+                for label in ("1 adapter", "32 adapters in rotation"):
+                    ratio = medians[f"server {variant}, {label}"] / medians[f"model limit, {label}"]
+                    print(f"\nserver {variant} / model limit (fp32), {label}: {ratio:.3f} (target >= 0.9)")
+                ratio = medians[f"server {variant}, 32 adapters in rotation"] / medians[f"server {variant}, 1 adapter"]
+                print(f"server {variant}, 32 adapters / 1 adapter: {ratio:.3f} (target >= 0.95)")
+            if "bf16" in urls:
+                ratio = medians["server bf16, 32 adapters in rotation"] / medians["server fp32, 32 adapters in rotation"]
+                same = sum(a == b for a, b in zip(_greedy_texts(urls["fp32"], names[0], 8, max_tokens),
+                                                  _greedy_texts(urls["bf16"], names[0], 8, max_tokens)))
+                print(f"\nbf16 / fp32 server tokens/s: {ratio:.3f}; greedy texts identical: {same} of 8\n")
 
+            if not load_test:
+                return
+            url = urls["fp32"]
             result = asyncio.run(_load_test(url, names[:16], 500, 32, 16))
             lat = result["latencies"]
             print("### Load test: 500 requests, 32 concurrent, 16 adapters, 16 tokens each\n")
@@ -268,8 +372,9 @@ def server(rounds: int) -> None:
             if lat:
                 print(f"- latency: p50 {lat[len(lat) // 2]:.2f} s, p99 {lat[min(len(lat) - 1, int(len(lat) * 0.99))]:.2f} s")
         finally:
-            process.terminate()
-            process.wait(timeout=30)
+            for process in processes:
+                process.terminate()
+                process.wait(timeout=60)
 
 
 def main() -> None:
@@ -279,6 +384,12 @@ def main() -> None:
     parser.add_argument("--skip-mixed", action="store_true")
     parser.add_argument("--skip-load", action="store_true")
     parser.add_argument("--skip-server", action="store_true")
+    parser.add_argument("--model", default="smollm2-135m", help="the served model (a spec lorakit serve takes)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--bf16", action="store_true", help="also serve bf16 weights and compare")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--server-log", type=Path, help="write each server's output to this directory")
+    parser.add_argument("--skip-load-test", action="store_true")
     args = parser.parse_args()
     print(f"{torch.get_num_threads()} threads; torch {torch.__version__}\n")
     if not args.skip_mixed:
@@ -286,7 +397,8 @@ def main() -> None:
     if not args.skip_load:
         loading(args.rounds)
     if not args.skip_server:
-        server(args.rounds)
+        server(args.rounds, args.model, args.device, args.bf16, args.max_tokens, args.server_log,
+               not args.skip_load_test)
 
 
 if __name__ == "__main__":

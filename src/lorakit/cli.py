@@ -270,6 +270,9 @@ def serve(
     max_prompt_tokens: Annotated[int, typer.Option(help="Longest prompt accepted.")] = 2048,
     max_tokens: Annotated[int, typer.Option(help="Largest max_tokens accepted.")] = 512,
     max_queue: Annotated[int, typer.Option(help="Requests waiting or decoding before 429.")] = 256,
+    dtype: Annotated[str, typer.Option(help="Base weight dtype: fp32, bf16 (faster on CPUs with AVX512-BF16 "
+                                            "or AMX, and on GPUs), fp16. Adapters stay float32.")] = "fp32",
+    device: Annotated[str, typer.Option(help="auto (cuda if available), cpu or cuda.")] = "auto",
     threads: Annotated[int | None, typer.Option(
         help="CPU threads for the model (default: the cores this process may use; on a shared host, "
              "give each server its share).")] = None,
@@ -295,12 +298,17 @@ def serve(
         if threads is not None and threads < 1:
             raise ValueError(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
+        if dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         max_bytes = int(max_adapter_mib * 2**20) if max_adapter_mib is not None else None
-        engine = build_engine(model, adapters, max_adapters, max_bytes, max_batch)
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        engine = build_engine(model, adapters, max_adapters, max_bytes, max_batch, getattr(torch, DTYPES[dtype]),
+                              device)
     base_name = name or Path(model.rstrip("/")).name
     app_ = create_app(engine, base_name, Limits(max_prompt_tokens, max_tokens, max_queue), allow_runtime_lora)
     console.print(f"serving {base_name} and adapters from {adapters or '(none)'} on http://{host}:{port} "
-                  f"({torch.get_num_threads()} threads)")
+                  f"({device}, {dtype}, {torch.get_num_threads()} threads)")
     uvicorn.run(app_, host=host, port=port, log_level="warning",
                 timeout_graceful_shutdown=max(int(round(shutdown_timeout)), 1))
 
