@@ -145,3 +145,14 @@ def test_an_adapter_for_another_model_is_refused(tiny_lm_dir, tmp_path):
     with pytest.raises(StoreError, match=r"does not fit this model: .*expected A") as err:
         AdapterStore(served(tiny_lm_dir, 1), tmp_path / "root", 1).acquire("a0")
     assert err.value.status == 422
+
+
+def test_a_runtime_load_refused_for_lack_of_slots_changes_nothing(tiny_lm_dir, root):
+    store = AdapterStore(served(tiny_lm_dir, 1), root, 1)
+    store.acquire("a0")  # the only slot, held by a request in flight
+    with pytest.raises(StoreError, match="every adapter slot is in use") as err:
+        store.register("late", "a1")
+    assert err.value.status == 503 and "late" not in store.extra and list(store.loaded) == ["a0"]
+    store.release("a0")
+    store.register("late", "a1")  # the retry succeeds once a slot is free
+    assert "late" in store.loaded

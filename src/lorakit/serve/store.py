@@ -298,9 +298,9 @@ class AdapterStore:
         with self.lock:
             if name in self.loaded or name in self.extra:
                 raise StoreError(f"adapter {name!r} is already loaded", 400)
+            self.install(prepared)  # may raise (503: every slot in use): then nothing has changed
             self.unloaded.discard(name)
             self.extra[name] = resolved
-            self.install(prepared)
 
     def unregister(self, name: str) -> None:
         """vLLM's unload_lora_adapter: forget ``name``; its slot is freed as soon as no request
