@@ -298,6 +298,42 @@ def _wait_for(url: str, process: subprocess.Popen, log: Path | None) -> None:
     raise RuntimeError("the server did not start in 3 minutes")
 
 
+def engine_breakdown(spec: str, root: Path, names: list[str], device: str, max_tokens: int) -> dict[str, float]:
+    """Where the engine's time goes on the load test's work, without HTTP: 64 requests of
+    ``max_tokens`` tokens, 32 rows at a time, 32 adapters in rotation, EOS ignored."""
+    from lorakit.serve.engine import build_engine
+    from lorakit.serve.request import Request, SamplingParams
+
+    engine = build_engine(spec, str(root), max_adapters=32, max_batch=32, device=device)
+    engine.eos = set()
+    spent = {"prefill forward": 0.0, "decode forward": 0.0}
+    forward = engine._forward
+
+    def timed(ids, *args, **kwargs):
+        start = time.perf_counter()
+        result = forward(ids, *args, **kwargs)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        spent["decode forward" if ids.shape[1] == 1 else "prefill forward"] += time.perf_counter() - start
+        return result
+
+    engine._forward = timed
+
+    def run(count: int) -> list:
+        requests = [Request(engine.tokenizer(PROMPT.format(i=i))["input_ids"], names[i % 32],
+                            SamplingParams(max_tokens=max_tokens), lease=engine.store.lease(names[i % 32]))
+                    for i in range(count)]
+        return engine.generate(requests)
+
+    run(32)  # warm-up
+    spent.update({k: 0.0 for k in spent})
+    start = time.perf_counter()
+    tokens = sum(len(r.generated) for r in run(64))
+    total = time.perf_counter() - start
+    return {"tokens/s": tokens / total, **{f"{k} share": v / total for k, v in spent.items()},
+            "everything else share": 1 - sum(spent.values()) / total}
+
+
 def server(rounds: int, spec: str, device: str, bf16: bool, max_tokens: int = 32, logs: Path | None = None,
            load_test: bool = True) -> None:
     import httpx
@@ -353,6 +389,9 @@ def server(rounds: int, spec: str, device: str, bf16: bool, max_tokens: int = 32
                     print(f"\nserver {variant} / model limit (fp32), {label}: {ratio:.3f} (target >= 0.9)")
                 ratio = medians[f"server {variant}, 32 adapters in rotation"] / medians[f"server {variant}, 1 adapter"]
                 print(f"server {variant}, 32 adapters / 1 adapter: {ratio:.3f} (target >= 0.95)")
+            breakdown = engine_breakdown(spec, root, names, device, max_tokens)
+            print("\nThe engine alone on the same work (no HTTP; 64 requests, 32 adapters in rotation): "
+                  + ", ".join(f"{k} {v:.3f}" if "share" in k else f"{k} {v:.1f}" for k, v in breakdown.items()))
             if "bf16" in urls:
                 ratio = medians["server bf16, 32 adapters in rotation"] / medians["server fp32, 32 adapters in rotation"]
                 same = sum(a == b for a, b in zip(_greedy_texts(urls["fp32"], names[0], 8, max_tokens),
