@@ -302,16 +302,22 @@ def _with_seed(params: SamplingParams, choice: int) -> SamplingParams:
 
 async def _until_done(pieces: asyncio.Queue, requests: list[Request], http: HttpRequest) -> None:
     """Wait for every choice to finish; if the client hangs up first, cancel them (the
-    engine drops them at its next step and frees their slots)."""
-    remaining = len(requests)
-    while remaining:
-        try:
-            _, text = await asyncio.wait_for(pieces.get(), timeout=0.25)
+    engine drops them at its next step and frees their slots). The hang-up is awaited as
+    an event, not polled, so waiting requests cost the event loop nothing."""
+    async def hung_up() -> None:
+        while (await http.receive())["type"] != "http.disconnect":
+            pass
+        for request in requests:
+            request.cancelled = True
+
+    watcher = asyncio.create_task(hung_up())
+    try:
+        remaining = len(requests)
+        while remaining:
+            _, text = await pieces.get()
             remaining -= text is None
-        except asyncio.TimeoutError:
-            if await http.is_disconnected():
-                for request in requests:
-                    request.cancelled = True
+    finally:
+        watcher.cancel()
 
 
 async def _stream(reply: Reply, pieces: asyncio.Queue, requests: list[Request], include_usage: bool):
