@@ -276,3 +276,18 @@ def fuzz_server(server, expected_text):
     for bystander in bystanders:
         bystander.check(expected_text)
     all_unloadable(server)
+
+
+def test_an_unexpected_exception_is_a_json_500_and_the_next_request_is_served(tiny_lm_dir, root):
+    engine = build_engine(str(tiny_lm_dir), str(root), max_adapters=1)
+    thread = ServerThread(create_app(engine, BASE))
+    tokenizer = engine.tokenizer
+    try:
+        engine.tokenizer = None  # tokenizing the next prompt raises inside the handler
+        reply = httpx.post(thread.url + "/v1/completions", json={"model": BASE, "prompt": "hej", "max_tokens": 2})
+        assert_json_error(reply, 500, "internal error: TypeError")
+        engine.tokenizer = tokenizer
+        reply = httpx.post(thread.url + "/v1/completions", json={"model": BASE, "prompt": "hej", "max_tokens": 2})
+        assert reply.status_code == 200
+    finally:
+        thread.stop()
