@@ -274,8 +274,8 @@ def model_limit(spec: str, root: Path, names: list[str], device: str, dtype: tor
         slots = [r.slot for r in rows]
 
         @torch.inference_mode()
-        def step():
-            engine._forward(last, mask, positions, slots, cache)
+        def step():  # writes the next column in place, each time the same one
+            engine._forward(last, mask, positions, slots, cache.for_forward())
             if device == "cuda":
                 torch.cuda.synchronize()
         return step

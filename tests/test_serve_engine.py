@@ -112,10 +112,10 @@ class Faulty:
     def __init__(self, engine, slot):
         self.engine, self.slot, self.forward = engine, slot, engine._forward
 
-    def __call__(self, ids, mask, positions, slots, cache, all_logits=False):
+    def __call__(self, ids, mask, positions, slots, past=None, all_logits=False):
         if self.slot in slots:
             raise RuntimeError("this adapter's rows break the forward pass")
-        return self.forward(ids, mask, positions, slots, cache, all_logits)
+        return self.forward(ids, mask, positions, slots, past, all_logits)
 
 
 @pytest.mark.parametrize("when", ["prefill", "decode"])
@@ -179,3 +179,23 @@ def test_a_closed_request_releases_its_lease_once(setup):
     request.close(error=RuntimeError("late"))
     assert engine.store.loaded["a0"].users == users - 1
     assert request.finish_reason == "cancelled" and request.error is None
+
+
+def test_long_answers_outgrow_the_preallocated_cache_and_stay_exact(setup, tiny_lm_dir):
+    """70 tokens: the key/value buffers (32 columns of headroom) are regrown while rows
+    join and leave; every answer still equals its adapter alone."""
+    from lorakit.serve.kvcache import HEADROOM
+
+    root, engine = setup
+    names, prompts, lengths = ["a1", None, "a0"], [[3, 4, 5, 6], [9, 10], [11]], [70, 40, 55]
+    assert max(lengths) > 2 * HEADROOM
+    requests = [make(engine, p, n, max_tokens=m) for p, n, m in zip(prompts, names, lengths)]
+    engine.submit(requests[0])
+    for _ in range(20):
+        engine.step()
+    for request in requests[1:]:
+        engine.submit(request)
+    while not all(r.done.is_set() for r in requests):
+        engine.step()
+    for name, prompt, length, request in zip(names, prompts, lengths, requests):
+        assert request.generated == greedy_alone(tiny_lm_dir, root / name if name else None, prompt, length), name

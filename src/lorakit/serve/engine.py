@@ -23,6 +23,7 @@ import threading
 import torch
 from torch import Tensor, nn
 
+from .kvcache import KVCache
 from .request import Request, SamplingParams, choose_tokens, token_logprobs
 from .slots import routing
 from .store import AdapterStore, Lease, StoreError
@@ -41,7 +42,7 @@ class Engine:
         self.waiting: queue.Queue[Request] = queue.Queue()
         self.admitting: list[Request] = []  # taken off the queue, not yet running
         self.rows: list[Request] = []
-        self.cache: list[tuple[Tensor, Tensor]] | None = None  # per layer (keys, values): (B, H, L, D)
+        self.cache: KVCache | None = None  # the running rows' keys and values, per layer
         self.mask: Tensor | None = None  # (B, L): 1 for real tokens
         self.wake = threading.Event()
         self.tokens_generated = 0  # over the engine's life, for metrics
@@ -146,7 +147,7 @@ class Engine:
             self._decode()
 
     def _decodes_alone(self, row: int) -> bool:
-        cache = [(k[row:row + 1], v[row:row + 1]) for k, v in self.cache]
+        cache = self.cache.for_forward(slice(row, row + 1))  # writes only the next, unused column
         mask = torch.cat([self.mask[row:row + 1], self.mask.new_ones((1, 1))], dim=1)
         last = torch.tensor([[self.rows[row].generated[-1]]], device=self.device)
         try:
@@ -156,20 +157,20 @@ class Engine:
             return False
 
     # -- internals -------------------------------------------------------------------
-    def _forward(self, ids: Tensor, mask: Tensor, positions: Tensor, slots: list[int],
-                 cache: list[tuple[Tensor, Tensor]] | None, all_logits: bool = False,
-                 ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+    def _forward(self, ids: Tensor, mask: Tensor, positions: Tensor, slots: list[int], past=None,
+                 all_logits: bool = False) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+        """Logits, and the keys and values of every layer (``past``, a transformers cache, is
+        extended in place)."""
         from transformers import DynamicCache
 
-        past = DynamicCache(cache) if cache is not None else DynamicCache()
         with routing(self.model, slots, ids.shape[1]):
             # The output head runs on the last position only, unless a prompt is scored.
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=past,
-                             use_cache=True, logits_to_keep=0 if all_logits else 1)
-        layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
-        return out.logits.float(), layers
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                             past_key_values=past if past is not None else DynamicCache(), use_cache=True,
+                             logits_to_keep=0 if all_logits else 1)
+        return out.logits.float(), [(layer.keys, layer.values) for layer in out.past_key_values.layers]
 
-    def _prefill_forward(self, requests: list[Request]) -> tuple[Tensor, list[tuple[Tensor, Tensor]], Tensor]:
+    def _prefill_forward(self, requests: list[Request]) -> tuple[Tensor, KVCache, Tensor]:
         """Logits of the last position, the new rows' cache and mask; changes nothing."""
         requests.sort(key=lambda r: r.slot)  # grouped by adapter: no per-layer gather
         width = max(len(r.prompt_ids) for r in requests)
@@ -181,14 +182,14 @@ class Engine:
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         scored = requests[0].params.prompt_logprobs  # then it is the only request
-        logits, cache = self._forward(ids, mask, positions, [r.slot for r in requests], None, all_logits=scored)
+        logits, layers = self._forward(ids, mask, positions, [r.slot for r in requests], all_logits=scored)
         if scored:
             request = requests[0]
             top = request.params.logprobs or 0
             request.prompt_logprobs = [None] + token_logprobs(logits[0, :-1], request.prompt_ids[1:], top)
-        return logits[:, -1], cache, mask
+        return logits[:, -1], KVCache.build(layers), mask
 
-    def _join(self, requests: list[Request], cache: list[tuple[Tensor, Tensor]], mask: Tensor) -> None:
+    def _join(self, requests: list[Request], cache: KVCache, mask: Tensor) -> None:
         """Append new rows (their cache and mask) to the running batch, left-padding the shorter side."""
         if self.cache is None:
             self.rows, self.cache, self.mask = list(requests), cache, mask
@@ -207,8 +208,7 @@ class Engine:
         # Keep the rows grouped by adapter, so every layer's segments are contiguous views.
         order = sorted(range(len(rows)), key=lambda i: rows[i].slot)
         index = torch.tensor(order, device=self.device)
-        self.cache = [(torch.cat([pad(k0, 2), pad(k1, 2)])[index], torch.cat([pad(v0, 2), pad(v1, 2)])[index])
-                      for (k0, v0), (k1, v1) in zip(self.cache, cache)]
+        self.cache = self.cache.joined(cache, index)
         self.mask = torch.cat([pad(self.mask, 1), pad(mask, 1)])[index]
         self.rows = [rows[i] for i in order]
 
@@ -216,8 +216,9 @@ class Engine:
         last = torch.tensor([[r.generated[-1]] for r in self.rows], device=self.device)
         positions = self.mask.sum(-1, keepdim=True)  # (B, 1): the next position of every row
         mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
-        logits, cache = self._forward(last, mask, positions, [r.slot for r in self.rows], self.cache)
-        self.mask, self.cache = mask, cache  # only once the forward pass has succeeded
+        logits, _ = self._forward(last, mask, positions, [r.slot for r in self.rows], self.cache.for_forward())
+        self.mask = mask  # only once the forward pass has succeeded: the new column counts from now on
+        self.cache.width += 1
         self._sample(logits[:, -1], self.rows)
 
     def _sample(self, logits: Tensor, rows: list[Request]) -> None:
@@ -299,8 +300,7 @@ class Engine:
         mask = self.mask.index_select(0, index)
         first = int((mask.sum(0) > 0).nonzero()[0])  # drop columns that are padding in every row left
         self.mask = mask[:, first:]
-        self.cache = [(k.index_select(0, index)[:, :, first:], v.index_select(0, index)[:, :, first:])
-                      for k, v in self.cache]
+        self.cache = self.cache.selected(index, first)
 
     def _fail_all(self, error: Exception | None) -> None:
         """Close every request the engine holds or has queued: with ``error``, or as
