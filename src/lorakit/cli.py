@@ -297,7 +297,8 @@ def serve(
     with user_errors():
         if threads is not None and threads < 1:
             raise ValueError(f"--threads must be >= 1, got {threads}")
-        torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(threads or cores)
         if dtype not in DTYPES:
             raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         max_bytes = int(max_adapter_mib * 2**20) if max_adapter_mib is not None else None
