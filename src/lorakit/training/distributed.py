@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,13 @@ class Processes:
         tensor = torch.tensor(float(value), dtype=torch.float64, device=device)
         dist.all_reduce(tensor)
         return tensor.item()
+
+    def wrap(self, module: nn.Module, device: torch.device) -> nn.Module:
+        """``module`` under DistributedDataParallel when there are several processes."""
+        if self.world_size == 1:
+            return module
+        return torch.nn.parallel.DistributedDataParallel(
+            module, device_ids=[device.index] if device.type == "cuda" else None)
 
     def barrier(self) -> None:
         if self.world_size > 1:

@@ -21,7 +21,6 @@ import resource
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -191,9 +190,55 @@ def parameter_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, An
             {"params": [p for p in trainable if id(p) in b_ids], "lr_scale": config.loraplus_ratio}]
 
 
+@dataclass
+class Run:
+    """What every step of one training run shares."""
+
+    config: TrainConfig
+    model: nn.Module
+    runner: nn.Module  # the loss module, under DDP with several processes
+    optimizer: torch.optim.Optimizer
+    parameters: list[nn.Parameter]
+    rows: list[Sample]
+    held_out: list[Sample]
+    total_steps: int
+    processes: Processes
+    device: torch.device
+    autocast: Any
+    monitor: Monitor
+    # what the checkpoints carry besides weights, so that a resumed run reports what an
+    # uninterrupted one does: tokens, seconds, eval_loss_before, train_loss
+    state: dict[str, Any]
+
+    def evaluate(self) -> float:
+        return _evaluate(self.model, self.held_out, self.config.micro_batch_size, self.processes, self.device,
+                         self.autocast)
+
+
 def fit(model: nn.Module, train_set: Dataset, eval_set: Dataset | None, config: TrainConfig,
         processes: Processes = Processes()) -> TrainResult:
     """Attach a fresh adapter to ``model`` (or restore the newest checkpoint) and train it."""
+    run, start_step = setup(model, train_set, eval_set, config, processes)
+    if run.held_out and start_step == 0:
+        run.state["eval_loss_before"] = run.evaluate()
+        run.monitor.evaluation(0, run.state["eval_loss_before"])
+    started = time.perf_counter() - run.state["seconds"]
+    try:
+        model.train()
+        for step in range(start_step, run.total_steps):
+            train_step(run, step, started)
+        eval_after = run.evaluate() if run.held_out else None
+        if eval_after is not None:
+            run.monitor.evaluation(run.total_steps, eval_after)
+    finally:
+        run.monitor.close()
+    truncated = train_set.truncated + (eval_set.truncated if eval_set else 0)
+    return finish(run, start_step if start_step else None, eval_after, truncated)
+
+
+def setup(model: nn.Module, train_set: Dataset, eval_set: Dataset | None, config: TrainConfig,
+          processes: Processes) -> tuple[Run, int]:
+    """The run ready for its first step (or the step after its newest checkpoint), and that step."""
     out = config.out_dir
     if config.batch_size % (config.micro_batch_size * processes.world_size):
         raise TrainingError(f"batch_size {config.batch_size} must be a multiple of micro_batch_size "
@@ -213,14 +258,12 @@ def fit(model: nn.Module, train_set: Dataset, eval_set: Dataset | None, config: 
     optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     parameters = [p for group in groups for p in group["params"]]
 
-    # What the checkpoints carry besides weights, so that a resumed run reports what an
-    # uninterrupted one does.
     state: dict[str, Any] = {"tokens": 0, "seconds": 0.0, "eval_loss_before": None, "train_loss": None}
-    start_step, resumed_from = 0, None
+    start_step = 0
     checkpoint = latest_checkpoint(out)
     if checkpoint is not None:
         state.update(load_checkpoint(checkpoint, model, optimizer))
-        start_step = resumed_from = state.pop("step")
+        start_step = state.pop("step")
     if processes.main:
         out.mkdir(parents=True, exist_ok=True)
         write_text(out / "config.yaml", dump_yaml(config))
@@ -230,66 +273,58 @@ def fit(model: nn.Module, train_set: Dataset, eval_set: Dataset | None, config: 
                  f"{len(eval_set.examples) if eval_set else 0} held out, {truncated} truncated to "
                  f"{config.max_length} tokens; {total_steps} steps of {config.batch_size}; "
                  f"{sum(p.numel() for p in parameters):,} trainable parameters"
-                 + (f"; resuming after step {start_step}" if resumed_from else ""))
-    runner: nn.Module = LossModule(model)
-    if processes.world_size > 1:
-        runner = torch.nn.parallel.DistributedDataParallel(
-            runner, device_ids=[device.index] if device.type == "cuda" else None)
+                 + (f"; resuming after step {start_step}" if start_step else ""))
+    runner = processes.wrap(LossModule(model), device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16)
-    evaluate = partial(_evaluate, model, held_out, config.micro_batch_size, processes, device, autocast)
+    run = Run(config, model, runner, optimizer, parameters, rows, held_out, total_steps, processes, device,
+              autocast, monitor, state)
+    return run, start_step
 
-    if held_out and start_step == 0:
-        state["eval_loss_before"] = evaluate()
-        monitor.evaluation(0, state["eval_loss_before"])
-    started = time.perf_counter() - state["seconds"]
-    try:
-        model.train()
-        for step in range(start_step, total_steps):
-            lr = learning_rate(config, step, total_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group["lr_scale"]
-            indices = step_indices(len(rows), config.batch_size, step, config.seed)
-            batches = [collate([rows[i] for i in chunk]).to(device)
-                       for chunk in micro_batches(indices, processes.rank, processes.world_size,
-                                                  config.micro_batch_size)]
-            tokens = processes.sum(sum(b.tokens for b in batches), device)
-            loss = processes.sum(accumulate(runner, batches, tokens, processes.world_size, autocast),
-                                      device) / tokens
-            grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm or math.inf)
-            if not (math.isfinite(loss) and torch.isfinite(grad_norm)):
-                raise TrainingError(_diverged(step + 1, loss, grad_norm.item(), out))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
 
-            done = step + 1
-            state["tokens"] += processes.sum(sum(b.length for b in batches), device)
-            state["seconds"] = time.perf_counter() - started
-            state["train_loss"] = loss
-            monitor.step({"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm.item(),
-                          "tokens": state["tokens"], "tokens_per_second": state["tokens"] / state["seconds"],
-                          "time": time.time()})
-            if config.eval_every and done % config.eval_every == 0 and done != total_steps and held_out:
-                monitor.evaluation(done, evaluate())
-            if done % config.save_every == 0 or done == total_steps:
-                if processes.main:
-                    save_checkpoint(out, done, model, optimizer, state, config.keep_checkpoints)
-                processes.barrier()
-        eval_after = evaluate() if held_out else None
-        if eval_after is not None:
-            monitor.evaluation(total_steps, eval_after)
-    finally:
-        monitor.close()
+def train_step(run: Run, step: int, started: float) -> None:
+    """Optimizer step ``step`` (0-based): its micro-batches, backward, clipping, AdamW; then
+    the log line, an evaluation and a checkpoint when they are due."""
+    config, processes, device, state = run.config, run.processes, run.device, run.state
+    lr = learning_rate(config, step, run.total_steps)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr * group["lr_scale"]
+    indices = step_indices(len(run.rows), config.batch_size, step, config.seed)
+    batches = [collate([run.rows[i] for i in chunk]).to(device)
+               for chunk in micro_batches(indices, processes.rank, processes.world_size, config.micro_batch_size)]
+    tokens = processes.sum(sum(b.tokens for b in batches), device)
+    loss = processes.sum(accumulate(run.runner, batches, tokens, processes.world_size, run.autocast), device) / tokens
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.parameters, config.max_grad_norm or math.inf)
+    if not (math.isfinite(loss) and torch.isfinite(grad_norm)):
+        raise TrainingError(_diverged(step + 1, loss, grad_norm.item(), config.out_dir))
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
 
+    done = step + 1
+    state["tokens"] += processes.sum(sum(b.length for b in batches), device)
+    state["seconds"] = time.perf_counter() - started
+    state["train_loss"] = loss
+    run.monitor.step({"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm.item(), "tokens": state["tokens"],
+                      "tokens_per_second": state["tokens"] / state["seconds"], "time": time.time()})
+    if config.eval_every and done % config.eval_every == 0 and done != run.total_steps and run.held_out:
+        run.monitor.evaluation(done, run.evaluate())
+    if done % config.save_every == 0 or done == run.total_steps:
+        if processes.main:
+            save_checkpoint(config.out_dir, done, run.model, run.optimizer, state, config.keep_checkpoints)
+        processes.barrier()
+
+
+def finish(run: Run, resumed_from: int | None, eval_after: float | None, truncated: int) -> TrainResult:
+    """The final adapter, loss.png and summary.json (written last: its presence marks a finished run)."""
+    out, state, processes = run.config.out_dir, run.state, run.processes
     adapter = out / "adapter"
     if processes.main:
-        save_adapter(model, adapter)
+        save_adapter(run.model, adapter)
         plot_loss(out / "metrics.jsonl", out / "loss.png")
     result = TrainResult(
-        out=out, adapter=adapter, steps=total_steps, resumed_from=resumed_from, train_loss=state["train_loss"],
+        out=out, adapter=adapter, steps=run.total_steps, resumed_from=resumed_from, train_loss=state["train_loss"],
         eval_loss_before=state["eval_loss_before"], eval_loss_after=eval_after,
         tokens_per_second=state["tokens"] / max(state["seconds"], 1e-9), seconds=state["seconds"],
-        peak_memory_bytes=peak_memory(device), adapter_bytes=_adapter_bytes(adapter),
-        truncated=truncated)
+        peak_memory_bytes=peak_memory(run.device), adapter_bytes=_adapter_bytes(adapter), truncated=truncated)
     if processes.main:
         write_text(out / "summary.json", json.dumps(result.to_json(), indent=2) + "\n")
     processes.barrier()
