@@ -118,16 +118,9 @@ def train(context: typer.Context, config: str | None, resume: bool, **flags: obj
     with user_errors():
         settings = load_yaml(config) if config else {}
         resolved = TrainConfig.from_dict({**settings, **given}, config or "flags")
-        # The data files are checked before torch's training code, the tokenizer and
-        # the model load, so a bad line is reported at once.
-        from .training.data import check_file
-
-        for path in (resolved.data, resolved.eval_data):
-            if path is not None:
-                check_file(path)
         from .training.loop import train as run_training
 
-        result = run_training(resolved, resume=resume)
+        result = run_training(resolved, resume=resume)  # checks the data before the model loads
     if result.finished_before:
         console.print(f"{result.out} holds a finished run ({result.steps} steps); nothing was changed. "
                       "Use another --out to train again.")

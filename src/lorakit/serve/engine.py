@@ -73,17 +73,18 @@ class Engine:
                 self.admitting.append(self.waiting.get_nowait())
             except queue.Empty:
                 break
-        admitted, self.admitting = self.admitting, []
-        live = [r for r in admitted if not r.cancelled]
-        for request in admitted:
-            if request.cancelled:
+        live = []
+        for request in self.admitting:  # one look at each flag: another thread may set it meanwhile
+            if request.cancelled:  # its client left while it waited: no prefill for it
                 request.close("cancelled")
+            else:
+                live.append(request)
+        self.admitting = live
         try:
-            self.admitting = live
-            plain = [r for r in live if not r.params.prompt_logprobs]
+            plain = [r for r in self.admitting if not r.params.prompt_logprobs]
             if plain:
                 self._prefill_isolated(plain)
-            for request in live:  # scoring a prompt needs every position's logits: one at a time
+            for request in self.admitting:  # scoring a prompt needs every position's logits: one at a time
                 if request.params.prompt_logprobs:
                     self._prefill_isolated([request])
         finally:

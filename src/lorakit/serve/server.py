@@ -21,7 +21,7 @@ import json
 import threading
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request as HttpRequest
@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException
 
 from .engine import Engine, lease_all
 from .metrics import Metrics
-from .protocol import ChatBody, CompletionBody, LoadBody, Reply, Sampling, UnloadBody, validation_message
+from .protocol import MAX_PROMPTS, ChatBody, CompletionBody, LoadBody, Reply, Sampling, UnloadBody, validation_message
 from .request import Request, SamplingParams
 from .store import StoreError
 
@@ -148,13 +148,13 @@ async def completions(body: CompletionBody, http: HttpRequest):
     service = _service(http)
     if body.max_tokens == 0 and not body.echo:
         raise ApiError(400, "max_tokens: 0 generates nothing; it is only allowed with echo (to score a prompt)")
-    if len(body.prompts()) > 64:
-        raise ApiError(400, f"prompt: at most 64 prompts in one request, got {len(body.prompts())}")
-    prompts = [_prompt_ids(service, p, i) for i, p in enumerate(body.prompts())]
+    given = body.prompts()
+    if len(given) > MAX_PROMPTS:
+        raise ApiError(400, f"prompt: at most {MAX_PROMPTS} prompts in one request, got {len(given)}")
+    prompts = [_prompt_ids(service, p, i) for i, p in enumerate(given)]
     params = _params(service, body, body.max_tokens, body.logprobs, prompt_logprobs=body.echo and
                      body.logprobs is not None)
-    echo = [p if isinstance(p, str) else service.engine.tokenizer.decode(p) for p in body.prompts()] \
-        if body.echo else None
+    echo = [p if isinstance(p, str) else service.engine.tokenizer.decode(p) for p in given] if body.echo else None
     return await _serve(service, body, prompts, params, http, chat=False, echo=echo)
 
 
@@ -294,8 +294,6 @@ async def _lease(store, names: list[str | None]) -> list:
 
 def _with_seed(params: SamplingParams, choice: int) -> SamplingParams:
     """Choice j of a seeded request samples with seed + j, so n choices differ and repeat."""
-    from dataclasses import replace
-
     seed = params.seed + choice
     return replace(params, seed=seed if seed < 2**64 else seed - 2**64)
 

@@ -102,7 +102,7 @@ class AdapterStore:
         self.extra: dict[str, Path] = {}  # adapters registered at runtime (load_lora_adapter)
         self.unloaded: set[str] = set()  # root adapters unloaded at runtime: unavailable until loaded again
         self.loads = self.evictions = 0  # over the store's life, for metrics
-        self.checked: dict[tuple, AdapterInfo | None] = {}  # file stamps -> what /v1/models shows, or None
+        self.checked: dict[str, tuple] = {}  # name -> (file stamps, what /v1/models shows or None)
         self.lock = threading.Lock()
 
     # -- names and files -----------------------------------------------------------
@@ -138,9 +138,6 @@ class AdapterStore:
     def knows(self, name: str) -> bool:
         return name in self.loaded or name in self.extra
 
-    def available(self) -> list[str]:
-        return [info.name for info in self.catalog()]
-
     def catalog(self) -> list[AdapterInfo]:
         """The adapters a request can use: under the root (not unloaded) and registered at
         runtime, each listed only if it loads into this model. Checks are cached by the
@@ -162,21 +159,20 @@ class AdapterStore:
         try:
             if directory != self.extra.get(name):
                 directory = self.resolve(name)
-            stamps = tuple((p.stat().st_size, p.stat().st_mtime_ns) for p in
-                           (directory / CONFIG_NAME, directory / WEIGHTS_NAME))
+            stats = [(directory / f).stat() for f in (CONFIG_NAME, WEIGHTS_NAME)]
         except (StoreError, OSError):
             return None
-        key = (name, str(directory), stamps)
-        if key not in self.checked:
+        stamp = (str(directory), tuple((st.st_size, st.st_mtime_ns) for st in stats))
+        if self.checked.get(name, (None,))[0] != stamp:  # new, or its files changed
             try:
                 prepared = self.prepare(name, directory)
                 rank = max(w.A.shape[0] for w in prepared.weights.values())
                 shown = str(directory.relative_to(self.root)) if self.root and self.root in directory.parents \
                     else str(directory)
-                self.checked[key] = AdapterInfo(name, shown, rank)
+                self.checked[name] = (stamp, AdapterInfo(name, shown, rank))
             except StoreError:
-                self.checked[key] = None
-        return self.checked[key]
+                self.checked[name] = (stamp, None)
+        return self.checked[name][1]
 
     def prepare(self, name: str, path: Path) -> Prepared:
         """Read and check the adapter at ``path``; raises StoreError(422) if it does not fit."""

@@ -81,21 +81,22 @@ SHAPES = {"messages": {"messages"}, "prompt-completion": {"prompt", "completion"
 MESSAGE_KEYS = {"role", "content"}
 
 
-def check_file(path: str | os.PathLike) -> int:
-    """Check every line's JSON and shape, without a tokenizer; return the number of examples.
+def read_records(path: str | os.PathLike) -> list[tuple[str, dict[str, Any]]]:
+    """(location, record) for every example of a JSONL file, each line's JSON and shape checked.
 
     Cheap (no model, no tokenizer), so a run reports a bad file at once; what needs
     the tokenizer (an example with no trained token left) is checked when tokenizing.
     """
-    records = read_jsonl(path)
-    for number, record in records:
+    records = []
+    for number, record in read_jsonl(path):
         try:
             example_format(record)
         except DataError as err:
             raise DataError(f"{path}:{number}: {err}") from None
+        records.append((f"{path}:{number}", record))
     if not records:
         raise DataError(f"{path}: no examples (the file is empty)")
-    return len(records)
+    return records
 
 
 def example_format(record: dict[str, Any]) -> str:
@@ -159,8 +160,7 @@ def _tokenize(record: dict[str, Any], kind: str, tokenizer, mask_prompt: bool) -
 
 def load_dataset(path: str | os.PathLike, tokenizer, max_length: int, mask_prompt: bool = True) -> Dataset:
     """Read, check and tokenize a JSONL file; every example must keep a trained token."""
-    return build_dataset([(f"{path}:{n}", r) for n, r in read_jsonl(path)], tokenizer, max_length,
-                         mask_prompt, source=str(path))
+    return build_dataset(read_records(path), tokenizer, max_length, mask_prompt, source=str(path))
 
 
 def build_dataset(records: list[tuple[str, dict[str, Any]]], tokenizer, max_length: int, mask_prompt: bool = True,

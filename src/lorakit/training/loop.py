@@ -32,7 +32,7 @@ from ..files import save_adapter
 from .batches import Batch, Sample, collate, micro_batches, samples, split_eval, step_indices
 from .checkpoint import latest_checkpoint, load_checkpoint, run_lock, save_checkpoint, write_text
 from .config import TrainConfig, dump_yaml, load_yaml
-from .data import Dataset, build_dataset, check_file, load_dataset
+from .data import Dataset, build_dataset, read_records
 from .distributed import Processes
 from .loss import LossModule, loss_sum
 from .monitor import Monitor, plot_loss
@@ -86,12 +86,12 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
     processes = Processes.from_env()
     try:
         check_output_dir(config, resume)
-        check_data(config)
+        records = read_data(config)
         done = finished_run(config.out_dir)
         if done is not None:
             return done
         tokenizer = load_tokenizer(config.model)
-        train_set, eval_set = prepare_data(config, tokenizer)
+        train_set, eval_set = prepare_data(config, tokenizer, records)
         with run_lock(config.out_dir) if processes.main else nullcontext():
             model = load_model(config.model, dtype=getattr(torch, config.dtype))
             return fit(model, train_set, eval_set, config, processes)
@@ -99,26 +99,32 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
         processes.close()
 
 
-def check_data(config: TrainConfig) -> None:
-    """Every line of the data files checked before anything slow loads (tokenizer, model)."""
-    for path in (config.data, config.eval_data):
-        if path is not None:
-            check_file(path)
+def read_data(config: TrainConfig) -> dict[str, list[tuple[str, dict[str, Any]]]]:
+    """The examples of the data files by path, every line checked before anything slow
+    loads (tokenizer, model)."""
+    return {path: read_records(path) for path in (config.data, config.eval_data) if path is not None}
 
 
-def prepare_data(config: TrainConfig, tokenizer) -> tuple[Dataset, Dataset | None]:
-    """Tokenized training and held-out sets, every problem reported before training starts."""
+def prepare_data(config: TrainConfig, tokenizer, records: dict[str, list[tuple[str, dict[str, Any]]]] | None = None,
+                 ) -> tuple[Dataset, Dataset | None]:
+    """Tokenized training and held-out sets, every problem reported before training starts.
+    ``records``: ``read_data``'s result, when the files were read already."""
+    records = read_data(config) if records is None else records
+
+    def tokenized(path: str) -> Dataset:
+        return build_dataset(records[path], tokenizer, config.max_length, config.mask_prompt, source=path)
+
     if config.data is None:
         from .corpus import conversations
 
-        records = [(f"chatterbot-corpus/{config.language}[{i}]", r)
-                   for i, r in enumerate(conversations(config.language))]
-        dataset = build_dataset(records, tokenizer, config.max_length, config.mask_prompt,
+        corpus = [(f"chatterbot-corpus/{config.language}[{i}]", r)
+                  for i, r in enumerate(conversations(config.language))]
+        dataset = build_dataset(corpus, tokenizer, config.max_length, config.mask_prompt,
                                 source=f"chatterbot-corpus/{config.language}")
     else:
-        dataset = load_dataset(config.data, tokenizer, config.max_length, config.mask_prompt)
+        dataset = tokenized(config.data)
     if config.eval_data is not None:
-        return dataset, load_dataset(config.eval_data, tokenizer, config.max_length, config.mask_prompt)
+        return dataset, tokenized(config.eval_data)
     if config.eval_fraction == 0:
         return dataset, None
     kept, held_out = split_eval(dataset.examples, config.eval_fraction, config.seed)
