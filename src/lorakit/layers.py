@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import frozen
+
 
 def lora_scaling(alpha: float, rank: int, use_rslora: bool) -> float:
     """alpha / r, or alpha / sqrt(r) with rsLoRA (Kalajdzievski, 2023, arXiv:2312.03732)."""
@@ -99,7 +101,7 @@ class LoraLayer(nn.Module):
 
     # -- shared ---------------------------------------------------------------------
     def add_adapter(self, name: str, rank: int, alpha: float, dropout: float, use_rslora: bool, init: str) -> None:
-        base_dtype = self.weight.dtype
+        base_dtype = frozen.compute_dtype(self.weight)
         # Half-precision bases get float32 adapters: low-rank updates are small and
         # would lose most of their bits in bf16/fp16 (PEFT does the same).
         dtype = torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
@@ -122,26 +124,33 @@ class LoraLayer(nn.Module):
         wanted = () if self.disabled else self.active
         for name in wanted:
             if name not in self.merged:
-                result = result + self.adapter_forward(self.adapters[name], x)
+                result = self.add_update(result, self.adapters[name], x, 1.0)
         for name in self.merged:
             if name not in wanted:
-                result = result - self.adapter_forward(self.adapters[name], x)
+                result = self.add_update(result, self.adapters[name], x, -1.0)
         return result
+
+    def add_update(self, result: Tensor, adapter: LoraAdapter, x: Tensor, sign: float) -> Tensor:
+        """result + sign * the adapter's output (layers that can add it in place override this)."""
+        return result + sign * self.adapter_forward(adapter, x)
 
     @torch.no_grad()
     def merge(self, name: str) -> None:
         """W <- W + delta, computed in float32 and rounded once. Repeating is a no-op."""
         if name in self.merged:
             return
-        self.weight.copy_((self.weight.float() + self.delta_weight(name)).to(self.weight.dtype))
+        self._add_to_weight(self.delta_weight(name))
         self.merged.append(name)
 
     @torch.no_grad()
     def unmerge(self, name: str) -> None:
         if name not in self.merged:
             return
-        self.weight.copy_((self.weight.float() - self.delta_weight(name)).to(self.weight.dtype))
+        self._add_to_weight(-self.delta_weight(name))
         self.merged.remove(name)
+
+    def _add_to_weight(self, delta: Tensor) -> None:
+        self.weight.copy_((self.weight.float() + delta).to(self.weight.dtype))
 
     def to_base(self) -> nn.Module:
         """The original module type holding this layer's (possibly merged) weight and bias."""
@@ -168,6 +177,22 @@ def _linear_adapter(adapter: LoraAdapter, x: Tensor, out_dtype: torch.dtype) -> 
     return F.linear(hidden, adapter.lora_B).to(out_dtype)
 
 
+def _add_linear_update(layer: LoraLayer, result: Tensor, adapter: LoraAdapter, x: Tensor, sign: float) -> Tensor:
+    """``add_update`` of the layers whose adapter is a pair of linear maps: the second
+    matmul accumulates into ``result`` (GEMM with beta = 1), so no (tokens x out)
+    temporary is written and read back, which is most of the unmerged overhead. When
+    the dtypes differ (half-precision base, float32 adapter; autocast) the update is
+    cast and added instead."""
+    same = result.dtype == adapter.lora_A.dtype == adapter.lora_B.dtype
+    if not same or result.dim() < 2 or torch.is_autocast_enabled(result.device.type):
+        return LoraLayer.add_update(layer, result, adapter, x, sign)
+    hidden = F.linear(adapter.dropout(x.to(adapter.lora_A.dtype)), adapter.lora_A)  # (..., in) -> (..., r)
+    flat = result.view(-1, result.shape[-1])  # (N, out), shares result's memory
+    # flat += sign * scaling * (N, r) @ (r, out)
+    flat.addmm_(hidden.reshape(-1, adapter.rank), adapter.lora_B.T, alpha=sign * adapter.scaling)
+    return result
+
+
 class LoraLinear(LoraLayer):
     """nn.Linear: y = x W^T + b; W is (out, in)."""
 
@@ -180,10 +205,12 @@ class LoraLinear(LoraLayer):
         return (rank, base.in_features), (base.out_features, rank)
 
     def base_forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return frozen.linear(x, self.weight, self.bias)
 
     def adapter_forward(self, adapter: LoraAdapter, x: Tensor) -> Tensor:
-        return _linear_adapter(adapter, x, self.weight.dtype)
+        return _linear_adapter(adapter, x, frozen.compute_dtype(self.weight))
+
+    add_update = _add_linear_update
 
     def delta_weight(self, name: str) -> Tensor:
         A, B, scaling = self._ab(name)
@@ -203,11 +230,12 @@ class LoraConv1D(LoraLayer):
         return (rank, in_features), (out_features, rank)
 
     def base_forward(self, x: Tensor) -> Tensor:
-        flat = torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight)
-        return flat.view(*x.shape[:-1], flat.shape[-1])
+        return frozen.linear(x, self.weight, self.bias, transposed=True)
 
     def adapter_forward(self, adapter: LoraAdapter, x: Tensor) -> Tensor:
         return _linear_adapter(adapter, x, self.weight.dtype)
+
+    add_update = _add_linear_update
 
     def delta_weight(self, name: str) -> Tensor:
         A, B, scaling = self._ab(name)

@@ -35,9 +35,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import frozen
 from .pool import LoraWeights, Pool, SlotWeights
 
 BASE = -1  # the slot id of a row that uses no adapter
@@ -127,10 +127,7 @@ class SlotLinear(nn.Module):
         self.pool = self.pool.emptied(slot)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.transposed:
-            y = torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], -1)
-        else:
-            y = F.linear(x, self.weight, self.bias)
+        y = frozen.linear(x, self.weight, self.bias, self.transposed)
         route, pool = self.router.current, self.pool
         if route is None or not route.segments:
             return y

@@ -1,0 +1,103 @@
+"""The frozen base computation, written once for training and for serving.
+
+    y = x W^T + b    nn.Linear: W is (out, in)
+    y = x W + b      GPT-2 Conv1D: W is stored transposed, (in, out)
+
+Both ``LoraLinear``/``LoraConv1D`` (layers.py) and the serving ``SlotLinear``
+(serve/slots.py) call ``linear`` here, so this is the one place where a weight that
+is not a plain tensor plugs in:
+
+- torchao's ``NF4Tensor`` and ``Int8Tensor`` (made by ``lorakit.quantize``). They are
+  tensor subclasses kept under the plain ``weight`` key, as torchtune keeps its NF4
+  weights, so ``state_dict`` keys stay those of the base; ``F.linear`` dispatches to
+  their own kernels. Their compute dtype is the dtype they report (bfloat16).
+- bitsandbytes' ``Params4bit``/``Int8Params``, from models a user quantized with
+  transformers + ``BitsAndBytesConfig``: those modules keep computing their own base
+  output (``LoraBnbLinear`` in bnb.py), since their kernels depend on module state
+  (CPU weight repacking, int8 outlier handling); here they are only read (``dense``).
+
+``dense`` gives any of them back as a float32 tensor laid out like the weight, which is
+what merging and error bounds are computed against.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def quantization(weight: Tensor) -> str | None:
+    """'nf4', 'int8', 'bnb-4bit', 'bnb-int8', or None for a plain tensor."""
+    name = type(weight).__name__
+    if name == "NF4Tensor":
+        return "nf4"
+    if name == "Int8Tensor":
+        return "int8"
+    if "bitsandbytes" in sys.modules:  # only then can a weight be one of its parameters
+        if name == "Params4bit":
+            return "bnb-4bit"
+        if name == "Int8Params":
+            return "bnb-int8"
+    return None
+
+
+def is_quantized(weight: Tensor) -> bool:
+    return quantization(weight) is not None
+
+
+def compute_dtype(weight: Tensor) -> torch.dtype:
+    """The dtype of the base's output: that of the weight, or of a bitsandbytes weight
+    before it was quantized (its module returns its input's dtype)."""
+    if quantization(weight) in ("bnb-4bit", "bnb-int8"):
+        state = getattr(weight, "quant_state", None)
+        return state.dtype if state is not None else torch.float32
+    return weight.dtype
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None, transposed: bool = False) -> Tensor:
+    """The base output for inputs ``x`` (..., in); ``transposed``: W is stored (in, out)."""
+    if quantization(weight) is None:
+        if transposed:
+            flat = torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight) if bias is not None else \
+                x.reshape(-1, x.shape[-1]) @ weight
+            return flat.view(*x.shape[:-1], flat.shape[-1])
+        return F.linear(x, weight, bias)
+    x = x.to(weight.dtype)
+    return F.linear(x, weight, _cast(bias, x))
+
+
+def dense(weight: Tensor) -> Tensor:
+    """W as a plain float32 tensor (dequantized when it is quantized), same layout."""
+    kind = quantization(weight)
+    if kind is None:
+        return weight.detach().float()
+    if kind == "nf4":
+        return weight.get_original_weight().float()
+    if kind == "int8":
+        return weight.dequantize(torch.float32)
+    import bitsandbytes as bnb
+
+    if kind == "bnb-4bit":
+        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float()
+    return bnb.functional.int8_vectorwise_dequant(weight.data, weight.SCB).float()
+
+
+def nbytes(weight: Tensor) -> int:
+    """Bytes the weight really holds: for a tensor subclass, the sum over its inner
+    tensors (packed values, scales, the NF4 code table); for bitsandbytes, the packed
+    data and its statistics."""
+    if quantization(weight) is None:
+        return weight.numel() * weight.element_size()
+    if hasattr(weight, "__tensor_flatten__"):
+        names, _ = weight.__tensor_flatten__()
+        return sum(nbytes(getattr(weight, name)) for name in names)
+    state = getattr(weight, "quant_state", None)
+    statistics = list(state.as_dict(packed=True).values()) if state is not None else [getattr(weight, "SCB", None)]
+    return sum(t.numel() * t.element_size() for t in [weight.data, *statistics] if isinstance(t, Tensor))
+
+
+def _cast(bias: Tensor | None, x: Tensor) -> Tensor | None:
+    return None if bias is None else bias.to(x.dtype)
