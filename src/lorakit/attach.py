@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .bnb import LoraBnbLinear, is_bnb_linear
 from .config import ALL_LINEAR, LoraConfig
 from .layers import LoraAdapter, LoraConv1D, LoraConv2d, LoraEmbedding, LoraLayer, LoraLinear
 
@@ -102,7 +103,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[Target]:
         if not path or module is head or path.startswith(inside_layer) or not config.is_target(path):
             continue
         layer_class = layer_class_for(module)
-        if linear_only and layer_class not in (LoraLinear, LoraConv1D):
+        if linear_only and not (layer_class and issubclass(layer_class, (LoraLinear, LoraConv1D))):
             continue
         if layer_class is None:
             problems.append(f"{path}: {type(module).__name__} is not supported "
@@ -144,6 +145,8 @@ def candidate_names(model: nn.Module) -> list[str]:
 def layer_class_for(module: nn.Module) -> type[LoraLayer] | None:
     if isinstance(module, LoraLayer):
         return type(module)
+    if is_bnb_linear(module):
+        return LoraBnbLinear
     if isinstance(module, nn.Linear):
         return LoraLinear
     if isinstance(module, nn.Embedding):

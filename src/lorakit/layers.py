@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import frozen
+from .quantize import requantized
 
 
 def lora_scaling(alpha: float, rank: int, use_rslora: bool) -> float:
@@ -150,7 +151,13 @@ class LoraLayer(nn.Module):
         self.merged.remove(name)
 
     def _add_to_weight(self, delta: Tensor) -> None:
-        self.weight.copy_((self.weight.float() + delta).to(self.weight.dtype))
+        if frozen.is_quantized(self.weight):
+            # Dequantize, add in float32, quantize again: the memory stays that of the
+            # quantized base, but W + delta is rounded to the quantization grid, so an
+            # unmerge restores W only to within one quantization step (as in PEFT).
+            self.weight = requantized(self.weight, frozen.dense(self.weight) + delta)
+        else:
+            self.weight.copy_((self.weight.float() + delta).to(self.weight.dtype))
 
     def to_base(self) -> nn.Module:
         """The original module type holding this layer's (possibly merged) weight and bias."""

@@ -7,6 +7,11 @@ bf16 base loses no more than one rounding. Both operations are explicit and
 idempotent: merging a merged adapter, or unmerging an unmerged one, does nothing.
 Unmerging subtracts the same float32 update, which restores W up to that one
 rounding (exactly for most float32 weights; see the tests for the bound).
+
+A base quantized by lorakit (nf4, int8) is dequantized, W + delta computed in float32
+and quantized again: the model keeps its quantized size, and unmerging restores W to
+within one quantization step. ``lorakit merge`` writes a dense model instead
+(``pretrained.save_merged``), which loses nothing.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from . import frozen
 from .attach import active_adapters, adapters, known_adapters, lora_layers, replace_module
 
 
@@ -36,9 +42,14 @@ def _merge(model: nn.Module, names: Sequence[str] | None, safe: bool) -> None:
     names = known_adapters(model, active_adapters(model) if names is None else names)
     pending = [(path, layer, n) for path, layer in lora_layers(model)
                for n in names if n in layer.adapters and n not in layer.merged]
+    for path, layer, name in pending:
+        kind = frozen.quantization(layer.weight)
+        if kind is not None and kind.startswith("bnb"):
+            raise MergeError(f"{path}: cannot merge into a bitsandbytes {kind} weight; load the base "
+                             "unquantized (or quantized by lorakit) to merge; nothing was merged")
     if safe:
         for path, layer, name in pending:
-            merged = (layer.weight.float() + layer.delta_weight(name)).to(layer.weight.dtype)
+            merged = frozen.dense(layer.weight) + layer.delta_weight(name)
             if not torch.isfinite(merged).all():
                 raise MergeError(f"adapter {name!r} on {path}: merging gives NaN/Inf weights; nothing was merged")
     for _, layer, name in pending:

@@ -63,16 +63,26 @@ def default_gguf() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
 
 
-def load_model(spec: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+def load_model(spec: str, dtype: torch.dtype = torch.float32, quantize: str | None = None) -> nn.Module:
     """A causal LM from ``spec``: a local HF model directory, a ``.gguf`` file, or ``smollm2-135m``.
 
     Weights load on the CPU in ``dtype``. The other presets and ``linear:OUTxIN``
     have no weights: they come back on the meta device, for inspection.
+    ``quantize`` ('nf4' or 'int8') loads in bfloat16 and quantizes the linear
+    weights (see ``lorakit.quantize``); ``dtype`` is then ignored.
     """
     from transformers import AutoModelForCausalLM
 
+    from .quantize import check_quantization, quantize_model
+
+    check_quantization(quantize)  # before seconds of loading
     if spec != DEFAULT_MODEL and (spec in PRESETS or spec.startswith("linear:")):
+        if quantize:
+            raise ModelSpecError(f"{spec!r} has no weights to quantize (it is built on the meta device); "
+                                 "use `lorakit plan` to see what quantizing it would save")
         return build_meta(spec)
+    if quantize:
+        return quantize_model(load_model(spec, torch.bfloat16), quantize)
     path = _resolve(spec)
     with _quiet():
         if path.suffix == ".gguf":
@@ -191,14 +201,25 @@ def _unknown(spec: str) -> str:
 
 
 def save_merged(spec: str, adapter: str | os.PathLike, out: str | os.PathLike,
-                dtype: torch.dtype = torch.float32) -> Path:
+                dtype: torch.dtype = torch.float32, quantize: str | None = None) -> Path:
     """Load ``spec``, merge the adapter into it, and save a plain transformers model
-    (config, safetensors weights, tokenizer) to ``out``, atomically."""
+    (config, safetensors weights, tokenizer) to ``out``, atomically.
+
+    ``quantize``: merge into the base exactly as the adapter saw it when it was trained
+    on a quantized base: the quantized weights are dequantized (exact in bfloat16),
+    W + delta is computed in float32 and the model is written in ``dtype``, never
+    re-quantized (that would round the adapter's small update away)."""
     from .files import load_adapter, read_config, write_directory
     from .merge import detach
+    from .quantize import check_quantization, dequantize_model
 
+    check_quantization(quantize)
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"a merged model is written in float32, bfloat16 or float16, not {dtype}")
     read_config(adapter)  # a missing or broken adapter fails before the model loads
-    model = load_model(spec, dtype=dtype)
+    model = load_model(spec, dtype=dtype, quantize=quantize)
+    if quantize:
+        dequantize_model(model, dtype)
     tokenizer = load_tokenizer(spec)
     load_adapter(model, adapter)
     detach(model)  # merged weights, original module types: no lorakit needed to load it

@@ -1,0 +1,139 @@
+"""Quantized frozen bases: QLoRA (Dettmers et al., arXiv:2305.14314).
+
+    y = x Q(W)^T + b + (alpha / r) B A x
+
+Only the frozen W is quantized; A and B stay float32 and train as on any base. The
+quantized weights are torchao's tensors, which run on CPU and CUDA alike:
+
+- ``nf4``: 4-bit NormalFloat in blocks of 64 weights, each block's scale itself
+  quantized to 8 bits in blocks of 256 (double quantization): about 0.52 bytes per
+  weight. The forward dequantizes to bfloat16 and multiplies.
+- ``int8``: one int8 per weight and one scale per output row (symmetric, weight-only).
+
+Every ``nn.Linear`` except the output head is quantized (for nf4: those whose size is a
+multiple of the 64-weight block, which is every projection of the usual LLMs);
+embeddings, norms and the head stay in bfloat16, as in QLoRA. The rest of the model is cast to bfloat16 first, the
+compute dtype of both kinds. A quantized weight stays under the plain ``weight`` key
+(torchtune does the same), so the base keys of ``state_dict()`` do not change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from . import frozen
+
+QUANTIZATIONS = ("nf4", "int8")
+
+
+class QuantizeError(ValueError):
+    pass
+
+
+def check_quantization(method: str | None) -> None:
+    if method is not None and method not in QUANTIZATIONS:
+        raise QuantizeError(f"unknown quantization {method!r}; choose one of {', '.join(QUANTIZATIONS)}")
+
+
+def quantize_model(model: nn.Module, method: str) -> nn.Module:
+    """Quantize ``model``'s linear weights in place (see the module docstring); returns it.
+
+    Checks everything first: an unknown method, adapters already attached, or layers
+    that cannot be quantized (Conv2d) raise before any weight changes."""
+    from .attach import output_head
+    from .layers import LoraLayer
+
+    check_quantization(method)
+    problems = []
+    for path, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            problems.append(f"{path}: has LoRA adapters; quantize the base before attaching")
+        elif isinstance(module, nn.Conv2d):
+            problems.append(f"{path}: Conv2d cannot be quantized (only linear layers can)")
+        elif isinstance(module, nn.Linear) and frozen.is_quantized(module.weight):
+            problems.append(f"{path}: already quantized ({frozen.quantization(module.weight)})")
+    if problems:
+        raise QuantizeError(f"cannot quantize the model to {method}:\n  " + "\n  ".join(problems[:10]))
+    head = output_head(model)
+    model.to(torch.bfloat16).requires_grad_(False)
+    with _quiet_torchao():
+        make = _quantizer(method)
+        for module in model.modules():
+            if isinstance(module, nn.Linear) and module is not head and quantizable(module.weight, method):
+                module.weight = nn.Parameter(make(module.weight.data), requires_grad=False)
+    return model
+
+
+def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """Replace every quantized weight by its dense value in ``dtype`` (in place); returns the model."""
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and frozen.is_quantized(weight):
+            module.weight = nn.Parameter(frozen.dense(weight).to(dtype), requires_grad=False)
+    return model.to(dtype)
+
+
+def requantized(weight: torch.Tensor, value: torch.Tensor) -> nn.Parameter:
+    """``value`` quantized the way ``weight`` is (for merging into a quantized base)."""
+    kind = frozen.quantization(weight)
+    if kind not in QUANTIZATIONS:
+        raise QuantizeError(f"cannot re-quantize a {kind} weight; load the base unquantized to merge into it")
+    with _quiet_torchao():
+        return nn.Parameter(_quantizer(kind)(value.to(torch.bfloat16)), requires_grad=False)
+
+
+def quantized_bytes(model: nn.Module) -> tuple[int, int]:
+    """(bytes of the quantized weights with their scales, bytes of the same weights in bfloat16)."""
+    stored = dense = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and frozen.is_quantized(weight):
+            stored += frozen.nbytes(weight)
+            dense += 2 * weight.numel()
+    return stored, dense
+
+
+NF4_BLOCK = 64  # weights per NF4 scale
+NF4_SCALER_BLOCK = 256  # scales per second-level (double quantization) scale, at most
+
+
+def _to_nf4(weight: torch.Tensor):
+    from torchao.quantization import to_nf4
+
+    # torchao needs the number of scales to divide into second-level blocks; SmolLM2's
+    # 576 x 576 has 5184 scales, so take the largest block size <= 256 that divides them.
+    scales = weight.numel() // NF4_BLOCK
+    scaler_block = next(size for size in range(NF4_SCALER_BLOCK, 0, -1) if scales % size == 0)
+    return to_nf4(weight, NF4_BLOCK, scaler_block)
+
+
+def quantizable(weight: torch.Tensor, method: str) -> bool:
+    return method != "nf4" or weight.numel() % NF4_BLOCK == 0
+
+
+def _quantizer(method: str):
+    if method == "nf4":
+        return _to_nf4
+    from torchao.quantization import Int8Tensor, PerRow
+
+    return lambda weight: Int8Tensor.from_hp(weight, PerRow())
+
+
+@contextlib.contextmanager
+def _quiet_torchao() -> Iterator[None]:
+    """torchao logs a warning per CUDA kernel library it cannot load; on a CPU-only
+    machine that is expected and says nothing about the tensors used here."""
+    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
