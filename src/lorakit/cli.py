@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .config import ALL_LINEAR, LoraConfig
+from .quantize import QUANTIZATIONS
 
 app = typer.Typer(help="LoRA adapters for PyTorch models.", no_args_is_help=True, add_completion=False)
 # soft_wrap: lines are never broken at 80 columns when the output is a file or a pipe,
@@ -24,7 +25,15 @@ errors = Console(stderr=True, soft_wrap=True)
 
 @app.callback()
 def _root() -> None:
-    """LoRA adapters for PyTorch models: inspect, train, merge, generate, serve."""
+    """LoRA adapters for PyTorch models: inspect, plan, train, merge, generate, serve."""
+    import logging
+
+    # transformers imports torchao when it is installed, and torchao logs a warning for
+    # every CUDA kernel library it cannot load: noise on a CPU-only machine.
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+
+
+QUANTIZE_HELP = "Quantize the frozen base's linear weights: nf4 (QLoRA) or int8; adapters stay float32."
 
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -189,6 +198,10 @@ def merge(
     adapter: Annotated[str, typer.Argument(help="PEFT-format adapter directory.")],
     out: Annotated[str, typer.Option(help="Directory for the merged model.")],
     dtype: Annotated[str, typer.Option(help="Weight dtype of the merged model: fp32, bf16, fp16.")] = "fp32",
+    quantize: Annotated[str | None, typer.Option(
+        help="The base was quantized (nf4, int8) when the adapter was trained: merge into those "
+             "dequantized weights, the function the adapter learned. The result is written dense "
+             "in --dtype, never re-quantized.")] = None,
 ) -> None:
     """Merge an adapter into its base model and save a plain transformers model.
 
@@ -199,9 +212,11 @@ def merge(
     from .pretrained import save_merged
 
     if dtype not in DTYPES:
-        raise typer.BadParameter(f"expected one of {sorted(DTYPES)}", param_hint="--dtype")
+        why = (" (a merged model is written dense; re-quantizing W + delta would round the adapter's small "
+               "update away: quantize when loading it, e.g. lorakit serve --quantize)") if dtype in QUANTIZATIONS else ""
+        raise typer.BadParameter(f"expected one of {sorted(DTYPES)}{why}", param_hint="--dtype")
     with user_errors():
-        path = save_merged(model, adapter, out, getattr(torch, DTYPES[dtype]))
+        path = save_merged(model, adapter, out, getattr(torch, DTYPES[dtype]), quantize)
     console.print(f"merged model written to {path} (loads with transformers' from_pretrained)")
 
 
@@ -218,6 +233,7 @@ def generate(
     seed: Annotated[int | None, typer.Option(help="Seed for sampling.")] = None,
     stop: Annotated[list[str] | None, typer.Option(help="Stop string; repeatable.")] = None,
     chat: Annotated[bool, typer.Option("--chat/--no-chat", help="Render prompts with the chat template.")] = True,
+    quantize: Annotated[str | None, typer.Option(help=QUANTIZE_HELP)] = None,
 ) -> None:
     """Generate for a batch of prompts, each with its own adapter, in one batch.
 
@@ -240,7 +256,7 @@ def generate(
         unknown = sorted(set(uses) - set(named) - {"base"})
         if unknown:
             raise ValueError(f"--use names {unknown}, but the adapters are {sorted(named) or 'none'}")
-        engine = build_engine(model, max_adapters=max(1, len(named)), max_batch=len(prompt))
+        engine = build_engine(model, max_adapters=max(1, len(named)), max_batch=len(prompt), quantize=quantize)
         for name, path in named.items():
             engine.store.add_directory(name, path)
         params = SamplingParams(max_tokens, temperature, top_p, seed, tuple(stop or ()))
@@ -266,6 +282,7 @@ def serve(
     dtype: Annotated[str, typer.Option(help="Base weight dtype: fp32, bf16 (faster on CPUs with AVX512-BF16 "
                                             "or AMX, and on GPUs), fp16. Adapters stay float32.")] = "fp32",
     device: Annotated[str, typer.Option(help="auto (cuda if available), cpu or cuda.")] = "auto",
+    quantize: Annotated[str | None, typer.Option(help=QUANTIZE_HELP + " Overrides --dtype (bf16 compute).")] = None,
     threads: Annotated[int | None, typer.Option(
         help="CPU threads for the model (default: the cores this process may use; on a shared host, "
              "give each server its share).")] = None,
@@ -298,11 +315,11 @@ def serve(
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         engine = build_engine(model, adapters, max_adapters, max_bytes, max_batch, getattr(torch, DTYPES[dtype]),
-                              device)
+                              device, quantize)
     base_name = name or Path(model.rstrip("/")).name
     app_ = create_app(engine, base_name, Limits(max_prompt_tokens, max_tokens, max_queue), allow_runtime_lora)
     console.print(f"serving {base_name} and adapters from {adapters or '(none)'} on http://{host}:{port} "
-                  f"({device}, {dtype}, {torch.get_num_threads()} threads)")
+                  f"({device}, {quantize or dtype}, {torch.get_num_threads()} threads)")
     uvicorn.run(app_, host=host, port=port, log_level="warning",
                 timeout_graceful_shutdown=max(int(round(shutdown_timeout)), 1))
 

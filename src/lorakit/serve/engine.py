@@ -329,9 +329,10 @@ def lease_all(store: AdapterStore, names: list[str | None]) -> list[Lease | None
 
 
 def build_engine(spec: str, adapters: str | None = None, max_adapters: int = 8, max_adapter_bytes: int | None = None,
-                 max_batch: int = 32, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Engine:
+                 max_batch: int = 32, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                 quantize: str | None = None) -> Engine:
     """Load model ``spec`` for serving on ``device``: slots for ``max_adapters`` adapters from
-    the root ``adapters``."""
+    the root ``adapters``; ``quantize``: 'nf4' or 'int8' base weights (see lorakit.quantize)."""
     from pathlib import Path
 
     from ..pretrained import load_model, load_tokenizer
@@ -339,7 +340,7 @@ def build_engine(spec: str, adapters: str | None = None, max_adapters: int = 8, 
 
     if adapters is not None and not Path(adapters).is_dir():  # before the slow part
         raise StoreError(f"adapter root {adapters} is not a directory", 400)
-    model = load_model(spec, dtype=dtype).to(device)  # before the slots: their pools live beside the weights
+    model = load_model(spec, dtype=dtype, quantize=quantize).to(device)  # before the slots: their pools live beside the weights
     tokenizer = load_tokenizer(spec)
     enable_slots(model, max_adapters)
     return Engine(model, tokenizer, AdapterStore(model, adapters, max_adapters, max_adapter_bytes), max_batch)

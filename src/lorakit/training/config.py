@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ALL_LINEAR, ConfigError, LoraConfig
+from ..quantize import QUANTIZATIONS
 
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -32,6 +33,8 @@ class TrainConfig:
     # -- model and adapter
     model: str = setting("smollm2-135m", "Base model: HF model directory, .gguf file, or smollm2-135m.")
     dtype: str = setting("float32", "Base weight dtype: float32, bfloat16 or float16; adapters train in float32.")
+    quantize: str | None = setting(None, "Quantize the frozen base: nf4 (QLoRA) or int8 (bfloat16 compute; "
+                                         "overrides dtype); adapters train in float32.")
     rank: int = setting(8, "LoRA rank r.")
     alpha: float = setting(16.0, "LoRA alpha; the update is scaled by alpha / rank.")
     dropout: float = setting(0.0, "Dropout on the adapter's input while training.")
@@ -85,6 +88,8 @@ class TrainConfig:
             problems.append(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.dtype not in DTYPES:
             problems.append(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.quantize is not None and self.quantize not in QUANTIZATIONS:
+            problems.append(f"quantize must be one of {QUANTIZATIONS}, got {self.quantize!r}")
         if self.loraplus_ratio is not None and self.loraplus_ratio <= 0:
             problems.append(f"loraplus_ratio must be > 0, got {self.loraplus_ratio}")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:

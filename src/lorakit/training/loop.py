@@ -39,7 +39,7 @@ from .monitor import Monitor, plot_loss
 
 # Settings that change what a run computes; the others (logging, checkpoint
 # frequency, device) may differ when a run is resumed.
-NOT_RESUMABLE_IF_CHANGED = ("model", "dtype", "rank", "alpha", "dropout", "targets", "data", "language",
+NOT_RESUMABLE_IF_CHANGED = ("model", "dtype", "quantize", "rank", "alpha", "dropout", "targets", "data", "language",
                             "eval_data", "eval_fraction", "max_length", "packing", "mask_prompt", "epochs",
                             "max_steps", "batch_size", "micro_batch_size", "lr", "loraplus_ratio", "weight_decay",
                             "warmup_steps", "schedule", "min_lr_ratio", "max_grad_norm", "bf16", "seed")
@@ -93,7 +93,7 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
         tokenizer = load_tokenizer(config.model)
         train_set, eval_set = prepare_data(config, tokenizer, records)
         with run_lock(config.out_dir) if processes.main else nullcontext():
-            model = load_model(config.model, dtype=getattr(torch, config.dtype))
+            model = load_model(config.model, dtype=getattr(torch, config.dtype), quantize=config.quantize)
             return fit(model, train_set, eval_set, config, processes)
     finally:
         processes.close()
