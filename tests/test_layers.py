@@ -186,3 +186,28 @@ def test_deepcopy_torch_save_and_dtype_cast_keep_adapters(kind):
     # detach after deepcopy rebuilds the copy's own module around the copy's weight
     plain = lorakit.detach(copied)
     assert plain.layer.weight.data_ptr() != model.layer.weight.data_ptr()
+
+
+def test_half_precision_base_keeps_no_float32_copy_of_the_input_and_the_same_gradients():
+    """A bf16 base with float32 adapters: the adapter's input is saved once, in bf16, and
+    the gradients equal those of the plain float32 cast."""
+    torch.manual_seed(0)
+    model = nn.Sequential(OrderedDict(layer=nn.Linear(64, 48))).to(torch.bfloat16)
+    lorakit.attach(model, lorakit.LoraConfig(rank=4, alpha=8))
+    set_random(model)
+    adapter = model.layer.adapters["default"]
+    x = torch.randn(3, 5, 64, dtype=torch.bfloat16, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = model(x)
+    assert not any(t.dtype == torch.float32 and t.shape == x.shape for t in saved)
+    y.float().square().sum().backward()
+    ours = (x.grad.clone(), adapter.lora_A.grad.clone(), adapter.lora_B.grad.clone())
+    for p in (x, adapter.lora_A, adapter.lora_B):
+        p.grad = None
+    W, b = model.layer.weight, model.layer.bias
+    hidden = F.linear(x.float(), adapter.lora_A) * adapter.scaling  # the plain form
+    reference = (F.linear(x, W, b) + F.linear(hidden, adapter.lora_B).to(torch.bfloat16))
+    reference.float().square().sum().backward()
+    for got, expected in zip(ours, (x.grad, adapter.lora_A.grad, adapter.lora_B.grad)):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)

@@ -30,7 +30,8 @@ def _root() -> None:
 
     # transformers imports torchao when it is installed, and torchao logs a warning for
     # every CUDA kernel library it cannot load: noise on a CPU-only machine.
-    logging.getLogger("torchao").setLevel(logging.ERROR)
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 QUANTIZE_HELP = "Quantize the frozen base's linear weights: nf4 (QLoRA) or int8; adapters stay float32."
@@ -106,6 +107,63 @@ def inspect(
     console.print(f"training memory       LoRA {_size(report.memory_lora_bytes)} vs full fine-tuning "
                   f"{_size(report.memory_full_bytes)} ({report.weight_dtype} weights; weights + gradients + "
                   "AdamW states; activations and framework overhead excluded)")
+
+
+@app.command()
+def plan(
+    model: Annotated[str, typer.Argument(help="Preset (qwen2-0.5b, llama-3.2-1b, llama-2-7b, smollm2-135m), "
+                                              "model dir or config.json.")],
+    method: Annotated[list[str] | None, typer.Option(help="full, lora or qlora; repeatable (default: all three).")] = None,
+    rank: Annotated[int, typer.Option(help="LoRA rank r.")] = 16,
+    batch: Annotated[int, typer.Option(help="Sequences per forward pass (micro-batch).")] = 1,
+    seq: Annotated[int, typer.Option(help="Tokens per sequence.")] = 512,
+    gpu: Annotated[str | None, typer.Option(help="Memory to fit in, e.g. 24GiB: adds a fits column.")] = None,
+    dtype: Annotated[str, typer.Option(help="Weight and activation dtype of full and LoRA training: bf16, fp16, "
+                                            "fp32 (QLoRA computes in bf16).")] = "bf16",
+    gradient_checkpointing: Annotated[bool, typer.Option(
+        "--gradient-checkpointing", help="Plan with activations recomputed in backward.")] = False,
+    targets: Annotated[str, typer.Option(help="'all-linear', comma-separated names, or re:<regex>.")] = ALL_LINEAR,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list, one object per method.")] = False,
+) -> None:
+    """Estimate peak training memory (weights, adapter, gradients, optimizer, activations, logits).
+
+    Example: lorakit plan llama-2-7b --seq 2048 --gpu 24GiB --gradient-checkpointing
+    """
+    import torch
+
+    from .plan import METHODS, parse_size
+    from .plan import plan as make_plan
+
+    if dtype not in DTYPES:
+        raise typer.BadParameter(f"expected one of {sorted(DTYPES)}", param_hint="--dtype")
+    with user_errors():
+        unknown = sorted(set(method or ()) - set(METHODS))
+        if unknown:
+            raise ValueError(f"--method {unknown[0]!r}: choose among {', '.join(METHODS)}")
+        gpu_bytes = parse_size(gpu) if gpu else None
+        plans = [make_plan(model, m, rank, batch, seq, getattr(torch, DTYPES[dtype]), gradient_checkpointing,
+                           gpu_bytes, parse_targets(targets)) for m in (method or METHODS)]
+    if as_json:
+        print(json.dumps([p.to_json() for p in plans], indent=2))
+        return
+    from rich import box
+
+    console.print(f"Peak training memory in GiB: {model}, {batch} x {seq} tokens"
+                  + (", gradient checkpointing" if gradient_checkpointing else "") + (f"; fits: in {gpu}" if gpu else ""))
+    table = Table(box=box.SIMPLE_HEAD)
+    columns = ("weights", "adapter", "gradients", "optimizer", "activations", "logits", "peak")
+    headers = ("weights", "adapter", "grads", "AdamW", "activ.", "logits", "peak")
+    table.add_column("method", no_wrap=True)
+    for header in (*headers, *(("fits",) if gpu else ())):
+        table.add_column(header, justify="right", min_width=len(header))
+    for p in plans:
+        sizes = [f"{getattr(p, f'{c}_bytes') / 2**30:.2f}" for c in columns]
+        label = p.method + ("" if p.method == "full" else f" r={p.rank}")
+        table.add_row(label, *sizes, *((("yes" if p.fits else "no"),) if gpu else ()))
+    console.print(table)
+    console.print(f"dtype {plans[0].dtype if plans[0].method != 'qlora' else DTYPES[dtype]}"
+                  + ("; QLoRA: NF4 linear weights, bfloat16 compute" if "qlora" in [p.method for p in plans] else ""))
+    console.print("AdamW; every token trained; not counted: allocator caching, the CUDA context, kernel workspaces.")
 
 
 def train(context: typer.Context, config: str | None, resume: bool, **flags: object) -> None:

@@ -178,9 +178,40 @@ class LoraLayer(nn.Module):
         return adapter.lora_A.float(), adapter.lora_B.float(), adapter.scaling
 
 
+class _DownProjection(torch.autograd.Function):
+    """x A^T in A's dtype (float32) for x in a half-precision dtype, saving x as it came.
+
+    ``F.linear(x.float(), A)`` would keep a float32 copy of every adapted layer's input for
+    the backward pass (three for q, k and v), twice the memory of the input itself, which
+    autograd keeps anyway. Widening is exact, so the gradients are the same bits."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, A: Tensor) -> Tensor:
+        ctx.save_for_backward(x, A)
+        return F.linear(x.to(A.dtype), A)  # (..., in) @ (in, r) -> (..., r)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        x, A = ctx.saved_tensors
+        grad_x = (grad @ A).to(x.dtype) if ctx.needs_input_grad[0] else None  # (..., r) @ (r, in)
+        grad_A = None
+        if ctx.needs_input_grad[1]:  # (r, N) @ (N, in)
+            grad_A = grad.reshape(-1, grad.shape[-1]).T @ x.reshape(-1, x.shape[-1]).to(A.dtype)
+        return grad_x, grad_A
+
+
+def _down(adapter: LoraAdapter, x: Tensor) -> Tensor:
+    """dropout(x) A^T, in A's dtype."""
+    A = adapter.lora_A
+    if (x.dtype != A.dtype and isinstance(adapter.dropout, nn.Identity) and torch.is_grad_enabled()
+            and not torch.is_autocast_enabled(x.device.type)):
+        return _DownProjection.apply(x, A)
+    return F.linear(adapter.dropout(x.to(A.dtype)), A)
+
+
 def _linear_adapter(adapter: LoraAdapter, x: Tensor, out_dtype: torch.dtype) -> Tensor:
     # (..., in) @ (in, r) -> (..., r), scaled while it is small, then @ (r, out).
-    hidden = F.linear(adapter.dropout(x.to(adapter.lora_A.dtype)), adapter.lora_A) * adapter.scaling
+    hidden = _down(adapter, x) * adapter.scaling
     return F.linear(hidden, adapter.lora_B).to(out_dtype)
 
 
@@ -193,7 +224,7 @@ def _add_linear_update(layer: LoraLayer, result: Tensor, adapter: LoraAdapter, x
     same = result.dtype == adapter.lora_A.dtype == adapter.lora_B.dtype
     if not same or result.dim() < 2 or torch.is_autocast_enabled(result.device.type):
         return LoraLayer.add_update(layer, result, adapter, x, sign)
-    hidden = F.linear(adapter.dropout(x.to(adapter.lora_A.dtype)), adapter.lora_A)  # (..., in) -> (..., r)
+    hidden = _down(adapter, x)  # (..., in) -> (..., r)
     flat = result.view(-1, result.shape[-1])  # (N, out), shares result's memory
     # flat += sign * scaling * (N, r) @ (r, out)
     flat.addmm_(hidden.reshape(-1, adapter.rank), adapter.lora_B.T, alpha=sign * adapter.scaling)
