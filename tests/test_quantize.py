@@ -162,3 +162,78 @@ def test_bad_input_is_refused_before_anything_changes():
         lorakit.load_model("llama-2-7b", quantize="nf4")
     with pytest.raises(QuantizeError, match="unknown quantization 'fp4'"):
         lorakit.load_model("smollm2-135m", quantize="fp4")  # before the model loads
+
+
+def test_smollm2_nf4_weights_counted_on_the_real_tensors():
+    """SmolLM2-135M's shapes (random weights: the byte count does not depend on values):
+    every quantized linear weight with its scales, against the same weights in bf16, and
+    the planner's weight bytes against the whole quantized model's."""
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.plan import plan
+    from lorakit.pretrained import load_config
+
+    model = AutoModelForCausalLM.from_config(load_config("smollm2-135m"), dtype=torch.bfloat16)
+    quantize_model(model, "nf4")
+    stored, dense = quantized_bytes(model)
+    assert dense == 2 * 30 * (2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536)  # every projection of 30 blocks
+    assert stored / dense <= 0.30
+    whole = sum(frozen.nbytes(p) for p in model.parameters())
+    assert abs(plan("smollm2-135m", "qlora").weights_bytes / whole - 1) < 0.005
+
+
+def test_serving_a_quantized_base_adds_adapters_as_the_lora_layers_do(tiny_lm_dir, tmp_path):
+    """The serving slots and LoraLinear share the quantized base computation (frozen.linear):
+    a mixed batch equals each row run alone on an attached copy."""
+    from lorakit.serve.engine import build_engine
+    from lorakit.serve.slots import mixed_forward
+
+    trained = lorakit.load_model(str(tiny_lm_dir), quantize="nf4")
+    lorakit.attach(trained, lorakit.LoraConfig(rank=4, alpha=8))
+    randomize_adapters(trained, scale=0.2)
+    lorakit.save_adapter(trained, tmp_path / "a")
+    engine = build_engine(str(tiny_lm_dir), max_adapters=2, quantize="nf4")
+    assert all(frozen.quantization(m.weight) == "nf4" for m in engine.model.modules()
+               if type(m).__name__ == "SlotLinear")
+    engine.store.add_directory("a", tmp_path / "a")
+    lease = engine.store.lease("a")
+    try:
+        ids = token_batch(50, shape=(2, 6))
+        with torch.no_grad():
+            mixed = mixed_forward(engine.model, ids, [lease.slot, -1])
+            alone = trained(ids[:1]).logits
+            with lorakit.disabled(trained):
+                base = trained(ids).logits
+    finally:
+        lease.release()
+    torch.testing.assert_close(mixed[1:], base[1:], rtol=0, atol=0)
+    torch.testing.assert_close(mixed[:1].float(), alone.float(), rtol=0.02, atol=0.02)
+    assert (alone.float() - base[:1].float()).abs().max() > 0.05  # and the adapter does change the row
+
+
+def test_merge_into_a_quantized_base_writes_a_dense_model(tiny_lm_dir, tmp_path):
+    from typer.testing import CliRunner
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.cli import app
+
+    model = lorakit.load_model(str(tiny_lm_dir), quantize="nf4")
+    lorakit.attach(model, lorakit.LoraConfig(rank=4, alpha=8))
+    randomize_adapters(model)
+    lorakit.save_adapter(model, tmp_path / "adapter")
+    runner = CliRunner()
+    result = runner.invoke(app, ["merge", str(tiny_lm_dir), str(tmp_path / "adapter"), "--out", str(tmp_path / "m"),
+                                 "--quantize", "nf4", "--dtype", "fp32"])
+    assert result.exit_code == 0, result.output
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m", local_files_only=True)
+    assert merged.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32
+    ids = token_batch(50, shape=(1, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, model(ids).logits.float(), rtol=0.02, atol=0.02)
+    result = runner.invoke(app, ["merge", str(tiny_lm_dir), str(tmp_path / "adapter"), "--out", str(tmp_path / "q"),
+                                 "--dtype", "nf4"])
+    assert result.exit_code == 2 and "written dense" in " ".join(result.output.split())
+    result = runner.invoke(app, ["merge", str(tiny_lm_dir), str(tmp_path / "adapter"), "--out", str(tmp_path / "q"),
+                                 "--quantize", "nf2"])
+    assert result.exit_code == 2 and "unknown quantization 'nf2'" in result.output
+    assert not (tmp_path / "q").exists()

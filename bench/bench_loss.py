@@ -1,0 +1,100 @@
+"""Chunked against whole-vocabulary loss: peak memory and time of a LoRA training step.
+
+SmolLM2-135M's shapes (49,152-word vocabulary, random weights), float32, LoRA r=16 on
+all linear layers, every one of batch x seq tokens trained.
+
+- memory: one fresh process per variant; the peak resident memory of a training step
+  above the memory before it (kernel high-water mark, reset after the model is built;
+  glibc set to return large freed blocks at once, see bench_plan.py);
+- time: both variants in one process, interleaved, median over rounds.
+
+    python bench/bench_loss.py [--batch 8] [--seq 512] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+from bench_plan import rss
+
+
+def setup(batch: int, seq: int):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import lorakit
+    from lorakit.pretrained import load_config
+    from lorakit.training.batches import Batch
+
+    torch.manual_seed(0)
+    config = load_config("smollm2-135m")
+    model = AutoModelForCausalLM.from_config(config).train()
+    lorakit.attach(model, lorakit.LoraConfig(rank=16, alpha=32))
+    ids = torch.randint(0, config.vocab_size, (batch, seq))
+    return model, Batch(ids, torch.arange(seq).expand(batch, seq), ids, batch * seq)
+
+
+def step(model, batch, chunk: int) -> None:
+    from lorakit.training.loss import loss_sum
+
+    loss_sum(model, batch, chunk).backward()
+    model.zero_grad(set_to_none=True)
+
+
+def peak(chunk: int, batch: int, seq: int) -> int:
+    model, batch_ = setup(batch, seq)
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")
+    before = rss("VmRSS")
+    step(model, batch_, chunk)
+    return rss("VmHWM") - before
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--peak", type=int, help=argparse.SUPPRESS)  # chunk: measure in this process
+    args = parser.parse_args()
+    if args.peak is not None:
+        print(peak(args.peak, args.batch, args.seq))
+        return
+
+    from lorakit.training.loss import CHUNK_TOKENS
+
+    variants = {"whole": 0, "chunked": CHUNK_TOKENS}
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+    peaks = {}
+    for name, chunk in variants.items():
+        out = subprocess.run([sys.executable, __file__, "--peak", str(chunk), "--batch", str(args.batch),
+                              "--seq", str(args.seq)], check=True, capture_output=True, text=True, env=env).stdout
+        peaks[name] = int(out.strip().splitlines()[-1])
+
+    model, batch = setup(args.batch, args.seq)
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for name, chunk in variants.items():  # warm-up
+        step(model, batch, chunk)
+    for r in range(args.rounds):
+        for name in (list(variants) if r % 2 == 0 else list(variants)[::-1]):
+            start = time.perf_counter()
+            step(model, batch, variants[name])
+            times[name].append(time.perf_counter() - start)
+    medians = {name: statistics.median(t) for name, t in times.items()}
+
+    print(f"SmolLM2-135M shapes, float32, LoRA r=16, {args.batch} x {args.seq} tokens all trained, "
+          f"chunks of {CHUNK_TOKENS}; memory: fresh process per variant; time: median of {args.rounds} interleaved\n")
+    print("| loss | step peak MiB | step median s |")
+    print("|---|---:|---:|")
+    for name in variants:
+        print(f"| {name} | {peaks[name] / 2**20:,.0f} | {medians[name]:.2f} |")
+    print(f"| chunked / whole | {peaks['chunked'] / peaks['whole']:.3f} | {medians['chunked'] / medians['whole']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
