@@ -8,7 +8,7 @@ all linear layers, every one of batch x seq tokens trained.
   glibc set to return large freed blocks at once, see bench_plan.py);
 - time: both variants in one process, interleaved, median over rounds.
 
-    python bench/bench_loss.py [--batch 8] [--seq 512] [--rounds 5]
+    python bench/bench_loss.py [--batch 8] [--seq 512] [--rounds 5] [--checkpointing]
 """
 
 from __future__ import annotations
@@ -23,18 +23,21 @@ import time
 from bench_plan import rss
 
 
-def setup(batch: int, seq: int):
+def setup(batch: int, seq: int, checkpointing: bool):
     import torch
     from transformers import AutoModelForCausalLM
 
     import lorakit
     from lorakit.pretrained import load_config
     from lorakit.training.batches import Batch
+    from lorakit.training.loop import checkpoint_activations
 
     torch.manual_seed(0)
     config = load_config("smollm2-135m")
     model = AutoModelForCausalLM.from_config(config).train()
     lorakit.attach(model, lorakit.LoraConfig(rank=16, alpha=32))
+    if checkpointing:
+        checkpoint_activations(model)
     ids = torch.randint(0, config.vocab_size, (batch, seq))
     return model, Batch(ids, torch.arange(seq).expand(batch, seq), ids, batch * seq)
 
@@ -46,8 +49,8 @@ def step(model, batch, chunk: int) -> None:
     model.zero_grad(set_to_none=True)
 
 
-def peak(chunk: int, batch: int, seq: int) -> int:
-    model, batch_ = setup(batch, seq)
+def peak(chunk: int, batch: int, seq: int, checkpointing: bool) -> int:
+    model, batch_ = setup(batch, seq, checkpointing)
     with open("/proc/self/clear_refs", "w") as clear:
         clear.write("5")
     before = rss("VmRSS")
@@ -60,10 +63,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing on")
     parser.add_argument("--peak", type=int, help=argparse.SUPPRESS)  # chunk: measure in this process
     args = parser.parse_args()
     if args.peak is not None:
-        print(peak(args.peak, args.batch, args.seq))
+        print(peak(args.peak, args.batch, args.seq, args.checkpointing))
         return
 
     from lorakit.training.loss import CHUNK_TOKENS
@@ -73,10 +77,11 @@ def main() -> None:
     peaks = {}
     for name, chunk in variants.items():
         out = subprocess.run([sys.executable, __file__, "--peak", str(chunk), "--batch", str(args.batch),
-                              "--seq", str(args.seq)], check=True, capture_output=True, text=True, env=env).stdout
+                              "--seq", str(args.seq), *(["--checkpointing"] if args.checkpointing else [])],
+                             check=True, capture_output=True, text=True, env=env).stdout
         peaks[name] = int(out.strip().splitlines()[-1])
 
-    model, batch = setup(args.batch, args.seq)
+    model, batch = setup(args.batch, args.seq, args.checkpointing)
     times: dict[str, list[float]] = {name: [] for name in variants}
     for name, chunk in variants.items():  # warm-up
         step(model, batch, chunk)
@@ -88,7 +93,7 @@ def main() -> None:
     medians = {name: statistics.median(t) for name, t in times.items()}
 
     print(f"SmolLM2-135M shapes, float32, LoRA r=16, {args.batch} x {args.seq} tokens all trained, "
-          f"chunks of {CHUNK_TOKENS}; memory: fresh process per variant; time: median of {args.rounds} interleaved\n")
+          f"chunks of {CHUNK_TOKENS}{', gradient checkpointing' if args.checkpointing else ''}; memory: fresh process per variant; time: median of {args.rounds} interleaved\n")
     print("| loss | step peak MiB | step median s |")
     print("|---|---:|---:|")
     for name in variants:

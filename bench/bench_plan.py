@@ -43,6 +43,7 @@ def measure(method: str, checkpointing: bool, batch: int, seq: int, rank: int) -
     from lorakit.pretrained import load_config
     from lorakit.quantize import quantize_model
     from lorakit.training.batches import Batch
+    from lorakit.training.loop import checkpoint_activations
     from lorakit.training.loss import loss_sum
 
     torch.manual_seed(0)
@@ -59,8 +60,7 @@ def measure(method: str, checkpointing: bool, batch: int, seq: int, rank: int) -
         lorakit.attach(model, lorakit.LoraConfig(rank=rank, alpha=2 * rank))
     model.train()
     if checkpointing:
-        model.config.use_cache = False
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpoint_activations(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     with open("/proc/self/clear_refs", "w") as clear:
         clear.write("5")  # the high-water mark restarts here, after the model was built

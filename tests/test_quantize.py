@@ -11,6 +11,7 @@ import lorakit
 from lorakit import frozen
 from lorakit.attach import lora_layers
 from lorakit.quantize import QuantizeError, dequantize_model, quantize_model, quantized_bytes
+from lorakit.training.loop import checkpoint_activations
 
 METHODS = ["nf4", "int8"]
 
@@ -86,8 +87,7 @@ def test_gradient_checkpointing_gives_the_same_gradients_on_a_quantized_base():
         lorakit.attach(model, lorakit.LoraConfig(rank=4, alpha=8))
         randomize_adapters(model)
         if checkpointing:
-            model.config.use_cache = False
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            checkpoint_activations(model)
         model(ids, labels=ids).loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
     assert grads[0].keys() == grads[1].keys()

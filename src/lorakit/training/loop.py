@@ -258,8 +258,7 @@ def setup(model: nn.Module, train_set: Dataset, eval_set: Dataset | None, config
     model.to(device)
     attach(model, config.lora())
     if config.gradient_checkpointing:
-        model.config.use_cache = False
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpoint_activations(model)
     groups = parameter_groups(model, config)
     optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     parameters = [p for group in groups for p in group["params"]]
@@ -373,6 +372,17 @@ def _diverged(step: int, loss: float, grad_norm: float, out: Path) -> str:
     kept = f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint was written yet"
     return (f"training diverged at step {step}: loss {loss}, gradient norm {grad_norm}; the step was not "
             f"applied and the run stopped; {kept}. Lower lr (or set max_grad_norm) and run again.")
+
+
+def checkpoint_activations(model: nn.Module) -> None:
+    """transformers' gradient checkpointing, non-reentrant (the frozen embeddings' output
+    needs no gradient, which the reentrant form would require)."""
+    model.config.use_cache = False
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def peak_memory(device: torch.device) -> int:
