@@ -18,8 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-VARIANTS = {"fp32": ["--dtype", "float32"], "bf16": ["--dtype", "bfloat16"],
-            "nf4": ["--quantize", "nf4"], "int8": ["--quantize", "int8"]}
+VARIANTS = {"fp32": ["--dtype", "float32"], "fp32 + bf16 autocast": ["--dtype", "float32", "--bf16"],
+            "bf16": ["--dtype", "bfloat16"], "nf4": ["--quantize", "nf4"], "int8": ["--quantize", "int8"]}
 
 
 def weight_ratio(method: str) -> tuple[float, float]:
@@ -42,7 +42,7 @@ def main() -> None:
     args = parser.parse_args()
     rows = {}
     for name, flags in VARIANTS.items():
-        out = Path(args.out) / name
+        out = Path(args.out) / name.replace(" + bf16 autocast", "-autocast")
         subprocess.run([sys.executable, "-m", "lorakit", "train", "--max-steps", str(args.steps), "--batch-size", "8",
                         "--micro-batch-size", "8", "--rank", "16", "--alpha", "32", "--lr", "5e-4", "--max-length",
                         "256", "--eval-every", "0", "--save-every", str(args.steps), "--device", args.device,

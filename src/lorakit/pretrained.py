@@ -14,6 +14,7 @@ weights, for inspection. ``linear:OUTxIN`` is a one-layer model for quick sums.
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import os
 import shutil
@@ -82,7 +83,9 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, quantize: str | No
                                  "use `lorakit plan` to see what quantizing it would save")
         return build_meta(spec)
     if quantize:
-        return quantize_model(load_model(spec, torch.bfloat16), quantize)
+        model = quantize_model(load_model(spec, torch.bfloat16), quantize)
+        release_freed_memory()
+        return model
     path = _resolve(spec)
     with _quiet():
         if path.suffix == ".gguf":
@@ -92,7 +95,18 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, quantize: str | No
     # Adapter files record this as base_model_name_or_path: the spec the user gave
     # travels to other machines; the resolved cache path would not.
     model.config.name_or_path = spec
+    release_freed_memory()
     return model
+
+
+def release_freed_memory() -> None:
+    """Give the memory the loader freed back to the system. glibc keeps freed blocks in its
+    heap after a large load (a float32 file read into bfloat16 leaves about 1 GB of
+    SmolLM2 behind), and the process's resident size would carry it for its whole life."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to do
 
 
 @contextmanager

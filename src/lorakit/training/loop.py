@@ -259,6 +259,7 @@ def setup(model: nn.Module, train_set: Dataset, eval_set: Dataset | None, config
     attach(model, config.lora())
     if config.gradient_checkpointing:
         checkpoint_activations(model)
+    reset_peak_memory(device)
     groups = parameter_groups(model, config)
     optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     parameters = [p for group in groups for p in group["params"]]
@@ -385,8 +386,21 @@ def checkpoint_activations(model: nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start ``peak_memory`` afresh: training memory, not the transients of loading the model
+    (a float32 file read into bfloat16, or quantized, briefly holds both)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM restarts from the current size
+    except OSError:
+        pass  # elsewhere the peak stays the process's own
+
+
 def peak_memory(device: torch.device) -> int:
-    """Peak resident memory of this process in bytes (peak allocated GPU memory on CUDA)."""
+    """Peak resident memory of this process in bytes since ``reset_peak_memory`` (peak
+    allocated GPU memory on CUDA)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     # Linux: VmHWM is this process image's own peak; ru_maxrss can carry a parent's across fork + exec.
