@@ -237,3 +237,20 @@ def test_merge_into_a_quantized_base_writes_a_dense_model(tiny_lm_dir, tmp_path)
                                  "--quantize", "nf2"])
     assert result.exit_code == 2 and "unknown quantization 'nf2'" in result.output
     assert not (tmp_path / "q").exists()
+
+
+def test_generate_and_train_take_quantize_and_refuse_unknown_values(tiny_lm_dir):
+    from typer.testing import CliRunner
+
+    from lorakit.cli import app
+    from lorakit.config import ConfigError
+    from lorakit.training.config import TrainConfig
+
+    runner = CliRunner()
+    args = ["generate", str(tiny_lm_dir), "--prompt", "hej", "--max-tokens", "3", "--no-chat"]
+    result = runner.invoke(app, [*args, "--quantize", "int8"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, [*args, "--quantize", "nf9"])
+    assert result.exit_code == 2 and "unknown quantization 'nf9'; choose one of nf4, int8" in result.output
+    with pytest.raises(ConfigError, match="quantize must be one of"):
+        TrainConfig(quantize="fp8")

@@ -60,9 +60,8 @@ def compute_dtype(weight: Tensor) -> torch.dtype:
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None, transposed: bool = False) -> Tensor:
     """The base output for inputs ``x`` (..., in); ``transposed``: W is stored (in, out)."""
     if quantization(weight) is None:
-        if transposed:
-            flat = torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight) if bias is not None else \
-                x.reshape(-1, x.shape[-1]) @ weight
+        if transposed:  # GPT-2's Conv1D, which always has a bias
+            flat = torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight)  # (N, in) @ (in, out)
             return flat.view(*x.shape[:-1], flat.shape[-1])
         return F.linear(x, weight, bias)
     x = x.to(weight.dtype)
