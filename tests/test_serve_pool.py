@@ -6,15 +6,16 @@ import random
 import pytest
 import torch
 
-from lorakit.serve.pool import LoraWeights, Pool
+from lorakit.adapter import LayerWeights
+from lorakit.serve.pool import Pool
 
 
-def weights(rank: int, seed: int) -> LoraWeights:
+def weights(rank: int, seed: int) -> LayerWeights:
     generator = torch.Generator().manual_seed(seed)
-    return LoraWeights(torch.randn(rank, 6, generator=generator), torch.randn(5, rank, generator=generator), 0.5)
+    return LayerWeights(torch.randn(rank, 6, generator=generator), torch.randn(5, rank, generator=generator), 0.5)
 
 
-def check(pool: Pool, expected: dict[int, LoraWeights]) -> None:
+def check(pool: Pool, expected: dict[int, LayerWeights]) -> None:
     for slot in range(len(pool.spans)):
         got = pool.weights(slot)
         if slot not in expected:

@@ -9,6 +9,10 @@ An adapter is a directory with two files:
   embeddings use ``...P.lora_embedding_A`` / ``lora_embedding_B``; modules_to_save
   are stored whole as ``base_model.model.P.<param>``.
 
+In memory an adapter is a value (adapter.py's ``Adapter``): ``read_adapter`` and
+``write_adapter`` move it from and to a directory, ``export_adapter`` and
+``import_adapter`` from and to a live model.
+
 Every key-name conversion between lorakit and PEFT lives in this module. Loading
 reads and checks every key, shape and dtype before the model is touched, and never
 unpickles. Saving writes a temporary directory and renames it into place.
@@ -33,7 +37,8 @@ from torch import Tensor, nn
 from .attach import (AttachError, adapters, attach, delete_adapter, find_saved_modules, find_targets,
                      known_adapters, lora_layers)
 from .config import ALL_LINEAR, ConfigError, LoraConfig
-from .layers import LoraConv1D, LoraEmbedding, LoraLayer
+from .adapter import Adapter, LayerWeights
+from .layers import LoraEmbedding, LoraLayer, lora_scaling
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -66,18 +71,16 @@ def saved_module_keys(path: str, module: nn.Module) -> dict[str, Tensor]:
     return {f"{PREFIX}{path}.{name}": p for name, p in module.named_parameters()}
 
 
-def config_to_peft(model: nn.Module, name: str) -> dict[str, Any]:
-    """The adapter_config.json contents for adapter ``name``."""
-    config: LoraConfig = model.lorakit_configs[name]
-    layers = [(path, layer) for path, layer in lora_layers(model) if name in layer.adapters]
+def config_to_peft(adapter: Adapter) -> dict[str, Any]:
+    """The adapter_config.json contents for ``adapter``."""
+    config = adapter.config
     targets = config.targets
     if targets == ALL_LINEAR:
-        targets = sorted(path for path, _ in layers)  # PEFT also stores all-linear expanded
-    model_config = getattr(model, "config", None)
+        targets = sorted(adapter.layers)  # PEFT also stores all-linear expanded
     return {
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM" if type(model).__name__.endswith("ForCausalLM") else None,
-        "base_model_name_or_path": getattr(model_config, "name_or_path", None) or None,
+        "task_type": adapter.task_type,
+        "base_model_name_or_path": adapter.base_model,
         "r": config.rank,
         "lora_alpha": config.alpha,
         "lora_dropout": config.dropout,
@@ -90,7 +93,7 @@ def config_to_peft(model: nn.Module, name: str) -> dict[str, Any]:
         "use_rslora": config.use_rslora,
         "init_lora_weights": "gaussian" if config.init == "gaussian" else True,
         "modules_to_save": list(config.modules_to_save) or None,
-        "fan_in_fan_out": any(isinstance(layer, LoraConv1D) for _, layer in layers),
+        "fan_in_fan_out": any(layer.layout == "conv1d" for layer in adapter.layers.values()),
         "bias": "none",
         "use_dora": False,
         "inference_mode": True,
@@ -128,9 +131,42 @@ def config_from_peft(data: dict[str, Any], source: Path) -> LoraConfig:
         raise AdapterFileError(f"{source}: invalid LoRA config: {err}") from None
 
 
+# -- the adapter value <-> a live model -------------------------------------------
+def export_adapter(model: nn.Module, name: str = "default") -> Adapter:
+    """Adapter ``name`` of ``model`` as a value (copies: later training does not change it)."""
+    known_adapters(model, name)
+    config: LoraConfig = model.lorakit_configs[name]
+    layers = {}
+    for path, layer in lora_layers(model):
+        if name in layer.adapters:
+            weights = layer.weights(name)
+            layers[path] = LayerWeights(weights.A.clone(), weights.B.clone(), weights.scaling, weights.layout)
+    saved = {key.removeprefix(PREFIX): p.detach().clone()
+             for path, module in find_saved_modules(model, config).items()
+             for key, p in saved_module_keys(path, module).items()}
+    model_config = getattr(model, "config", None)
+    return Adapter(config, layers, saved, base_model=getattr(model_config, "name_or_path", None) or None,
+                   task_type="CAUSAL_LM" if type(model).__name__.endswith("ForCausalLM") else None)
+
+
+def import_adapter(model: nn.Module, adapter: Adapter, name: str = "default") -> str:
+    """Add ``adapter`` to ``model`` as ``name``; checked first, as ``load_adapter`` checks a file."""
+    return _install(model, adapter.config, file_tensors(adapter), "adapter value", name)
+
+
 # -- save ----------------------------------------------------------------------------
+def file_tensors(adapter: Adapter) -> dict[str, Tensor]:
+    """File key -> tensor: A and B of every layer, and the modules stored whole."""
+    tensors: dict[str, Tensor] = {}
+    for path, layer in adapter.layers.items():
+        key_a, key_b = peft_keys(path, LoraEmbedding if layer.layout == "embedding" else LoraLayer)
+        tensors[key_a], tensors[key_b] = layer.A, layer.B
+    tensors.update({PREFIX + key: tensor for key, tensor in adapter.saved.items()})
+    return tensors
+
+
 def adapter_tensors(model: nn.Module, name: str) -> dict[str, Tensor]:
-    """File key -> parameter of adapter ``name``: A and B of every layer, and modules_to_save."""
+    """File key -> live parameter of adapter ``name`` (for restoring a checkpoint in place)."""
     known_adapters(model, name)
     tensors: dict[str, Tensor] = {}
     for path, layer in lora_layers(model):
@@ -143,14 +179,24 @@ def adapter_tensors(model: nn.Module, name: str) -> dict[str, Tensor]:
     return tensors
 
 
-def adapter_files(model: nn.Module, name: str = "default") -> dict[str, bytes]:
-    """The two files of adapter ``name`` in PEFT's format, as bytes."""
+def adapter_bytes(adapter: Adapter) -> dict[str, bytes]:
+    """The two files of ``adapter`` in PEFT's format, as bytes."""
     # Own, contiguous CPU copies: safetensors refuses tensors that share memory (tied weights).
-    tensors = {k: t.detach().to("cpu", copy=True).contiguous() for k, t in adapter_tensors(model, name).items()}
+    tensors = {k: t.detach().to("cpu", copy=True).contiguous() for k, t in file_tensors(adapter).items()}
     return {
-        CONFIG_NAME: json.dumps(config_to_peft(model, name), indent=2, sort_keys=True).encode() + b"\n",
+        CONFIG_NAME: json.dumps(config_to_peft(adapter), indent=2, sort_keys=True).encode() + b"\n",
         WEIGHTS_NAME: safetensors_bytes(tensors, metadata={"format": "pt"}),
     }
+
+
+def adapter_files(model: nn.Module, name: str = "default") -> dict[str, bytes]:
+    """The two files of adapter ``name`` of ``model`` in PEFT's format, as bytes."""
+    return adapter_bytes(export_adapter(model, name))
+
+
+def write_adapter(adapter: Adapter, directory: str | os.PathLike) -> Path:
+    """Write ``adapter`` to ``directory`` in PEFT's format, atomically; return the path."""
+    return write_directory(directory, adapter_bytes(adapter))
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "default") -> Path:
@@ -206,6 +252,11 @@ def hidden_sibling(directory: Path, kind: str) -> Path:
 # -- load ----------------------------------------------------------------------------
 def read_config(directory: str | os.PathLike) -> LoraConfig:
     """Parse and check ``directory/adapter_config.json``."""
+    data, source = _read_json(directory)
+    return config_from_peft(data, source)
+
+
+def _read_json(directory: str | os.PathLike) -> tuple[dict[str, Any], Path]:
     directory = Path(directory)
     if not directory.is_dir():
         raise AdapterFileError(f"{directory}: not an adapter directory (expected {CONFIG_NAME} + {WEIGHTS_NAME})")
@@ -218,7 +269,7 @@ def read_config(directory: str | os.PathLike) -> LoraConfig:
         raise AdapterFileError(f"{source}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
     if not isinstance(data, dict):
         raise AdapterFileError(f"{source}: expected a JSON object, got {type(data).__name__}")
-    return config_from_peft(data, source)
+    return data, source
 
 
 def read_tensors(directory: str | os.PathLike) -> dict[str, Tensor]:
@@ -238,6 +289,52 @@ def read_tensors(directory: str | os.PathLike) -> dict[str, Tensor]:
         raise AdapterFileError(f"{source}: not a readable safetensors file ({err})") from None
 
 
+KEY = re.compile(rf"^{re.escape(PREFIX)}(?P<path>.+)\.lora_(?:embedding_(?P<e>[AB])|(?P<l>[AB])\.weight)$")
+
+
+def read_adapter(directory: str | os.PathLike) -> Adapter:
+    """The adapter in ``directory`` as a value, without a model: every key parsed and every
+    pair of factors checked (both present, floating point, ranks as the config says).
+    A 4-D A is a Conv2d's; a 2-D pair is a GPT-2 Conv1D's when the file's one
+    ``fan_in_fan_out`` flag is set, an ``nn.Linear``'s otherwise."""
+    data, config_source = _read_json(directory)
+    config = config_from_peft(data, config_source)
+    tensors = read_tensors(directory)
+    source = Path(directory) / WEIGHTS_NAME
+    pairs: dict[str, dict[str, Tensor]] = {}
+    saved, problems = {}, []
+    for key, tensor in tensors.items():
+        match = KEY.match(key)
+        if match is None:
+            if key.startswith(PREFIX) and config.modules_to_save:
+                saved[key.removeprefix(PREFIX)] = tensor
+            else:
+                problems.append(f"unexpected key {key}")
+            continue
+        factor = match["e"] or match["l"]
+        pairs.setdefault(match["path"], {})[factor + ("e" if match["e"] else "")] = tensor
+    layers = {}
+    for path, pair in sorted(pairs.items()):
+        embedding = "Ae" in pair or "Be" in pair
+        A, B = (pair.get("Ae"), pair.get("Be")) if embedding else (pair.get("A"), pair.get("B"))
+        rank = config.rank_for(path)
+        if A is None or B is None or len(pair) != 2:
+            problems.append(f"{path}: needs both lora_A and lora_B")
+        elif not (A.is_floating_point() and B.is_floating_point()):
+            problems.append(f"{path}: lora_A / lora_B must be floating point, got {A.dtype} / {B.dtype}")
+        elif A.shape[0] != rank or B.shape[1] != rank:
+            problems.append(f"{path}: A {tuple(A.shape)}, B {tuple(B.shape)}; expected rank {rank} (config)")
+        else:
+            layout = ("embedding" if embedding else "conv2d" if A.dim() == 4
+                      else "conv1d" if data.get("fan_in_fan_out") else "linear")
+            scaling = lora_scaling(config.alpha_for(path), rank, config.use_rslora)
+            layers[path] = LayerWeights(A, B, scaling, layout)
+    if problems:
+        raise AdapterFileError(f"{source}: " + "; ".join(problems[:10]))
+    return Adapter(config, layers, saved, base_model=data.get("base_model_name_or_path"),
+                   task_type=data.get("task_type"))
+
+
 def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str | None = None) -> str:
     """Load a PEFT-format adapter into ``model`` as ``name``; return the name used.
 
@@ -250,12 +347,17 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str | Non
     tensors = read_tensors(directory)
     if name is None:
         name = "default" if "default" not in adapters(model) else re.sub(r"\W", "_", directory.name)
-    source = directory / WEIGHTS_NAME
+    return _install(model, config, tensors, directory, name)
+
+
+def _install(model: nn.Module, config: LoraConfig, tensors: dict[str, Tensor], source: str | Path,
+             name: str) -> str:
+    """Attach ``name`` with ``config`` and copy in ``tensors`` (by file key), all checked first."""
     try:
         expected = _expected_tensors(model, config)
     except AttachError as err:
-        raise AdapterFileError(f"{directory}: does not fit this model: {err}") from None
-    _check_tensors(source, expected, tensors)
+        raise AdapterFileError(f"{source}: does not fit this model: {err}") from None
+    _check_tensors(Path(source) / WEIGHTS_NAME if isinstance(source, Path) else source, expected, tensors)
 
     attach(model, config, name)
     try:

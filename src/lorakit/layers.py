@@ -17,7 +17,7 @@ layer computes base + the active adapters. A merged adapter that is not active (
 all adapters, inside ``disabled``) is subtracted on the fly.
 
 One subclass per base type says three things: how the base computes, how an adapter
-computes, and what B @ A is as a change of ``weight`` (its shape and layout).
+computes, and its layout: which change of ``weight`` B @ A is (adapter.py has the math).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import frozen
+from .adapter import LayerWeights
 from .quantize import requantized
 
 
@@ -59,9 +60,12 @@ class LoraAdapter(nn.Module):
 class LoraLayer(nn.Module):
     """Base class: a frozen ``weight``/``bias`` and a ``ModuleDict`` of adapters.
 
-    Subclasses implement ``base_forward``, ``adapter_forward`` and ``delta_weight``,
-    and ``shapes`` (the A and B shapes for a given rank).
+    Subclasses implement ``base_forward`` and ``adapter_forward``, ``shapes`` (the A
+    and B shapes for a given rank), and name their ``layout`` (how B @ A becomes a
+    change of ``weight``; see adapter.py, where that math lives).
     """
+
+    layout: str
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__()
@@ -98,7 +102,12 @@ class LoraLayer(nn.Module):
 
     def delta_weight(self, name: str) -> Tensor:
         """(alpha / r) * B @ A laid out like ``weight``, in float32."""
-        raise NotImplementedError
+        return self.weights(name).delta()
+
+    def weights(self, name: str) -> LayerWeights:
+        """Adapter ``name`` on this layer as a plain value (A, B, scaling, layout)."""
+        adapter = self.adapters[name]
+        return LayerWeights(adapter.lora_A.detach(), adapter.lora_B.detach(), adapter.scaling, self.layout)
 
     # -- shared ---------------------------------------------------------------------
     def add_adapter(self, name: str, rank: int, alpha: float, dropout: float, use_rslora: bool, init: str) -> None:
@@ -173,10 +182,6 @@ class LoraLayer(nn.Module):
         return (f"{type(self.base_module).__name__}(in={in_features}, out={out_features}), "
                 f"active={self.active}, merged={self.merged}")
 
-    def _ab(self, name: str) -> tuple[Tensor, Tensor, float]:
-        adapter = self.adapters[name]
-        return adapter.lora_A.float(), adapter.lora_B.float(), adapter.scaling
-
 
 class _DownProjection(torch.autograd.Function):
     """x A^T in A's dtype (float32) for x in a half-precision dtype, saving x as it came.
@@ -234,6 +239,8 @@ def _add_linear_update(layer: LoraLayer, result: Tensor, adapter: LoraAdapter, x
 class LoraLinear(LoraLayer):
     """nn.Linear: y = x W^T + b; W is (out, in)."""
 
+    layout = "linear"
+
     @staticmethod
     def dims(base: nn.Module) -> tuple[int, int]:
         return base.in_features, base.out_features
@@ -250,13 +257,11 @@ class LoraLinear(LoraLayer):
 
     add_update = _add_linear_update
 
-    def delta_weight(self, name: str) -> Tensor:
-        A, B, scaling = self._ab(name)
-        return (B @ A) * scaling  # (out, r) @ (r, in) -> (out, in)
-
 
 class LoraConv1D(LoraLayer):
     """transformers' GPT-2 Conv1D: y = x W + b; W is stored transposed, (in, out)."""
+
+    layout = "conv1d"
 
     @staticmethod
     def dims(base: nn.Module) -> tuple[int, int]:
@@ -275,10 +280,6 @@ class LoraConv1D(LoraLayer):
 
     add_update = _add_linear_update
 
-    def delta_weight(self, name: str) -> Tensor:
-        A, B, scaling = self._ab(name)
-        return (B @ A).T * scaling  # stored as (in, out)
-
 
 class LoraEmbedding(LoraLayer):
     """nn.Embedding: y = W[ids]; W is (num_embeddings, dim).
@@ -287,6 +288,8 @@ class LoraEmbedding(LoraLayer):
     (dim x r) projects up; A starts at zero and B Gaussian, the reverse of the linear
     case, so a fresh adapter is still exactly zero.
     """
+
+    layout = "embedding"
 
     @staticmethod
     def dims(base: nn.Module) -> tuple[int, int]:
@@ -312,14 +315,12 @@ class LoraEmbedding(LoraLayer):
         hidden = self._lookup(x, adapter.lora_A.T)  # (..., r): row ids of A^T
         return (hidden @ adapter.lora_B.T * adapter.scaling).to(self.weight.dtype)
 
-    def delta_weight(self, name: str) -> Tensor:
-        A, B, scaling = self._ab(name)
-        return (B @ A).T * scaling  # (num_embeddings, dim)
-
 
 class LoraConv2d(LoraLayer):
     """nn.Conv2d (image models): A is a conv with the base kernel, stride and padding,
     B a 1x1 conv, so B∘A is a conv with the base's geometry and can be merged."""
+
+    layout = "conv2d"
 
     @staticmethod
     def dims(base: nn.Module) -> tuple[int, int]:
@@ -343,8 +344,3 @@ class LoraConv2d(LoraLayer):
         else:
             hidden = F.conv2d(x, adapter.lora_A, None, base.stride, base.padding, base.dilation)
         return F.conv2d(hidden * adapter.scaling, adapter.lora_B).to(self.weight.dtype)
-
-    def delta_weight(self, name: str) -> Tensor:
-        A, B, scaling = self._ab(name)
-        # (out, r) x (r, in, kh, kw) -> (out, in, kh, kw)
-        return torch.einsum("or,rikl->oikl", B.flatten(1), A) * scaling

@@ -27,18 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-
-@dataclass(frozen=True)
-class LoraWeights:
-    """One adapter in one layer, as read from its file: A (r x in), B (out x r) and alpha / r."""
-
-    A: Tensor
-    B: Tensor
-    scaling: float
-
-    @property
-    def nbytes(self) -> int:  # in the pool, float32
-        return 4 * (self.A.numel() + self.B.numel())
+from ..adapter import LayerWeights
 
 
 @dataclass(frozen=True)
@@ -99,7 +88,7 @@ class Pool:
             return pool._rebuilt(2 * len(live) + 1, width, self.A.device)[0]
         return pool
 
-    def filled(self, slot: int, weights: LoraWeights) -> Pool:
+    def filled(self, slot: int, weights: LayerWeights) -> Pool:
         """A pool with ``weights`` in ``slot`` (which must be empty)."""
         if self.spans[slot] is not None:
             raise ValueError(f"slot {slot} is in use; empty it first")

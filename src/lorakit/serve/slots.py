@@ -38,7 +38,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import frozen
-from .pool import LoraWeights, Pool, SlotWeights
+from ..adapter import LayerWeights
+from .pool import Pool, SlotWeights
 
 BASE = -1  # the slot id of a row that uses no adapter
 STACK_TOKENS = 8  # see Router.stack_tokens
@@ -120,7 +121,7 @@ class SlotLinear(nn.Module):
     def slots(self) -> list[SlotWeights | None]:
         return [self.pool.weights(slot) for slot in range(self.router.capacity)]
 
-    def fill(self, slot: int, weights: LoraWeights) -> None:
+    def fill(self, slot: int, weights: LayerWeights) -> None:
         self.pool = self.pool.filled(slot, weights)  # one assignment: a forward sees the old or the new pool
 
     def empty(self, slot: int) -> None:

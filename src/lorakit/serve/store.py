@@ -20,9 +20,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..files import CONFIG_NAME, PREFIX, WEIGHTS_NAME, AdapterFileError, read_config, read_tensors
-from ..layers import lora_scaling
-from .pool import LoraWeights
+from ..adapter import LayerWeights
+from ..files import CONFIG_NAME, WEIGHTS_NAME, AdapterFileError, read_adapter
 from .slots import SlotLinear, slot_layers
 
 # Path segments of letters, digits, . _ -, none starting with a dot (so no "..", no hidden files).
@@ -76,7 +75,7 @@ class Prepared:
 
     name: str
     path: Path
-    weights: dict[str, LoraWeights]  # layer path -> weights
+    weights: dict[str, LayerWeights]  # layer path -> weights
     nbytes: int
 
 
@@ -177,40 +176,29 @@ class AdapterStore:
     def prepare(self, name: str, path: Path) -> Prepared:
         """Read and check the adapter at ``path``; raises StoreError(422) if it does not fit."""
         try:
-            config = read_config(path)
-            tensors = read_tensors(path)
+            adapter = read_adapter(path)
         except AdapterFileError as err:
             raise StoreError(str(err), 422) from None
-        pairs: dict[str, dict[str, object]] = {}
+        weights: dict[str, LayerWeights] = {}
         problems = []
-        for key, tensor in tensors.items():
-            match = re.match(rf"^{re.escape(PREFIX)}(.+)\.lora_([AB])\.weight$", key)
-            if match is None:
-                problems.append(f"{key}: only lora_A / lora_B of linear layers can be served")
-                continue
-            pairs.setdefault(match.group(1), {})[match.group(2)] = tensor
-        weights: dict[str, LoraWeights] = {}
-        for layer_path, pair in pairs.items():
+        for layer_path, given in adapter.layers.items():
             layer = self.layers.get(layer_path)
-            if layer is None:
-                problems.append(f"{layer_path}: no such linear layer in this model")
+            if layer is None or given.layout not in ("linear", "conv1d"):
+                problems.append(f"{layer_path}: no such linear layer in this model (only linear layers are served)")
                 continue
-            if set(pair) != {"A", "B"}:
-                problems.append(f"{layer_path}: needs both lora_A and lora_B")
-                continue
-            A, B = pair["A"].float(), pair["B"].float()
+            A, B = given.A.float(), given.B.float()
             if not (_finite(A) and _finite(B)):  # it would poison other adapters' rows too
                 problems.append(f"{layer_path}: lora_A or lora_B has NaN or infinite values")
                 continue
-            rank = config.rank_for(layer_path)
+            rank = given.rank
             if tuple(A.shape) != (rank, layer.in_features) or tuple(B.shape) != (layer.out_features, rank):
                 problems.append(f"{layer_path}: A {tuple(A.shape)}, B {tuple(B.shape)}; expected A "
                                 f"{(rank, layer.in_features)}, B {(layer.out_features, rank)}")
                 continue
-            scaling = lora_scaling(config.alpha_for(layer_path), rank, config.use_rslora)
-            weights[layer_path] = LoraWeights(A.to(layer.weight.device), B.to(layer.weight.device), scaling)
-        if config.modules_to_save:
-            problems.append(f"modules_to_save {list(config.modules_to_save)} cannot be served per request")
+            device = layer.weight.device
+            weights[layer_path] = LayerWeights(A.to(device), B.to(device), given.scaling, given.layout)
+        if adapter.saved:
+            problems.append(f"modules_to_save {list(adapter.config.modules_to_save)} cannot be served per request")
         if problems or not weights:
             shown = problems[:10] or ["no LoRA weights"]
             raise StoreError(f"adapter {name!r} ({path}) does not fit this model: " + "; ".join(shown), 422)
