@@ -251,6 +251,66 @@ app.command()(train)
 
 
 @app.command()
+def combine(
+    adapters: Annotated[list[str], typer.Argument(help="PEFT-format adapter directories.")],
+    out: Annotated[str, typer.Option(help="Directory for the combined adapter.")],
+    weights: Annotated[str | None, typer.Option(help="Comma-separated weight per adapter (default: all 1).")] = None,
+    method: Annotated[str, typer.Option(help="cat (exact; alias linear) or svd (best rank-R of the exact sum).")] = "cat",
+    rank: Annotated[int | None, typer.Option(help="Rank of the result (svd).")] = None,
+) -> None:
+    """Combine adapters: ΔW = Σ wᵢ·ΔWᵢ per module, written as a PEFT-format adapter.
+
+    Example: lorakit combine runs/style/adapter runs/domain/adapter --weights 0.7,0.3 --method svd --rank 16 --out runs/mix
+    """
+    from .combine import combine as combine_adapters
+    from .files import read_adapter, write_adapter
+
+    with user_errors():
+        try:
+            values = [float(w) for w in weights.split(",")] if weights else None
+        except ValueError:
+            raise ValueError(f"--weights: expected comma-separated numbers, got {weights!r}") from None
+        result = combine_adapters([read_adapter(path) for path in adapters], values, method, rank)
+        path = write_adapter(result.adapter, out)
+    _report_kept(result, f"combined {len(adapters)} adapters ({method}) into {path}")
+
+
+@app.command()
+def compress(
+    adapter: Annotated[str, typer.Argument(help="PEFT-format adapter directory.")],
+    out: Annotated[str, typer.Option(help="Directory for the compressed adapter.")],
+    rank: Annotated[int | None, typer.Option(help="Rank of every module.")] = None,
+    energy: Annotated[float | None, typer.Option(help="Per module, the smallest rank keeping this fraction of "
+                                                      "‖ΔW‖² (e.g. 0.99).")] = None,
+) -> None:
+    """Re-factor an adapter to a lower rank by the SVD of its factors (no out×in matrix).
+
+    Example: lorakit compress runs/sv/adapter --energy 0.99 --out runs/sv-small
+    """
+    from pathlib import Path
+
+    from .combine import compress as compress_adapter
+    from .files import WEIGHTS_NAME, read_adapter, write_adapter
+
+    with user_errors():
+        result = compress_adapter(read_adapter(adapter), rank, energy)
+        path = write_adapter(result.adapter, out)
+    before, after = (Path(d) / WEIGHTS_NAME for d in (adapter, path))
+    _report_kept(result, f"compressed {adapter} into {path}: {_size(before.stat().st_size)} -> "
+                         f"{_size(after.stat().st_size)}")
+
+
+def _report_kept(result, headline: str) -> None:
+    ranks = sorted({layer.rank for layer in result.adapter.layers.values()})
+    total = len(result.kept)
+    exact = sum(kept >= 1 - 1e-9 for kept in result.kept.values())
+    console.print(headline, highlight=False)
+    console.print(f"{total} modules, rank {ranks[0]}" + (f"–{ranks[-1]}" if len(ranks) > 1 else "")
+                  + f"; kept energy (‖ΔW‖² fraction): lowest {min(result.kept.values()):.4f}, "
+                  f"mean {sum(result.kept.values()) / total:.4f}; {exact} of {total} exact", highlight=False)
+
+
+@app.command()
 def merge(
     model: Annotated[str, typer.Argument(help="Base model spec: HF model dir, .gguf file, or smollm2-135m.")],
     adapter: Annotated[str, typer.Argument(help="PEFT-format adapter directory.")],

@@ -1,0 +1,141 @@
+"""Adapter algebra on adapter values: exact sums and low-rank re-factoring.
+
+    ΔW = Σ_i w_i · ΔW_i,   ΔW_i = s_i · B_i A_i
+
+- ``cat`` (alias ``linear``): exact. The factors are stacked, A = [A_1; A_2; ...] and
+  B = [w_1 s_1 B_1, w_2 s_2 B_2, ...], so B A = Σ w_i s_i B_i A_i with rank Σ r_i. (PEFT's
+  ``linear`` adds the A's and the B's separately, which is (Σ A_i)(Σ B_i) and carries
+  cross-terms; lorakit never computes that.)
+- ``svd``: the best rank-R approximation of the exact sum, without forming any
+  out x in matrix: B = Q_B R_B and A^T = Q_A R_A (thin QR), then the SVD of the small
+  (Σ r_i) x (Σ r_i) core R_B R_A^T = U S V^T gives ΔW = (Q_B U) S (Q_A V)^T; keeping the
+  top R singular values is the Eckart-Young optimum. The kept fraction of ‖ΔW‖²_F is
+  Σ_{k<R} S_k² / Σ S_k².
+
+``compress`` is ``svd`` on one adapter, at a fixed rank or at the smallest rank that
+keeps a given fraction of each module's energy.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .adapter import Adapter, LayerWeights
+from .config import LoraConfig
+
+METHODS = ("cat", "linear", "svd")
+
+
+class CombineError(ValueError):
+    """Adapters that cannot be combined as asked; nothing was written."""
+
+
+@dataclass(frozen=True)
+class Combination:
+    adapter: Adapter
+    kept: dict[str, float]  # module path -> fraction of ‖ΔW‖²_F kept (1.0 for exact methods)
+
+    @property
+    def kept_overall(self) -> float:
+        return min(self.kept.values()) if self.kept else 1.0
+
+
+def combine(adapters: Sequence[Adapter], weights: Sequence[float] | None = None, method: str = "cat",
+            rank: int | None = None) -> Combination:
+    """Σ w_i ΔW_i of ``adapters`` per module (a module missing from one adapter adds nothing)."""
+    if not adapters:
+        raise CombineError("no adapters to combine")
+    weights = [1.0] * len(adapters) if weights is None else list(weights)
+    if len(weights) != len(adapters):
+        raise CombineError(f"{len(weights)} weights for {len(adapters)} adapters")
+    if method not in METHODS:
+        raise CombineError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if method == "svd" and (rank is None or rank < 1):
+        raise CombineError(f"svd needs a rank >= 1, got {rank}")
+    for i, adapter in enumerate(adapters):
+        if adapter.saved:
+            raise CombineError(f"adapter {i}: modules_to_save cannot be combined")
+    stacked = _stack(adapters, weights)
+    if method in ("cat", "linear"):
+        return Combination(_with_config(stacked), {path: 1.0 for path in stacked})
+    factored = {path: _truncate(layer, rank) for path, layer in stacked.items()}
+    return Combination(_with_config({p: f[0] for p, f in factored.items()}), {p: f[1] for p, f in factored.items()})
+
+
+def compress(adapter: Adapter, rank: int | None = None, energy: float | None = None) -> Combination:
+    """``adapter`` re-factored to ``rank`` (at most) per module, or per module to the smallest
+    rank that keeps ``energy`` of its ‖ΔW‖²_F."""
+    if (rank is None) == (energy is None):
+        raise CombineError("give exactly one of rank and energy")
+    if rank is not None and rank < 1:
+        raise CombineError(f"rank must be >= 1, got {rank}")
+    if energy is not None and not 0 < energy <= 1:
+        raise CombineError(f"energy must be in (0, 1], got {energy}")
+    if adapter.saved:
+        raise CombineError("modules_to_save cannot be compressed")
+    stacked = _stack([adapter], [1.0])
+    factored = {path: _truncate(layer, rank, energy) for path, layer in stacked.items()}
+    return Combination(_with_config({p: f[0] for p, f in factored.items()}), {p: f[1] for p, f in factored.items()})
+
+
+def _stack(adapters: Sequence[Adapter], weights: Sequence[float]) -> dict[str, LayerWeights]:
+    """Per module, one factor pair whose B A is Σ w_i s_i B_i A_i exactly (scaling 1)."""
+    paths = sorted({path for adapter in adapters for path in adapter.layers})
+    stacked, problems = {}, []
+    for path in paths:
+        parts = [(i, adapter.layers[path], w) for i, (adapter, w) in enumerate(zip(adapters, weights))
+                 if path in adapter.layers]
+        first = parts[0][1]
+        misfits = [(i, layer) for i, layer, _ in parts[1:] if layer.layout != first.layout
+                   or layer.A.shape[1:] != first.A.shape[1:] or layer.B.shape[0] != first.B.shape[0]]
+        problems += [f"{path}: adapter {i} has A {tuple(layer.A.shape)}, B {tuple(layer.B.shape)} ({layer.layout}); "
+                     f"adapter {parts[0][0]} has A {tuple(first.A.shape)}, B {tuple(first.B.shape)} "
+                     f"({first.layout}): not the same base model" for i, layer in misfits]
+        if misfits:
+            continue
+        A = torch.cat([layer.A.float() for _, layer, _ in parts])
+        B = torch.cat([layer.B.float() * (w * layer.scaling) for _, layer, w in parts], dim=1)
+        stacked[path] = LayerWeights(A, B, 1.0, first.layout)
+    if problems:
+        raise CombineError("adapters do not fit together:\n  " + "\n  ".join(problems[:10]))
+    return stacked
+
+
+def _truncate(layer: LayerWeights, rank: int | None, energy: float | None = None) -> tuple[LayerWeights, float]:
+    """The best rank-``rank`` (or ``energy``) factors of B A, by QR of the factors and an SVD
+    of their small core; and the fraction of ‖B A‖²_F they keep."""
+    A = layer.A.reshape(layer.A.shape[0], -1)  # (R, in) (conv: in * kh * kw)
+    B = layer.B.reshape(layer.B.shape[0], -1)  # (out, R)
+    Q_B, R_B = torch.linalg.qr(B.double())  # (out, R), (R, R)
+    Q_A, R_A = torch.linalg.qr(A.double().T)  # (in, R), (R, R)
+    U, S, Vh = torch.linalg.svd(R_B @ R_A.T)  # the (R x R) core
+    total = float((S**2).sum())
+    if energy is not None:
+        cumulative = torch.cumsum(S**2, 0) / max(total, 1e-300)
+        keep = int((cumulative < energy - 1e-12).sum()) + 1
+    else:
+        keep = rank
+    keep = max(1, min(keep, len(S)))
+    root = S[:keep].sqrt()
+    new_B = (Q_B @ U[:, :keep]) * root  # (out, k)
+    new_A = root[:, None] * (Vh[:keep] @ Q_A.T)  # (k, in)
+    kept = float((S[:keep] ** 2).sum()) / total if total > 0 else 1.0
+    new_A = new_A.float().reshape(keep, *layer.A.shape[1:])
+    new_B = new_B.float().reshape(layer.B.shape[0], keep, *layer.B.shape[2:])
+    return LayerWeights(new_A, new_B, 1.0, layer.layout), kept
+
+
+def _with_config(layers: dict[str, LayerWeights]) -> Adapter:
+    """An adapter over ``layers`` whose scaling is 1 everywhere (alpha = r per module): the
+    most common rank is ``r``, the others go to rank_pattern / alpha_pattern."""
+    ranks = [layer.rank for layer in layers.values()]
+    common = max(set(ranks), key=ranks.count)
+    pattern = {re.escape(path): layer.rank for path, layer in layers.items() if layer.rank != common}
+    config = LoraConfig(rank=common, alpha=float(common), targets=tuple(layers), rank_pattern=pattern,
+                        alpha_pattern={key: float(value) for key, value in pattern.items()})
+    return Adapter(config, layers)
+
