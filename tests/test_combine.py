@@ -109,8 +109,12 @@ def test_bad_input_is_refused():
         combine([a, b], [1.0])
     with pytest.raises(CombineError, match="svd needs a rank >= 1, got 0"):
         combine([a, b], method="svd", rank=0)
-    with pytest.raises(CombineError, match="unknown method 'ties'"):
+    with pytest.raises(CombineError, match="unknown method 'tie'"):
+        combine([a, b], method="tie")
+    with pytest.raises(CombineError, match="ties needs a rank >= 1, got None"):
         combine([a, b], method="ties")
+    with pytest.raises(CombineError, match=r"density must be in \(0, 1\], got 0"):
+        combine([a, b], method="ties", rank=4, density=0)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     # same module names, other shapes: another base model
@@ -140,6 +144,9 @@ def test_cli_combine_and_compress_write_adapters_and_refuse_bad_input(tmp_path):
     assert "kept energy" in result.output
     combined = read_adapter(tmp_path / "ab")
     assert {layer.rank for layer in combined.layers.values()} == {3}
+    result = runner.invoke(app, ["combine", str(tmp_path / "a"), str(tmp_path / "b"), "--method", "dare_ties",
+                                 "--rank", "4", "--density", "0.5", "--seed", "7", "--out", str(tmp_path / "dt")])
+    assert result.exit_code == 0, result.output
     result = runner.invoke(app, ["compress", str(tmp_path / "a"), "--energy", "0.95", "--out", str(tmp_path / "c")])
     assert result.exit_code == 0, result.output
     assert "->" in result.output and (tmp_path / "c" / "adapter_config.json").exists()
@@ -151,3 +158,59 @@ def test_cli_combine_and_compress_write_adapters_and_refuse_bad_input(tmp_path):
         result = runner.invoke(app, args)
         assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
         assert not (tmp_path / "x").exists()
+
+
+def reference(adapters, weights, method, density, majority_sign, seed):
+    """The papers' formulas on dense task vectors, written out independently."""
+    generator = torch.Generator().manual_seed(seed)
+    result = {}
+    for path in sorted({p for a in adapters for p in a.layers}):
+        taus = [w * a.layers[path].delta() for a, w in zip(adapters, weights) if path in a.layers]
+        trimmed = []
+        for tau in taus:
+            if method.startswith("dare"):
+                mask = torch.rand(tau.shape, generator=generator) < density
+                trimmed.append(tau * mask / density)
+            else:
+                k = max(1, int(density * tau.numel()))
+                top = tau.abs().flatten().topk(k).values.min()
+                trimmed.append(tau * (tau.abs() >= top))
+        stack = torch.stack(trimmed)
+        if method.endswith("ties"):
+            sign = torch.sign(stack.sum(0) if majority_sign == "total" else torch.sign(stack).sum(0))
+            sign[sign == 0] = 1
+            agree = (torch.sign(stack) == sign) & (stack != 0)
+            result[path] = (stack * agree).sum(0) / agree.sum(0).clamp(min=1)
+        else:
+            result[path] = stack.sum(0)
+    return result
+
+
+@pytest.mark.parametrize("method, majority_sign", [("magnitude_prune", "total"), ("ties", "total"),
+                                                   ("ties", "frequency"), ("dare_linear", "total"),
+                                                   ("dare_ties", "total")])
+def test_pruning_methods_match_the_papers_dense_formulas(method, majority_sign):
+    _, a, b = two_adapters()
+    weights, density = [1.0, -0.6], 0.4
+    # rank 64 >= every module's size: the factoring back is exact, so the formulas are compared
+    result = combine([a, b], weights, method, rank=64, density=density, majority_sign=majority_sign, seed=3)
+    expected = reference([a, b], weights, method, density, majority_sign, seed=3)
+    for path, delta in expected.items():
+        assert_relative(result.adapter.layers[path].delta(), delta, 1e-5)
+    low = combine([a, b], weights, method, rank=2, density=density, majority_sign=majority_sign, seed=3)
+    for path, delta in expected.items():
+        S = torch.linalg.svdvals(delta.double())
+        assert low.kept[path] == pytest.approx(float((S[:2] ** 2).sum() / (S**2).sum()), rel=1e-6)
+
+
+def test_a_ties_adapter_loads_in_peft_with_lorakits_logits(tmp_path):
+    peft = pytest.importorskip("peft")
+    _, a, b = two_adapters()
+    ties = combine([a, b], [1.0, 1.0], "ties", rank=4, density=0.5).adapter
+    ours = tiny_llama()
+    import_adapter(ours, ties)
+    write_adapter(ties, tmp_path / "ties")
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "ties")
+    ids = token_batch(97)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, ours(ids).logits, rtol=1e-5, atol=1e-5)

@@ -255,8 +255,12 @@ def combine(
     adapters: Annotated[list[str], typer.Argument(help="PEFT-format adapter directories.")],
     out: Annotated[str, typer.Option(help="Directory for the combined adapter.")],
     weights: Annotated[str | None, typer.Option(help="Comma-separated weight per adapter (default: all 1).")] = None,
-    method: Annotated[str, typer.Option(help="cat (exact; alias linear) or svd (best rank-R of the exact sum).")] = "cat",
-    rank: Annotated[int | None, typer.Option(help="Rank of the result (svd).")] = None,
+    method: Annotated[str, typer.Option(help="cat (exact; alias linear), svd (best rank-R of the exact sum), "
+                                             "magnitude_prune, ties, dare_linear, dare_ties.")] = "cat",
+    rank: Annotated[int | None, typer.Option(help="Rank of the result (all but cat).")] = None,
+    density: Annotated[float, typer.Option(help="Fraction of each task vector kept (pruning methods).")] = 1.0,
+    majority_sign: Annotated[str, typer.Option(help="TIES sign election: total or frequency.")] = "total",
+    seed: Annotated[int, typer.Option(help="Seed of DARE's random drop.")] = 0,
 ) -> None:
     """Combine adapters: ΔW = Σ wᵢ·ΔWᵢ per module, written as a PEFT-format adapter.
 
@@ -270,7 +274,8 @@ def combine(
             values = [float(w) for w in weights.split(",")] if weights else None
         except ValueError:
             raise ValueError(f"--weights: expected comma-separated numbers, got {weights!r}") from None
-        result = combine_adapters([read_adapter(path) for path in adapters], values, method, rank)
+        result = combine_adapters([read_adapter(path) for path in adapters], values, method, rank, density,
+                                  majority_sign, seed)
         path = write_adapter(result.adapter, out)
     _report_kept(result, f"combined {len(adapters)} adapters ({method}) into {path}")
 

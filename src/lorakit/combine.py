@@ -12,6 +12,14 @@
   top R singular values is the Eckart-Young optimum. The kept fraction of ‖ΔW‖²_F is
   Σ_{k<R} S_k² / Σ S_k².
 
+- ``magnitude_prune``, ``ties``, ``dare_linear``, ``dare_ties`` (Yadav et al. 2023,
+  arXiv:2306.01708; Yu et al. 2023, arXiv:2311.03099) work on the exact task vectors
+  τ_i = w_i ΔW_i of each module: keep the ``density`` largest |τ_i| (or, DARE, keep each
+  entry with probability ``density`` and divide by it); TIES then elects a sign per entry
+  (``majority_sign`` "total": of Σ τ_i, "frequency": of Σ sign τ_i) and averages the
+  entries that agree with it. These are not low-rank, so the result is factored back to
+  rank R by the SVD of the (out x in) matrix.
+
 ``compress`` is ``svd`` on one adapter, at a fixed rank or at the smallest rank that
 keeps a given fraction of each module's energy.
 """
@@ -23,11 +31,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 from .adapter import Adapter, LayerWeights
 from .config import LoraConfig
 
-METHODS = ("cat", "linear", "svd")
+METHODS = ("cat", "linear", "svd", "magnitude_prune", "ties", "dare_linear", "dare_ties")
+DENSE = ("magnitude_prune", "ties", "dare_linear", "dare_ties")
 
 
 class CombineError(ValueError):
@@ -45,8 +55,10 @@ class Combination:
 
 
 def combine(adapters: Sequence[Adapter], weights: Sequence[float] | None = None, method: str = "cat",
-            rank: int | None = None) -> Combination:
-    """Σ w_i ΔW_i of ``adapters`` per module (a module missing from one adapter adds nothing)."""
+            rank: int | None = None, density: float = 1.0, majority_sign: str = "total",
+            seed: int = 0) -> Combination:
+    """Σ w_i ΔW_i of ``adapters`` per module (a module missing from one adapter adds nothing),
+    or its pruned / sign-elected form (``DENSE`` methods, factored to ``rank``)."""
     if not adapters:
         raise CombineError("no adapters to combine")
     weights = [1.0] * len(adapters) if weights is None else list(weights)
@@ -54,12 +66,22 @@ def combine(adapters: Sequence[Adapter], weights: Sequence[float] | None = None,
         raise CombineError(f"{len(weights)} weights for {len(adapters)} adapters")
     if method not in METHODS:
         raise CombineError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if method == "svd" and (rank is None or rank < 1):
-        raise CombineError(f"svd needs a rank >= 1, got {rank}")
+    if method in ("svd", *DENSE) and (rank is None or rank < 1):
+        raise CombineError(f"{method} needs a rank >= 1, got {rank}")
+    if not 0 < density <= 1:
+        raise CombineError(f"density must be in (0, 1], got {density}")
+    if majority_sign not in ("total", "frequency"):
+        raise CombineError(f"majority_sign must be 'total' or 'frequency', got {majority_sign!r}")
     for i, adapter in enumerate(adapters):
         if adapter.saved:
             raise CombineError(f"adapter {i}: modules_to_save cannot be combined")
     stacked = _stack(adapters, weights)
+    if method in DENSE:
+        generator = torch.Generator().manual_seed(seed)
+        factored = {path: _dense_merge(adapters, weights, path, method, rank, density, majority_sign, generator)
+                    for path in stacked}
+        return Combination(_with_config({p: f[0] for p, f in factored.items()}),
+                           {p: f[1] for p, f in factored.items()})
     if method in ("cat", "linear"):
         return Combination(_with_config(stacked), {path: 1.0 for path in stacked})
     factored = {path: _truncate(layer, rank) for path, layer in stacked.items()}
@@ -103,6 +125,55 @@ def _stack(adapters: Sequence[Adapter], weights: Sequence[float]) -> dict[str, L
     if problems:
         raise CombineError("adapters do not fit together:\n  " + "\n  ".join(problems[:10]))
     return stacked
+
+
+def task_vectors(adapters: Sequence[Adapter], weights: Sequence[float], path: str) -> list[Tensor]:
+    """w_i ΔW_i of every adapter that has module ``path`` (float32, laid out like the weight)."""
+    return [w * adapter.layers[path].delta() for adapter, w in zip(adapters, weights) if path in adapter.layers]
+
+
+def prune(tau: Tensor, method: str, density: float, generator: torch.Generator) -> Tensor:
+    """One task vector trimmed to its ``density`` largest magnitudes, or DARE-dropped and rescaled."""
+    if density >= 1:
+        return tau
+    if method.startswith("dare"):
+        keep = torch.rand(tau.shape, generator=generator) < density
+        return torch.where(keep, tau / density, torch.zeros_like(tau))
+    k = max(1, int(density * tau.numel()))
+    threshold = tau.abs().flatten().kthvalue(tau.numel() - k + 1).values
+    return torch.where(tau.abs() >= threshold, tau, torch.zeros_like(tau))
+
+
+def elect_and_merge(taus: Tensor, majority_sign: str) -> Tensor:
+    """TIES: per entry, the sign of the total (or of the count of signs), then the mean of the
+    task values that agree with it (entries with no agreeing task stay zero)."""
+    votes = taus.sum(dim=0) if majority_sign == "total" else torch.sign(taus).sum(dim=0)
+    agree = torch.sign(taus) == torch.where(votes >= 0, 1.0, -1.0)
+    agree &= taus != 0
+    return (taus * agree).sum(dim=0) / agree.sum(dim=0).clamp(min=1)
+
+
+def _dense_merge(adapters: Sequence[Adapter], weights: Sequence[float], path: str, method: str, rank: int,
+                 density: float, majority_sign: str, generator: torch.Generator) -> tuple[LayerWeights, float]:
+    taus = [prune(tau, method, density, generator) for tau in task_vectors(adapters, weights, path)]
+    merged = elect_and_merge(torch.stack(taus), majority_sign) if method.endswith("ties") else sum(taus)
+    layout = next(a.layers[path].layout for a in adapters if path in a.layers)
+    return _factor_dense(merged, rank, layout)
+
+
+def _factor_dense(delta: Tensor, rank: int, layout: str) -> tuple[LayerWeights, float]:
+    """Rank-``rank`` factors (B, A) of a dense ΔW laid out like the weight, and the kept energy."""
+    shape = delta.shape
+    matrix = delta.reshape(shape[0], -1) if layout == "conv2d" else delta if layout == "linear" else delta.T
+    U, S, Vh = torch.linalg.svd(matrix.double(), full_matrices=False)  # matrix is B A: (out, in)
+    keep = max(1, min(rank, len(S)))
+    root = S[:keep].sqrt()
+    total = float((S**2).sum())
+    kept = float((S[:keep] ** 2).sum()) / total if total > 0 else 1.0
+    B, A = (U[:, :keep] * root).float(), (root[:, None] * Vh[:keep]).float()
+    if layout == "conv2d":
+        A, B = A.reshape(keep, *shape[1:]), B.reshape(shape[0], keep, 1, 1)
+    return LayerWeights(A, B, 1.0, layout), kept
 
 
 def _truncate(layer: LayerWeights, rank: int | None, energy: float | None = None) -> tuple[LayerWeights, float]:
