@@ -14,13 +14,10 @@ all linear layers, every one of batch x seq tokens trained.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import subprocess
-import sys
 import time
 
-from bench_plan import rss
+from bench_plan import fresh_process_bytes, rss
 
 
 def setup(batch: int, seq: int, checkpointing: bool):
@@ -50,9 +47,12 @@ def step(model, batch, chunk: int) -> None:
 
 
 def peak(chunk: int, batch: int, seq: int, checkpointing: bool) -> int:
+    import torch
+
+    from lorakit.training.loop import reset_peak_memory
+
     model, batch_ = setup(batch, seq, checkpointing)
-    with open("/proc/self/clear_refs", "w") as clear:
-        clear.write("5")
+    reset_peak_memory(torch.device("cpu"))
     before = rss("VmRSS")
     step(model, batch_, chunk)
     return rss("VmHWM") - before
@@ -73,13 +73,9 @@ def main() -> None:
     from lorakit.training.loss import CHUNK_TOKENS
 
     variants = {"whole": 0, "chunked": CHUNK_TOKENS}
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
-    peaks = {}
-    for name, chunk in variants.items():
-        out = subprocess.run([sys.executable, __file__, "--peak", str(chunk), "--batch", str(args.batch),
-                              "--seq", str(args.seq), *(["--checkpointing"] if args.checkpointing else [])],
-                             check=True, capture_output=True, text=True, env=env).stdout
-        peaks[name] = int(out.strip().splitlines()[-1])
+    peaks = {name: fresh_process_bytes(__file__, "--peak", str(chunk), "--batch", str(args.batch), "--seq",
+                                       str(args.seq), *(["--checkpointing"] if args.checkpointing else []))
+             for name, chunk in variants.items()}
 
     model, batch = setup(args.batch, args.seq, args.checkpointing)
     times: dict[str, list[float]] = {name: [] for name in variants}

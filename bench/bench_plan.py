@@ -34,6 +34,14 @@ def rss(field: str) -> int:
     raise RuntimeError(field)
 
 
+def fresh_process_bytes(script: str, *args: str) -> int:
+    """Run ``script`` with ``args`` in a new process, glibc returning large freed blocks at once
+    (see above), and read the byte count it prints last."""
+    out = subprocess.run([sys.executable, script, *args], check=True, capture_output=True, text=True,
+                         env={**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}).stdout
+    return int(out.strip().splitlines()[-1])
+
+
 def measure(method: str, checkpointing: bool, batch: int, seq: int, rank: int) -> int:
     """Peak bytes of two training steps above the memory before the model existed."""
     import torch
@@ -43,7 +51,7 @@ def measure(method: str, checkpointing: bool, batch: int, seq: int, rank: int) -
     from lorakit.pretrained import load_config
     from lorakit.quantize import quantize_model
     from lorakit.training.batches import Batch
-    from lorakit.training.loop import checkpoint_activations
+    from lorakit.training.loop import checkpoint_activations, reset_peak_memory
     from lorakit.training.loss import loss_sum
 
     torch.manual_seed(0)
@@ -62,8 +70,7 @@ def measure(method: str, checkpointing: bool, batch: int, seq: int, rank: int) -
     if checkpointing:
         checkpoint_activations(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    with open("/proc/self/clear_refs", "w") as clear:
-        clear.write("5")  # the high-water mark restarts here, after the model was built
+    reset_peak_memory(torch.device("cpu"))  # the high-water mark restarts here, after the model was built
     for _ in range(2):
         loss_sum(model, batch_).backward()
         optimizer.step()
@@ -93,11 +100,8 @@ def main() -> None:
     print("| method | checkpointing | planned MiB | measured MiB | planned / measured |")
     print("|---|---|---:|---:|---:|")
     for method, checkpointing in RUNS:
-        out = subprocess.run([sys.executable, __file__, "--one", f"{method},{int(checkpointing)}",
-                              "--batch", str(args.batch), "--seq", str(args.seq), "--rank", str(args.rank)],
-                             check=True, capture_output=True, text=True,
-                             env={**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}).stdout
-        measured = int(out.strip().splitlines()[-1])
+        measured = fresh_process_bytes(__file__, "--one", f"{method},{int(checkpointing)}", "--batch", str(args.batch),
+                                       "--seq", str(args.seq), "--rank", str(args.rank))
         dtype = torch.bfloat16 if method == "qlora" else torch.float32
         planned = plan(SPEC, method, args.rank, args.batch, args.seq, dtype, checkpointing).peak_bytes
         rows.append(dict(method=method, checkpointing=checkpointing, planned_bytes=planned, measured_bytes=measured))

@@ -1,8 +1,6 @@
 """The memory planner (plan.py): the seeds' cases, its parts, and its estimate against measured peaks."""
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +13,8 @@ from lorakit.plan import NF4_BYTES_PER_WEIGHT, parse_size, plan
 
 GiB = 2**30
 BENCH = Path(__file__).parent.parent / "bench" / "bench_plan.py"
+sys.path.insert(0, str(BENCH.parent))
+from bench_plan import fresh_process_bytes  # noqa: E402
 
 
 def test_qwen2_0_5b_rank_24_full_against_lora():
@@ -57,10 +57,7 @@ def test_activations_grow_with_tokens_and_checkpointing_keeps_one_block():
 
 
 def measured_peak(method: str, checkpointing: bool) -> int:
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
-    out = subprocess.run([sys.executable, str(BENCH), "--one", f"{method},{int(checkpointing)}", "--batch", "2",
-                          "--seq", "256"], check=True, capture_output=True, text=True, env=env).stdout
-    return int(out.strip().splitlines()[-1])
+    return fresh_process_bytes(str(BENCH), "--one", f"{method},{int(checkpointing)}", "--batch", "2", "--seq", "256")
 
 
 @pytest.mark.parametrize("method, checkpointing", [("lora", False), ("qlora", True)])

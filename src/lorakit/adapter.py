@@ -60,6 +60,14 @@ class LayerWeights:
         return delta if self.layout == "linear" else delta.T
 
 
+def as_product(delta: Tensor, layout: str) -> Tensor:
+    """The inverse of the layout: ΔW laid out like a weight -> the (out, in) matrix s·B·A
+    (a Conv2d's in is in · kh · kw)."""
+    if layout == "conv2d":
+        return delta.reshape(delta.shape[0], -1)
+    return delta if layout == "linear" else delta.T
+
+
 @dataclass(frozen=True)
 class Adapter:
     """A whole adapter: its settings, its layers by module path, and any modules it

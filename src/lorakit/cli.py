@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .config import ALL_LINEAR, LoraConfig
-from .quantize import QUANTIZATIONS
+from .quantize import NOISY_LOGGERS, QUANTIZATIONS
 
 app = typer.Typer(help="LoRA adapters for PyTorch models.", no_args_is_help=True, add_completion=False)
 # soft_wrap: lines are never broken at 80 columns when the output is a file or a pipe,
@@ -28,9 +28,8 @@ def _root() -> None:
     """LoRA adapters for PyTorch models: inspect, plan, train, merge, generate, serve."""
     import logging
 
-    # transformers imports torchao when it is installed, and torchao logs a warning for
-    # every CUDA kernel library it cannot load: noise on a CPU-only machine.
-    for name in ("torchao", "torch.utils._pytree"):
+    # transformers imports torchao whenever it is installed: keep its loading noise out
+    for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
@@ -161,7 +160,7 @@ def plan(
         label = p.method + ("" if p.method == "full" else f" r={p.rank}")
         table.add_row(label, *sizes, *((("yes" if p.fits else "no"),) if gpu else ()))
     console.print(table)
-    console.print(f"dtype {plans[0].dtype if plans[0].method != 'qlora' else DTYPES[dtype]}"
+    console.print(f"dtype {DTYPES[dtype]}"
                   + ("; QLoRA: NF4 linear weights, bfloat16 compute" if "qlora" in [p.method for p in plans] else ""))
     console.print("AdamW; every token trained; not counted: allocator caching, the CUDA context, kernel workspaces.")
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .adapter import Adapter, LayerWeights
+from .adapter import Adapter, LayerWeights, as_product
 from .config import LoraConfig
 
 METHODS = ("cat", "linear", "svd", "magnitude_prune", "ties", "dare_linear", "dare_ties")
@@ -48,10 +48,6 @@ class CombineError(ValueError):
 class Combination:
     adapter: Adapter
     kept: dict[str, float]  # module path -> fraction of ‖ΔW‖²_F kept (1.0 for exact methods)
-
-    @property
-    def kept_overall(self) -> float:
-        return min(self.kept.values()) if self.kept else 1.0
 
 
 def combine(adapters: Sequence[Adapter], weights: Sequence[float] | None = None, method: str = "cat",
@@ -76,16 +72,13 @@ def combine(adapters: Sequence[Adapter], weights: Sequence[float] | None = None,
         if adapter.saved:
             raise CombineError(f"adapter {i}: modules_to_save cannot be combined")
     stacked = _stack(adapters, weights)
-    if method in DENSE:
-        generator = torch.Generator().manual_seed(seed)
-        factored = {path: _dense_merge(adapters, weights, path, method, rank, density, majority_sign, generator)
-                    for path in stacked}
-        return Combination(_with_config({p: f[0] for p, f in factored.items()}),
-                           {p: f[1] for p, f in factored.items()})
     if method in ("cat", "linear"):
         return Combination(_with_config(stacked), {path: 1.0 for path in stacked})
-    factored = {path: _truncate(layer, rank) for path, layer in stacked.items()}
-    return Combination(_with_config({p: f[0] for p, f in factored.items()}), {p: f[1] for p, f in factored.items()})
+    if method in DENSE:
+        generator = torch.Generator().manual_seed(seed)
+        return _combination({path: _dense_merge(adapters, weights, path, layer.layout, method, rank, density,
+                                                majority_sign, generator) for path, layer in stacked.items()})
+    return _combination({path: _truncate(layer, rank) for path, layer in stacked.items()})
 
 
 def compress(adapter: Adapter, rank: int | None = None, energy: float | None = None) -> Combination:
@@ -99,8 +92,10 @@ def compress(adapter: Adapter, rank: int | None = None, energy: float | None = N
         raise CombineError(f"energy must be in (0, 1], got {energy}")
     if adapter.saved:
         raise CombineError("modules_to_save cannot be compressed")
-    stacked = _stack([adapter], [1.0])
-    factored = {path: _truncate(layer, rank, energy) for path, layer in stacked.items()}
+    return _combination({path: _truncate(layer, rank, energy) for path, layer in _stack([adapter], [1.0]).items()})
+
+
+def _combination(factored: dict[str, tuple[LayerWeights, float]]) -> Combination:
     return Combination(_with_config({p: f[0] for p, f in factored.items()}), {p: f[1] for p, f in factored.items()})
 
 
@@ -153,27 +148,14 @@ def elect_and_merge(taus: Tensor, majority_sign: str) -> Tensor:
     return (taus * agree).sum(dim=0) / agree.sum(dim=0).clamp(min=1)
 
 
-def _dense_merge(adapters: Sequence[Adapter], weights: Sequence[float], path: str, method: str, rank: int,
-                 density: float, majority_sign: str, generator: torch.Generator) -> tuple[LayerWeights, float]:
+def _dense_merge(adapters: Sequence[Adapter], weights: Sequence[float], path: str, layout: str, method: str,
+                 rank: int, density: float, majority_sign: str,
+                 generator: torch.Generator) -> tuple[LayerWeights, float]:
+    """A pruning method's ΔW of module ``path``, factored to rank ``rank`` by a dense SVD."""
     taus = [prune(tau, method, density, generator) for tau in task_vectors(adapters, weights, path)]
     merged = elect_and_merge(torch.stack(taus), majority_sign) if method.endswith("ties") else sum(taus)
-    layout = next(a.layers[path].layout for a in adapters if path in a.layers)
-    return _factor_dense(merged, rank, layout)
-
-
-def _factor_dense(delta: Tensor, rank: int, layout: str) -> tuple[LayerWeights, float]:
-    """Rank-``rank`` factors (B, A) of a dense ΔW laid out like the weight, and the kept energy."""
-    shape = delta.shape
-    matrix = delta.reshape(shape[0], -1) if layout == "conv2d" else delta if layout == "linear" else delta.T
-    U, S, Vh = torch.linalg.svd(matrix.double(), full_matrices=False)  # matrix is B A: (out, in)
-    keep = max(1, min(rank, len(S)))
-    root = S[:keep].sqrt()
-    total = float((S**2).sum())
-    kept = float((S[:keep] ** 2).sum()) / total if total > 0 else 1.0
-    B, A = (U[:, :keep] * root).float(), (root[:, None] * Vh[:keep]).float()
-    if layout == "conv2d":
-        A, B = A.reshape(keep, *shape[1:]), B.reshape(shape[0], keep, 1, 1)
-    return LayerWeights(A, B, 1.0, layout), kept
+    U, S, Vh = torch.linalg.svd(as_product(merged, layout).double(), full_matrices=False)  # (out, in)
+    return _factors(U, S, Vh, rank, layout, merged.shape[1:] if layout == "conv2d" else None)
 
 
 def _truncate(layer: LayerWeights, rank: int | None, energy: float | None = None) -> tuple[LayerWeights, float]:
@@ -184,20 +166,27 @@ def _truncate(layer: LayerWeights, rank: int | None, energy: float | None = None
     Q_B, R_B = torch.linalg.qr(B.double())  # (out, R), (R, R)
     Q_A, R_A = torch.linalg.qr(A.double().T)  # (in, R), (R, R)
     U, S, Vh = torch.linalg.svd(R_B @ R_A.T)  # the (R x R) core
-    total = float((S**2).sum())
     if energy is not None:
-        cumulative = torch.cumsum(S**2, 0) / max(total, 1e-300)
-        keep = int((cumulative < energy - 1e-12).sum()) + 1
-    else:
-        keep = rank
-    keep = max(1, min(keep, len(S)))
+        cumulative = torch.cumsum(S**2, 0) / max(float((S**2).sum()), 1e-300)
+        rank = int((cumulative < energy - 1e-12).sum()) + 1
+    kernel = layer.A.shape[1:] if layer.layout == "conv2d" else None
+    return _factors(Q_B @ U, S, Vh @ Q_A.T, rank, layer.layout, kernel)
+
+
+def _factors(U: Tensor, S: Tensor, Vh: Tensor, rank: int, layout: str,
+             kernel: tuple[int, ...] | None) -> tuple[LayerWeights, float]:
+    """B = U_k sqrt(S_k), A = sqrt(S_k) Vh_k from an SVD U S Vh of s·B·A (out, in), the top
+    k = ``rank`` values kept; and the fraction of ‖ΔW‖²_F they keep. ``kernel``: a Conv2d's
+    (in, kh, kw), which A takes back."""
+    keep = max(1, min(rank, len(S)))
     root = S[:keep].sqrt()
-    new_B = (Q_B @ U[:, :keep]) * root  # (out, k)
-    new_A = root[:, None] * (Vh[:keep] @ Q_A.T)  # (k, in)
+    total = float((S**2).sum())
     kept = float((S[:keep] ** 2).sum()) / total if total > 0 else 1.0
-    new_A = new_A.float().reshape(keep, *layer.A.shape[1:])
-    new_B = new_B.float().reshape(layer.B.shape[0], keep, *layer.B.shape[2:])
-    return LayerWeights(new_A, new_B, 1.0, layer.layout), kept
+    B = (U[:, :keep] * root).float()  # (out, k)
+    A = (root[:, None] * Vh[:keep]).float()  # (k, in)
+    if kernel is not None:
+        A, B = A.reshape(keep, *kernel), B.reshape(B.shape[0], keep, 1, 1)
+    return LayerWeights(A, B, 1.0, layout), kept
 
 
 def _with_config(layers: dict[str, LayerWeights]) -> Adapter:

@@ -38,7 +38,7 @@ from .attach import (AttachError, adapters, attach, delete_adapter, find_saved_m
                      known_adapters, lora_layers)
 from .config import ALL_LINEAR, ConfigError, LoraConfig
 from .adapter import Adapter, LayerWeights
-from .layers import LoraEmbedding, LoraLayer, lora_scaling
+from .layers import LoraLayer, lora_scaling
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -59,9 +59,9 @@ class AdapterFileError(ValueError):
 
 
 # -- key names and config fields (ours <-> PEFT's) -----------------------------------
-def peft_keys(path: str, layer_class: type[LoraLayer]) -> tuple[str, str]:
-    """The file keys of A and B for the module at ``path``."""
-    if layer_class is LoraEmbedding:
+def peft_keys(path: str, layout: str) -> tuple[str, str]:
+    """The file keys of A and B for the module at ``path`` (its ``layout``, see adapter.py)."""
+    if layout == "embedding":
         return f"{PREFIX}{path}.lora_embedding_A", f"{PREFIX}{path}.lora_embedding_B"
     return f"{PREFIX}{path}.lora_A.weight", f"{PREFIX}{path}.lora_B.weight"
 
@@ -159,7 +159,7 @@ def file_tensors(adapter: Adapter) -> dict[str, Tensor]:
     """File key -> tensor: A and B of every layer, and the modules stored whole."""
     tensors: dict[str, Tensor] = {}
     for path, layer in adapter.layers.items():
-        key_a, key_b = peft_keys(path, LoraEmbedding if layer.layout == "embedding" else LoraLayer)
+        key_a, key_b = peft_keys(path, layer.layout)
         tensors[key_a], tensors[key_b] = layer.A, layer.B
     tensors.update({PREFIX + key: tensor for key, tensor in adapter.saved.items()})
     return tensors
@@ -171,7 +171,7 @@ def adapter_tensors(model: nn.Module, name: str) -> dict[str, Tensor]:
     tensors: dict[str, Tensor] = {}
     for path, layer in lora_layers(model):
         if name in layer.adapters:
-            key_a, key_b = peft_keys(path, type(layer))
+            key_a, key_b = peft_keys(path, layer.layout)
             tensors[key_a] = layer.adapters[name].lora_A
             tensors[key_b] = layer.adapters[name].lora_B
     for path, module in find_saved_modules(model, model.lorakit_configs[name]).items():
@@ -364,7 +364,7 @@ def _install(model: nn.Module, config: LoraConfig, tensors: dict[str, Tensor], s
         with torch.no_grad():
             for path, layer in lora_layers(model):
                 if name in layer.adapters:
-                    key_a, key_b = peft_keys(path, type(layer))
+                    key_a, key_b = peft_keys(path, layer.layout)
                     layer.adapters[name].lora_A.copy_(tensors[key_a])
                     layer.adapters[name].lora_B.copy_(tensors[key_b])
             for path, module in find_saved_modules(model, config).items():
@@ -397,7 +397,7 @@ def _expected_tensors(model: nn.Module, config: LoraConfig) -> dict[str, tuple[s
     for target in find_targets(model, config):
         base = target.module.base_module if isinstance(target.module, LoraLayer) else target.module
         shape_a, shape_b = target.layer_class.shapes(base, target.rank)
-        key_a, key_b = peft_keys(target.path, target.layer_class)
+        key_a, key_b = peft_keys(target.path, target.layer_class.layout)
         expected[key_a] = (target.path, shape_a)
         expected[key_b] = (target.path, shape_b)
     for path, module in find_saved_modules(model, config).items():

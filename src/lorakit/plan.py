@@ -37,7 +37,6 @@ from .config import ALL_LINEAR, LoraConfig
 
 METHODS = ("full", "lora", "qlora")
 NF4_BYTES_PER_WEIGHT = 0.516  # torchao's NF4: 0.5 + 1/64 + 2/(64 * 256); pinned by tests/test_plan.py
-CHUNK_TOKENS = 1024  # training/loss.py's chunk
 
 
 @dataclass(frozen=True)
@@ -71,6 +70,7 @@ def plan(spec: str, method: str = "lora", rank: int = 16, batch: int = 1, seq: i
          targets: str | tuple[str, ...] = ALL_LINEAR) -> Plan:
     """The peak training memory of ``spec`` (a preset, a model directory or config.json)."""
     from .pretrained import load_config
+    from .training.loss import CHUNK_TOKENS
 
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -80,7 +80,7 @@ def plan(spec: str, method: str = "lora", rank: int = 16, batch: int = 1, seq: i
     compute = torch.bfloat16 if method == "qlora" else dtype
     lora = None if method == "full" else LoraConfig(rank=rank, alpha=2 * rank, targets=targets)
     tokens = batch * seq
-    width = _bytes(compute)
+    width = compute.itemsize
 
     counts = _count(config, compute, lora)
     one, two = (_saved_bytes(config, layers, compute, lora, batch, seq) for layers in (1, 2))
@@ -96,17 +96,19 @@ def plan(spec: str, method: str = "lora", rank: int = 16, batch: int = 1, seq: i
         weights = counts["base"] * width
     trained, trained_width = (counts["base"], width) if method == "full" else (counts["adapter"], 4)
     adapter = 0 if method == "full" else counts["adapter"] * 4
+    gradients = trained * trained_width
+    optimizer = 2 * gradients  # AdamW's two moments, in the trained parameters' dtype
     chunk = min(tokens, CHUNK_TOKENS)
     # one chunk's float32 logits and log-softmax (then softmax) at a time, plus the head's own
     # half-precision output before its float32 copy; and the (tokens x hidden) gradient kept
     logits = chunk * config.vocab_size * (2 * 4 + (width if width != 4 else 0)) + tokens * config.hidden_size * width
     activations = with_ if checkpointing else without
-    peak = weights + adapter + 2 * trained * trained_width + trained * trained_width + activations + logits
+    peak = weights + adapter + gradients + optimizer + activations + logits
     return Plan(
         model=spec, method=method, rank=None if method == "full" else rank, batch=batch, seq=seq,
         dtype=str(compute).removeprefix("torch."), checkpointing=checkpointing,
-        weights_bytes=weights, adapter_bytes=adapter, gradients_bytes=trained * trained_width,
-        optimizer_bytes=2 * trained * trained_width, activations_bytes=activations,
+        weights_bytes=weights, adapter_bytes=adapter, gradients_bytes=gradients,
+        optimizer_bytes=optimizer, activations_bytes=activations,
         activations_without_checkpointing_bytes=without, activations_with_checkpointing_bytes=with_,
         logits_bytes=logits, peak_bytes=peak, trainable_params=trained, gpu_bytes=gpu_bytes,
         fits=None if gpu_bytes is None else peak <= gpu_bytes,
@@ -124,10 +126,6 @@ def parse_size(text: str) -> int:
             except ValueError:
                 break
     raise ValueError(f"cannot read {text!r} as a memory size; expected e.g. 24GiB or 512MiB")
-
-
-def _bytes(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
 def _fake_model(config, compute: torch.dtype, lora: LoraConfig | None) -> nn.Module:

@@ -29,6 +29,9 @@ from torch import nn
 from . import frozen
 
 QUANTIZATIONS = ("nf4", "int8")
+# torchao logs a warning per CUDA kernel library it cannot load (and torch one per enum
+# it registers): on a CPU-only machine that is expected and says nothing about the tensors.
+NOISY_LOGGERS = ("torchao", "torch.utils._pytree")
 
 
 class QuantizeError(ValueError):
@@ -71,10 +74,8 @@ def quantize_model(model: nn.Module, method: str) -> nn.Module:
 
 def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
     """Replace every quantized weight by its dense value in ``dtype`` (in place); returns the model."""
-    for module in model.modules():
-        weight = getattr(module, "weight", None)
-        if isinstance(weight, torch.Tensor) and frozen.is_quantized(weight):
-            module.weight = nn.Parameter(frozen.dense(weight).to(dtype), requires_grad=False)
+    for module, weight in _quantized(model):
+        module.weight = nn.Parameter(frozen.dense(weight).to(dtype), requires_grad=False)
     return model.to(dtype)
 
 
@@ -89,13 +90,14 @@ def requantized(weight: torch.Tensor, value: torch.Tensor) -> nn.Parameter:
 
 def quantized_bytes(model: nn.Module) -> tuple[int, int]:
     """(bytes of the quantized weights with their scales, bytes of the same weights in bfloat16)."""
-    stored = dense = 0
-    for module in model.modules():
-        weight = getattr(module, "weight", None)
-        if isinstance(weight, torch.Tensor) and frozen.is_quantized(weight):
-            stored += frozen.nbytes(weight)
-            dense += 2 * weight.numel()
-    return stored, dense
+    weights = [weight for _, weight in _quantized(model)]
+    return sum(frozen.nbytes(weight) for weight in weights), sum(2 * weight.numel() for weight in weights)
+
+
+def _quantized(model: nn.Module) -> list[tuple[nn.Module, torch.Tensor]]:
+    """(module, weight) for every quantized weight of ``model``."""
+    return [(module, module.weight) for module in model.modules()
+            if isinstance(getattr(module, "weight", None), torch.Tensor) and frozen.is_quantized(module.weight)]
 
 
 NF4_BLOCK = 64  # weights per NF4 scale
@@ -126,9 +128,8 @@ def _quantizer(method: str):
 
 @contextlib.contextmanager
 def _quiet_torchao() -> Iterator[None]:
-    """torchao logs a warning per CUDA kernel library it cannot load; on a CPU-only
-    machine that is expected and says nothing about the tensors used here."""
-    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    """``NOISY_LOGGERS`` quiet while torchao is imported and used."""
+    loggers = [logging.getLogger(name) for name in NOISY_LOGGERS]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.ERROR)
