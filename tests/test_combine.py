@@ -101,6 +101,68 @@ def test_compress_to_a_rank_or_an_energy():
         assert kept.adapter.layers[path].rank == needed and kept.kept[path] >= 0.9
 
 
+def test_compressed_logits_stay_within_the_discarded_singular_value():
+    """The bound tested: on a one-layer model the logits are x (W + ΔW)^T, so compressing ΔW to
+    rank k moves each token's logits by ‖x (ΔW - ΔW_k)^T‖ <= σ_{k+1} ‖x‖, and the whole batch by
+    at most sqrt(discarded energy) ‖X‖_F, with ‖ΔW - ΔW_k‖²_F = (1 - kept) ‖ΔW‖²_F exactly.
+    On a whole model (no such bound through the nonlinearities) the change shrinks as the
+    kept energy grows."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(24, 40))
+    lorakit.attach(model, lorakit.LoraConfig(rank=8, alpha=8, targets=["0"]))
+    randomize_adapters(model, scale=0.3)
+    adapter = export_adapter(model)
+    x = torch.randn(64, 24)
+    with torch.no_grad():
+        original = model(x)
+    S = torch.linalg.svdvals(adapter.layers["0"].delta().double())
+    for k in (1, 3, 6):
+        result = compress(adapter, rank=k)
+        discarded = float((S[k:] ** 2).sum())
+        assert (1 - result.kept["0"]) * float((S**2).sum()) == pytest.approx(discarded, rel=1e-6)
+        small = torch.nn.Sequential(torch.nn.Linear(24, 40))
+        small.load_state_dict({key: value for key, value in model.state_dict().items() if "lora" not in key})
+        import_adapter(small, result.adapter)
+        with torch.no_grad():
+            moved = small(x) - original
+        per_token = moved.norm(dim=1) / x.norm(dim=1)
+        assert float(per_token.max()) <= float(S[k]) * (1 + 1e-5)
+        assert float(moved.norm()) <= discarded**0.5 * float(x.norm()) * (1 + 1e-5)
+
+    full, _, _ = two_adapters()
+    ids = token_batch(97)
+    with torch.no_grad():
+        reference_logits = full(ids).logits
+    a = export_adapter(full, "a")
+    changes = []
+    for k in (1, 2, 3):
+        fresh = tiny_llama()
+        import_adapter(fresh, compress(a, rank=k).adapter)
+        with torch.no_grad():
+            changes.append(float((fresh(ids).logits - _alone(a, ids)).norm()))
+    assert changes[0] > changes[1] > changes[2] >= 0 and reference_logits.isfinite().all()
+
+
+def _alone(adapter, ids):
+    model = tiny_llama()
+    import_adapter(model, adapter)
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_combine_and_compress_take_directories(tmp_path):
+    _, a, b = two_adapters()
+    write_adapter(a, tmp_path / "a")
+    write_adapter(b, tmp_path / "b")
+    from_files = lorakit.combine([tmp_path / "a", str(tmp_path / "b")], [0.5, 2.0]).adapter
+    from_values = combine([a, b], [0.5, 2.0]).adapter
+    for path, layer in from_values.layers.items():
+        torch.testing.assert_close(from_files.layers[path].delta(), layer.delta())
+    lorakit.save_adapter(from_files, tmp_path / "ab")  # a value saves like any adapter
+    assert lorakit.read_adapter(tmp_path / "ab").layers.keys() == from_values.layers.keys()
+    assert lorakit.compress(tmp_path / "a", rank=1).adapter.layers.keys() == a.layers.keys()
+
+
 def test_bad_input_is_refused():
     model, a, b = two_adapters()
     with pytest.raises(CombineError, match="no adapters"):
@@ -137,6 +199,10 @@ def test_cli_combine_and_compress_write_adapters_and_refuse_bad_input(tmp_path):
     _, a, b = two_adapters()
     write_adapter(a, tmp_path / "a")
     write_adapter(b, tmp_path / "b")
+    write_adapter(b, tmp_path / "pickled")
+    (tmp_path / "pickled" / "adapter_model.safetensors").rename(tmp_path / "pickled" / "adapter_model.bin")
+    write_adapter(b, tmp_path / "corrupt")
+    (tmp_path / "corrupt" / "adapter_model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{bad json")
     runner = CliRunner()
     result = runner.invoke(app, ["combine", str(tmp_path / "a"), str(tmp_path / "b"), "--weights", "0.7,-0.3",
                                  "--method", "svd", "--rank", "3", "--out", str(tmp_path / "ab")])
@@ -154,6 +220,10 @@ def test_cli_combine_and_compress_write_adapters_and_refuse_bad_input(tmp_path):
         (["combine", str(tmp_path / "a"), "--weights", "1,2", "--out", str(tmp_path / "x")], "2 weights for 1 adapters"),
         (["combine", str(tmp_path / "a"), str(tmp_path / "nope"), "--out", str(tmp_path / "x")], "not an adapter"),
         (["compress", str(tmp_path / "a"), "--rank", "0", "--out", str(tmp_path / "x")], "rank must be >= 1"),
+        (["combine", str(tmp_path / "a"), str(tmp_path / "pickled"), "--out", str(tmp_path / "x")],
+         "pickled weights are never loaded"),
+        (["combine", str(tmp_path / "corrupt"), str(tmp_path / "a"), "--out", str(tmp_path / "x")],
+         "not a readable safetensors file"),
     ]:
         result = runner.invoke(app, args)
         assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output

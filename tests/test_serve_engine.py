@@ -199,3 +199,29 @@ def test_long_answers_outgrow_the_preallocated_cache_and_stay_exact(setup, tiny_
         engine.step()
     for name, prompt, length, request in zip(names, prompts, lengths, requests):
         assert request.generated == greedy_alone(tiny_lm_dir, root / name if name else None, prompt, length), name
+
+
+def test_combined_and_compressed_adapters_serve_like_any_other(setup, tiny_lm_dir, tmp_path):
+    """A cat combination serves what the two adapters give active at once; a compressed one
+    what it gives alone."""
+    root, engine = setup
+    lorakit.save_adapter(lorakit.combine([root / "a0", root / "a2"]).adapter, tmp_path / "mix")
+    lorakit.save_adapter(lorakit.compress(root / "a1", rank=3).adapter, tmp_path / "small")
+    engine.store.add_directory("mix", tmp_path / "mix")
+    engine.store.add_directory("small", tmp_path / "small")
+    prompt = [7, 30, 200, 41]
+    requests = {name: make(engine, prompt, name, max_tokens=6) for name in ("mix", "small")}
+    for request in requests.values():
+        engine.submit(request)
+    while not all(r.done.is_set() for r in requests.values()):
+        engine.step()
+    both = lorakit.load_model(str(tiny_lm_dir)).eval()
+    lorakit.load_adapter(both, root / "a0", "a0")
+    lorakit.load_adapter(both, root / "a2", "a2")
+    lorakit.set_active(both, ["a0", "a2"])
+    ids = torch.tensor([prompt])
+    expected = both.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+    assert requests["mix"].generated == expected
+    assert requests["small"].generated == greedy_alone(tiny_lm_dir, tmp_path / "small", prompt, 6)
+    assert requests["small"].generated != greedy_alone(tiny_lm_dir, None, prompt, 6)  # the adapter acts

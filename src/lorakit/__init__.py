@@ -10,8 +10,10 @@ from .attach import (
     set_active,
     trainable_parameters,
 )
+from .adapter import Adapter, LayerWeights, merged_state_dict
+from .combine import CombineError, combine, compress
 from .config import ConfigError, LoraConfig
-from .files import AdapterFileError, load_adapter, save_adapter
+from .files import AdapterFileError, export_adapter, import_adapter, load_adapter, read_adapter, save_adapter
 from .layers import LoraAdapter, LoraLayer
 from .merge import MergeError, detach, merge, unmerge
 from .pretrained import load_model, load_tokenizer
@@ -20,6 +22,8 @@ from .training import TrainConfig, TrainingError, train
 __version__ = "0.1.0"
 
 __all__ = [
+    "Adapter", "CombineError", "LayerWeights", "combine", "compress", "export_adapter", "import_adapter",
+    "merged_state_dict", "read_adapter",
     "AdapterFileError", "AttachError", "ConfigError", "LoraAdapter", "LoraConfig", "LoraLayer",
     "MergeError", "ParameterCount", "adapters", "attach", "delete_adapter", "detach", "disabled",
     "load_adapter", "load_model", "load_tokenizer", "merge", "save_adapter", "set_active",

@@ -304,6 +304,45 @@ def compress(
                          f"{_size(after.stat().st_size)}")
 
 
+@app.command()
+def analyze(
+    adapter: Annotated[str, typer.Argument(help="PEFT-format adapter directory.")],
+    other: Annotated[str | None, typer.Argument(help="A second adapter: adds the subspace similarity.")] = None,
+    out: Annotated[str, typer.Option(help="Directory for analysis.json and the PNG pictures.")] = "analysis",
+    base: Annotated[str | None, typer.Option(help="Base model (with weights): adds ‖ΔW‖/‖W‖.")] = None,
+) -> None:
+    """Singular values, effective and stable rank of each module's ΔW (from the factors), the
+    rank that keeps 90 % / 99 % of it, and with OTHER the subspace similarity of the two.
+
+    Example: lorakit analyze runs/demo/adapter --base smollm2-135m --out runs/demo/analysis
+    """
+    from .analyze import analyze as analyze_adapter
+    from .analyze import write_report
+    from .files import read_adapter
+    from .pretrained import load_model
+
+    with user_errors():
+        first = read_adapter(adapter)
+        second = read_adapter(other) if other else None
+        model = None
+        if base:
+            model = load_model(base)
+            if any(p.is_meta for p in model.parameters()):
+                raise ValueError(f"--base {base!r} has no weights (a preset is built on the meta device): "
+                                 "give a model directory, a .gguf file or smollm2-135m")
+        report = analyze_adapter(first, second, model)
+        path = write_report(report, [adapter, *([other] if other else []), *([f"base: {base}"] if base else [])], out)
+    modules = report["modules"].values()
+    console.print(f"{len(modules)} modules; rank for 99 % of ‖ΔW‖²: median {report['summary'].get('median_rank_99', 0)}"
+                  + (f"; ‖ΔW‖/‖W‖: median {sorted(m['relative_norm'] for m in modules)[len(modules) // 2]:.4f}"
+                     if base else "")
+                  + (f"; subspace similarity φ(1, 1): mean "
+                     f"{sum(g[0][0] for g in report['similarity'].values()) / len(report['similarity']):.3f}"
+                     if other else ""), highlight=False)
+    console.print(report["summary"]["verdict"], highlight=False)
+    console.print(f"[files] {path}: " + ", ".join(sorted(p.name for p in path.iterdir())), highlight=False)
+
+
 def _report_kept(result, headline: str) -> None:
     ranks = sorted({layer.rank for layer in result.adapter.layers.values()})
     total = len(result.kept)

@@ -26,6 +26,7 @@ keeps a given fraction of each module's energy.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,6 +36,9 @@ from torch import Tensor
 
 from .adapter import Adapter, LayerWeights, as_product
 from .config import LoraConfig
+from .files import read_adapter
+
+AdapterLike = Adapter | str | os.PathLike
 
 METHODS = ("cat", "linear", "svd", "magnitude_prune", "ties", "dare_linear", "dare_ties")
 DENSE = ("magnitude_prune", "ties", "dare_linear", "dare_ties")
@@ -50,13 +54,15 @@ class Combination:
     kept: dict[str, float]  # module path -> fraction of ‖ΔW‖²_F kept (1.0 for exact methods)
 
 
-def combine(adapters: Sequence[Adapter], weights: Sequence[float] | None = None, method: str = "cat",
+def combine(adapters: Sequence[AdapterLike], weights: Sequence[float] | None = None, method: str = "cat",
             rank: int | None = None, density: float = 1.0, majority_sign: str = "total",
             seed: int = 0) -> Combination:
     """Σ w_i ΔW_i of ``adapters`` per module (a module missing from one adapter adds nothing),
-    or its pruned / sign-elected form (``DENSE`` methods, factored to ``rank``)."""
+    or its pruned / sign-elected form (``DENSE`` methods, factored to ``rank``). ``adapters``:
+    values or adapter directories."""
     if not adapters:
         raise CombineError("no adapters to combine")
+    adapters = [as_adapter(adapter) for adapter in adapters]
     weights = [1.0] * len(adapters) if weights is None else list(weights)
     if len(weights) != len(adapters):
         raise CombineError(f"{len(weights)} weights for {len(adapters)} adapters")
@@ -81,7 +87,7 @@ def combine(adapters: Sequence[Adapter], weights: Sequence[float] | None = None,
     return _combination({path: _truncate(layer, rank) for path, layer in stacked.items()})
 
 
-def compress(adapter: Adapter, rank: int | None = None, energy: float | None = None) -> Combination:
+def compress(adapter: AdapterLike, rank: int | None = None, energy: float | None = None) -> Combination:
     """``adapter`` re-factored to ``rank`` (at most) per module, or per module to the smallest
     rank that keeps ``energy`` of its ‖ΔW‖²_F."""
     if (rank is None) == (energy is None):
@@ -90,9 +96,15 @@ def compress(adapter: Adapter, rank: int | None = None, energy: float | None = N
         raise CombineError(f"rank must be >= 1, got {rank}")
     if energy is not None and not 0 < energy <= 1:
         raise CombineError(f"energy must be in (0, 1], got {energy}")
+    adapter = as_adapter(adapter)
     if adapter.saved:
         raise CombineError("modules_to_save cannot be compressed")
     return _combination({path: _truncate(layer, rank, energy) for path, layer in _stack([adapter], [1.0]).items()})
+
+
+def as_adapter(adapter: AdapterLike) -> Adapter:
+    """An adapter value as it is, or read from its directory."""
+    return adapter if isinstance(adapter, Adapter) else read_adapter(adapter)
 
 
 def _combination(factored: dict[str, tuple[LayerWeights, float]]) -> Combination:
@@ -161,16 +173,29 @@ def _dense_merge(adapters: Sequence[Adapter], weights: Sequence[float], path: st
 def _truncate(layer: LayerWeights, rank: int | None, energy: float | None = None) -> tuple[LayerWeights, float]:
     """The best rank-``rank`` (or ``energy``) factors of B A, by QR of the factors and an SVD
     of their small core; and the fraction of ‖B A‖²_F they keep."""
-    A = layer.A.reshape(layer.A.shape[0], -1)  # (R, in) (conv: in * kh * kw)
-    B = layer.B.reshape(layer.B.shape[0], -1)  # (out, R)
+    U, S, Vh = factored_svd(layer)
+    if energy is not None:
+        rank = rank_for_energy(S, energy)
+    kernel = layer.A.shape[1:] if layer.layout == "conv2d" else None
+    return _factors(U, S, Vh, rank, layer.layout, kernel)
+
+
+def rank_for_energy(S: Tensor, energy: float) -> int:
+    """The fewest leading singular values whose squares hold ``energy`` of the total."""
+    cumulative = torch.cumsum(S**2, 0) / max(float((S**2).sum()), 1e-300)
+    return min(len(S), int((cumulative < energy - 1e-12).sum()) + 1)
+
+
+def factored_svd(layer: LayerWeights) -> tuple[Tensor, Tensor, Tensor]:
+    """The thin SVD U S Vh of s·B·A (out x in; a Conv2d's in is in·kh·kw), in float64, with
+    U (out, R), S (R,), Vh (R, in): a QR of each factor and an SVD of the (R x R) core
+    R_B R_A^T, never the out x in matrix."""
+    A = layer.A.reshape(layer.A.shape[0], -1)  # (R, in)
+    B = layer.B.reshape(layer.B.shape[0], -1) * layer.scaling  # (out, R)
     Q_B, R_B = torch.linalg.qr(B.double())  # (out, R), (R, R)
     Q_A, R_A = torch.linalg.qr(A.double().T)  # (in, R), (R, R)
-    U, S, Vh = torch.linalg.svd(R_B @ R_A.T)  # the (R x R) core
-    if energy is not None:
-        cumulative = torch.cumsum(S**2, 0) / max(float((S**2).sum()), 1e-300)
-        rank = int((cumulative < energy - 1e-12).sum()) + 1
-    kernel = layer.A.shape[1:] if layer.layout == "conv2d" else None
-    return _factors(Q_B @ U, S, Vh @ Q_A.T, rank, layer.layout, kernel)
+    U, S, Vh = torch.linalg.svd(R_B @ R_A.T)
+    return Q_B @ U, S, Vh @ Q_A.T
 
 
 def _factors(U: Tensor, S: Tensor, Vh: Tensor, rank: int, layout: str,

@@ -199,8 +199,11 @@ def write_adapter(adapter: Adapter, directory: str | os.PathLike) -> Path:
     return write_directory(directory, adapter_bytes(adapter))
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "default") -> Path:
-    """Write adapter ``name`` to ``directory`` in PEFT's format, atomically; return the path."""
+def save_adapter(model: nn.Module | Adapter, directory: str | os.PathLike, name: str = "default") -> Path:
+    """Write adapter ``name`` of ``model`` (or an adapter value, such as a combination) to
+    ``directory`` in PEFT's format, atomically; return the path."""
+    if isinstance(model, Adapter):
+        return write_adapter(model, directory)
     return write_directory(directory, adapter_files(model, name))
 
 
