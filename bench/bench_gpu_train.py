@@ -55,7 +55,7 @@ def lorakit_run(directory: Path, base: str, data: str, steps: int, out: Path) ->
                     "--eval-fraction", "0", "--max-steps", str(steps), "--batch-size", str(BATCH),
                     "--micro-batch-size", str(BATCH), "--max-length", str(SEQ), "--rank", str(RANK), "--alpha",
                     str(2 * RANK), "--lr", "5e-4", "--save-every", str(steps), "--device", DEVICE, "--out", str(out),
-                    *flags], check=True, capture_output=True, text=True, timeout=240)
+                    *flags], check=True, capture_output=True, text=True, timeout=150)
     summary = json.loads((out / "summary.json").read_text())
     return {"tokens_per_second": summary["tokens_per_second"], "peak_bytes": summary["peak_memory_bytes"],
             "loss": summary["train_loss"]}
@@ -64,7 +64,7 @@ def lorakit_run(directory: Path, base: str, data: str, steps: int, out: Path) ->
 def peft_run(directory: Path, base: str, data: str, steps: int) -> dict:
     code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_gpu_train as b; "
             f"b.DEVICE = {DEVICE!r}; b.peft_train({str(directory)!r}, {base!r}, {data!r}, {steps})")
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=240)
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=150)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
