@@ -51,6 +51,7 @@ def model_dir(preset: str, tokenizer: Path, work: Path) -> Path:
 
 def lorakit_run(directory: Path, base: str, data: str, steps: int, out: Path) -> dict:
     flags = ["--dtype", "bfloat16"] if base == "bf16" else ["--quantize", "nf4"]
+    shutil.rmtree(out, ignore_errors=True)  # a finished run directory would resume, not measure
     subprocess.run([sys.executable, "-m", "lorakit", "train", "--model", str(directory), "--data", data,
                     "--eval-fraction", "0", "--max-steps", str(steps), "--batch-size", str(BATCH),
                     "--micro-batch-size", str(BATCH), "--max-length", str(SEQ), "--rank", str(RANK), "--alpha",

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU figures in one call, on a CUDA host with no network: the image's torch, transformers
 # and peft; torchao and bitsandbytes carried as wheels in .gpu/whl; SmolLM2's tokenizer and a
-# JSONL of long texts in .gpu (see README, "GPU figures"). Results go to $OUT.
+# JSONL of long texts in .gpu, made by bench/gpu_prepare.sh. Results go to $OUT.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/src:/tmp/site TOKENIZERS_PARALLELISM=false
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/whl/*.whl || exit 1

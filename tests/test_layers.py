@@ -211,3 +211,27 @@ def test_half_precision_base_keeps_no_float32_copy_of_the_input_and_the_same_gra
     reference.float().square().sum().backward()
     for got, expected in zip(ours, (x.grad, adapter.lora_A.grad, adapter.lora_B.grad)):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_adapter_computes_in_its_own_module_call(kind):
+    """The variant seam: a layer's forward calls each active adapter module (what FSDP's
+    per-module hooks rely on), and the merged-but-inactive path calls it too."""
+    model, x = single(kind)
+    lorakit.attach(model, lorakit.LoraConfig(rank=2, alpha=4, targets=["layer"]))
+    layer = model.layer
+    calls = []
+    layer.adapters["default"].register_forward_hook(lambda module, args, output: calls.append(args[-1]))
+    model(x)
+    assert len(calls) == 1
+    layer.merge("default")
+    with lorakit.disabled(model):
+        model(x)
+    assert len(calls) == 2 and calls[-1] == -1.0  # subtracted on the fly, by the adapter itself
+
+
+def test_every_config_init_has_an_initializer():
+    from lorakit.config import INITS
+    from lorakit.layers import INITIALIZERS
+
+    assert set(INITIALIZERS) == set(INITS)

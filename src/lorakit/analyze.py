@@ -98,9 +98,13 @@ def summary(modules: dict[str, dict[str, Any]]) -> dict[str, Any]:
     rank = next(k for k in candidates if sum(n <= k for n in needed) >= 0.9 * len(needed))
     kept = sum(n <= rank for n in needed)
     effective = sorted(s["effective_rank"] for s in trained.values())
-    verdict = (f"rank {rank} would keep >= 99 % of the update in {kept} of {len(trained)} modules"
-               + (f" (the adapter has rank {top})" if rank < top else f": the update uses its full rank {top}")
-               + f"; median effective rank {effective[len(effective) // 2]:.1f}")
+    if rank < top:
+        verdict = f"rank {rank} would keep >= 99 % of the update in {kept} of {len(trained)} modules (it has rank {top})"
+    else:
+        lower = candidates[-2] if len(candidates) > 1 else top
+        verdict = (f"the update uses its full rank {top}: rank {lower} would keep >= 99 % of it in only "
+                   f"{sum(n <= lower for n in needed)} of {len(trained)} modules")
+    verdict += f"; median effective rank {effective[len(effective) // 2]:.1f}"
     return {"modules": len(modules), "trained_modules": len(trained), "rank": rank, "kept_99": kept,
             "median_rank_99": needed[len(needed) // 2], "median_effective_rank": effective[len(effective) // 2],
             "verdict": verdict}

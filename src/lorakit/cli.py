@@ -340,7 +340,8 @@ def analyze(
                      f"{sum(g[0][0] for g in report['similarity'].values()) / len(report['similarity']):.3f}"
                      if other else ""), highlight=False)
     console.print(report["summary"]["verdict"], highlight=False)
-    console.print(f"[files] {path}: " + ", ".join(sorted(p.name for p in path.iterdir())), highlight=False)
+    console.print(f"[files] {path}: " + ", ".join(sorted(p.name for p in path.iterdir())), highlight=False,
+                  markup=False)
 
 
 def _report_kept(result, headline: str) -> None:

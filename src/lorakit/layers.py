@@ -18,11 +18,19 @@ all adapters, inside ``disabled``) is subtracted on the fly.
 
 One subclass per base type says three things: how the base computes, how an adapter
 computes, and its layout: which change of ``weight`` B @ A is (adapter.py has the math).
+
+The variant seam: each adapter is a module that adds its own contribution in its own
+``forward`` (its parameters are used only inside its own call, as FSDP's hooks need),
+and says how it merges into W and whether a merge is additive (so that it can be taken
+out on the fly and unmerged to within one rounding). Plain LoRA is ``LoraAdapter``;
+DoRA (dora.py) overrides those three. Initializers are a table of functions
+(``INITIALIZERS``), one per ``LoraConfig.init``.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +47,9 @@ def lora_scaling(alpha: float, rank: int, use_rslora: bool) -> float:
 
 
 class LoraAdapter(nn.Module):
-    """One adapter on one layer: A, B, its dropout and its scaling."""
+    """One adapter on one layer: A, B, its dropout and its scaling. Merged, it is W + ΔW."""
+
+    additive = True  # its merge adds ΔW: it can be subtracted on the fly and unmerged exactly
 
     def __init__(
         self, a_shape: tuple[int, ...], b_shape: tuple[int, ...], alpha: float, dropout: float,
@@ -53,8 +63,38 @@ class LoraAdapter(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(b_shape, device=device, dtype=dtype))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
+    def forward(self, layer: LoraLayer, x: Tensor, base: Tensor, result: Tensor, sign: float = 1.0) -> Tensor:
+        """``result`` plus ``sign`` times this adapter's change of ``layer``'s output for input
+        ``x`` (``base``: the frozen layer's own output, which variants may rescale)."""
+        return layer.add_update(result, self, x, sign)
+
+    def merged_weight(self, layer: LoraLayer, weight: Tensor) -> Tensor:
+        """W + ΔW for ``weight`` = W in float32, laid out like ``layer.weight``."""
+        return weight + layer.value(self).delta()
+
+    def unmerged_weight(self, layer: LoraLayer, weight: Tensor) -> Tensor:
+        """The inverse of ``merged_weight``."""
+        return weight - layer.value(self).delta()
+
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha:g}, scaling={self.scaling:g}"
+
+
+def init_default(layer: LoraLayer, adapter: LoraAdapter) -> None:
+    """A Kaiming-uniform (as nn.Linear initialises its weight), B zero."""
+    nn.init.kaiming_uniform_(adapter.lora_A, a=math.sqrt(5))
+    nn.init.zeros_(adapter.lora_B)
+
+
+def init_gaussian(layer: LoraLayer, adapter: LoraAdapter) -> None:
+    """A ~ N(0, 1/r), B zero."""
+    nn.init.normal_(adapter.lora_A, std=1 / adapter.rank)
+    nn.init.zeros_(adapter.lora_B)
+
+
+# LoraConfig.init -> how a fresh adapter's factors are set (every one leaves the output unchanged).
+INITIALIZERS: dict[str, Callable[[LoraLayer, LoraAdapter], None]] = {"default": init_default,
+                                                                      "gaussian": init_gaussian}
 
 
 class LoraLayer(nn.Module):
@@ -106,67 +146,79 @@ class LoraLayer(nn.Module):
 
     def weights(self, name: str) -> LayerWeights:
         """Adapter ``name`` on this layer as a plain value (A, B, scaling, layout)."""
-        adapter = self.adapters[name]
+        return self.value(self.adapters[name])
+
+    def value(self, adapter: LoraAdapter) -> LayerWeights:
         return LayerWeights(adapter.lora_A.detach(), adapter.lora_B.detach(), adapter.scaling, self.layout)
 
     # -- shared ---------------------------------------------------------------------
-    def add_adapter(self, name: str, rank: int, alpha: float, dropout: float, use_rslora: bool, init: str) -> None:
+    def add_adapter(self, name: str, rank: int, alpha: float, dropout: float, use_rslora: bool, init: str,
+                    kind: type[LoraAdapter] = LoraAdapter) -> None:
         base_dtype = frozen.compute_dtype(self.weight)
         # Half-precision bases get float32 adapters: low-rank updates are small and
         # would lose most of their bits in bf16/fp16 (PEFT does the same).
         dtype = torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
         a_shape, b_shape = self.shapes(self.base_module, rank)
-        adapter = LoraAdapter(a_shape, b_shape, alpha, dropout, use_rslora, self.weight.device, dtype)
+        adapter = kind(a_shape, b_shape, alpha, dropout, use_rslora, self.weight.device, dtype)
         self.reset_adapter(adapter, init)
         # New modules start in training mode; an adapter follows its layer's mode so that
         # loading one into an eval-mode model never switches its dropout on.
         self.adapters[name] = adapter.train(self.training)
 
     def reset_adapter(self, adapter: LoraAdapter, init: str) -> None:
-        if init == "gaussian":
-            nn.init.normal_(adapter.lora_A, std=1 / adapter.rank)
-        else:
-            nn.init.kaiming_uniform_(adapter.lora_A, a=math.sqrt(5))
-        nn.init.zeros_(adapter.lora_B)
+        INITIALIZERS[init](self, adapter)
 
     def forward(self, x: Tensor) -> Tensor:
-        result = self.base_forward(x)
+        base = self.base_forward(x)
+        result = base
         wanted = () if self.disabled else self.active
         for name in wanted:
             if name not in self.merged:
-                result = self.add_update(result, self.adapters[name], x, 1.0)
+                result = self.adapters[name](self, x, base, result)
         for name in self.merged:
             if name not in wanted:
-                result = self.add_update(result, self.adapters[name], x, -1.0)
+                adapter = self.adapters[name]
+                if not adapter.additive:
+                    raise RuntimeError(f"adapter {name!r} ({type(adapter).__name__}) is merged into the weight and "
+                                       "cannot be taken out on the fly: unmerge it before deactivating it")
+                result = adapter(self, x, base, result, -1.0)
         return result
 
     def add_update(self, result: Tensor, adapter: LoraAdapter, x: Tensor, sign: float) -> Tensor:
         """result + sign * the adapter's output (layers that can add it in place override this)."""
         return result + sign * self.adapter_forward(adapter, x)
 
+    def merged_weight(self, name: str) -> Tensor:
+        """The weight with adapter ``name`` merged in, in float32 (nothing is written)."""
+        return self.adapters[name].merged_weight(self, frozen.dense(self.weight))
+
     @torch.no_grad()
     def merge(self, name: str) -> None:
-        """W <- W + delta, computed in float32 and rounded once. Repeating is a no-op."""
+        """W <- the merged weight, computed in float32 and rounded once. Repeating is a no-op."""
         if name in self.merged:
             return
-        self._add_to_weight(self.delta_weight(name))
+        self._set_weight(self.merged_weight(name))
         self.merged.append(name)
 
     @torch.no_grad()
     def unmerge(self, name: str) -> None:
         if name not in self.merged:
             return
-        self._add_to_weight(-self.delta_weight(name))
+        adapter = self.adapters[name]
+        if not adapter.additive and self.merged[-1] != name:
+            raise RuntimeError(f"adapter {name!r} ({type(adapter).__name__}) was merged before "
+                               f"{self.merged[-1]!r}: unmerge that first")
+        self._set_weight(adapter.unmerged_weight(self, frozen.dense(self.weight)))
         self.merged.remove(name)
 
-    def _add_to_weight(self, delta: Tensor) -> None:
+    def _set_weight(self, weight: Tensor) -> None:
         if frozen.is_quantized(self.weight):
-            # Dequantize, add in float32, quantize again: the memory stays that of the
-            # quantized base, but W + delta is rounded to the quantization grid, so an
-            # unmerge restores W only to within one quantization step (as in PEFT).
-            self.weight = requantized(self.weight, frozen.dense(self.weight) + delta)
+            # Quantize the new float32 weight again: the memory stays that of the quantized
+            # base, but it is rounded to the quantization grid, so an unmerge restores W
+            # only to within one quantization step (as in PEFT).
+            self.weight = requantized(self.weight, weight)
         else:
-            self.weight.copy_((self.weight.float() + delta).to(self.weight.dtype))
+            self.weight.copy_(weight.to(self.weight.dtype))
 
     def to_base(self) -> nn.Module:
         """The original module type holding this layer's (possibly merged) weight and bias."""
@@ -301,7 +353,7 @@ class LoraEmbedding(LoraLayer):
 
     def reset_adapter(self, adapter: LoraAdapter, init: str) -> None:
         nn.init.zeros_(adapter.lora_A)
-        nn.init.normal_(adapter.lora_B)
+        nn.init.normal_(adapter.lora_B)  # whatever ``init`` says, as PEFT does for embeddings
 
     def _lookup(self, ids: Tensor, table: Tensor) -> Tensor:
         base = self.base_module

@@ -49,7 +49,7 @@ def _merge(model: nn.Module, names: Sequence[str] | None, safe: bool) -> None:
                              "unquantized (or quantized by lorakit) to merge; nothing was merged")
     if safe:
         for path, layer, name in pending:
-            merged = (frozen.dense(layer.weight) + layer.delta_weight(name)).to(frozen.compute_dtype(layer.weight))
+            merged = layer.merged_weight(name).to(frozen.compute_dtype(layer.weight))
             if not torch.isfinite(merged).all():
                 raise MergeError(f"adapter {name!r} on {path}: merging gives NaN/Inf weights; nothing was merged")
     for _, layer, name in pending:
