@@ -120,7 +120,7 @@ BAD_FILES = {
     "corrupt json": (lambda d: (d / "adapter_config.json").write_text('{"r": 4,\n "lora_alpha": }'),
                      r"adapter_config\.json: invalid JSON at line 2, column 16"),
     "missing config": (lambda d: (d / "adapter_config.json").unlink(), r"adapter_config\.json: missing"),
-    "dora": (lambda d: _rewrite_config(d, lambda c: c.update(use_dora=True)), r"use_dora=True is not supported"),
+    "dora": (lambda d: _rewrite_config(d, lambda c: c.update(use_dora=True)), r"lora_magnitude_vector"),
     "not lora": (lambda d: _rewrite_config(d, lambda c: c.update(peft_type="IA3")), r"lorakit reads only 'LORA'"),
     "bad rank": (lambda d: _rewrite_config(d, lambda c: c.update(r=0)), r"invalid LoRA config: rank must be"),
     "pickled weights": (lambda d: (d / "adapter_model.safetensors").rename(d / "adapter_model.bin"),

@@ -38,6 +38,7 @@ class LayerWeights:
     B: Tensor
     scaling: float
     layout: str = "linear"
+    magnitude: Tensor | None = None  # DoRA's, one per output unit (dora.py); None for plain LoRA
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
@@ -52,7 +53,7 @@ class LayerWeights:
         return 4 * (self.A.numel() + self.B.numel())
 
     def delta(self) -> Tensor:
-        """ΔW in float32, laid out like the module's weight."""
+        """s·B·A in float32, laid out like the module's weight (for DoRA, the direction's update)."""
         A, B = self.A.float(), self.B.float()
         if self.layout == "conv2d":  # (out, r) x (r, in, kh, kw) -> (out, in, kh, kw)
             return torch.einsum("or,rikl->oikl", B.flatten(1), A) * self.scaling
@@ -109,9 +110,18 @@ def merged_state_dict(base: Mapping[str, Tensor], adapter: Adapter) -> dict[str,
     merged = dict(base)
     for path, layer in adapter.layers.items():
         weight = base[f"{path}.weight"]
-        merged[f"{path}.weight"] = (weight.float() + layer.delta().to(weight.device)).to(weight.dtype)
+        merged[f"{path}.weight"] = merged_weight(weight.float(), layer).to(weight.dtype)
     merged.update({key: tensor.detach().clone() for key, tensor in adapter.saved.items()})
     return merged
+
+
+def merged_weight(weight: Tensor, layer: LayerWeights) -> Tensor:
+    """W (float32, any device) with ``layer`` merged in: W + ΔW, or DoRA's rescaled form."""
+    if layer.magnitude is not None:
+        from .dora import merged_direction
+
+        return merged_direction(weight, layer)[0]
+    return weight + layer.delta().to(weight.device)
 
 
 def _delta_shape(layer: LayerWeights) -> tuple[int, ...]:

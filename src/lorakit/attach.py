@@ -19,7 +19,11 @@ from torch import nn
 
 from .bnb import LoraBnbLinear, is_bnb_linear
 from .config import ALL_LINEAR, LoraConfig
+from .dora import DoraAdapter
 from .layers import LoraAdapter, LoraConv1D, LoraConv2d, LoraEmbedding, LoraLayer, LoraLinear
+
+# LoraConfig.variant -> the adapter module each layer gets.
+VARIANTS: dict[str, type[LoraAdapter]] = {"lora": LoraAdapter, "dora": DoraAdapter}
 
 
 class AttachError(ValueError):
@@ -75,7 +79,8 @@ def attach(model: nn.Module, config: LoraConfig, name: str = "default") -> list[
         if not isinstance(layer, LoraLayer):
             layer = target.layer_class(target.module)
             replace_module(model, target.path, layer)
-        layer.add_adapter(name, target.rank, target.alpha, config.dropout, config.use_rslora, config.init)
+        layer.add_adapter(name, target.rank, target.alpha, config.dropout, config.use_rslora, config.init,
+                          VARIANTS[config.variant])
         if first:
             layer.active = [name]
     model.lorakit_configs = {**getattr(model, "lorakit_configs", {}), name: config}
@@ -112,6 +117,10 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[Target]:
         base = module.base_module if isinstance(module, LoraLayer) else module
         if isinstance(base, nn.Conv2d) and base.groups != 1:
             problems.append(f"{path}: Conv2d with groups={base.groups} is not supported (groups must be 1)")
+            continue
+        if config.variant == "dora" and issubclass(layer_class, (LoraEmbedding, LoraBnbLinear)):
+            problems.append(f"{path}: DoRA is not supported on {type(base).__name__} (Linear, GPT-2 Conv1D and "
+                            "Conv2d take it)")
             continue
         rank, alpha = config.rank_for(path), config.alpha_for(path)
         in_features, out_features = layer_class.dims(base)

@@ -45,5 +45,5 @@ class LoraBnbLinear(LoraLinear):
         # them (the adapters are submodules: state_dict visits them on its own)
         self.base_module._save_to_state_dict(destination, prefix, keep_vars)
 
-    def adapter_forward(self, adapter: LoraAdapter, x: Tensor) -> Tensor:
-        return super().adapter_forward(adapter, x).to(x.dtype)  # the module returns x's dtype
+    def adapter_forward(self, adapter: LoraAdapter, x: Tensor, dropout: bool = True) -> Tensor:
+        return super().adapter_forward(adapter, x, dropout).to(x.dtype)  # the module returns x's dtype

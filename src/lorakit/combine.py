@@ -77,6 +77,9 @@ def combine(adapters: Sequence[AdapterLike], weights: Sequence[float] | None = N
     for i, adapter in enumerate(adapters):
         if adapter.saved:
             raise CombineError(f"adapter {i}: modules_to_save cannot be combined")
+        if adapter.config.variant != "lora":
+            raise CombineError(f"adapter {i} is a {adapter.config.variant.upper()} adapter: its change of W is not a "
+                               "sum of low-rank terms; merge it into the base (lorakit merge) instead")
     stacked = _stack(adapters, weights)
     if method in ("cat", "linear"):
         return Combination(_with_config(stacked), {path: 1.0 for path in stacked})
@@ -99,6 +102,9 @@ def compress(adapter: AdapterLike, rank: int | None = None, energy: float | None
     adapter = as_adapter(adapter)
     if adapter.saved:
         raise CombineError("modules_to_save cannot be compressed")
+    if adapter.config.variant != "lora":
+        raise CombineError(f"a {adapter.config.variant.upper()} adapter cannot be compressed (its magnitude is "
+                           "tied to its direction)")
     return _combination({path: _truncate(layer, rank, energy) for path, layer in _stack([adapter], [1.0]).items()})
 
 

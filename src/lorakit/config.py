@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 ALL_LINEAR = "all-linear"
 INITS = ("default", "gaussian")
+VARIANTS = ("lora", "dora")
 
 
 class ConfigError(ValueError):
@@ -44,6 +45,7 @@ class LoraConfig:
         alpha_pattern: regex -> alpha overrides for matching modules.
         use_rslora: scale by alpha / sqrt(rank) instead of alpha / rank.
         init: "default" (A Kaiming-uniform, B zero) or "gaussian" (A ~ N(0, 1/r)).
+        variant: "lora", or "dora" (a learned magnitude per output unit; dora.py).
         modules_to_save: modules trained in full and stored in the adapter file
             (e.g. a classification head).
     """
@@ -59,6 +61,7 @@ class LoraConfig:
     alpha_pattern: Mapping[str, float] = field(default_factory=dict)
     use_rslora: bool = False
     init: str = "default"
+    variant: str = "lora"
     modules_to_save: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -82,6 +85,8 @@ class LoraConfig:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.init not in INITS:
             raise ConfigError(f"init must be one of {INITS}, got {self.init!r}")
+        if self.variant not in VARIANTS:
+            raise ConfigError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
         if isinstance(self.targets, str):
             if self.targets != ALL_LINEAR:
                 _check_regex("targets", self.targets)

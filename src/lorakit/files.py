@@ -6,8 +6,9 @@ An adapter is a directory with two files:
   ``target_modules``, ``rank_pattern``, ``alpha_pattern``, ``use_rslora``, ...
 - ``adapter_model.safetensors``: for a module at path P,
   ``base_model.model.P.lora_A.weight`` (r x in) and ``...lora_B.weight`` (out x r);
-  embeddings use ``...P.lora_embedding_A`` / ``lora_embedding_B``; modules_to_save
-  are stored whole as ``base_model.model.P.<param>``.
+  embeddings use ``...P.lora_embedding_A`` / ``lora_embedding_B``; DoRA adds
+  ``...P.lora_magnitude_vector``; modules_to_save are stored whole as
+  ``base_model.model.P.<param>``.
 
 In memory an adapter is a value (adapter.py's ``Adapter``): ``read_adapter`` and
 ``write_adapter`` move it from and to a directory, ``export_adapter`` and
@@ -38,6 +39,7 @@ from .attach import (AttachError, adapters, attach, delete_adapter, find_saved_m
                      known_adapters, lora_layers)
 from .config import ALL_LINEAR, ConfigError, LoraConfig
 from .adapter import Adapter, LayerWeights
+from .dora import magnitude_shape
 from .layers import LoraLayer, lora_scaling
 
 CONFIG_NAME = "adapter_config.json"
@@ -48,7 +50,7 @@ PREFIX = "base_model.model."
 # PEFT options whose non-default values change the math: lorakit refuses them rather
 # than load an adapter that would compute something else.
 UNSUPPORTED = {
-    "use_dora": (False, None), "bias": ("none", None), "lora_bias": (False, None),
+    "bias": ("none", None), "lora_bias": (False, None),
     "target_parameters": (None, []), "trainable_token_indices": (None,), "layer_replication": (None,),
     "use_qalora": (False, None), "alora_invocation_tokens": (None,),
 }
@@ -64,6 +66,11 @@ def peft_keys(path: str, layout: str) -> tuple[str, str]:
     if layout == "embedding":
         return f"{PREFIX}{path}.lora_embedding_A", f"{PREFIX}{path}.lora_embedding_B"
     return f"{PREFIX}{path}.lora_A.weight", f"{PREFIX}{path}.lora_B.weight"
+
+
+def magnitude_key(path: str) -> str:
+    """The file key of DoRA's magnitude for the module at ``path``."""
+    return f"{PREFIX}{path}.lora_magnitude_vector"
 
 
 def saved_module_keys(path: str, module: nn.Module) -> dict[str, Tensor]:
@@ -95,7 +102,7 @@ def config_to_peft(adapter: Adapter) -> dict[str, Any]:
         "modules_to_save": list(config.modules_to_save) or None,
         "fan_in_fan_out": any(layer.layout == "conv1d" for layer in adapter.layers.values()),
         "bias": "none",
-        "use_dora": False,
+        "use_dora": config.variant == "dora",
         "inference_mode": True,
     }
 
@@ -125,6 +132,7 @@ def config_from_peft(data: dict[str, Any], source: Path) -> LoraConfig:
             alpha_pattern=data.get("alpha_pattern") or {},
             use_rslora=bool(data.get("use_rslora", False)),
             init="gaussian" if data.get("init_lora_weights") == "gaussian" else "default",
+            variant="dora" if data.get("use_dora") else "lora",
             modules_to_save=data.get("modules_to_save") or (),
         )
     except (ConfigError, TypeError) as err:
@@ -139,8 +147,9 @@ def export_adapter(model: nn.Module, name: str = "default") -> Adapter:
     layers = {}
     for path, layer in lora_layers(model):
         if name in layer.adapters:
-            weights = layer.weights(name)
-            layers[path] = LayerWeights(weights.A.clone(), weights.B.clone(), weights.scaling, weights.layout)
+            w = layer.weights(name)
+            layers[path] = LayerWeights(w.A.clone(), w.B.clone(), w.scaling, w.layout,
+                                        None if w.magnitude is None else w.magnitude.clone())
     saved = {key.removeprefix(PREFIX): p.detach().clone()
              for path, module in find_saved_modules(model, config).items()
              for key, p in saved_module_keys(path, module).items()}
@@ -161,6 +170,8 @@ def file_tensors(adapter: Adapter) -> dict[str, Tensor]:
     for path, layer in adapter.layers.items():
         key_a, key_b = peft_keys(path, layer.layout)
         tensors[key_a], tensors[key_b] = layer.A, layer.B
+        if layer.magnitude is not None:
+            tensors[magnitude_key(path)] = layer.magnitude
     tensors.update({PREFIX + key: tensor for key, tensor in adapter.saved.items()})
     return tensors
 
@@ -174,6 +185,8 @@ def adapter_tensors(model: nn.Module, name: str) -> dict[str, Tensor]:
             key_a, key_b = peft_keys(path, layer.layout)
             tensors[key_a] = layer.adapters[name].lora_A
             tensors[key_b] = layer.adapters[name].lora_B
+            if hasattr(layer.adapters[name], "lora_magnitude_vector"):
+                tensors[magnitude_key(path)] = layer.adapters[name].lora_magnitude_vector
     for path, module in find_saved_modules(model, model.lorakit_configs[name]).items():
         tensors.update(saved_module_keys(path, module))
     return tensors
@@ -292,7 +305,8 @@ def read_tensors(directory: str | os.PathLike) -> dict[str, Tensor]:
         raise AdapterFileError(f"{source}: not a readable safetensors file ({err})") from None
 
 
-KEY = re.compile(rf"^{re.escape(PREFIX)}(?P<path>.+)\.lora_(?:embedding_(?P<e>[AB])|(?P<l>[AB])\.weight)$")
+KEY = re.compile(rf"^{re.escape(PREFIX)}(?P<path>.+)\.lora_(?:embedding_(?P<e>[AB])|(?P<l>[AB])\.weight"
+                 rf"|(?P<m>magnitude_vector))$")
 
 
 def read_adapter(directory: str | os.PathLike) -> Adapter:
@@ -314,15 +328,19 @@ def read_adapter(directory: str | os.PathLike) -> Adapter:
             else:
                 problems.append(f"unexpected key {key}")
             continue
-        factor = match["e"] or match["l"]
-        pairs.setdefault(match["path"], {})[factor + ("e" if match["e"] else "")] = tensor
+        factor = "M" if match["m"] else (match["e"] or match["l"]) + ("e" if match["e"] else "")
+        pairs.setdefault(match["path"], {})[factor] = tensor
     layers = {}
     for path, pair in sorted(pairs.items()):
         embedding = "Ae" in pair or "Be" in pair
         A, B = (pair.get("Ae"), pair.get("Be")) if embedding else (pair.get("A"), pair.get("B"))
+        magnitude = pair.get("M")
         rank = config.rank_for(path)
-        if A is None or B is None or len(pair) != 2:
+        if A is None or B is None or len(pair) != 2 + (magnitude is not None):
             problems.append(f"{path}: needs both lora_A and lora_B")
+        elif (magnitude is not None) != (config.variant == "dora"):
+            problems.append(f"{path}: " + ("lora_magnitude_vector without use_dora in the config" if magnitude
+                                           is not None else "use_dora is set but lora_magnitude_vector is missing"))
         elif not (A.is_floating_point() and B.is_floating_point()):
             problems.append(f"{path}: lora_A / lora_B must be floating point, got {A.dtype} / {B.dtype}")
         elif A.shape[0] != rank or B.shape[1] != rank:
@@ -331,7 +349,11 @@ def read_adapter(directory: str | os.PathLike) -> Adapter:
             layout = ("embedding" if embedding else "conv2d" if A.dim() == 4
                       else "conv1d" if data.get("fan_in_fan_out") else "linear")
             scaling = lora_scaling(config.alpha_for(path), rank, config.use_rslora)
-            layers[path] = LayerWeights(A, B, scaling, layout)
+            if magnitude is not None and magnitude.numel() != B.shape[0]:
+                problems.append(f"{path}: lora_magnitude_vector {tuple(magnitude.shape)}, expected one value per "
+                                f"output unit ({B.shape[0]})")
+                continue
+            layers[path] = LayerWeights(A, B, scaling, layout, magnitude)
     if problems:
         raise AdapterFileError(f"{source}: " + "; ".join(problems[:10]))
     return Adapter(config, layers, saved, base_model=data.get("base_model_name_or_path"),
@@ -370,6 +392,8 @@ def _install(model: nn.Module, config: LoraConfig, tensors: dict[str, Tensor], s
                     key_a, key_b = peft_keys(path, layer.layout)
                     layer.adapters[name].lora_A.copy_(tensors[key_a])
                     layer.adapters[name].lora_B.copy_(tensors[key_b])
+                    if config.variant == "dora":
+                        layer.adapters[name].lora_magnitude_vector.copy_(tensors[magnitude_key(path)])
             for path, module in find_saved_modules(model, config).items():
                 for key, param in saved_module_keys(path, module).items():
                     param.copy_(tensors[key])
@@ -403,6 +427,10 @@ def _expected_tensors(model: nn.Module, config: LoraConfig) -> dict[str, tuple[s
         key_a, key_b = peft_keys(target.path, target.layer_class.layout)
         expected[key_a] = (target.path, shape_a)
         expected[key_b] = (target.path, shape_b)
+        if config.variant == "dora":
+            out_features = target.layer_class.dims(base)[1]
+            expected[magnitude_key(target.path)] = (target.path, magnitude_shape(target.layer_class.layout,
+                                                                                 out_features))
     for path, module in find_saved_modules(model, config).items():
         for key, param in saved_module_keys(path, module).items():
             expected[key] = (path, tuple(param.shape))

@@ -68,6 +68,9 @@ class LoraAdapter(nn.Module):
         ``x`` (``base``: the frozen layer's own output, which variants may rescale)."""
         return layer.add_update(result, self, x, sign)
 
+    def prepare(self, layer: LoraLayer) -> None:
+        """Called once the factors are initialised (variants set their own parameters here)."""
+
     def merged_weight(self, layer: LoraLayer, weight: Tensor) -> Tensor:
         """W + ΔW for ``weight`` = W in float32, laid out like ``layer.weight``."""
         return weight + layer.value(self).delta()
@@ -137,7 +140,12 @@ class LoraLayer(nn.Module):
     def base_forward(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def adapter_forward(self, adapter: LoraAdapter, x: Tensor) -> Tensor:
+    def base_forward_without_bias(self, x: Tensor) -> Tensor:
+        """x W^T alone (DoRA rescales it)."""
+        raise NotImplementedError(f"{type(self).__name__} has no DoRA form")
+
+    def adapter_forward(self, adapter: LoraAdapter, x: Tensor, dropout: bool = True) -> Tensor:
+        """s·B·A·dropout(x) (without dropout when the caller applied it)."""
         raise NotImplementedError
 
     def delta_weight(self, name: str) -> Tensor:
@@ -149,7 +157,9 @@ class LoraLayer(nn.Module):
         return self.value(self.adapters[name])
 
     def value(self, adapter: LoraAdapter) -> LayerWeights:
-        return LayerWeights(adapter.lora_A.detach(), adapter.lora_B.detach(), adapter.scaling, self.layout)
+        magnitude = getattr(adapter, "lora_magnitude_vector", None)
+        return LayerWeights(adapter.lora_A.detach(), adapter.lora_B.detach(), adapter.scaling, self.layout,
+                            None if magnitude is None else magnitude.detach())
 
     # -- shared ---------------------------------------------------------------------
     def add_adapter(self, name: str, rank: int, alpha: float, dropout: float, use_rslora: bool, init: str,
@@ -161,6 +171,7 @@ class LoraLayer(nn.Module):
         a_shape, b_shape = self.shapes(self.base_module, rank)
         adapter = kind(a_shape, b_shape, alpha, dropout, use_rslora, self.weight.device, dtype)
         self.reset_adapter(adapter, init)
+        adapter.prepare(self)
         # New modules start in training mode; an adapter follows its layer's mode so that
         # loading one into an eval-mode model never switches its dropout on.
         self.adapters[name] = adapter.train(self.training)
@@ -257,18 +268,19 @@ class _DownProjection(torch.autograd.Function):
         return grad_x, grad_A
 
 
-def _down(adapter: LoraAdapter, x: Tensor) -> Tensor:
+def _down(adapter: LoraAdapter, x: Tensor, dropout: bool = True) -> Tensor:
     """dropout(x) A^T, in A's dtype."""
     A = adapter.lora_A
-    if (x.dtype != A.dtype and isinstance(adapter.dropout, nn.Identity) and torch.is_grad_enabled()
+    dropout = adapter.dropout if dropout else nn.Identity()
+    if (x.dtype != A.dtype and isinstance(dropout, nn.Identity) and torch.is_grad_enabled()
             and not torch.is_autocast_enabled(x.device.type)):
         return _DownProjection.apply(x, A)
-    return F.linear(adapter.dropout(x.to(A.dtype)), A)
+    return F.linear(dropout(x.to(A.dtype)), A)
 
 
-def _linear_adapter(adapter: LoraAdapter, x: Tensor, out_dtype: torch.dtype) -> Tensor:
+def _linear_adapter(adapter: LoraAdapter, x: Tensor, out_dtype: torch.dtype, dropout: bool = True) -> Tensor:
     # (..., in) @ (in, r) -> (..., r), scaled while it is small, then @ (r, out).
-    hidden = _down(adapter, x) * adapter.scaling
+    hidden = _down(adapter, x, dropout) * adapter.scaling
     return F.linear(hidden, adapter.lora_B).to(out_dtype)
 
 
@@ -304,8 +316,11 @@ class LoraLinear(LoraLayer):
     def base_forward(self, x: Tensor) -> Tensor:
         return frozen.linear(x, self.weight, self.bias)
 
-    def adapter_forward(self, adapter: LoraAdapter, x: Tensor) -> Tensor:
-        return _linear_adapter(adapter, x, frozen.compute_dtype(self.weight))
+    def base_forward_without_bias(self, x: Tensor) -> Tensor:
+        return frozen.linear(x, self.weight, None)
+
+    def adapter_forward(self, adapter: LoraAdapter, x: Tensor, dropout: bool = True) -> Tensor:
+        return _linear_adapter(adapter, x, frozen.compute_dtype(self.weight), dropout)
 
     add_update = _add_linear_update
 
@@ -327,8 +342,11 @@ class LoraConv1D(LoraLayer):
     def base_forward(self, x: Tensor) -> Tensor:
         return frozen.linear(x, self.weight, self.bias, transposed=True)
 
-    def adapter_forward(self, adapter: LoraAdapter, x: Tensor) -> Tensor:
-        return _linear_adapter(adapter, x, self.weight.dtype)
+    def base_forward_without_bias(self, x: Tensor) -> Tensor:
+        return frozen.linear(x, self.weight, None, transposed=True)
+
+    def adapter_forward(self, adapter: LoraAdapter, x: Tensor, dropout: bool = True) -> Tensor:
+        return _linear_adapter(adapter, x, self.weight.dtype, dropout)
 
     add_update = _add_linear_update
 
@@ -363,7 +381,7 @@ class LoraEmbedding(LoraLayer):
     def base_forward(self, x: Tensor) -> Tensor:
         return self._lookup(x, self.weight)
 
-    def adapter_forward(self, adapter: LoraAdapter, x: Tensor) -> Tensor:
+    def adapter_forward(self, adapter: LoraAdapter, x: Tensor, dropout: bool = True) -> Tensor:
         hidden = self._lookup(x, adapter.lora_A.T)  # (..., r): row ids of A^T
         return (hidden @ adapter.lora_B.T * adapter.scaling).to(self.weight.dtype)
 
@@ -386,9 +404,13 @@ class LoraConv2d(LoraLayer):
     def base_forward(self, x: Tensor) -> Tensor:
         return self.base_module._conv_forward(x, self.weight, self.bias)
 
-    def adapter_forward(self, adapter: LoraAdapter, x: Tensor) -> Tensor:
+    def base_forward_without_bias(self, x: Tensor) -> Tensor:
+        return self.base_module._conv_forward(x, self.weight, None)
+
+    def adapter_forward(self, adapter: LoraAdapter, x: Tensor, dropout: bool = True) -> Tensor:
         base = self.base_module
-        x = adapter.dropout(x.to(adapter.lora_A.dtype))
+        x = x.to(adapter.lora_A.dtype)
+        x = adapter.dropout(x) if dropout else x
         # (N, in, H, W) -> (N, r, H', W') with the base's geometry, then 1x1 up to out.
         if base.padding_mode != "zeros":
             x = F.pad(x, base._reversed_padding_repeated_twice, mode=base.padding_mode)

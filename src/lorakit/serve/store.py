@@ -179,6 +179,10 @@ class AdapterStore:
             adapter = read_adapter(path)
         except AdapterFileError as err:
             raise StoreError(str(err), 422) from None
+        if adapter.config.variant == "dora":
+            raise StoreError(f"adapter {name!r} ({path}) is a DoRA adapter: it rescales the base weights, which "
+                             "per-request serving shares; merge it first (lorakit merge) and serve the merged model",
+                             422)
         weights: dict[str, LayerWeights] = {}
         problems = []
         for layer_path, given in adapter.layers.items():

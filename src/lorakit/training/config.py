@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import ALL_LINEAR, ConfigError, LoraConfig
+from ..config import ALL_LINEAR, INITS, VARIANTS, ConfigError, LoraConfig
 from ..quantize import QUANTIZATIONS
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -40,6 +40,8 @@ class TrainConfig:
     dropout: float = setting(0.0, "Dropout on the adapter's input while training.")
     targets: str | tuple[str, ...] = setting(ALL_LINEAR, "'all-linear', comma-separated module names, "
                                                          "or re:<regex> (a list in YAML).")
+    variant: str = setting("lora", "lora, or dora (a learned magnitude per output unit).")
+    init: str = setting("default", "Initialisation of A: default (Kaiming-uniform) or gaussian.")
     # -- data
     data: str | None = setting(None, "JSONL training data; none: chatterbot-corpus dialogs in --language.")
     language: str = setting("swedish", "chatterbot-corpus language when there is no --data.")
@@ -76,6 +78,10 @@ class TrainConfig:
         positive = ("rank", "batch_size", "micro_batch_size", "max_length", "save_every", "keep_checkpoints",
                     "log_every")
         problems += [f"{name} must be >= 1, got {getattr(self, name)}" for name in positive if getattr(self, name) < 1]
+        if self.variant not in VARIANTS:
+            problems.append(f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
+        if self.init not in INITS:
+            problems.append(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
         if self.max_steps is not None and self.max_steps < 1:
             problems.append(f"max_steps must be >= 1, got {self.max_steps}")
         if self.epochs <= 0:
@@ -104,7 +110,8 @@ class TrainConfig:
         self.lora()  # rank, alpha, dropout and targets are checked by LoraConfig
 
     def lora(self) -> LoraConfig:
-        return LoraConfig(rank=self.rank, alpha=self.alpha, dropout=self.dropout, targets=self.targets)
+        return LoraConfig(rank=self.rank, alpha=self.alpha, dropout=self.dropout, targets=self.targets,
+                          init=self.init, variant=self.variant)
 
     @property
     def out_dir(self) -> Path:

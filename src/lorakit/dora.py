@@ -1,0 +1,123 @@
+"""DoRA: weight-decomposed low-rank adaptation.
+
+    W' = m ⊙ (W + s·B·A) / ‖W + s·B·A‖        (norm per output unit)
+
+Liu et al., "DoRA: Weight-Decomposed Low-Rank Adaptation", arXiv:2402.09353. Each
+output unit's weight row is split into a magnitude m (learned; it starts at the row's
+norm, so a fresh adapter changes nothing) and a direction, which LoRA adapts. As the
+paper suggests (§4.3) the norm n = ‖W + s·B·A‖ is a constant in backward, so with
+p = m / n the layer computes
+
+    y = base(x) + (p - 1) ⊙ (x W^T) + p ⊙ s·x (B A)^T
+
+(x W^T is the base output without its bias; with dropout in training it is computed
+on the dropped input, as PEFT does). n comes from the factors, never from W + s·B·A:
+
+    n² = ‖W‖² + 2s·rowsum(B ⊙ (W A^T)) + s²·rowsum((B A A^T) ⊙ B)
+
+where ‖W‖² per row is cached while W is unchanged: one (out x in x r) product per call
+against PEFT's dense W + s·B·A and its norm.
+
+Merged, W <- p ⊙ (W + s·B·A); unmerging divides p back out with the n of the merge and
+subtracts s·B·A, which restores W to float32 rounding (a few ulps, tested). A merge is
+not additive: a merged DoRA adapter cannot be taken out on the fly (``disabled`` or
+deactivating raises) and several merged adapters unmerge newest first.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from . import frozen
+from .adapter import LayerWeights, as_product
+from .layers import LoraAdapter, LoraLayer
+
+
+def magnitude_shape(layout: str, out_features: int) -> tuple[int, ...]:
+    """The shape PEFT gives ``lora_magnitude_vector``: one value per output unit, laid out
+    to broadcast over a Conv2d's output."""
+    return (1, out_features, 1, 1) if layout == "conv2d" else (out_features,)
+
+
+class DoraAdapter(LoraAdapter):
+    """LoRA's A and B plus a magnitude per output unit."""
+
+    additive = False
+
+    def __init__(self, a_shape: tuple[int, ...], b_shape: tuple[int, ...], alpha: float, dropout: float,
+                 use_rslora: bool, device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__(a_shape, b_shape, alpha, dropout, use_rslora, device, dtype)
+        layout = "conv2d" if len(a_shape) == 4 else "linear"
+        self.lora_magnitude_vector = nn.Parameter(torch.ones(magnitude_shape(layout, b_shape[0]), device=device,
+                                                             dtype=dtype))
+        self._row_norms: tuple[tuple[int, int], Tensor] | None = None  # (weight id, version) -> ‖W‖² per row
+        self._merged_norm: Tensor | None = None
+
+    def prepare(self, layer: LoraLayer) -> None:
+        with torch.no_grad():
+            self.lora_magnitude_vector.copy_(self.norm(layer).reshape(self.lora_magnitude_vector.shape))
+
+    def norm(self, layer: LoraLayer) -> Tensor:
+        """n = ‖W + s·B·A‖ per output unit (float32, no gradient), from the factors."""
+        with torch.no_grad():
+            A = self.lora_A.detach().float().flatten(1)  # (r, in)
+            B = self.lora_B.detach().float().flatten(1) * self.scaling  # (out, r)
+            W = _rows(frozen.dense(layer.weight), layer.layout)  # (out, in)
+            squares = self._weight_squares(layer.weight, W)
+            cross = (B * (W @ A.T)).sum(1)  # (out, r) ⊙ (out, r)
+            update = ((B @ (A @ A.T)) * B).sum(1)
+            return (squares + 2 * cross + update).clamp(min=0).sqrt()
+
+    def _weight_squares(self, weight: Tensor, W: Tensor) -> Tensor:
+        key = (id(weight), getattr(weight, "_version", 0))
+        if self._row_norms is None or self._row_norms[0] != key:
+            self._row_norms = (key, (W * W).sum(1))
+        return self._row_norms[1]
+
+    def forward(self, layer: LoraLayer, x: Tensor, base: Tensor, result: Tensor, sign: float = 1.0) -> Tensor:
+        scale = (self.lora_magnitude_vector.flatten() / self.norm(layer)).reshape(_broadcast(layer, base))
+        if isinstance(self.dropout, nn.Identity) or not self.training:  # the base output is x W^T + b
+            dropped = x
+            plain = base if layer.bias is None else base - layer.bias.reshape(_broadcast(layer, base))
+        else:
+            dropped = self.dropout(x)
+            plain = layer.base_forward_without_bias(dropped)
+        update = layer.adapter_forward(self, dropped, dropout=False)
+        return result + ((scale - 1) * plain + scale * update).to(result.dtype)
+
+    def merged_weight(self, layer: LoraLayer, weight: Tensor) -> Tensor:
+        merged, self._merged_norm = merged_direction(weight, layer.value(self))
+        return merged
+
+    def unmerged_weight(self, layer: LoraLayer, weight: Tensor) -> Tensor:
+        value = layer.value(self)
+        return weight / _per_row(value, self._merged_norm, weight) - value.delta()
+
+
+def merged_direction(weight: Tensor, value: LayerWeights) -> tuple[Tensor, Tensor]:
+    """m ⊙ (W + s·B·A) / n for W = ``weight`` (float32, laid out like the module's weight),
+    and n, the norm it divided by."""
+    updated = weight + value.delta().to(weight.device)
+    norm = _rows(updated, value.layout).norm(dim=1)
+    return updated * _per_row(value, norm, weight), norm
+
+
+def _per_row(value: LayerWeights, norm: Tensor, weight: Tensor) -> Tensor:
+    """m / n shaped to multiply ``weight`` output unit by output unit."""
+    scale = value.magnitude.float().flatten().to(weight.device) / norm
+    if value.layout == "conv1d":  # W is (in, out)
+        return scale.reshape(1, -1)
+    return scale.reshape(-1, *([1] * (weight.dim() - 1)))
+
+
+def _rows(weight: Tensor, layout: str) -> Tensor:
+    """W as an (out, in) matrix (a Conv2d's in is in · kh · kw)."""
+    return as_product(weight, layout)
+
+
+def _broadcast(layer: LoraLayer, output: Tensor) -> tuple[int, ...]:
+    """The shape of a per-output-unit vector against the layer's output."""
+    if layer.layout == "conv2d":
+        return (1, -1) + (1,) * (output.dim() - 2)
+    return (-1,)
