@@ -234,3 +234,16 @@ def test_unsupported_dora_is_refused_and_nothing_changes(tmp_path):
     assert_unchanged(fresh, before)
     with pytest.raises(lorakit.CombineError, match="DORA adapter"):
         lorakit.combine([export_adapter(model), export_adapter(model)])
+
+
+def test_the_cached_norm_follows_every_change_of_w_a_and_b():
+    model, x = dora_model("linear")
+    adapter = model.layer.adapters["default"]
+    with torch.no_grad():
+        model(x)  # fills the cache
+        for change in (lambda: adapter.lora_B.add_(0.1), lambda: adapter.lora_A.mul_(1.5),
+                       lambda: model.layer.weight.mul_(1.1)):  # as an optimizer step or a merge would
+            change()
+            expected = dense_forward(model, x, adapter.lora_A, adapter.lora_B,
+                                     adapter.lora_magnitude_vector.flatten())
+            torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)

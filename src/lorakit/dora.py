@@ -51,7 +51,9 @@ class DoraAdapter(LoraAdapter):
         layout = "conv2d" if len(a_shape) == 4 else "linear"
         self.lora_magnitude_vector = nn.Parameter(torch.ones(magnitude_shape(layout, b_shape[0]), device=device,
                                                              dtype=dtype))
-        self._row_norms: tuple[tuple[int, int], Tensor] | None = None  # (weight id, version) -> ‖W‖² per row
+        # (the tensors and versions they were computed from, the values): ‖W‖² per row, and n
+        self._row_norms: tuple[tuple, Tensor] | None = None
+        self._norm: tuple[tuple, Tensor] | None = None
         self._merged_norm: Tensor | None = None
 
     def prepare(self, layer: LoraLayer) -> None:
@@ -59,7 +61,11 @@ class DoraAdapter(LoraAdapter):
             self.lora_magnitude_vector.copy_(self.norm(layer).reshape(self.lora_magnitude_vector.shape))
 
     def norm(self, layer: LoraLayer) -> Tensor:
-        """n = ‖W + s·B·A‖ per output unit (float32, no gradient), from the factors."""
+        """n = ‖W + s·B·A‖ per output unit (float32, no gradient), from the factors; kept
+        until W, A or B change (every step in training; never while generating)."""
+        key = (_version(layer.weight), _version(self.lora_A), _version(self.lora_B))
+        if self._norm is not None and _same(self._norm[0], key):
+            return self._norm[1]
         with torch.no_grad():
             A = self.lora_A.detach().float().flatten(1)  # (r, in)
             B = self.lora_B.detach().float().flatten(1) * self.scaling  # (out, r)
@@ -67,11 +73,13 @@ class DoraAdapter(LoraAdapter):
             squares = self._weight_squares(layer.weight, W)
             cross = (B * (W @ A.T)).sum(1)  # (out, r) ⊙ (out, r)
             update = ((B @ (A @ A.T)) * B).sum(1)
-            return (squares + 2 * cross + update).clamp(min=0).sqrt()
+            norm = (squares + 2 * cross + update).clamp(min=0).sqrt()
+        self._norm = (key, norm)
+        return norm
 
     def _weight_squares(self, weight: Tensor, W: Tensor) -> Tensor:
-        key = (id(weight), getattr(weight, "_version", 0))
-        if self._row_norms is None or self._row_norms[0] != key:
+        key = (_version(weight),)
+        if self._row_norms is None or not _same(self._row_norms[0], key):
             self._row_norms = (key, (W * W).sum(1))
         return self._row_norms[1]
 
@@ -109,6 +117,16 @@ def _per_row(value: LayerWeights, norm: Tensor, weight: Tensor) -> Tensor:
     if value.layout == "conv1d":  # W is (in, out)
         return scale.reshape(1, -1)
     return scale.reshape(-1, *([1] * (weight.dim() - 1)))
+
+
+def _version(tensor: Tensor) -> tuple[Tensor, int]:
+    """The tensor itself (held, so that a new one can never pass for it) and its in-place
+    version counter (quantized tensors have none: they are replaced, never changed)."""
+    return tensor, getattr(tensor, "_version", 0)
+
+
+def _same(cached: tuple, now: tuple) -> bool:
+    return all(a[0] is b[0] and a[1] == b[1] for a, b in zip(cached, now))
 
 
 def _rows(weight: Tensor, layout: str) -> Tensor:
