@@ -247,3 +247,24 @@ def test_the_cached_norm_follows_every_change_of_w_a_and_b():
             expected = dense_forward(model, x, adapter.lora_A, adapter.lora_B,
                                      adapter.lora_magnitude_vector.flatten())
             torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_lorakit_train_variant_dora_trains_magnitudes_and_writes_a_peft_dora_adapter(tiny_lm_dir, tmp_path):
+    import json
+
+    from test_training_loop import run
+
+    peft = pytest.importorskip("peft")
+    model, result = run(tiny_lm_dir, tmp_path, variant="dora", rank=4, alpha=8, lr=3e-3, max_steps=4,
+                        batch_size=8, eval_fraction=0, save_every=4)
+    config = json.loads((result.adapter / "adapter_config.json").read_text())
+    assert config["use_dora"] is True
+    fresh = lorakit.load_model(str(tiny_lm_dir))
+    norms = {path: layer.weight.detach().norm(dim=1) for path, layer in fresh.named_modules()
+             if isinstance(layer, torch.nn.Linear) and path in dict(lora_layers(model))}
+    trained = {path: layer.adapters["default"].lora_magnitude_vector.detach() for path, layer in lora_layers(model)}
+    assert any(not torch.allclose(trained[p], norms[p]) for p in norms)  # m moved away from ‖W‖
+    ids = token_batch(len(lorakit.load_tokenizer(str(tiny_lm_dir))))
+    theirs = peft.PeftModel.from_pretrained(fresh, result.adapter).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, model.eval()(ids).logits, rtol=1e-4, atol=1e-4)

@@ -156,3 +156,15 @@ def test_a_runtime_load_refused_for_lack_of_slots_changes_nothing(tiny_lm_dir, r
     store.release("a0")
     store.register("late", "a1")  # the retry succeeds once a slot is free
     assert "late" in store.loaded
+
+
+def test_a_dora_adapter_is_refused_with_422_saying_to_merge_it(tiny_lm_dir, root, tmp_path):
+    model = lorakit.load_model(str(tiny_lm_dir))
+    lorakit.attach(model, lorakit.LoraConfig(rank=2, alpha=4, variant="dora"))
+    lorakit.save_adapter(model, tmp_path / "dora")
+    served_model = served(tiny_lm_dir, 2)
+    store = AdapterStore(served_model, root, max_adapters=2)
+    store.add_directory("dora", tmp_path / "dora")
+    with pytest.raises(StoreError, match="DoRA adapter.*merge it first") as err:
+        store.acquire("dora")
+    assert err.value.status == 422 and filled_slots(served_model) == []
