@@ -118,6 +118,11 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[Target]:
         if isinstance(base, nn.Conv2d) and base.groups != 1:
             problems.append(f"{path}: Conv2d with groups={base.groups} is not supported (groups must be 1)")
             continue
+        if config.init not in ("default", "gaussian") and not issubclass(layer_class, (LoraLinear, LoraConv1D)) \
+                or config.init not in ("default", "gaussian") and issubclass(layer_class, LoraBnbLinear):
+            problems.append(f"{path}: init {config.init!r} needs a Linear or GPT-2 Conv1D weight to factor, "
+                            f"not {type(base).__name__}")
+            continue
         if config.variant == "dora" and issubclass(layer_class, (LoraEmbedding, LoraBnbLinear)):
             problems.append(f"{path}: DoRA is not supported on {type(base).__name__} (Linear, GPT-2 Conv1D and "
                             "Conv2d take it)")
@@ -207,6 +212,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         if name not in layer.adapters:
             continue
         layer.unmerge(name)
+        layer.give_back(name)
         del layer.adapters[name]
         layer.active = [n for n in layer.active if n != name]
         if not layer.adapters:

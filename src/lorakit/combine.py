@@ -82,7 +82,7 @@ def combine(adapters: Sequence[AdapterLike], weights: Sequence[float] | None = N
                                "sum of low-rank terms; merge it into the base (lorakit merge) instead")
     stacked = _stack(adapters, weights)
     if method in ("cat", "linear"):
-        return Combination(_with_config(stacked), {path: 1.0 for path in stacked})
+        return Combination(with_unit_scaling(stacked), {path: 1.0 for path in stacked})
     if method in DENSE:
         generator = torch.Generator().manual_seed(seed)
         return _combination({path: _dense_merge(adapters, weights, path, layer.layout, method, rank, density,
@@ -114,7 +114,7 @@ def as_adapter(adapter: AdapterLike) -> Adapter:
 
 
 def _combination(factored: dict[str, tuple[LayerWeights, float]]) -> Combination:
-    return Combination(_with_config({p: f[0] for p, f in factored.items()}), {p: f[1] for p, f in factored.items()})
+    return Combination(with_unit_scaling({p: f[0] for p, f in factored.items()}), {p: f[1] for p, f in factored.items()})
 
 
 def _stack(adapters: Sequence[Adapter], weights: Sequence[float]) -> dict[str, LayerWeights]:
@@ -220,7 +220,7 @@ def _factors(U: Tensor, S: Tensor, Vh: Tensor, rank: int, layout: str,
     return LayerWeights(A, B, 1.0, layout), kept
 
 
-def _with_config(layers: dict[str, LayerWeights]) -> Adapter:
+def with_unit_scaling(layers: dict[str, LayerWeights]) -> Adapter:
     """An adapter over ``layers`` whose scaling is 1 everywhere (alpha = r per module): the
     most common rank is ``r``, the others go to rank_pattern / alpha_pattern."""
     ranks = [layer.rank for layer in layers.values()]

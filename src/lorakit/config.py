@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 ALL_LINEAR = "all-linear"
-INITS = ("default", "gaussian")
+INITS = ("default", "gaussian", "pissa", "olora")  # and pissa_niter_K
 VARIANTS = ("lora", "dora")
 
 
@@ -44,7 +44,8 @@ class LoraConfig:
         rank_pattern: regex -> rank overrides for matching modules.
         alpha_pattern: regex -> alpha overrides for matching modules.
         use_rslora: scale by alpha / sqrt(rank) instead of alpha / rank.
-        init: "default" (A Kaiming-uniform, B zero) or "gaussian" (A ~ N(0, 1/r)).
+        init: "default" (A Kaiming-uniform, B zero), "gaussian" (A ~ N(0, 1/r)), or
+            "pissa" / "pissa_niter_K" / "olora" (A and B from W's SVD / QR, moved out of W).
         variant: "lora", or "dora" (a learned magnitude per output unit; dora.py).
         modules_to_save: modules trained in full and stored in the adapter file
             (e.g. a classification head).
@@ -83,10 +84,13 @@ class LoraConfig:
         _check_alpha("alpha", self.alpha)
         if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if self.init not in INITS:
+        if self.init not in INITS and not re.fullmatch(r"pissa_niter_[1-9]\d*", self.init):
             raise ConfigError(f"init must be one of {INITS}, got {self.init!r}")
         if self.variant not in VARIANTS:
             raise ConfigError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+        if self.variant == "dora" and self.init not in ("default", "gaussian"):
+            raise ConfigError(f"init {self.init!r} with DoRA is not supported (PiSSA/OLoRA move W into the "
+                              "adapter; DoRA rescales W)")
         if isinstance(self.targets, str):
             if self.targets != ALL_LINEAR:
                 _check_regex("targets", self.targets)

@@ -41,6 +41,7 @@ from .config import ALL_LINEAR, ConfigError, LoraConfig
 from .adapter import Adapter, LayerWeights
 from .dora import magnitude_shape
 from .layers import LoraLayer, lora_scaling
+from .principal import moved, relative_to_original
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -98,7 +99,7 @@ def config_to_peft(adapter: Adapter) -> dict[str, Any]:
         "rank_pattern": dict(config.rank_pattern),
         "alpha_pattern": dict(config.alpha_pattern),
         "use_rslora": config.use_rslora,
-        "init_lora_weights": "gaussian" if config.init == "gaussian" else True,
+        "init_lora_weights": True if config.init == "default" else config.init,
         "modules_to_save": list(config.modules_to_save) or None,
         "fan_in_fan_out": any(layer.layout == "conv1d" for layer in adapter.layers.values()),
         "bias": "none",
@@ -131,7 +132,7 @@ def config_from_peft(data: dict[str, Any], source: Path) -> LoraConfig:
             rank_pattern=data.get("rank_pattern") or {},
             alpha_pattern=data.get("alpha_pattern") or {},
             use_rslora=bool(data.get("use_rslora", False)),
-            init="gaussian" if data.get("init_lora_weights") == "gaussian" else "default",
+            init=data["init_lora_weights"] if isinstance(data.get("init_lora_weights"), str) else "default",
             variant="dora" if data.get("use_dora") else "lora",
             modules_to_save=data.get("modules_to_save") or (),
         )
@@ -212,11 +213,20 @@ def write_adapter(adapter: Adapter, directory: str | os.PathLike) -> Path:
     return write_directory(directory, adapter_bytes(adapter))
 
 
-def save_adapter(model: nn.Module | Adapter, directory: str | os.PathLike, name: str = "default") -> Path:
+def save_adapter(model: nn.Module | Adapter, directory: str | os.PathLike, name: str = "default",
+                 residual: bool = False) -> Path:
     """Write adapter ``name`` of ``model`` (or an adapter value, such as a combination) to
-    ``directory`` in PEFT's format, atomically; return the path."""
+    ``directory`` in PEFT's format, atomically; return the path.
+
+    A PiSSA/OLoRA adapter is written as an ordinary LoRA adapter of twice its rank relative
+    to the original base weights (principal.py), unless ``residual``: then as it is, relative
+    to the base it changed (lorakit reproduces that base by running the same init again)."""
     if isinstance(model, Adapter):
         return write_adapter(model, directory)
+    moved_parts = {path: moved(layer, layer.adapters[name]) for path, layer in lora_layers(model)
+                   if name in layer.adapters and getattr(layer.adapters[name], "moved_A", None) is not None}
+    if moved_parts and not residual:
+        return write_adapter(relative_to_original(export_adapter(model, name), moved_parts), directory)
     return write_directory(directory, adapter_files(model, name))
 
 

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from . import frozen
 from .adapter import LayerWeights
+from .principal import PISSA, init_olora, init_pissa, moved, moved_forward
 from .quantize import requantized
 
 
@@ -95,9 +96,18 @@ def init_gaussian(layer: LoraLayer, adapter: LoraAdapter) -> None:
     nn.init.zeros_(adapter.lora_B)
 
 
-# LoraConfig.init -> how a fresh adapter's factors are set (every one leaves the output unchanged).
-INITIALIZERS: dict[str, Callable[[LoraLayer, LoraAdapter], None]] = {"default": init_default,
-                                                                      "gaussian": init_gaussian}
+# LoraConfig.init -> how a fresh adapter's factors are set (every one leaves the output
+# unchanged; PiSSA and OLoRA by moving part of W into the adapter, see principal.py).
+INITIALIZERS: dict[str, Callable[[LoraLayer, LoraAdapter], None]] = {
+    "default": init_default, "gaussian": init_gaussian, "pissa": init_pissa, "olora": init_olora}
+
+
+def initializer(init: str) -> Callable[[LoraLayer, LoraAdapter], None]:
+    """The function for ``init``; ``pissa_niter_K`` is PiSSA with a K-iteration randomized SVD."""
+    match = PISSA.match(init)
+    if match and match[1]:
+        return lambda layer, adapter: init_pissa(layer, adapter, int(match[1]))
+    return INITIALIZERS[init]
 
 
 class LoraLayer(nn.Module):
@@ -177,7 +187,7 @@ class LoraLayer(nn.Module):
         self.adapters[name] = adapter.train(self.training)
 
     def reset_adapter(self, adapter: LoraAdapter, init: str) -> None:
-        INITIALIZERS[init](self, adapter)
+        initializer(init)(self, adapter)
 
     def forward(self, x: Tensor) -> Tensor:
         base = self.base_forward(x)
@@ -193,7 +203,19 @@ class LoraLayer(nn.Module):
                     raise RuntimeError(f"adapter {name!r} ({type(adapter).__name__}) is merged into the weight and "
                                        "cannot be taken out on the fly: unmerge it before deactivating it")
                 result = adapter(self, x, base, result, -1.0)
+        for name, adapter in self.adapters.items():
+            if name not in wanted and getattr(adapter, "moved_A", None) is not None:
+                result = result + moved_forward(self, adapter, x).to(result.dtype)  # W = W_res + s·B₀A₀
         return result
+
+    @torch.no_grad()
+    def give_back(self, name: str) -> None:
+        """Put the part of W an unmerged PiSSA/OLoRA adapter took over back into W (before the
+        adapter goes); nothing for other adapters."""
+        adapter = self.adapters[name]
+        if getattr(adapter, "moved_A", None) is not None and name not in self.merged:
+            self.set_weight(frozen.dense(self.weight) + moved(self, adapter).delta())
+            del adapter.moved_A, adapter.moved_B
 
     def add_update(self, result: Tensor, adapter: LoraAdapter, x: Tensor, sign: float) -> Tensor:
         """result + sign * the adapter's output (layers that can add it in place override this)."""
@@ -208,7 +230,7 @@ class LoraLayer(nn.Module):
         """W <- the merged weight, computed in float32 and rounded once. Repeating is a no-op."""
         if name in self.merged:
             return
-        self._set_weight(self.merged_weight(name))
+        self.set_weight(self.merged_weight(name))
         self.merged.append(name)
 
     @torch.no_grad()
@@ -219,10 +241,10 @@ class LoraLayer(nn.Module):
         if not adapter.additive and self.merged[-1] != name:
             raise RuntimeError(f"adapter {name!r} ({type(adapter).__name__}) was merged before "
                                f"{self.merged[-1]!r}: unmerge that first")
-        self._set_weight(adapter.unmerged_weight(self, frozen.dense(self.weight)))
+        self.set_weight(adapter.unmerged_weight(self, frozen.dense(self.weight)))
         self.merged.remove(name)
 
-    def _set_weight(self, weight: Tensor) -> None:
+    def set_weight(self, weight: Tensor) -> None:
         if frozen.is_quantized(self.weight):
             # Quantize the new float32 weight again: the memory stays that of the quantized
             # base, but it is rounded to the quantization grid, so an unmerge restores W
