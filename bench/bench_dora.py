@@ -16,14 +16,13 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_core import interleaved, table  # noqa: E402
-from bench_train import RANK, build, make_batch, transformers_step  # noqa: E402
+from bench_train import RANK, build, lorakit_step, make_batch, transformers_step  # noqa: E402
 
 
 def lorakit_model(base, variant: str):
@@ -31,20 +30,6 @@ def lorakit_model(base, variant: str):
 
     lorakit.attach(base, lorakit.LoraConfig(rank=RANK, alpha=2 * RANK, variant=variant))
     return base
-
-
-def lorakit_step(model, batch):
-    from lorakit.training.loop import accumulate
-    from lorakit.training.loss import LossModule
-
-    runner = LossModule(model)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-
-    def call():
-        accumulate(runner, [batch], batch.tokens, 1, nullcontext())
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return call
 
 
 def peft_model(base, dora: bool):
@@ -82,9 +67,9 @@ def main() -> None:
     ours, theirs = ours.to(args.device), {k: v.to(args.device) for k, v in theirs.items()}
     steps = {
         "peft DoRA": transformers_step(peft_model(copy.deepcopy(base), True), theirs),
-        "lorakit DoRA": lorakit_step(lorakit_model(copy.deepcopy(base), "dora"), ours),
+        "lorakit DoRA": lorakit_step(copy.deepcopy(base), ours, variant="dora"),
         "peft LoRA": transformers_step(peft_model(copy.deepcopy(base), False), theirs),
-        "lorakit LoRA": lorakit_step(lorakit_model(copy.deepcopy(base), "lora"), ours),
+        "lorakit LoRA": lorakit_step(copy.deepcopy(base), ours),
     }
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"SmolLM2-135M architecture ({args.layers} layers, random weights, fp32); r={RANK} all linear; batch of 8 "

@@ -34,6 +34,16 @@ def weight_ratio(method: str) -> tuple[float, float]:
     return stored / dense, whole / whole_bf16
 
 
+def train_run(out: Path, steps: int, flags: list[str], device: str = "cpu") -> tuple[dict, str]:
+    """One ``lorakit train`` run of these benchmarks' shape (the real SmolLM2, r=16, alpha 32,
+    8 Swedish dialogs per step, lr 5e-4, seed 0) with ``flags``: its summary and its output."""
+    done = subprocess.run([sys.executable, "-m", "lorakit", "train", "--max-steps", str(steps), "--batch-size", "8",
+                           "--micro-batch-size", "8", "--rank", "16", "--alpha", "32", "--lr", "5e-4", "--max-length",
+                           "256", "--eval-every", "0", "--save-every", str(steps), "--device", device,
+                           "--out", str(out), *flags], check=True, capture_output=True, text=True)
+    return json.loads((out / "summary.json").read_text()), done.stdout + done.stderr
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=40)
@@ -43,11 +53,7 @@ def main() -> None:
     rows = {}
     for name, flags in VARIANTS.items():
         out = Path(args.out) / name.replace(" + bf16 autocast", "-autocast")
-        subprocess.run([sys.executable, "-m", "lorakit", "train", "--max-steps", str(args.steps), "--batch-size", "8",
-                        "--micro-batch-size", "8", "--rank", "16", "--alpha", "32", "--lr", "5e-4", "--max-length",
-                        "256", "--eval-every", "0", "--save-every", str(args.steps), "--device", args.device,
-                        "--out", str(out), *flags], check=True, capture_output=True, text=True)
-        rows[name] = json.loads((out / "summary.json").read_text())
+        rows[name] = train_run(out, args.steps, flags, args.device)[0]
     print(f"SmolLM2-135M-Instruct, LoRA r=16 all linear, {args.steps} steps of 8 Swedish dialogs, seed 0, "
           f"{args.device}\n")
     print("| base | held-out loss before | after | tokens/s | peak memory MiB |")

@@ -63,13 +63,13 @@ def make_batch(size: int):
     return collate([(e,) for e in examples]), dict(input_ids=ids, attention_mask=mask, labels=labels)
 
 
-def lorakit_step(base, batch, lora: bool = True):
+def lorakit_step(base, batch, lora: bool = True, variant: str = "lora"):
     import lorakit
     from lorakit.training.loop import accumulate
     from lorakit.training.loss import LossModule
 
     if lora:
-        lorakit.attach(base, lorakit.LoraConfig(rank=RANK, alpha=2 * RANK))
+        lorakit.attach(base, lorakit.LoraConfig(rank=RANK, alpha=2 * RANK, variant=variant))
     runner = LossModule(base)
     optimizer = torch.optim.AdamW([p for p in base.parameters() if p.requires_grad], lr=1e-5)
 

@@ -290,10 +290,13 @@ class _DownProjection(torch.autograd.Function):
         return grad_x, grad_A
 
 
+_NO_DROPOUT = nn.Identity()
+
+
 def _down(adapter: LoraAdapter, x: Tensor, dropout: bool = True) -> Tensor:
     """dropout(x) A^T, in A's dtype."""
     A = adapter.lora_A
-    dropout = adapter.dropout if dropout else nn.Identity()
+    dropout = adapter.dropout if dropout else _NO_DROPOUT
     if (x.dtype != A.dtype and isinstance(dropout, nn.Identity) and torch.is_grad_enabled()
             and not torch.is_autocast_enabled(x.device.type)):
         return _DownProjection.apply(x, A)
