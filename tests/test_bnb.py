@@ -89,3 +89,13 @@ def test_merging_into_bitsandbytes_weights_is_refused_and_changes_nothing(saved_
     with pytest.raises(lorakit.MergeError, match="q_proj: cannot merge into a bitsandbytes bnb-4bit weight"):
         lorakit.merge(model)
     assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("init, variant, message", [("default", "dora", "DoRA is not supported on Linear4bit"),
+                                                    ("pissa", "lora", "needs a Linear or GPT-2 Conv1D weight")])
+def test_dora_and_pissa_on_bitsandbytes_weights_are_refused_and_change_nothing(saved_llama, init, variant, message):
+    model = load(saved_llama, 4)
+    before = snapshot(model)
+    with pytest.raises(lorakit.AttachError, match=message):
+        lorakit.attach(model, lorakit.LoraConfig(rank=4, alpha=8, init=init, variant=variant))
+    assert_unchanged(model, before)

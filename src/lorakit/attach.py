@@ -118,14 +118,14 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[Target]:
         if isinstance(base, nn.Conv2d) and base.groups != 1:
             problems.append(f"{path}: Conv2d with groups={base.groups} is not supported (groups must be 1)")
             continue
-        if config.init not in ("default", "gaussian") and not issubclass(layer_class, (LoraLinear, LoraConv1D)) \
-                or config.init not in ("default", "gaussian") and issubclass(layer_class, LoraBnbLinear):
+        factorable = issubclass(layer_class, (LoraLinear, LoraConv1D)) and not issubclass(layer_class, LoraBnbLinear)
+        if config.init not in ("default", "gaussian") and not factorable:
             problems.append(f"{path}: init {config.init!r} needs a Linear or GPT-2 Conv1D weight to factor, "
                             f"not {type(base).__name__}")
             continue
-        if config.variant == "dora" and issubclass(layer_class, (LoraEmbedding, LoraBnbLinear)):
-            problems.append(f"{path}: DoRA is not supported on {type(base).__name__} (Linear, GPT-2 Conv1D and "
-                            "Conv2d take it)")
+        if config.variant == "dora" and issubclass(layer_class, LoraBnbLinear):
+            problems.append(f"{path}: DoRA is not supported on {type(base).__name__} (Linear, GPT-2 Conv1D, "
+                            "Embedding and Conv2d take it)")
             continue
         rank, alpha = config.rank_for(path), config.alpha_for(path)
         in_features, out_features = layer_class.dims(base)

@@ -114,7 +114,7 @@ def merged_direction(weight: Tensor, value: LayerWeights) -> tuple[Tensor, Tenso
 def _per_row(value: LayerWeights, norm: Tensor, weight: Tensor) -> Tensor:
     """m / n shaped to multiply ``weight`` output unit by output unit."""
     scale = value.magnitude.float().flatten().to(weight.device) / norm
-    if value.layout == "conv1d":  # W is (in, out)
+    if value.layout in ("conv1d", "embedding"):  # W is (in, out): an output unit is a column
         return scale.reshape(1, -1)
     return scale.reshape(-1, *([1] * (weight.dim() - 1)))
 
