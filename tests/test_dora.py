@@ -279,3 +279,24 @@ def test_embedding_dora_files_load_in_peft_and_back(tmp_path):
         for _, layer in lora_layers(model):
             layer.adapters["default"].lora_magnitude_vector.mul_(1.1)
     _peft_round_trip(tmp_path, model.eval(), tiny_llama, token_batch(97))
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(lora_bias=True), "lora_bias=True is not supported"),
+    (dict(init_lora_weights="loftq"), "init must be one of"),
+    (dict(use_dora=True, init_lora_weights="pissa"), "with DoRA is not supported"),
+])
+def test_dora_files_with_options_lorakit_cannot_honour_are_refused(tmp_path, change, message):
+    import json
+
+    from conftest import assert_unchanged, snapshot
+
+    model, _ = dora_model("linear")
+    lorakit.save_adapter(model, tmp_path / "d")
+    config = json.loads((tmp_path / "d" / "adapter_config.json").read_text())
+    (tmp_path / "d" / "adapter_config.json").write_text(json.dumps({**config, **change}))
+    fresh, _ = single("linear")
+    before = snapshot(fresh)
+    with pytest.raises(AdapterFileError, match=message):
+        lorakit.load_adapter(fresh, tmp_path / "d")
+    assert_unchanged(fresh, before)
