@@ -149,9 +149,7 @@ def _peft_round_trip(tmp_path, model, fresh, ids):
         got = theirs(ids)
     torch.testing.assert_close(getattr(got, "logits", got), ours, rtol=1e-5, atol=1e-5)
     # and back: PEFT's own save loads into lorakit with the same outputs
-    # (PEFT also stores a targeted embedding's whole base weight unless told not to; lorakit
-    # refuses such extra keys, so they are left out here)
-    theirs.save_pretrained(tmp_path / "theirs", save_embedding_layers=False)
+    theirs.save_pretrained(tmp_path / "theirs")
     back = fresh()
     lorakit.load_adapter(back, tmp_path / "theirs")
     with torch.no_grad():
@@ -269,6 +267,36 @@ def test_lorakit_train_variant_dora_trains_magnitudes_and_writes_a_peft_dora_ada
     theirs = peft.PeftModel.from_pretrained(fresh, result.adapter).eval()
     with torch.no_grad():
         torch.testing.assert_close(theirs(ids).logits, model.eval()(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_peft_files_with_a_copy_of_the_base_embedding_load_when_it_matches(tmp_path):
+    """PEFT's default save adds the targeted embedding's whole weight: lorakit checks it equals
+    the model's and skips it; a different one (a resized vocabulary) is refused."""
+    peft = pytest.importorskip("peft")
+    from safetensors.torch import load_file, save_file
+
+    from conftest import assert_unchanged, snapshot
+
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, use_dora=True,
+                                                              target_modules=["embed_tokens", "q_proj"],
+                                                              init_lora_weights=False)).eval()
+    theirs.save_pretrained(tmp_path / "peft")
+    path = tmp_path / "peft" / "adapter_model.safetensors"
+    assert any(k.endswith("embed_tokens.base_layer.weight") for k in load_file(path))
+    ids = token_batch(97)
+    ours = tiny_llama()
+    lorakit.load_adapter(ours, tmp_path / "peft")
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=1e-5, atol=1e-5)
+    tensors = load_file(path)
+    key = next(k for k in tensors if k.endswith("base_layer.weight"))
+    tensors[key] = tensors[key] + 1
+    save_file(tensors, path)
+    fresh = tiny_llama()
+    before = snapshot(fresh)
+    with pytest.raises(AdapterFileError, match="differs from the model's"):
+        lorakit.load_adapter(fresh, tmp_path / "peft")
+    assert_unchanged(fresh, before)
 
 
 def test_embedding_dora_files_load_in_peft_and_back(tmp_path):

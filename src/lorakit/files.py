@@ -315,6 +315,10 @@ def read_tensors(directory: str | os.PathLike) -> dict[str, Tensor]:
         raise AdapterFileError(f"{source}: not a readable safetensors file ({err})") from None
 
 
+# PEFT stores the whole base weight of a targeted embedding next to its factors
+# (``save_embedding_layers="auto"``), for a vocabulary resized before training.
+BASE_COPY = re.compile(rf"^{re.escape(PREFIX)}(?P<path>.+)\.base_layer\.weight$")
+
 KEY = re.compile(rf"^{re.escape(PREFIX)}(?P<path>.+)\.lora_(?:embedding_(?P<e>[AB])|(?P<l>[AB])\.weight"
                  rf"|(?P<m>magnitude_vector))$")
 
@@ -333,6 +337,8 @@ def read_adapter(directory: str | os.PathLike) -> Adapter:
     for key, tensor in tensors.items():
         match = KEY.match(key)
         if match is None:
+            if BASE_COPY.match(key):
+                continue  # a copy of the base's embedding: not part of the adapter (see base_copies)
             if key.startswith(PREFIX) and config.modules_to_save:
                 saved[key.removeprefix(PREFIX)] = tensor
             else:
@@ -379,10 +385,32 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str | Non
     """
     directory = Path(directory)
     config = read_config(directory)
-    tensors = read_tensors(directory)
+    tensors = base_copies(model, read_tensors(directory), directory / WEIGHTS_NAME)
     if name is None:
         name = "default" if "default" not in adapters(model) else re.sub(r"\W", "_", directory.name)
     return _install(model, config, tensors, directory, name)
+
+
+def base_copies(model: nn.Module, tensors: dict[str, Tensor], source: Path) -> dict[str, Tensor]:
+    """``tensors`` without PEFT's copies of base embedding weights, each checked to equal the
+    model's own: a different one (a resized vocabulary) is refused, never loaded."""
+    kept, problems = {}, []
+    for key, tensor in tensors.items():
+        match = BASE_COPY.match(key)
+        if match is None:
+            kept[key] = tensor
+            continue
+        try:
+            weight = model.get_submodule(match["path"]).weight
+        except AttributeError:
+            weight = None
+        if weight is None or weight.shape != tensor.shape or not torch.equal(weight.detach().cpu(), tensor.to(
+                weight.dtype)):
+            problems.append(f"{match['path']}: the file holds a base weight {tuple(tensor.shape)} that differs from "
+                            "the model's (a resized vocabulary?); lorakit loads adapter weights only")
+    if problems:
+        raise AdapterFileError(f"{source}: " + "; ".join(problems))
+    return kept
 
 
 def _install(model: nn.Module, config: LoraConfig, tensors: dict[str, Tensor], source: str | Path,
