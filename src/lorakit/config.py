@@ -19,7 +19,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 ALL_LINEAR = "all-linear"
-INITS = ("default", "gaussian", "pissa", "olora")  # and pissa_niter_K
+INITS = ("default", "gaussian", "pissa", "olora")  # and pissa_niter_K:
+PISSA_NITER = re.compile(r"pissa_niter_([1-9]\d*)")  # PiSSA by a randomized SVD of K iterations
 VARIANTS = ("lora", "dora")
 
 
@@ -84,7 +85,7 @@ class LoraConfig:
         _check_alpha("alpha", self.alpha)
         if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if self.init not in INITS and not re.fullmatch(r"pissa_niter_[1-9]\d*", self.init):
+        if self.init not in INITS and not PISSA_NITER.fullmatch(self.init):
             raise ConfigError(f"init must be one of {INITS}, got {self.init!r}")
         if self.variant not in VARIANTS:
             raise ConfigError(f"variant must be one of {VARIANTS}, got {self.variant!r}")

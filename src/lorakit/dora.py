@@ -69,7 +69,7 @@ class DoraAdapter(LoraAdapter):
         with torch.no_grad():
             A = self.lora_A.detach().float().flatten(1)  # (r, in)
             B = self.lora_B.detach().float().flatten(1) * self.scaling  # (out, r)
-            W = _rows(frozen.dense(layer.weight), layer.layout)  # (out, in)
+            W = as_product(frozen.dense(layer.weight), layer.layout)  # (out, in)
             squares = self._weight_squares(layer.weight, W)
             cross = (B * (W @ A.T)).sum(1)  # (out, r) ⊙ (out, r)
             update = ((B @ (A @ A.T)) * B).sum(1)
@@ -107,7 +107,7 @@ def merged_direction(weight: Tensor, value: LayerWeights) -> tuple[Tensor, Tenso
     """m ⊙ (W + s·B·A) / n for W = ``weight`` (float32, laid out like the module's weight),
     and n, the norm it divided by."""
     updated = weight + value.delta().to(weight.device)
-    norm = _rows(updated, value.layout).norm(dim=1)
+    norm = as_product(updated, value.layout).norm(dim=1)
     return updated * _per_row(value, norm, weight), norm
 
 
@@ -127,11 +127,6 @@ def _version(tensor: Tensor) -> tuple[Tensor, int]:
 
 def _same(cached: tuple, now: tuple) -> bool:
     return all(a[0] is b[0] and a[1] == b[1] for a, b in zip(cached, now))
-
-
-def _rows(weight: Tensor, layout: str) -> Tensor:
-    """W as an (out, in) matrix (a Conv2d's in is in · kh · kw)."""
-    return as_product(weight, layout)
 
 
 def _broadcast(layer: LoraLayer, output: Tensor) -> tuple[int, ...]:

@@ -223,11 +223,12 @@ def save_adapter(model: nn.Module | Adapter, directory: str | os.PathLike, name:
     to the base it changed (lorakit reproduces that base by running the same init again)."""
     if isinstance(model, Adapter):
         return write_adapter(model, directory)
+    adapter = export_adapter(model, name)
     moved_parts = {path: moved(layer, layer.adapters[name]) for path, layer in lora_layers(model)
-                   if name in layer.adapters and getattr(layer.adapters[name], "moved_A", None) is not None}
+                   if name in layer.adapters and layer.adapters[name].moved_A is not None}
     if moved_parts and not residual:
-        return write_adapter(relative_to_original(export_adapter(model, name), moved_parts), directory)
-    return write_directory(directory, adapter_files(model, name))
+        adapter = relative_to_original(adapter, moved_parts)
+    return write_adapter(adapter, directory)
 
 
 def write_directory(directory: str | os.PathLike, files: dict[str, bytes]) -> Path:

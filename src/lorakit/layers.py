@@ -38,7 +38,8 @@ from torch import Tensor, nn
 
 from . import frozen
 from .adapter import LayerWeights
-from .principal import PISSA, init_olora, init_pissa, moved, moved_forward
+from .config import PISSA_NITER
+from .principal import init_olora, init_pissa, moved, moved_forward
 from .quantize import requantized
 
 
@@ -63,6 +64,9 @@ class LoraAdapter(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(a_shape, device=device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(b_shape, device=device, dtype=dtype))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # B₀ and A₀ of a PiSSA/OLoRA init: the part of W it took over (principal.py); never saved
+        self.register_buffer("moved_A", None, persistent=False)
+        self.register_buffer("moved_B", None, persistent=False)
 
     def forward(self, layer: LoraLayer, x: Tensor, base: Tensor, result: Tensor, sign: float = 1.0) -> Tensor:
         """``result`` plus ``sign`` times this adapter's change of ``layer``'s output for input
@@ -104,8 +108,8 @@ INITIALIZERS: dict[str, Callable[[LoraLayer, LoraAdapter], None]] = {
 
 def initializer(init: str) -> Callable[[LoraLayer, LoraAdapter], None]:
     """The function for ``init``; ``pissa_niter_K`` is PiSSA with a K-iteration randomized SVD."""
-    match = PISSA.match(init)
-    if match and match[1]:
+    match = PISSA_NITER.fullmatch(init)
+    if match:
         return lambda layer, adapter: init_pissa(layer, adapter, int(match[1]))
     return INITIALIZERS[init]
 
@@ -204,7 +208,7 @@ class LoraLayer(nn.Module):
                                        "cannot be taken out on the fly: unmerge it before deactivating it")
                 result = adapter(self, x, base, result, -1.0)
         for name, adapter in self.adapters.items():
-            if name not in wanted and getattr(adapter, "moved_A", None) is not None:
+            if adapter.moved_A is not None and name not in wanted:
                 result = result + moved_forward(self, adapter, x).to(result.dtype)  # W = W_res + s·B₀A₀
         return result
 
@@ -213,9 +217,9 @@ class LoraLayer(nn.Module):
         """Put the part of W an unmerged PiSSA/OLoRA adapter took over back into W (before the
         adapter goes); nothing for other adapters."""
         adapter = self.adapters[name]
-        if getattr(adapter, "moved_A", None) is not None and name not in self.merged:
+        if adapter.moved_A is not None and name not in self.merged:
             self.set_weight(frozen.dense(self.weight) + moved(self, adapter).delta())
-            del adapter.moved_A, adapter.moved_B
+            adapter.moved_A = adapter.moved_B = None
 
     def add_update(self, result: Tensor, adapter: LoraAdapter, x: Tensor, sign: float) -> Tensor:
         """result + sign * the adapter's output (layers that can add it in place override this)."""

@@ -78,7 +78,6 @@ def detach(model: nn.Module, merge: bool = True, safe: bool = True) -> nn.Module
     for path, layer in lora_layers(model):
         for name in list(layer.adapters):
             layer.give_back(name)  # PiSSA/OLoRA adapters left unmerged return their part of W
-    for path, layer in lora_layers(model):
         replace_module(model, path, layer.to_base())
     model.__dict__.pop("lorakit_configs", None)
     return model

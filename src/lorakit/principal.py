@@ -26,7 +26,6 @@ which PEFT, vLLM and ``lorakit serve`` load on the unmodified base.
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import TYPE_CHECKING
 
 import torch
@@ -37,9 +36,6 @@ from .adapter import Adapter, LayerWeights, as_product
 
 if TYPE_CHECKING:
     from .layers import LoraAdapter, LoraLayer
-
-PISSA = re.compile(r"^pissa(?:_niter_(\d+))?$")
-
 
 def init_pissa(layer: LoraLayer, adapter: LoraAdapter, niter: int | None = None) -> None:
     W = as_product(frozen.dense(layer.weight), layer.layout)  # (out, in)
@@ -64,8 +60,8 @@ def _move_out(layer: LoraLayer, adapter: LoraAdapter, A: Tensor, B: Tensor) -> N
     with torch.no_grad():
         adapter.lora_A.copy_(A)
         adapter.lora_B.copy_(B)
-        adapter.register_buffer("moved_A", adapter.lora_A.detach().clone(), persistent=False)
-        adapter.register_buffer("moved_B", adapter.lora_B.detach().clone(), persistent=False)
+        adapter.moved_A = adapter.lora_A.detach().clone()
+        adapter.moved_B = adapter.lora_B.detach().clone()
         layer.set_weight(frozen.dense(layer.weight) - moved(layer, adapter).delta())
 
 
