@@ -1,22 +1,12 @@
-"""Adapter files in PEFT's on-disk format, read and written safely.
-
-An adapter is a directory with two files:
-
-- ``adapter_config.json``: ``peft_type: "LORA"``, ``r``, ``lora_alpha``,
-  ``target_modules``, ``rank_pattern``, ``alpha_pattern``, ``use_rslora``, ...
-- ``adapter_model.safetensors``: for a module at path P,
-  ``base_model.model.P.lora_A.weight`` (r x in) and ``...lora_B.weight`` (out x r);
-  embeddings use ``...P.lora_embedding_A`` / ``lora_embedding_B``; DoRA adds
-  ``...P.lora_magnitude_vector``; modules_to_save are stored whole as
-  ``base_model.model.P.<param>``.
+"""Adapter directories: read, written and loaded safely, in PEFT's format.
 
 In memory an adapter is a value (adapter.py's ``Adapter``): ``read_adapter`` and
 ``write_adapter`` move it from and to a directory, ``export_adapter`` and
-``import_adapter`` from and to a live model.
-
-Every key-name conversion between lorakit and PEFT lives in this module. Loading
-reads and checks every key, shape and dtype before the model is touched, and never
-unpickles. Saving writes a temporary directory and renames it into place.
+``import_adapter`` from and to a live model. The key names of each file format live
+in ``formats/`` (PEFT's in formats/peft.py); this module holds what every format
+shares: loading reads and checks every key, shape and dtype before the model is
+touched, and never unpickles; saving writes a temporary directory and renames it
+into place.
 """
 
 from __future__ import annotations
@@ -30,114 +20,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
+from .adapter import Adapter, LayerWeights
 from .attach import (AttachError, adapters, attach, delete_adapter, find_saved_modules, find_targets,
                      known_adapters, lora_layers)
-from .config import ALL_LINEAR, ConfigError, LoraConfig
-from .adapter import Adapter, LayerWeights
+from .config import LoraConfig
 from .dora import magnitude_shape
-from .layers import LoraLayer, lora_scaling
+from .formats import AdapterFileError, read_safetensors
+from .formats.peft import (BASE_COPY, CONFIG_NAME, PICKLED_NAMES, PREFIX, WEIGHTS_NAME, config_from_peft,
+                           config_to_peft, from_tensors, magnitude_key, peft_keys, saved_module_keys, to_tensors)
+from .layers import LoraLayer
 from .principal import moved, relative_to_original
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-PICKLED_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
-PREFIX = "base_model.model."
-
-# PEFT options whose non-default values change the math: lorakit refuses them rather
-# than load an adapter that would compute something else.
-UNSUPPORTED = {
-    "bias": ("none", None), "lora_bias": (False, None),
-    "target_parameters": (None, []), "trainable_token_indices": (None,), "layer_replication": (None,),
-    "use_qalora": (False, None), "alora_invocation_tokens": (None,),
-}
-
-
-class AdapterFileError(ValueError):
-    """An adapter directory is missing, unsafe, malformed or does not fit the model."""
-
-
-# -- key names and config fields (ours <-> PEFT's) -----------------------------------
-def peft_keys(path: str, layout: str) -> tuple[str, str]:
-    """The file keys of A and B for the module at ``path`` (its ``layout``, see adapter.py)."""
-    if layout == "embedding":
-        return f"{PREFIX}{path}.lora_embedding_A", f"{PREFIX}{path}.lora_embedding_B"
-    return f"{PREFIX}{path}.lora_A.weight", f"{PREFIX}{path}.lora_B.weight"
-
-
-def magnitude_key(path: str) -> str:
-    """The file key of DoRA's magnitude for the module at ``path``."""
-    return f"{PREFIX}{path}.lora_magnitude_vector"
-
-
-def saved_module_keys(path: str, module: nn.Module) -> dict[str, Tensor]:
-    """File key -> parameter for a module stored whole (modules_to_save)."""
-    return {f"{PREFIX}{path}.{name}": p for name, p in module.named_parameters()}
-
-
-def config_to_peft(adapter: Adapter) -> dict[str, Any]:
-    """The adapter_config.json contents for ``adapter``."""
-    config = adapter.config
-    targets = config.targets
-    if targets == ALL_LINEAR:
-        targets = sorted(adapter.layers)  # PEFT also stores all-linear expanded
-    return {
-        "peft_type": "LORA",
-        "task_type": adapter.task_type,
-        "base_model_name_or_path": adapter.base_model,
-        "r": config.rank,
-        "lora_alpha": config.alpha,
-        "lora_dropout": config.dropout,
-        "target_modules": targets if isinstance(targets, str) else list(targets),
-        "exclude_modules": (config.exclude if isinstance(config.exclude, str) else list(config.exclude)) or None,
-        "layers_to_transform": list(config.layers) if config.layers is not None else None,
-        "layers_pattern": config.layers_pattern,
-        "rank_pattern": dict(config.rank_pattern),
-        "alpha_pattern": dict(config.alpha_pattern),
-        "use_rslora": config.use_rslora,
-        "init_lora_weights": True if config.init == "default" else config.init,
-        "modules_to_save": list(config.modules_to_save) or None,
-        "fan_in_fan_out": any(layer.layout == "conv1d" for layer in adapter.layers.values()),
-        "bias": "none",
-        "use_dora": config.variant == "dora",
-        "inference_mode": True,
-    }
-
-
-def config_from_peft(data: dict[str, Any], source: Path) -> LoraConfig:
-    """A LoraConfig from adapter_config.json contents; refuses options lorakit cannot honour."""
-    if data.get("peft_type") != "LORA":
-        raise AdapterFileError(f"{source}: peft_type is {data.get('peft_type')!r}, lorakit reads only 'LORA' adapters")
-    for key, fine in UNSUPPORTED.items():
-        if data.get(key, fine[0]) not in fine:
-            raise AdapterFileError(f"{source}: {key}={data[key]!r} is not supported by lorakit")
-    for key in ("r", "lora_alpha", "target_modules"):
-        if data.get(key) is None:
-            raise AdapterFileError(f"{source}: missing required field {key!r}")
-    layers = data.get("layers_to_transform")
-    layers_pattern = data.get("layers_pattern")
-    try:
-        return LoraConfig(
-            rank=data["r"],
-            alpha=data["lora_alpha"],
-            dropout=data.get("lora_dropout") or 0.0,
-            targets=data["target_modules"],
-            exclude=data.get("exclude_modules") or (),
-            layers=[layers] if isinstance(layers, int) else layers,
-            layers_pattern=layers_pattern[0] if isinstance(layers_pattern, list) else layers_pattern,
-            rank_pattern=data.get("rank_pattern") or {},
-            alpha_pattern=data.get("alpha_pattern") or {},
-            use_rslora=bool(data.get("use_rslora", False)),
-            init=data["init_lora_weights"] if isinstance(data.get("init_lora_weights"), str) else "default",
-            variant="dora" if data.get("use_dora") else "lora",
-            modules_to_save=data.get("modules_to_save") or (),
-        )
-    except (ConfigError, TypeError) as err:
-        raise AdapterFileError(f"{source}: invalid LoRA config: {err}") from None
+__all__ = ["AdapterFileError", "CONFIG_NAME", "WEIGHTS_NAME", "export_adapter", "import_adapter", "read_adapter",
+           "write_adapter", "save_adapter", "load_adapter", "restore_adapter", "write_directory"]
 
 
 # -- the adapter value <-> a live model -------------------------------------------
@@ -161,22 +59,10 @@ def export_adapter(model: nn.Module, name: str = "default") -> Adapter:
 
 def import_adapter(model: nn.Module, adapter: Adapter, name: str = "default") -> str:
     """Add ``adapter`` to ``model`` as ``name``; checked first, as ``load_adapter`` checks a file."""
-    return _install(model, adapter.config, file_tensors(adapter), "adapter value", name)
+    return _install(model, adapter.config, to_tensors(adapter), "adapter value", name)
 
 
 # -- save ----------------------------------------------------------------------------
-def file_tensors(adapter: Adapter) -> dict[str, Tensor]:
-    """File key -> tensor: A and B of every layer, and the modules stored whole."""
-    tensors: dict[str, Tensor] = {}
-    for path, layer in adapter.layers.items():
-        key_a, key_b = peft_keys(path, layer.layout)
-        tensors[key_a], tensors[key_b] = layer.A, layer.B
-        if layer.magnitude is not None:
-            tensors[magnitude_key(path)] = layer.magnitude
-    tensors.update({PREFIX + key: tensor for key, tensor in adapter.saved.items()})
-    return tensors
-
-
 def adapter_tensors(model: nn.Module, name: str) -> dict[str, Tensor]:
     """File key -> live parameter of adapter ``name`` (for restoring a checkpoint in place)."""
     known_adapters(model, name)
@@ -196,7 +82,7 @@ def adapter_tensors(model: nn.Module, name: str) -> dict[str, Tensor]:
 def adapter_bytes(adapter: Adapter) -> dict[str, bytes]:
     """The two files of ``adapter`` in PEFT's format, as bytes."""
     # Own, contiguous CPU copies: safetensors refuses tensors that share memory (tied weights).
-    tensors = {k: t.detach().to("cpu", copy=True).contiguous() for k, t in file_tensors(adapter).items()}
+    tensors = {k: t.detach().to("cpu", copy=True).contiguous() for k, t in to_tensors(adapter).items()}
     return {
         CONFIG_NAME: json.dumps(config_to_peft(adapter), indent=2, sort_keys=True).encode() + b"\n",
         WEIGHTS_NAME: safetensors_bytes(tensors, metadata={"format": "pt"}),
@@ -302,79 +188,22 @@ def _read_json(directory: str | os.PathLike) -> tuple[dict[str, Any], Path]:
 def read_tensors(directory: str | os.PathLike) -> dict[str, Tensor]:
     """Every tensor of ``directory/adapter_model.safetensors``; pickled files are refused."""
     directory = Path(directory)
-    source = directory / WEIGHTS_NAME
-    if not source.exists():
-        pickled = [directory / n for n in PICKLED_NAMES if (directory / n).exists()]
-        if pickled:
-            raise AdapterFileError(
-                f"{pickled[0]}: pickled weights are never loaded (unpickling can run arbitrary code); "
-                f"convert the adapter to {WEIGHTS_NAME}")
-        raise AdapterFileError(f"{source}: missing")
-    try:
-        return load_file(source)
-    except (SafetensorError, OSError, ValueError) as err:
-        raise AdapterFileError(f"{source}: not a readable safetensors file ({err})") from None
-
-
-# PEFT stores the whole base weight of a targeted embedding next to its factors
-# (``save_embedding_layers="auto"``), for a vocabulary resized before training.
-BASE_COPY = re.compile(rf"^{re.escape(PREFIX)}(?P<path>.+)\.base_layer\.weight$")
-
-KEY = re.compile(rf"^{re.escape(PREFIX)}(?P<path>.+)\.lora_(?:embedding_(?P<e>[AB])|(?P<l>[AB])\.weight"
-                 rf"|(?P<m>magnitude_vector))$")
+    pickled = [directory / n for n in PICKLED_NAMES if (directory / n).exists()]
+    if pickled and not (directory / WEIGHTS_NAME).exists():
+        raise AdapterFileError(
+            f"{pickled[0]}: pickled weights are never loaded (unpickling can run arbitrary code); "
+            f"convert the adapter to {WEIGHTS_NAME}")
+    return read_safetensors(directory / WEIGHTS_NAME)[0]
 
 
 def read_adapter(directory: str | os.PathLike) -> Adapter:
-    """The adapter in ``directory`` as a value, without a model: every key parsed and every
-    pair of factors checked (both present, floating point, ranks as the config says).
-    A 4-D A is a Conv2d's; a 2-D pair is a GPT-2 Conv1D's when the file's one
-    ``fan_in_fan_out`` flag is set, an ``nn.Linear``'s otherwise."""
+    """The adapter in ``directory`` as a value, without a model (formats/peft.py parses and
+    checks every key)."""
     data, config_source = _read_json(directory)
     config = config_from_peft(data, config_source)
-    tensors = read_tensors(directory)
-    source = Path(directory) / WEIGHTS_NAME
-    pairs: dict[str, dict[str, Tensor]] = {}
-    saved, problems = {}, []
-    for key, tensor in tensors.items():
-        match = KEY.match(key)
-        if match is None:
-            if BASE_COPY.match(key):
-                continue  # a copy of the base's embedding: not part of the adapter (see base_copies)
-            if key.startswith(PREFIX) and config.modules_to_save:
-                saved[key.removeprefix(PREFIX)] = tensor
-            else:
-                problems.append(f"unexpected key {key}")
-            continue
-        factor = "M" if match["m"] else (match["e"] or match["l"]) + ("e" if match["e"] else "")
-        pairs.setdefault(match["path"], {})[factor] = tensor
-    layers = {}
-    for path, pair in sorted(pairs.items()):
-        embedding = "Ae" in pair or "Be" in pair
-        A, B = (pair.get("Ae"), pair.get("Be")) if embedding else (pair.get("A"), pair.get("B"))
-        magnitude = pair.get("M")
-        rank = config.rank_for(path)
-        if A is None or B is None or len(pair) != 2 + (magnitude is not None):
-            problems.append(f"{path}: needs both lora_A and lora_B")
-        elif (magnitude is not None) != (config.variant == "dora"):
-            problems.append(f"{path}: " + ("lora_magnitude_vector without use_dora in the config" if magnitude
-                                           is not None else "use_dora is set but lora_magnitude_vector is missing"))
-        elif not (A.is_floating_point() and B.is_floating_point()):
-            problems.append(f"{path}: lora_A / lora_B must be floating point, got {A.dtype} / {B.dtype}")
-        elif A.shape[0] != rank or B.shape[1] != rank:
-            problems.append(f"{path}: A {tuple(A.shape)}, B {tuple(B.shape)}; expected rank {rank} (config)")
-        else:
-            layout = ("embedding" if embedding else "conv2d" if A.dim() == 4
-                      else "conv1d" if data.get("fan_in_fan_out") else "linear")
-            scaling = lora_scaling(config.alpha_for(path), rank, config.use_rslora)
-            if magnitude is not None and magnitude.numel() != B.shape[0]:
-                problems.append(f"{path}: lora_magnitude_vector {tuple(magnitude.shape)}, expected one value per "
-                                f"output unit ({B.shape[0]})")
-                continue
-            layers[path] = LayerWeights(A, B, scaling, layout, magnitude)
-    if problems:
-        raise AdapterFileError(f"{source}: " + "; ".join(problems[:10]))
-    return Adapter(config, layers, saved, base_model=data.get("base_model_name_or_path"),
-                   task_type=data.get("task_type"))
+    return from_tensors(config, read_tensors(directory), Path(directory) / WEIGHTS_NAME,
+                        fan_in_fan_out=bool(data.get("fan_in_fan_out")),
+                        base_model=data.get("base_model_name_or_path"), task_type=data.get("task_type"))
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str | None = None) -> str:

@@ -1,0 +1,41 @@
+"""Adapter file formats, each a table of key rules over the one adapter value.
+
+Every format turns a file into ``Adapter`` values (adapter.py) and back; loading into
+a model, with every key and shape checked before the model changes, and the atomic
+writing of directories are shared (files.py). The formats:
+
+- ``peft``: PEFT's adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``);
+- ``diffusers``: diffusers' one-file LoRA (``pytorch_lora_weights.safetensors``, keys under
+  ``unet.`` / ``transformer.`` / ``text_encoder.``), one adapter per model component;
+- ``kohya``: the kohya-ss / A1111 files image users trade (``lora_unet_…`` keys with
+  ``lora_down`` / ``lora_up`` / ``alpha``).
+
+Files are safetensors only: pickles can run code when loaded and are never read.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from safetensors import SafetensorError, safe_open
+from torch import Tensor
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+class AdapterFileError(ValueError):
+    """An adapter file is missing, unsafe, malformed or does not fit the model."""
+
+
+def read_safetensors(source: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Every tensor of the safetensors file ``source`` and its metadata; pickles refused."""
+    if source.suffix in PICKLE_SUFFIXES:
+        raise AdapterFileError(f"{source}: pickled weights are never loaded (unpickling can run arbitrary code); "
+                               "convert the file to .safetensors")
+    if not source.is_file():
+        raise AdapterFileError(f"{source}: missing")
+    try:
+        with safe_open(source, framework="pt") as handle:
+            return {key: handle.get_tensor(key) for key in handle.keys()}, dict(handle.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as err:
+        raise AdapterFileError(f"{source}: not a readable safetensors file ({err})") from None

@@ -1,0 +1,198 @@
+"""PEFT's adapter format: the key of every tensor and the fields of adapter_config.json.
+
+An adapter is a directory with two files:
+
+- ``adapter_config.json``: ``peft_type: "LORA"``, ``r``, ``lora_alpha``,
+  ``target_modules``, ``rank_pattern``, ``alpha_pattern``, ``use_rslora``, ...
+- ``adapter_model.safetensors``: for a module at path P,
+  ``base_model.model.P.lora_A.weight`` (r x in) and ``...lora_B.weight`` (out x r);
+  embeddings use ``...P.lora_embedding_A`` / ``lora_embedding_B``; DoRA adds
+  ``...P.lora_magnitude_vector``; modules_to_save are stored whole as
+  ``base_model.model.P.<param>``.
+
+diffusers writes the same keys under a component's prefix (``unet.P.lora_A.weight``),
+so every rule here takes the prefix as an argument.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+from ..adapter import Adapter, LayerWeights
+from ..config import ALL_LINEAR, ConfigError, LoraConfig
+from ..layers import lora_scaling
+from . import AdapterFileError
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLED_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
+PREFIX = "base_model.model."
+
+# PEFT options whose non-default values change the math: lorakit refuses them rather
+# than load an adapter that would compute something else.
+UNSUPPORTED = {
+    "bias": ("none", None), "lora_bias": (False, None),
+    "target_parameters": (None, []), "trainable_token_indices": (None,), "layer_replication": (None,),
+    "use_qalora": (False, None), "alora_invocation_tokens": (None,),
+}
+
+
+def peft_keys(path: str, layout: str, prefix: str = PREFIX) -> tuple[str, str]:
+    """The file keys of A and B for the module at ``path`` (its ``layout``, see adapter.py)."""
+    if layout == "embedding":
+        return f"{prefix}{path}.lora_embedding_A", f"{prefix}{path}.lora_embedding_B"
+    return f"{prefix}{path}.lora_A.weight", f"{prefix}{path}.lora_B.weight"
+
+
+def magnitude_key(path: str, prefix: str = PREFIX) -> str:
+    """The file key of DoRA's magnitude for the module at ``path``."""
+    return f"{prefix}{path}.lora_magnitude_vector"
+
+
+def saved_module_keys(path: str, module: nn.Module) -> dict[str, Tensor]:
+    """File key -> parameter for a module stored whole (modules_to_save)."""
+    return {f"{PREFIX}{path}.{name}": p for name, p in module.named_parameters()}
+
+
+def key_pattern(prefix: str) -> re.Pattern[str]:
+    """A factor's key: the module path, and which factor (A/B, embedding A/B, DoRA's magnitude)."""
+    return re.compile(rf"^{re.escape(prefix)}(?P<path>.+)\.lora_(?:embedding_(?P<e>[AB])|(?P<l>[AB])\.weight"
+                      rf"|(?P<m>magnitude_vector))$")
+
+
+# PEFT stores the whole base weight of a targeted embedding next to its factors
+# (``save_embedding_layers="auto"``), for a vocabulary resized before training.
+BASE_COPY = re.compile(rf"^{re.escape(PREFIX)}(?P<path>.+)\.base_layer\.weight$")
+
+
+def config_to_peft(adapter: Adapter) -> dict[str, Any]:
+    """The adapter_config.json contents for ``adapter``."""
+    config = adapter.config
+    targets = config.targets
+    if targets == ALL_LINEAR:
+        targets = sorted(adapter.layers)  # PEFT also stores all-linear expanded
+    return {
+        "peft_type": "LORA",
+        "task_type": adapter.task_type,
+        "base_model_name_or_path": adapter.base_model,
+        "r": config.rank,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        "target_modules": targets if isinstance(targets, str) else list(targets),
+        "exclude_modules": (config.exclude if isinstance(config.exclude, str) else list(config.exclude)) or None,
+        "layers_to_transform": list(config.layers) if config.layers is not None else None,
+        "layers_pattern": config.layers_pattern,
+        "rank_pattern": dict(config.rank_pattern),
+        "alpha_pattern": dict(config.alpha_pattern),
+        "use_rslora": config.use_rslora,
+        "init_lora_weights": True if config.init == "default" else config.init,
+        "modules_to_save": list(config.modules_to_save) or None,
+        "fan_in_fan_out": any(layer.layout == "conv1d" for layer in adapter.layers.values()),
+        "bias": "none",
+        "use_dora": config.variant == "dora",
+        "inference_mode": True,
+    }
+
+
+def config_from_peft(data: Mapping[str, Any], source: Path | str) -> LoraConfig:
+    """A LoraConfig from adapter_config.json contents; refuses options lorakit cannot honour."""
+    if data.get("peft_type", "LORA") != "LORA":
+        raise AdapterFileError(f"{source}: peft_type is {data.get('peft_type')!r}, lorakit reads only 'LORA' adapters")
+    for key, fine in UNSUPPORTED.items():
+        if data.get(key, fine[0]) not in fine:
+            raise AdapterFileError(f"{source}: {key}={data[key]!r} is not supported by lorakit")
+    for key in ("r", "lora_alpha", "target_modules"):
+        if data.get(key) is None:
+            raise AdapterFileError(f"{source}: missing required field {key!r}")
+    layers = data.get("layers_to_transform")
+    layers_pattern = data.get("layers_pattern")
+    try:
+        return LoraConfig(
+            rank=data["r"],
+            alpha=data["lora_alpha"],
+            dropout=data.get("lora_dropout") or 0.0,
+            targets=data["target_modules"],
+            exclude=data.get("exclude_modules") or (),
+            layers=[layers] if isinstance(layers, int) else layers,
+            layers_pattern=layers_pattern[0] if isinstance(layers_pattern, list) else layers_pattern,
+            rank_pattern=data.get("rank_pattern") or {},
+            alpha_pattern=data.get("alpha_pattern") or {},
+            use_rslora=bool(data.get("use_rslora", False)),
+            init=data["init_lora_weights"] if isinstance(data.get("init_lora_weights"), str) else "default",
+            variant="dora" if data.get("use_dora") else "lora",
+            modules_to_save=data.get("modules_to_save") or (),
+        )
+    except (ConfigError, TypeError) as err:
+        raise AdapterFileError(f"{source}: invalid LoRA config: {err}") from None
+
+
+def to_tensors(adapter: Adapter, prefix: str = PREFIX) -> dict[str, Tensor]:
+    """File key -> tensor: A and B of every layer, DoRA's magnitudes, the modules stored whole."""
+    tensors: dict[str, Tensor] = {}
+    for path, layer in adapter.layers.items():
+        key_a, key_b = peft_keys(path, layer.layout, prefix)
+        tensors[key_a], tensors[key_b] = layer.A, layer.B
+        if layer.magnitude is not None:
+            tensors[magnitude_key(path, prefix)] = layer.magnitude
+    tensors.update({prefix + key: tensor for key, tensor in adapter.saved.items()})
+    return tensors
+
+
+def from_tensors(config: LoraConfig, tensors: Mapping[str, Tensor], source: Path | str, fan_in_fan_out: bool = False,
+                 prefix: str = PREFIX, base_model: str | None = None, task_type: str | None = None) -> Adapter:
+    """The adapter value of a file's tensors: every key parsed, every pair of factors checked
+    (both present, floating point, ranks as the config says). A 4-D A is a Conv2d's; a 2-D
+    pair is a GPT-2 Conv1D's when ``fan_in_fan_out``, an ``nn.Linear``'s otherwise."""
+    pattern = key_pattern(prefix)
+    pairs: dict[str, dict[str, Tensor]] = {}
+    saved, problems = {}, []
+    for key, tensor in tensors.items():
+        match = pattern.match(key)
+        if match is None:
+            if BASE_COPY.match(key):
+                continue  # a copy of the base's embedding: not part of the adapter (files.base_copies)
+            if key.startswith(prefix) and config.modules_to_save:
+                saved[key.removeprefix(prefix)] = tensor
+            else:
+                problems.append(f"unexpected key {key}")
+            continue
+        factor = "M" if match["m"] else (match["e"] or match["l"]) + ("e" if match["e"] else "")
+        pairs.setdefault(match["path"], {})[factor] = tensor
+    layers = {}
+    for path, pair in sorted(pairs.items()):
+        problem, layer = _layer(path, pair, config, fan_in_fan_out)
+        if problem:
+            problems.append(f"{path}: {problem}")
+        else:
+            layers[path] = layer
+    if problems:
+        raise AdapterFileError(f"{source}: " + "; ".join(problems[:10]))
+    return Adapter(config, layers, saved, base_model=base_model, task_type=task_type)
+
+
+def _layer(path: str, pair: dict[str, Tensor], config: LoraConfig, fan_in_fan_out: bool,
+           ) -> tuple[str | None, LayerWeights | None]:
+    """One module's factors checked and made a LayerWeights; or what is wrong with them."""
+    embedding = "Ae" in pair or "Be" in pair
+    A, B = (pair.get("Ae"), pair.get("Be")) if embedding else (pair.get("A"), pair.get("B"))
+    magnitude = pair.get("M")
+    rank = config.rank_for(path)
+    if A is None or B is None or len(pair) != 2 + (magnitude is not None):
+        return "needs both lora_A and lora_B", None
+    if (magnitude is not None) != (config.variant == "dora"):
+        return ("lora_magnitude_vector without use_dora in the config" if magnitude is not None
+                else "use_dora is set but lora_magnitude_vector is missing"), None
+    if not (A.is_floating_point() and B.is_floating_point()):
+        return f"lora_A / lora_B must be floating point, got {A.dtype} / {B.dtype}", None
+    if A.shape[0] != rank or B.shape[1] != rank:
+        return f"A {tuple(A.shape)}, B {tuple(B.shape)}; expected rank {rank} (config)", None
+    if magnitude is not None and magnitude.numel() != B.shape[0]:
+        return f"lora_magnitude_vector {tuple(magnitude.shape)}, expected one value per output unit ({B.shape[0]})", None
+    layout = ("embedding" if embedding else "conv2d" if A.dim() == 4 else "conv1d" if fan_in_fan_out else "linear")
+    scaling = lora_scaling(config.alpha_for(path), rank, config.use_rslora)
+    return None, LayerWeights(A, B, scaling, layout, magnitude)
