@@ -69,7 +69,7 @@ def attach(model: nn.Module, config: LoraConfig, name: str = "default") -> list[
     becomes active; otherwise it is added inactive, as PEFT's ``add_adapter`` does,
     until ``set_active`` names it.
     """
-    _check_new_name(model, name)
+    check_new_name(model, name)
     targets = find_targets(model, config)
     find_saved_modules(model, config)  # fails before any change if one is missing
     first = not active_adapters(model)
@@ -265,7 +265,7 @@ def trainable_parameters(model: nn.Module) -> ParameterCount:
     )
 
 
-def _check_new_name(model: nn.Module, name: str) -> None:
+def check_new_name(model: nn.Module, name: str) -> None:
     if not isinstance(name, str) or not name or "." in name:
         raise AttachError(f"adapter name must be a non-empty string without '.', got {name!r}")
     if name in adapters(model):

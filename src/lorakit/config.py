@@ -23,6 +23,18 @@ INITS = ("default", "gaussian", "pissa", "olora")  # and pissa_niter_K:
 PISSA_NITER = re.compile(r"pissa_niter_([1-9]\d*)")  # PiSSA by a randomized SVD of K iterations
 VARIANTS = ("lora", "dora")
 
+# Named target sets for image models. "attention" is what diffusers' DreamBooth-LoRA
+# scripts train: a UNet's or DiT's attention projections (to_q/k/v, to_out.0, and the
+# DiT's context projections) and the CLIP text encoder's (q/k/v/out_proj).
+# "attention-conv" adds the resnets' and resamplers' convolutions, 3x3 kernels included,
+# as kohya's LoCon files do.
+ATTENTION = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+             "q_proj", "k_proj", "v_proj", "out_proj")
+TARGET_SETS = {
+    "attention": ATTENTION,
+    "attention-conv": ATTENTION + ("conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv"),
+}
+
 
 class ConfigError(ValueError):
     """A LoraConfig value is out of range or of the wrong kind."""

@@ -17,6 +17,7 @@ import re
 import secrets
 import shutil
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -24,8 +25,8 @@ from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
 from .adapter import Adapter, LayerWeights
-from .attach import (AttachError, adapters, attach, delete_adapter, find_saved_modules, find_targets,
-                     known_adapters, lora_layers)
+from .attach import (AttachError, adapters, attach, check_new_name, delete_adapter, find_saved_modules,
+                     find_targets, known_adapters, lora_layers)
 from .config import LoraConfig
 from .dora import magnitude_shape
 from .formats import AdapterFileError, read_safetensors
@@ -246,12 +247,22 @@ def base_copies(model: nn.Module, tensors: dict[str, Tensor], source: Path) -> d
 def _install(model: nn.Module, config: LoraConfig, tensors: dict[str, Tensor], source: str | Path,
              name: str) -> str:
     """Attach ``name`` with ``config`` and copy in ``tensors`` (by file key), all checked first."""
+    _check_fits(model, config, tensors, source, name)
+    _apply(model, config, tensors, name)
+    return name
+
+
+def _check_fits(model: nn.Module, config: LoraConfig, tensors: dict[str, Tensor], source: str | Path,
+                name: str) -> None:
+    check_new_name(model, name)
     try:
         expected = _expected_tensors(model, config)
     except AttachError as err:
         raise AdapterFileError(f"{source}: does not fit this model: {err}") from None
     _check_tensors(Path(source) / WEIGHTS_NAME if isinstance(source, Path) else source, expected, tensors)
 
+
+def _apply(model: nn.Module, config: LoraConfig, tensors: dict[str, Tensor], name: str) -> None:
     attach(model, config, name)
     try:
         with torch.no_grad():
@@ -267,6 +278,29 @@ def _install(model: nn.Module, config: LoraConfig, tensors: dict[str, Tensor], s
                     param.copy_(tensors[key])
     except Exception:
         delete_adapter(model, name)
+        raise
+
+
+def import_adapters(models: Mapping[str, nn.Module], values: Mapping[str, Adapter], name: str = "default",
+                    source: str | Path = "adapter values") -> str:
+    """Add one adapter spread over several models (a pipeline's ``unet`` and ``text_encoder``:
+    ``values`` by the same component names) as ``name``. Every component is checked before
+    any changes; a failure part-way removes what was added, so all or none is loaded."""
+    unknown = sorted(set(values) - set(models))
+    if unknown:
+        raise AdapterFileError(f"{source}: holds an adapter for {', '.join(unknown)}, but no such model was given "
+                               f"(given: {', '.join(sorted(models)) or 'none'})")
+    tensors = {component: to_tensors(value) for component, value in values.items()}
+    for component, value in values.items():
+        _check_fits(models[component], value.config, tensors[component], f"{source} [{component}]", name)
+    done: list[str] = []
+    try:
+        for component, value in values.items():
+            _apply(models[component], value.config, tensors[component], name)
+            done.append(component)
+    except Exception:
+        for component in done:
+            delete_adapter(models[component], name)
         raise
     return name
 
@@ -318,3 +352,48 @@ def _check_tensors(source: Path, expected: dict[str, tuple[str, tuple[int, ...]]
     if problems:
         shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
         raise AdapterFileError(f"{source}: does not fit this model:\n  " + "\n  ".join(shown))
+
+
+# -- pipelines: one adapter over several models, in diffusers' or kohya's file -------------
+PIPELINE_FORMATS = ("diffusers", "kohya")
+
+
+def save_pipeline_adapter(models: Mapping[str, nn.Module], path: str | os.PathLike, name: str = "default",
+                          file_format: str = "diffusers") -> Path:
+    """Write adapter ``name`` of a pipeline's models (``{"unet": unet, "text_encoder": te}``;
+    components without it are skipped) as one file, atomically; return its path.
+
+    ``diffusers``: ``path`` is a directory that gets ``pytorch_lora_weights.safetensors``
+    (what ``pipe.load_lora_weights(path)`` reads); ``kohya``: ``path`` is the file."""
+    from .formats import diffusers, kohya
+
+    values = {component: export_adapter(model, name) for component, model in models.items()
+              if name in adapters(model)}
+    if not values:
+        raise AdapterFileError(f"no adapter {name!r} on any of {sorted(models)}")
+    if file_format == "diffusers":
+        return write_directory(path, {diffusers.WEIGHTS_NAME: diffusers.file_bytes(values)}) / diffusers.WEIGHTS_NAME
+    if file_format == "kohya":
+        return kohya.write_file(values, path)
+    raise AdapterFileError(f"file_format must be one of {PIPELINE_FORMATS}, got {file_format!r}")
+
+
+def read_pipeline_adapter(path: str | os.PathLike, models: Mapping[str, nn.Module]) -> dict[str, Adapter]:
+    """The adapter values of a diffusers or kohya file (told apart by its keys), by component.
+    ``models`` gives kohya's names their module paths."""
+    from .formats import diffusers, kohya
+
+    source = Path(path)
+    file = source / diffusers.WEIGHTS_NAME if source.is_dir() else source
+    keys = list(read_safetensors(file)[0])
+    kohya_keys = [k for k in keys if k.startswith("lora_")]
+    if kohya_keys and len(kohya_keys) != len(keys):
+        other = next(k for k in keys if not k.startswith("lora_"))
+        raise AdapterFileError(f"{file}: mixes formats: kohya key {kohya_keys[0]} and {other}")
+    return kohya.read_file(file, models) if kohya_keys else diffusers.read_file(file)
+
+
+def load_pipeline_adapter(models: Mapping[str, nn.Module], path: str | os.PathLike, name: str = "default") -> str:
+    """Load a diffusers or kohya LoRA file into a pipeline's models as ``name``: every
+    component checked before any changes, so all of it loads or none."""
+    return import_adapters(models, read_pipeline_adapter(path, models), name, source=Path(path))

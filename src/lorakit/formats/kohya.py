@@ -1,0 +1,179 @@
+"""kohya-ss / A1111 LoRA files, the ones image users share.
+
+    lora_unet_<P with "." -> "_">.lora_down.weight    A: (r, in) or (r, in, kh, kw)
+    lora_unet_<P ...>.lora_up.weight                  B: (out, r) or (out, r, 1, 1)
+    lora_unet_<P ...>.alpha                           alpha (a 0-d tensor): scaling = alpha / r
+
+with ``lora_te_`` (``lora_te1_`` / ``lora_te2_`` for SDXL's two encoders) for the CLIP
+text encoder and ``lora_transformer_`` for a DiT. Conv layers ("LoCon") keep their kernel
+in ``lora_down``, as lorakit's conv2d layout does.
+
+Flattening "." to "_" loses information (``to_out.0`` and a module named ``to_out_0``
+would collide), so a name is never guessed back into a path: reading a file builds, from
+the model itself, a table of every module lorakit can adapt under its kohya name and
+looks each key up in it; an unknown name, a collision or a shape that does not fit is
+an error naming the key. Names follow the diffusers module tree (what kohya writes for
+SD 1.x); SDXL files in the original LDM block names (``input_blocks_4_1``) are refused.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors.torch import save as safetensors_bytes
+from torch import Tensor, nn
+
+from ..adapter import Adapter, LayerWeights
+from ..attach import layer_class_for
+from ..config import ConfigError, LoraConfig
+from ..layers import LoraLayer
+from . import AdapterFileError, read_safetensors
+
+# kohya prefix -> the pipeline component it belongs to.
+PREFIXES = {"lora_unet": "unet", "lora_transformer": "transformer", "lora_te": "text_encoder",
+            "lora_te1": "text_encoder", "lora_te2": "text_encoder_2"}
+WRITTEN = {"unet": "lora_unet", "transformer": "lora_transformer", "text_encoder": "lora_te",
+           "text_encoder_2": "lora_te2"}
+KEY = re.compile(r"^(?P<name>lora_[A-Za-z0-9_]+?)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$")
+
+
+def kohya_name(component: str, path: str) -> str:
+    return f"{WRITTEN[component]}_{path.replace('.', '_')}"
+
+
+def name_table(component: str, model: nn.Module) -> dict[str, str]:
+    """kohya name -> module path, for every module of ``model`` lorakit can adapt."""
+    table: dict[str, str] = {}
+    prefixes = [p for p, c in PREFIXES.items() if c == component]
+    inside_layer = tuple(path + "." for path, m in model.named_modules() if isinstance(m, LoraLayer))
+    for path, module in model.named_modules():
+        base = module.base_module if isinstance(module, LoraLayer) else module
+        layer_class = layer_class_for(base)
+        if not path or path.startswith(inside_layer) or layer_class is None or layer_class.layout not in (
+                "linear", "conv2d"):
+            continue
+        for prefix in prefixes:
+            name = f"{prefix}_{path.replace('.', '_')}"
+            if name in table:
+                raise AdapterFileError(f"modules {table[name]!r} and {path!r} share the kohya name {name!r}; "
+                                       "kohya files cannot address this model")
+            table[name] = path
+    return table
+
+
+def file_bytes(adapters: Mapping[str, Adapter]) -> bytes:
+    """One kohya file holding ``adapters`` (component name -> adapter value)."""
+    tensors: dict[str, Tensor] = {}
+    for component, adapter in adapters.items():
+        if component not in WRITTEN:
+            raise AdapterFileError(f"kohya files name the components {sorted(WRITTEN)}; got {component!r}")
+        if adapter.saved or adapter.config.variant != "lora":
+            raise AdapterFileError(f"{component}: kohya files hold plain LoRA factors only (no DoRA, no "
+                                   "modules_to_save)")
+        for path, layer in adapter.layers.items():
+            if layer.layout not in ("linear", "conv2d"):
+                raise AdapterFileError(f"{component}: {path}: a {layer.layout} layer has no kohya form")
+            name = kohya_name(component, path)
+            tensors[f"{name}.lora_down.weight"] = layer.A
+            tensors[f"{name}.lora_up.weight"] = layer.B
+            tensors[f"{name}.alpha"] = torch.tensor(layer.scaling * layer.rank, dtype=torch.float32)
+    tensors = {k: t.detach().to("cpu", copy=True).contiguous() for k, t in tensors.items()}
+    return safetensors_bytes(tensors, metadata={"format": "pt"})
+
+
+def write_file(adapters: Mapping[str, Adapter], path: str | os.PathLike) -> Path:
+    """Write ``adapters`` to the kohya file ``path`` atomically (temporary file + rename)."""
+    path = Path(path)
+    data = file_bytes(adapters)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path
+
+
+def read_file(path: str | os.PathLike, models: Mapping[str, nn.Module]) -> dict[str, Adapter]:
+    """The adapters of a kohya file, by component, with module paths from ``models``'
+    tables. Every key is checked: its prefix, its module, alpha present, shapes that fit."""
+    source = Path(path)
+    tensors, _ = read_safetensors(source)
+    tables = {component: name_table(component, model) for component, model in models.items()}
+    parts: dict[str, dict[str, Tensor]] = {}
+    problems = []
+    for key, tensor in tensors.items():
+        match = KEY.match(key)
+        if match is None:
+            kind = " (a PEFT/diffusers key: this file mixes formats)" if ".lora_A." in key or ".lora_B." in key else ""
+            problems.append(f"{key}: not a kohya LoRA key{kind} (expected lora_unet_/lora_te_... "
+                            "with .lora_down.weight, .lora_up.weight or .alpha)")
+            continue
+        parts.setdefault(match["name"], {})[match["part"]] = tensor
+    layers: dict[str, dict[str, LayerWeights]] = {}
+    for name, part in sorted(parts.items()):
+        problem, component, path, layer = _layer(name, part, tables, models)
+        if problem:
+            problems.append(problem)
+        else:
+            layers.setdefault(component, {})[path] = layer
+    if problems:
+        raise AdapterFileError(f"{source}: " + "; ".join(problems[:10]))
+    if not layers:
+        raise AdapterFileError(f"{source}: holds no LoRA weights")
+    return {component: Adapter(_config(found), found) for component, found in layers.items()}
+
+
+def _layer(name: str, part: dict[str, Tensor], tables: Mapping[str, dict[str, str]], models: Mapping[str, nn.Module],
+           ) -> tuple[str | None, str, str, LayerWeights | None]:
+    """One kohya module's tensors checked against the model; or what is wrong with them."""
+    prefix = next((p for p in sorted(PREFIXES, key=len, reverse=True) if name.startswith(p + "_")), None)
+    if prefix is None:
+        return f"{name}: unknown kohya prefix (known: {', '.join(sorted(PREFIXES))})", "", "", None
+    component = PREFIXES[prefix]
+    if component not in tables:
+        return f"{name}: a {component} module, but no {component} model was given", "", "", None
+    path = tables[component].get(name)
+    if path is None:
+        return f"{name}: no module of the {component} has this kohya name", component, "", None
+    missing = [p for p in ("lora_down.weight", "lora_up.weight", "alpha") if p not in part]
+    if missing:
+        return f"{name}: missing {', '.join(f'{name}.{p}' for p in missing)}", component, path, None
+    A, B, alpha = part["lora_down.weight"], part["lora_up.weight"], part["alpha"]
+    module = models[component].get_submodule(path)
+    base = module.base_module if isinstance(module, LoraLayer) else module
+    layer_class = layer_class_for(base)
+    rank = A.shape[0] if A.dim() else 0
+    expected = layer_class.shapes(base, max(rank, 1))
+    if tuple(A.shape) != expected[0] or tuple(B.shape) != expected[1]:
+        return (f"{name}.lora_down.weight {tuple(A.shape)} / {name}.lora_up.weight {tuple(B.shape)} do not fit "
+                f"{path} ({type(base).__name__} {tuple(base.weight.shape)}): expected {expected[0]} / {expected[1]}",
+                component, path, None)
+    if alpha.numel() != 1 or not (alpha.is_floating_point() and A.is_floating_point() and B.is_floating_point()):
+        return f"{name}: alpha must be one number and the factors floating point", component, path, None
+    return None, component, path, LayerWeights(A, B, float(alpha) / rank, layer_class.layout)
+
+
+def _config(layers: Mapping[str, LayerWeights]) -> LoraConfig:
+    """The LoraConfig that reproduces these layers: the commonest rank and alpha, patterns
+    for the others, targets the exact module paths."""
+    ranks = {path: layer.rank for path, layer in layers.items()}
+    alphas = {path: layer.scaling * layer.rank for path, layer in layers.items()}
+    rank = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    exact = {path: "^" + path.replace(".", r"\.") for path in layers}
+    try:
+        return LoraConfig(rank=rank, alpha=alpha, targets=tuple(sorted(layers)),
+                          rank_pattern={exact[p]: r for p, r in ranks.items() if r != rank},
+                          alpha_pattern={exact[p]: a for p, a in alphas.items() if a != alpha})
+    except ConfigError as err:
+        raise AdapterFileError(f"kohya file: {err}") from None
