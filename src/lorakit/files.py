@@ -29,7 +29,7 @@ from .attach import (AttachError, adapters, attach, check_new_name, delete_adapt
                      find_targets, known_adapters, lora_layers)
 from .config import LoraConfig
 from .dora import magnitude_shape
-from .formats import AdapterFileError, read_safetensors
+from .formats import AdapterFileError, is_flattened_text_model, read_safetensors
 from .formats.peft import (BASE_COPY, CONFIG_NAME, PICKLED_NAMES, PREFIX, WEIGHTS_NAME, config_from_peft,
                            config_to_peft, from_tensors, magnitude_key, peft_keys, saved_module_keys, to_tensors)
 from .layers import LoraLayer
@@ -390,7 +390,9 @@ def read_pipeline_adapter(path: str | os.PathLike, models: Mapping[str, nn.Modul
     if kohya_keys and len(kohya_keys) != len(keys):
         other = next(k for k in keys if not k.startswith("lora_"))
         raise AdapterFileError(f"{file}: mixes formats: kohya key {kohya_keys[0]} and {other}")
-    return kohya.read_file(file, models) if kohya_keys else diffusers.read_file(file)
+    if kohya_keys:
+        return kohya.read_file(file, models)
+    return diffusers.read_file(file, [c for c, m in models.items() if is_flattened_text_model(c, m)])
 
 
 def load_pipeline_adapter(models: Mapping[str, nn.Module], path: str | os.PathLike, name: str = "default") -> str:

@@ -22,6 +22,17 @@ from torch import Tensor
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
+# transformers 5 flattened CLIPTextModel: what was ``text_model.encoder.layers.0`` is now
+# ``encoder.layers.0``. Files made before (most kohya and diffusers text-encoder LoRAs)
+# use the old tree; they are read into a flattened model with this prefix removed.
+LEGACY_TEXT_PREFIX = "text_model."
+TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
+
+
+def is_flattened_text_model(component: str, model) -> bool:
+    """Whether ``model`` is a text encoder whose module paths lack the old ``text_model.``."""
+    return component in TEXT_COMPONENTS and hasattr(model, "encoder") and not hasattr(model, "text_model")
+
 
 class AdapterFileError(ValueError):
     """An adapter file is missing, unsafe, malformed or does not fit the model."""

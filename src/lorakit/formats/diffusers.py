@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ..adapter import Adapter
 from ..config import ConfigError, LoraConfig
-from . import AdapterFileError, read_safetensors
+from . import LEGACY_TEXT_PREFIX, AdapterFileError, read_safetensors
 from .peft import config_from_peft, config_to_peft, from_tensors, to_tensors
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
@@ -51,8 +51,10 @@ def file_bytes(adapters: Mapping[str, Adapter]) -> bytes:
     return safetensors_bytes(tensors, metadata={"format": "pt", METADATA_KEY: json.dumps(metadata, sort_keys=True)})
 
 
-def read_file(path: str | os.PathLike) -> dict[str, Adapter]:
-    """The adapters of a diffusers LoRA file (or of a directory holding one), by component."""
+def read_file(path: str | os.PathLike, flattened: Collection[str] = ()) -> dict[str, Adapter]:
+    """The adapters of a diffusers LoRA file (or of a directory holding one), by component.
+    ``flattened``: text-encoder components whose model has no ``text_model.`` level, read
+    with that prefix removed from the file's paths."""
     source = Path(path)
     if source.is_dir():
         source = source / WEIGHTS_NAME
@@ -65,6 +67,9 @@ def read_file(path: str | os.PathLike) -> dict[str, Adapter]:
             kind = "a kohya/A1111 key" if key.startswith("lora_") else "not a diffusers LoRA key"
             raise AdapterFileError(f"{source}: {key}: {kind} (expected '<component>.<module path>.lora_A.weight' "
                                    f"with a component in {COMPONENTS})")
+        legacy = f"{component}.{LEGACY_TEXT_PREFIX}"
+        if component in flattened and key.startswith(legacy):
+            key = f"{component}.{key.removeprefix(legacy)}"
         by_component.setdefault(component, {})[key] = tensor
     adapters = {}
     for component, part in by_component.items():

@@ -32,7 +32,8 @@ from ..adapter import Adapter, LayerWeights
 from ..attach import layer_class_for
 from ..config import ConfigError, LoraConfig
 from ..layers import LoraLayer
-from . import AdapterFileError, read_safetensors
+from . import (LEGACY_TEXT_PREFIX, TEXT_COMPONENTS, AdapterFileError, is_flattened_text_model,
+               read_safetensors)
 
 # kohya prefix -> the pipeline component it belongs to.
 PREFIXES = {"lora_unet": "unet", "lora_transformer": "transformer", "lora_te": "text_encoder",
@@ -42,7 +43,15 @@ WRITTEN = {"unet": "lora_unet", "transformer": "lora_transformer", "text_encoder
 KEY = re.compile(r"^(?P<name>lora_[A-Za-z0-9_]+?)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$")
 
 
+# The roots of a flattened CLIPTextModel (formats/__init__.py): kohya names keep the old tree.
+FLATTENED_TEXT_ROOTS = ("embeddings", "encoder", "final_layer_norm")
+
+
 def kohya_name(component: str, path: str) -> str:
+    """The name kohya gives the module at ``path`` (with ``text_model.`` before a flattened
+    text encoder's paths, as every kohya tool expects)."""
+    if component in TEXT_COMPONENTS and path.split(".", 1)[0] in FLATTENED_TEXT_ROOTS:
+        path = LEGACY_TEXT_PREFIX + path
     return f"{WRITTEN[component]}_{path.replace('.', '_')}"
 
 
@@ -57,8 +66,8 @@ def name_table(component: str, model: nn.Module) -> dict[str, str]:
         if not path or path.startswith(inside_layer) or layer_class is None or layer_class.layout not in (
                 "linear", "conv2d"):
             continue
-        for prefix in prefixes:
-            name = f"{prefix}_{path.replace('.', '_')}"
+        legacy = LEGACY_TEXT_PREFIX + path if is_flattened_text_model(component, model) else path
+        for name in {f"{prefix}_{p.replace('.', '_')}" for prefix in prefixes for p in (path, legacy)}:
             if name in table:
                 raise AdapterFileError(f"modules {table[name]!r} and {path!r} share the kohya name {name!r}; "
                                        "kohya files cannot address this model")
@@ -156,7 +165,7 @@ def _layer(name: str, part: dict[str, Tensor], tables: Mapping[str, dict[str, st
     expected = layer_class.shapes(base, max(rank, 1))
     if tuple(A.shape) != expected[0] or tuple(B.shape) != expected[1]:
         return (f"{name}.lora_down.weight {tuple(A.shape)} / {name}.lora_up.weight {tuple(B.shape)} do not fit "
-                f"{path} ({type(base).__name__} {tuple(base.weight.shape)}): expected {expected[0]} / {expected[1]}",
+                f"{path} ({type(base).__name__} {tuple(module.weight.shape)}): expected {expected[0]} / {expected[1]}",
                 component, path, None)
     if alpha.numel() != 1 or not (alpha.is_floating_point() and A.is_floating_point() and B.is_floating_point()):
         return f"{name}: alpha must be one number and the factors floating point", component, path, None
