@@ -9,13 +9,13 @@ import torch
 from torch import nn
 
 
-def tiny_unet(seed: int = 0) -> nn.Module:
+def tiny_unet(seed: int = 0, channels: int = 4) -> nn.Module:
     """A UNet2DConditionModel with cross-attention, 3x3/1x1 convs, down/upsamplers (~0.8M parameters)."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
     return UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        sample_size=16, in_channels=channels, out_channels=channels, layers_per_block=1, block_out_channels=(32, 64),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8).eval()
 
@@ -85,3 +85,32 @@ def pipeline_outputs(pipe) -> dict[str, torch.Tensor]:
     with torch.no_grad():
         return {"unet": pipe.unet(*unet_inputs()).sample,
                 "text_encoder": pipe.text_encoder(torch.tensor([[0, 5, 9, 2, 1]])).last_hidden_state}
+
+
+def pipeline_folder(directory: Path, prediction: str = "epsilon") -> Path:
+    """A diffusers pipeline folder for pixel-space training: a one-channel 16x16 UNet, a DDPM
+    scheduler, a tiny CLIP text encoder and its tokenizer."""
+    from diffusers import DDPMScheduler
+
+    tiny_unet(channels=1).save_pretrained(directory / "unet")
+    DDPMScheduler(num_train_timesteps=100, prediction_type=prediction).save_pretrained(directory / "scheduler")
+    tiny_clip().save_pretrained(directory / "text_encoder")
+    tiny_tokenizer(directory / "tokenizer").save_pretrained(directory / "tokenizer")
+    return directory
+
+
+def image_folder(directory: Path, count: int = 10, seed: int = 0) -> Path:
+    """``count`` 20x20 grey PNGs of a bright square at random places, half captioned by a .txt."""
+    import numpy as np
+    from PIL import Image
+
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        pixels = np.zeros((20, 20), dtype=np.uint8)
+        x, y = rng.integers(0, 12, size=2)
+        pixels[y:y + 8, x:x + 8] = 255
+        Image.fromarray(pixels).save(directory / f"{i:03d}.png")
+        if i % 2:
+            (directory / f"{i:03d}.txt").write_text("a square")
+    return directory

@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .config import ALL_LINEAR, LoraConfig
+from .config import ALL_LINEAR, TARGET_SETS, LoraConfig
 from .quantize import NOISY_LOGGERS, QUANTIZATIONS
 
 app = typer.Typer(help="LoRA adapters for PyTorch models.", no_args_is_help=True, add_completion=False)
@@ -40,9 +40,10 @@ DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def parse_targets(value: str) -> str | tuple[str, ...]:
-    """'all-linear', 're:<regex>' or comma-separated module names."""
-    if value == ALL_LINEAR:
-        return ALL_LINEAR
+    """'all-linear', a target set ('attention', 'attention-conv'), 're:<regex>' or
+    comma-separated module names."""
+    if value == ALL_LINEAR or value in TARGET_SETS:
+        return value
     if value.startswith("re:"):
         return value[3:]
     return tuple(name.strip() for name in value.split(",") if name.strip())
@@ -174,13 +175,7 @@ def train(context: typer.Context, config: str | None, resume: bool, **flags: obj
     """
     from .training.config import TrainConfig, load_yaml
 
-    # Only flags typed on the command line override the YAML file; the others show
-    # TrainConfig's defaults in --help and leave the file's values alone. (By name:
-    # typer carries its own copy of click's ParameterSource.)
-    given = {name: None if value is NONE else value for name, value in flags.items()
-             if getattr(context.get_parameter_source(name), "name", None) == "COMMANDLINE"}
-    if isinstance(given.get("targets"), str):
-        given["targets"] = parse_targets(given["targets"])
+    given = _given(context, flags)
     with user_errors():
         settings = load_yaml(config) if config else {}
         resolved = TrainConfig.from_dict({**settings, **given}, config or "flags")
@@ -196,6 +191,17 @@ def train(context: typer.Context, config: str | None, resume: bool, **flags: obj
                   f"{result.tokens_per_second:,.0f} tokens/s, peak memory {_size(result.peak_memory_bytes)}")
     console.print(f"adapter        {result.adapter} ({_size(result.adapter_bytes)})")
     console.print(f"run files      {result.out}/: config.yaml, metrics.jsonl, loss.png, summary.json, checkpoints/")
+
+
+def _settings(name: str) -> type:
+    """A training settings class, imported when the command line is built."""
+    if name == "ImageTrainConfig":
+        from .training.diffusion import ImageTrainConfig
+
+        return ImageTrainConfig
+    from .training.config import TrainConfig
+
+    return TrainConfig
 
 
 NONE = "none"  # an optional setting given as --flag none: no value (e.g. --max-grad-norm none)
@@ -214,12 +220,10 @@ def _optional(kind: type) -> Callable[[str], object]:
     return parse
 
 
-def _train_signature() -> Signature:
-    """train's parameters: --config, --resume and one flag per TrainConfig field, with
-    that field's help and default, so the two can never disagree."""
-    from .training.config import TrainConfig
-
-    hints = get_type_hints(TrainConfig)
+def _train_signature(settings: type) -> Signature:
+    """A training command's parameters: --config, --resume and one flag per field of its
+    settings class, with that field's help and default, so the two can never disagree."""
+    hints = get_type_hints(settings)
     parameters = [
         Parameter("context", Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context),
         Parameter("config", Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
@@ -227,7 +231,7 @@ def _train_signature() -> Signature:
         Parameter("resume", Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
             bool, typer.Option("--resume", help="Require a checkpoint in --out to continue from.")]),
     ]
-    for field in dataclasses.fields(TrainConfig):
+    for field in dataclasses.fields(settings):
         flag, kind, default = "--" + field.name.replace("_", "-"), hints[field.name], field.default
         option = dict(help=field.metadata["help"], show_default="none" if default is None else True)
         if kind is bool:
@@ -245,8 +249,46 @@ def _train_signature() -> Signature:
     return Signature(parameters)
 
 
-train.__signature__ = _train_signature()
+def _given(context: typer.Context, flags: dict[str, object]) -> dict[str, object]:
+    """Only flags typed on the command line override the YAML file; the others show the
+    defaults in --help and leave the file's values alone. (By name: typer carries its own
+    copy of click's ParameterSource.)"""
+    given = {name: None if value is NONE else value for name, value in flags.items()
+             if getattr(context.get_parameter_source(name), "name", None) == "COMMANDLINE"}
+    if isinstance(given.get("targets"), str):
+        given["targets"] = parse_targets(given["targets"])
+    return given
+
+
+def train_image(context: typer.Context, config: str | None, resume: bool, **flags: object) -> None:
+    """Teach a diffusers UNet a style or a subject with LoRA: images + captions, the
+    noise-prediction loss; resumable, and under torchrun, distributed.
+
+    Example: lorakit train-image --model my-pipeline --data photos/ --caption "a photo of sks dog" --out runs/dog
+    """
+    from .training.config import load_yaml
+    from .training.diffusion import ImageTrainConfig, train_image as run_training
+
+    given = _given(context, flags)
+    with user_errors():
+        settings = load_yaml(config) if config else {}
+        result = run_training(ImageTrainConfig.from_dict({**settings, **given}, config or "flags"), resume=resume)
+    if result.eval_loss_before is not None and result.eval_loss_after is not None:
+        console.print(f"held-out denoising loss  {result.eval_loss_before:.4f} -> {result.eval_loss_after:.4f}")
+    console.print(f"trained        {result.steps} steps in {result.seconds:.1f} s, "
+                  f"{result.images_per_second:,.1f} images/s, peak memory {_size(result.peak_memory_bytes)}; "
+                  f"{result.trainable_parameters:,} trainable parameters "
+                  f"({100 * result.trainable_parameters / result.unet_parameters:.2f} % of the UNet)")
+    console.print(f"adapter        {result.adapter} (PEFT), {result.out}/diffusers/ (pipe.load_lora_weights), "
+                  f"{result.out}/kohya.safetensors")
+    console.print(f"run files      {result.out}/: samples.png (before/after), loss.png, metrics.jsonl, "
+                  "summary.json, checkpoints/")
+
+
+train.__signature__ = _train_signature(_settings("TrainConfig"))
 app.command()(train)
+train_image.__signature__ = _train_signature(_settings("ImageTrainConfig"))
+app.command("train-image")(train_image)
 
 
 @app.command()

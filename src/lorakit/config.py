@@ -49,7 +49,8 @@ class LoraConfig:
         alpha: numerator of the scaling alpha / r (often 2 * rank).
         dropout: dropout probability on the adapter's input, 0 <= p < 1.
         targets: "all-linear" (every Linear / GPT-2 Conv1D except the output head),
-            a list of module names or path suffixes, or one regular expression.
+            a target set ("attention", "attention-conv": ``TARGET_SETS``), a list of
+            module names or path suffixes, or one regular expression.
         exclude: names / suffixes (or one regex) never adapted, even if targeted.
         layers: only adapt modules inside these transformer block indices.
         layers_pattern: the name of the block list ("layers", "h") used with
@@ -81,6 +82,8 @@ class LoraConfig:
     def __post_init__(self) -> None:
         # Lists are accepted for convenience and stored as tuples so the config is hashable-ish
         # and cannot be mutated behind an attached adapter's back.
+        if isinstance(self.targets, str) and self.targets in TARGET_SETS:
+            object.__setattr__(self, "targets", TARGET_SETS[self.targets])
         for name in ("targets", "exclude", "modules_to_save"):
             value = getattr(self, name)
             if not isinstance(value, str):

@@ -25,8 +25,48 @@ def setting(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
+class Settings:
+    """What every run's settings share: YAML in and out, and the run directory."""
+
+    out: str
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.out)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        if isinstance(data.get("targets"), tuple):
+            data["targets"] = list(data["targets"])
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config"):
+        """Build from plain values (YAML); unknown keys are an error that names them."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a mapping of settings, got {type(data).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"{source}: unknown setting(s) {unknown}; known: {sorted(names)}")
+        values = dict(data)
+        for f in dataclasses.fields(cls):
+            # YAML 1.1 reads 1e-4 (no dot) as a string; numbers are meant.
+            if "float" in str(f.type) and isinstance(values.get(f.name), str):
+                try:
+                    values[f.name] = float(values[f.name])
+                except ValueError:
+                    raise ConfigError(f"{source}: {f.name} must be a number, got {values[f.name]!r}") from None
+        if isinstance(values.get("targets"), list):
+            values["targets"] = tuple(values["targets"])
+        try:
+            return cls(**values)
+        except TypeError as err:  # e.g. a string where a number belongs
+            raise ConfigError(f"{source}: {err}") from None
+
+
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Settings):
     """Every setting of a run. Each field is also a ``lorakit train`` flag
     (``micro_batch_size`` -> ``--micro-batch-size``) and a YAML key."""
 
@@ -113,40 +153,6 @@ class TrainConfig:
         return LoraConfig(rank=self.rank, alpha=self.alpha, dropout=self.dropout, targets=self.targets,
                           init=self.init, variant=self.variant)
 
-    @property
-    def out_dir(self) -> Path:
-        return Path(self.out)
-
-    def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        if isinstance(self.targets, tuple):
-            data["targets"] = list(self.targets)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "config") -> TrainConfig:
-        """Build from plain values (YAML); unknown keys are an error that names them."""
-        if not isinstance(data, dict):
-            raise ConfigError(f"{source}: expected a mapping of settings, got {type(data).__name__}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ConfigError(f"{source}: unknown setting(s) {unknown}; known: {sorted(names)}")
-        values = dict(data)
-        for f in dataclasses.fields(cls):
-            # YAML 1.1 reads 1e-4 (no dot) as a string; numbers are meant.
-            if "float" in str(f.type) and isinstance(values.get(f.name), str):
-                try:
-                    values[f.name] = float(values[f.name])
-                except ValueError:
-                    raise ConfigError(f"{source}: {f.name} must be a number, got {values[f.name]!r}") from None
-        if isinstance(values.get("targets"), list):
-            values["targets"] = tuple(values["targets"])
-        try:
-            return cls(**values)
-        except TypeError as err:  # e.g. a string where a number belongs
-            raise ConfigError(f"{source}: {err}") from None
-
 
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     """The settings in a YAML file, with the file named in any parse error."""
@@ -167,7 +173,7 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def dump_yaml(config: TrainConfig) -> str:
+def dump_yaml(config: Settings) -> str:
     import yaml
 
     return yaml.safe_dump(config.to_dict(), sort_keys=False)

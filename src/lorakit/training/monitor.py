@@ -54,7 +54,9 @@ class Monitor:
         if step % self.log_every and step != self.total_steps:
             return
         self.record(entry)
-        info = (f"loss {entry['loss']:.4f}  lr {entry['lr']:.2e}  {entry['tokens_per_second']:,.0f} tok/s")
+        rate = (f"{entry['tokens_per_second']:,.0f} tok/s" if "tokens_per_second" in entry
+                else f"{entry['images_per_second']:,.1f} img/s")
+        info = f"loss {entry['loss']:.4f}  lr {entry['lr']:.2e}  {rate}"
         if self.progress is not None:
             self.progress.update(self.task, completed=step, info=info)
         elif self.enabled:
@@ -81,7 +83,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot_loss(metrics: Path, picture: Path) -> None:
+def plot_loss(metrics: Path, picture: Path, ylabel: str = "cross-entropy per trained token") -> None:
     """Train and eval loss against the step, as a PNG."""
     import matplotlib
 
@@ -97,7 +99,7 @@ def plot_loss(metrics: Path, picture: Path) -> None:
     if held_out:
         axes.plot(*zip(*held_out), "o-", label="eval loss")
     axes.set_xlabel("optimizer step")
-    axes.set_ylabel("cross-entropy per trained token")
+    axes.set_ylabel(ylabel)
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()

@@ -1,0 +1,405 @@
+"""LoRA for a diffusion UNet: the standard noise-prediction loss, read top to bottom.
+
+    for each optimizer step s:
+        x0    = the step's images (as the VAE's latents, when the model has one)
+        t, ε  = timesteps and noise drawn from a generator seeded by (seed, s, image)
+        x_t   = √ᾱ_t · x0 + √(1 − ᾱ_t) · ε                 the scheduler's add_noise
+        loss  = ‖ unet(x_t, t, text) − target ‖² / size   target ε, or v = √ᾱ_t·ε − √(1−ᾱ_t)·x0
+        mean over the batch's images, backward per micro-batch, clip, AdamW step
+
+(Ho et al., DDPM, arXiv:2006.11239; v-prediction: Salimans & Ho, arXiv:2202.00512; the
+prediction type is the scheduler config's.) Noise and timesteps depend only on the seed,
+the step and the image, so a resumed run, or one split over processes, draws the same
+ones. The text encoder and VAE stay frozen: captions and latents are computed once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..attach import attach, disabled
+from ..config import LoraConfig
+from ..files import save_adapter, save_pipeline_adapter
+from .batches import micro_batches, split_eval, step_indices
+from .checkpoint import latest_checkpoint, load_checkpoint, run_lock, save_checkpoint, write_text
+from .config import SCHEDULES, Settings, dump_yaml, load_yaml, setting
+from .data import DataError
+from .distributed import Processes
+from .images import ImageExample, encode_captions, read_image_folder, sample, save_grid
+from .loop import (TrainingError, accumulate, learning_rate, parameter_groups, peak_memory, reset_peak_memory)
+from .monitor import Monitor, plot_loss
+
+PREDICTIONS = ("epsilon", "v_prediction")
+EVAL_STEP = 2**40  # the noise of held-out evaluation is drawn as at this step
+NOT_RESUMABLE_IF_CHANGED = ("model", "rank", "alpha", "dropout", "targets", "data", "caption", "resolution",
+                            "eval_fraction", "max_steps", "batch_size", "micro_batch_size", "lr", "loraplus_ratio",
+                            "weight_decay", "warmup_steps", "schedule", "min_lr_ratio", "max_grad_norm", "seed")
+
+
+@dataclass(frozen=True)
+class ImageTrainConfig(Settings):
+    """Every setting of an image run; each is a ``lorakit train-image`` flag and a YAML key."""
+
+    model: str = setting("", "Diffusers pipeline folder: unet/, scheduler/, text_encoder/ + tokenizer/, "
+                             "and vae/ for a latent model.")
+    data: str = setting("", "Folder of images; a caption per image in a .txt of the same name.")
+    caption: str | None = setting(None, "Caption of images without a .txt (a class token: 'a photo of sks dog').")
+    resolution: int | None = setting(None, "Image side in pixels; none: the UNet's sample size (x the VAE's "
+                                           "downscaling).")
+    rank: int = setting(8, "LoRA rank r.")
+    alpha: float = setting(8.0, "LoRA alpha; the update is scaled by alpha / rank.")
+    dropout: float = setting(0.0, "Dropout on the adapter's input while training.")
+    targets: str | tuple[str, ...] = setting("attention", "attention, attention-conv, or comma-separated "
+                                                          "module names.")
+    eval_fraction: float = setting(0.1, "Fraction of the images held out for the denoising loss (0: none).")
+    max_steps: int = setting(200, "Optimizer steps.")
+    batch_size: int = setting(8, "Images per optimizer step, over all processes.")
+    micro_batch_size: int = setting(8, "Images per forward pass and process; the rest is accumulated.")
+    lr: float = setting(1e-4, "Peak learning rate.")
+    loraplus_ratio: float | None = setting(None, "LoRA+: B learns at lr x ratio.")
+    weight_decay: float = setting(0.0, "AdamW weight decay.")
+    warmup_steps: int = setting(0, "Linear warmup steps.")
+    schedule: str = setting("constant", "Decay after warmup: cosine, linear or constant.")
+    min_lr_ratio: float = setting(0.0, "The schedule ends at lr x min_lr_ratio.")
+    max_grad_norm: float | None = setting(1.0, "Gradient clipping norm (none: no clipping).")
+    seed: int = setting(0, "Seed of the adapter's init, the noise and the samples.")
+    sample_prompts: str | None = setting(None, "Prompts of the before/after grid, separated by '|'; none: the "
+                                               "training captions (up to 4).")
+    samples_per_prompt: int = setting(4, "Images per prompt in the grid.")
+    sample_steps: int = setting(25, "DDIM steps per sample.")
+    out: str = setting("runs/lorakit-image", "Run directory: adapter, checkpoints, metrics, samples.")
+    save_every: int = setting(50, "Checkpoint every N steps (and always at the end).")
+    keep_checkpoints: int = setting(2, "Newest checkpoints kept.")
+    log_every: int = setting(1, "Log every N steps.")
+    device: str = setting("auto", "auto (cuda if available), cpu or cuda.")
+
+    def __post_init__(self) -> None:
+        problems = [f"{name} is required" for name in ("model", "data") if not getattr(self, name)]
+        positive = ("rank", "max_steps", "batch_size", "micro_batch_size", "save_every", "keep_checkpoints",
+                    "log_every", "samples_per_prompt", "sample_steps")
+        problems += [f"{name} must be >= 1, got {getattr(self, name)}" for name in positive if getattr(self, name) < 1]
+        if self.resolution is not None and self.resolution < 8:
+            problems.append(f"resolution must be >= 8, got {self.resolution}")
+        if self.lr <= 0 or not 0 <= self.eval_fraction < 1 or self.warmup_steps < 0:
+            problems.append("lr must be > 0, eval_fraction in [0, 1), warmup_steps >= 0")
+        if self.schedule not in SCHEDULES:
+            problems.append(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.batch_size % self.micro_batch_size:
+            problems.append(f"batch_size {self.batch_size} is not a multiple of micro_batch_size "
+                            f"{self.micro_batch_size}")
+        if problems:
+            from ..config import ConfigError
+
+            raise ConfigError("invalid image training config:\n  " + "\n  ".join(problems))
+        self.lora()
+
+    def lora(self) -> LoraConfig:
+        return LoraConfig(rank=self.rank, alpha=self.alpha, dropout=self.dropout, targets=self.targets)
+
+
+@dataclass
+class Pipeline:
+    """The parts of a diffusers pipeline folder that training uses."""
+
+    unet: nn.Module
+    scheduler: Any  # a diffusers scheduler: add_noise, get_velocity, its config
+    text_encoder: nn.Module
+    tokenizer: Any
+    vae: nn.Module | None
+
+    @property
+    def prediction(self) -> str:
+        return self.scheduler.config.prediction_type
+
+    def sample_shape(self, resolution: int) -> tuple[int, int, int]:
+        side = resolution // self.vae_scale
+        return (self.unet.config.in_channels, side, side)
+
+    @property
+    def vae_scale(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
+
+
+def load_pipeline(folder: str | Path) -> Pipeline:
+    """The UNet, noise scheduler, text encoder, tokenizer and optional VAE of ``folder``."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    folder = Path(folder)
+    missing = [part for part in ("unet", "scheduler", "text_encoder", "tokenizer") if not (folder / part).is_dir()]
+    if missing:
+        raise TrainingError(f"{folder}: not a diffusers pipeline folder (missing {', '.join(missing)}/)")
+    scheduler = DDPMScheduler.from_pretrained(folder / "scheduler")
+    if scheduler.config.prediction_type not in PREDICTIONS:
+        raise TrainingError(f"{folder}/scheduler: prediction_type {scheduler.config.prediction_type!r} is not "
+                            f"supported (supported: {', '.join(PREDICTIONS)})")
+    vae = AutoencoderKL.from_pretrained(folder / "vae").eval() if (folder / "vae").is_dir() else None
+    return Pipeline(UNet2DConditionModel.from_pretrained(folder / "unet"), scheduler,
+                    CLIPTextModel.from_pretrained(folder / "text_encoder").eval(),
+                    AutoTokenizer.from_pretrained(folder / "tokenizer"), vae)
+
+
+@dataclass
+class ImageBatch:
+    latents: Tensor
+    states: Tensor
+    noise: Tensor
+    timesteps: Tensor
+
+    def to(self, device: torch.device) -> ImageBatch:
+        return ImageBatch(*(t.to(device) for t in (self.latents, self.states, self.noise, self.timesteps)))
+
+
+class DenoisingLoss(nn.Module):
+    """The UNet and its loss in one module (what DistributedDataParallel wraps): the sum over
+    the batch of each image's mean squared error."""
+
+    def __init__(self, unet: nn.Module, scheduler) -> None:
+        super().__init__()
+        self.unet = unet
+        self.scheduler = scheduler
+
+    def forward(self, batch: ImageBatch) -> Tensor:
+        return denoising_loss(self.unet, self.scheduler, batch).sum()
+
+
+def denoising_loss(unet: nn.Module, scheduler, batch: ImageBatch) -> Tensor:
+    """Each image's mean squared error between the UNet's prediction and its target."""
+    noisy = scheduler.add_noise(batch.latents, batch.noise, batch.timesteps)
+    if scheduler.config.prediction_type == "v_prediction":
+        target = scheduler.get_velocity(batch.latents, batch.noise, batch.timesteps)
+    else:
+        target = batch.noise
+    prediction = unet(noisy, batch.timesteps, batch.states).sample
+    return F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(1)
+
+
+def draw(seed: int, step: int, index: int, shape: tuple[int, ...], timesteps: int) -> tuple[Tensor, Tensor]:
+    """The noise and timestep of image ``index`` at ``step``: a function of the three numbers alone."""
+    generator = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, index]).generate_state(1)[0]))
+    return torch.randn(shape, generator=generator), torch.randint(0, timesteps, (1,), generator=generator)
+
+
+def make_batch(latents: Tensor, states: Tensor, indices: list[int], seed: int, step: int, timesteps: int,
+               ) -> ImageBatch:
+    noise, times = zip(*(draw(seed, step, i, tuple(latents.shape[1:]), timesteps) for i in indices))
+    return ImageBatch(latents[indices], states[indices], torch.stack(noise), torch.cat(times))
+
+
+@dataclass
+class ImageTrainResult:
+    out: Path
+    adapter: Path
+    steps: int
+    resumed_from: int | None
+    train_loss: float | None
+    eval_loss_before: float | None
+    eval_loss_after: float | None
+    images_per_second: float
+    seconds: float
+    peak_memory_bytes: int
+    trainable_parameters: int
+    unet_parameters: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: str(v) if isinstance(v, Path) else v for k, v in self.__dict__.items()}
+
+
+def train_image(config: ImageTrainConfig, resume: bool = False) -> ImageTrainResult:
+    """Teach a diffusers UNet the images of ``config.data`` with a LoRA adapter."""
+    processes = Processes.from_env()
+    try:
+        _check_output_dir(config, resume)
+        pipeline = load_pipeline(config.model)
+        resolution = config.resolution or pipeline.unet.config.sample_size * pipeline.vae_scale
+        channels = 3 if pipeline.vae is not None else pipeline.unet.config.in_channels
+        examples = read_image_folder(config.data, config.caption, resolution, channels)
+        with run_lock(config.out_dir) if processes.main else nullcontext():
+            return _fit(pipeline, examples, resolution, config, processes)
+    finally:
+        processes.close()
+
+
+def _check_output_dir(config: ImageTrainConfig, resume: bool) -> None:
+    saved = config.out_dir / "config.yaml"
+    if not saved.exists():
+        if resume:
+            raise TrainingError(f"--resume: {config.out_dir} has no run to resume")
+        return
+    before = ImageTrainConfig.from_dict(load_yaml(saved), str(saved))
+    changed = [k for k in NOT_RESUMABLE_IF_CHANGED if getattr(before, k) != getattr(config, k)]
+    if changed:
+        details = ", ".join(f"{k}: {getattr(before, k)!r} -> {getattr(config, k)!r}" for k in changed)
+        raise TrainingError(f"{config.out_dir} holds a run with other settings ({details}); "
+                            "use another --out, or the same settings to resume it")
+    if resume and latest_checkpoint(config.out_dir) is None:
+        raise TrainingError(f"--resume: {config.out_dir} has no checkpoint yet")
+
+
+@torch.no_grad()
+def encode_images(pipeline: Pipeline, examples: list[ImageExample], device: torch.device, seed: int) -> Tensor:
+    """The UNet's inputs x0: pixels, or the VAE's latents (one seeded draw per image)."""
+    pixels = torch.stack([e.pixels for e in examples]).to(device)
+    if pipeline.vae is None:
+        return pixels
+    pipeline.vae.to(device)
+    generator = torch.Generator(device).manual_seed(seed)
+    return pipeline.vae.encode(pixels).latent_dist.sample(generator) * pipeline.vae.config.scaling_factor
+
+
+def _fit(pipeline: Pipeline, examples: list[ImageExample], resolution: int, config: ImageTrainConfig,
+         processes: Processes) -> ImageTrainResult:
+    out = config.out_dir
+    if config.batch_size % (config.micro_batch_size * processes.world_size):
+        raise TrainingError(f"batch_size {config.batch_size} must be a multiple of micro_batch_size "
+                            f"{config.micro_batch_size} x {processes.world_size} process(es)")
+    device = processes.device(config.device)
+    kept, held_out = split_eval(examples, config.eval_fraction, config.seed) if config.eval_fraction else (examples, [])
+    if not kept:
+        raise DataError(f"{config.data}: no images left for training after holding out {config.eval_fraction}")
+    pipeline.text_encoder.to(device)
+    captions = encode_captions([e.caption for e in examples], pipeline.tokenizer, pipeline.text_encoder, device)
+    latents = encode_images(pipeline, kept, device, config.seed).cpu()
+    states = torch.stack([captions[e.caption] for e in kept]).cpu()
+    eval_latents = encode_images(pipeline, held_out, device, config.seed).cpu() if held_out else None
+    eval_states = torch.stack([captions[e.caption] for e in held_out]).cpu() if held_out else None
+
+    unet = pipeline.unet.to(device)
+    torch.manual_seed(config.seed)
+    attach(unet, config.lora())
+    reset_peak_memory(device)
+    groups = parameter_groups(unet, config)
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    parameters = [p for group in groups for p in group["params"]]
+    state: dict[str, Any] = {"images": 0, "seconds": 0.0, "eval_loss_before": None, "train_loss": None}
+    start_step = 0
+    checkpoint = latest_checkpoint(out)
+    if checkpoint is not None:
+        state.update(load_checkpoint(checkpoint, unet, optimizer))
+        start_step = state.pop("step")
+    if processes.main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text(out / "config.yaml", dump_yaml(config))
+    monitor = Monitor(out, config.max_steps, start_step, processes.main, config.log_every)
+    trainable = sum(p.numel() for p in parameters)
+    monitor.note(f"data: {len(kept)} training images, {len(held_out)} held out, {resolution}x{resolution}; "
+                 f"{config.max_steps} steps of {config.batch_size}; {trainable:,} trainable parameters "
+                 f"({100 * trainable / sum(p.numel() for p in unet.parameters()):.2f} % of the UNet)"
+                 + (f"; resuming after step {start_step}" if start_step else ""))
+    runner = processes.wrap(DenoisingLoss(unet, pipeline.scheduler), device)
+    timesteps = pipeline.scheduler.config.num_train_timesteps
+
+    def evaluate() -> float | None:
+        if eval_latents is None:
+            return None
+        return _evaluate(unet, pipeline.scheduler, eval_latents, eval_states, config, processes, device)
+
+    if start_step == 0:
+        state["eval_loss_before"] = evaluate()
+        if state["eval_loss_before"] is not None:
+            monitor.evaluation(0, state["eval_loss_before"])
+    started = time.perf_counter() - state["seconds"]
+    try:
+        unet.train()
+        for step in range(start_step, config.max_steps):
+            lr = learning_rate(config, step, config.max_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group["lr_scale"]
+            indices = step_indices(len(kept), config.batch_size, step, config.seed)
+            batches = [make_batch(latents, states, chunk, config.seed, step, timesteps).to(device)
+                       for chunk in micro_batches(indices, processes.rank, processes.world_size,
+                                                  config.micro_batch_size)]
+            loss = processes.sum(accumulate(runner, batches, config.batch_size, processes.world_size,
+                                            nullcontext()), device) / config.batch_size
+            grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm or math.inf)
+            if not (math.isfinite(loss) and torch.isfinite(grad_norm)):
+                raise TrainingError(f"training diverged at step {step + 1}: loss {loss}, gradient norm "
+                                    f"{grad_norm.item()}; lower lr and run again")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            state["images"] += config.batch_size
+            state["seconds"] = time.perf_counter() - started
+            state["train_loss"] = loss
+            monitor.step({"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm.item(),
+                          "images_per_second": state["images"] / state["seconds"], "time": time.time()})
+            if done % config.save_every == 0 or done == config.max_steps:
+                if processes.main:
+                    save_checkpoint(out, done, unet, optimizer, state, config.keep_checkpoints)
+                processes.barrier()
+        unet.eval()
+        eval_after = evaluate()
+        if eval_after is not None:
+            monitor.evaluation(config.max_steps, eval_after)
+    finally:
+        monitor.close()
+    return _finish(pipeline, config, processes, device, state, start_step, eval_after, resolution, trainable,
+                   [e.caption for e in kept])
+
+
+@torch.no_grad()
+def _evaluate(unet: nn.Module, scheduler, latents: Tensor, states: Tensor, config: ImageTrainConfig,
+              processes: Processes, device: torch.device) -> float:
+    """Mean denoising loss over the held-out images, with noise and timesteps fixed by the
+    seed (as a step no run reaches), so every evaluation of a run sees the same noisy inputs."""
+    was_training = unet.training
+    unet.eval()
+    total = 0.0
+    timesteps = scheduler.config.num_train_timesteps
+    for chunk in micro_batches(list(range(len(latents))), processes.rank, processes.world_size,
+                               config.micro_batch_size):
+        batch = make_batch(latents, states, chunk, config.seed, EVAL_STEP, timesteps).to(device)
+        total += denoising_loss(unet, scheduler, batch).sum().item()
+    unet.train(was_training)
+    return processes.sum(total, device) / len(latents)
+
+
+def _finish(pipeline: Pipeline, config: ImageTrainConfig, processes: Processes, device: torch.device,
+            state: dict[str, Any], start_step: int, eval_after: float | None, resolution: int, trainable: int,
+            captions: list[str]) -> ImageTrainResult:
+    """The adapter in three formats, samples.png, loss.png, and summary.json last."""
+    out, unet = config.out_dir, pipeline.unet
+    if processes.main:
+        save_adapter(unet, out / "adapter")
+        save_pipeline_adapter({"unet": unet}, out / "diffusers")
+        save_pipeline_adapter({"unet": unet}, out / "kohya.safetensors", file_format="kohya")
+        plot_loss(out / "metrics.jsonl", out / "loss.png", ylabel="denoising loss (mean squared error)")
+        prompts = (config.sample_prompts.split("|") if config.sample_prompts
+                   else sorted(set(captions))[:4])
+        before, after = sample_grid(pipeline, prompts, config, resolution, device)
+        save_grid(out / "samples.png", {"before": before, "after": after}, prompts)
+    result = ImageTrainResult(
+        out=out, adapter=out / "adapter", steps=config.max_steps, resumed_from=start_step or None,
+        train_loss=state["train_loss"], eval_loss_before=state["eval_loss_before"], eval_loss_after=eval_after,
+        images_per_second=state["images"] / max(state["seconds"], 1e-9), seconds=state["seconds"],
+        peak_memory_bytes=peak_memory(device), trainable_parameters=trainable,
+        unet_parameters=sum(p.numel() for p in unet.parameters()))
+    if processes.main:
+        write_text(out / "summary.json", json.dumps(result.to_json(), indent=2) + "\n")
+    processes.barrier()
+    return result
+
+
+def sample_grid(pipeline: Pipeline, prompts: list[str], config: ImageTrainConfig, resolution: int,
+                device: torch.device) -> tuple[Tensor, Tensor]:
+    """Images of each prompt without the adapter and with it, from the same noise."""
+    states = encode_captions(prompts, pipeline.tokenizer, pipeline.text_encoder, device)
+    k = config.samples_per_prompt
+    batch = torch.stack([states[p] for p in prompts for _ in range(k)])
+    shape = pipeline.sample_shape(resolution)
+    unet = pipeline.unet.eval()
+    with disabled(unet):
+        before = sample(unet, pipeline.scheduler.config, batch, shape, config.seed, config.sample_steps, pipeline.vae)
+    after = sample(unet, pipeline.scheduler.config, batch, shape, config.seed, config.sample_steps, pipeline.vae)
+    return before.unflatten(0, (len(prompts), k)), after.unflatten(0, (len(prompts), k))
