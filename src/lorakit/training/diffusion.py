@@ -136,10 +136,7 @@ def load_pipeline(folder: str | Path) -> Pipeline:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
 
-    folder = Path(folder)
-    missing = [part for part in ("unet", "scheduler", "text_encoder", "tokenizer") if not (folder / part).is_dir()]
-    if missing:
-        raise TrainingError(f"{folder}: not a diffusers pipeline folder (missing {', '.join(missing)}/)")
+    folder = _check_pipeline_folder(folder)
     scheduler = DDPMScheduler.from_pretrained(folder / "scheduler")
     if scheduler.config.prediction_type not in PREDICTIONS:
         raise TrainingError(f"{folder}/scheduler: prediction_type {scheduler.config.prediction_type!r} is not "
@@ -148,6 +145,26 @@ def load_pipeline(folder: str | Path) -> Pipeline:
     return Pipeline(UNet2DConditionModel.from_pretrained(folder / "unet"), scheduler,
                     CLIPTextModel.from_pretrained(folder / "text_encoder").eval(),
                     AutoTokenizer.from_pretrained(folder / "tokenizer"), vae)
+
+
+def _check_pipeline_folder(folder: str | Path) -> Path:
+    folder = Path(folder)
+    missing = [part for part in ("unet", "scheduler", "text_encoder", "tokenizer") if not (folder / part).is_dir()]
+    if missing:
+        raise TrainingError(f"{folder}: not a diffusers pipeline folder (missing "
+                            f"{', '.join(part + '/' for part in missing)})")
+    return folder
+
+
+def image_shape(config: ImageTrainConfig) -> tuple[int, int]:
+    """(resolution, channels) of the training images, from the pipeline's config files alone
+    (so the images are checked before any weights load)."""
+    folder = _check_pipeline_folder(config.model)
+    unet = json.loads((folder / "unet" / "config.json").read_text())
+    if (folder / "vae").is_dir():
+        vae = json.loads((folder / "vae" / "config.json").read_text())
+        return config.resolution or unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1), 3
+    return config.resolution or unet["sample_size"], unet["in_channels"]
 
 
 @dataclass
@@ -221,10 +238,9 @@ def train_image(config: ImageTrainConfig, resume: bool = False) -> ImageTrainRes
     processes = Processes.from_env()
     try:
         _check_output_dir(config, resume)
-        pipeline = load_pipeline(config.model)
-        resolution = config.resolution or pipeline.unet.config.sample_size * pipeline.vae_scale
-        channels = 3 if pipeline.vae is not None else pipeline.unet.config.in_channels
+        resolution, channels = image_shape(config)
         examples = read_image_folder(config.data, config.caption, resolution, channels)
+        pipeline = load_pipeline(config.model)
         with run_lock(config.out_dir) if processes.main else nullcontext():
             return _fit(pipeline, examples, resolution, config, processes)
     finally:
