@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench bench-train bench-serve clean
+.PHONY: demo demo-image test test-slow bench bench-train bench-serve clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,9 @@ $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py
+
+demo-image: $(STAMP)
+	$(BIN)/python examples/demo_image.py
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
