@@ -1,7 +1,7 @@
 """Training-step cost and peak memory of LoRA vs full fine-tuning of one diffusers UNet.
 
 The UNet has Stable Diffusion 1.5's layout at a smaller width (4 latent channels, 32x32
-latents, as for 256x256 images; block widths 64-128-256-256, two layers per block,
+latents, as for 256x256 images; block widths 128-256-512-512, two layers per block,
 cross-attention to 77 text states of width 384; random weights, float32). Every variant
 runs lorakit's training step (``training.diffusion.DenoisingLoss`` through
 ``training.loop.accumulate``: the noise-prediction loss, backward, AdamW) on the same
@@ -12,7 +12,7 @@ attention targets for reference. Steps are interleaved in one process, every rou
 rotating order, median over rounds; peak resident memory is measured in a fresh process
 per variant (model + 3 steps).
 
-    python bench/bench_image_train.py [--rounds 5] [--batch 4]
+    python bench/bench_image_train.py [--rounds 5] [--batch 2]
 """
 
 from __future__ import annotations
@@ -32,12 +32,16 @@ from bench_core import interleaved, table  # noqa: E402
 RANK = 16
 
 
-def build():
+WIDTH = 128  # SD 1.5's is 320
+
+
+def build(width: int = WIDTH):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
     return UNet2DConditionModel(
-        sample_size=32, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(64, 128, 256, 256),
+        sample_size=32, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(width, 2 * width, 4 * width, 4 * width),
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=384, attention_head_dim=8, norm_num_groups=32).train()
@@ -116,7 +120,7 @@ def memory_run(variant: str, batch: int, steps: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=2)
     args = parser.parse_args()
 
     batch = make_batch(args.batch)
@@ -124,7 +128,7 @@ def main() -> None:
     total = sum(p.numel() for p in base.parameters())
     steps = {name: step(copy.deepcopy(base), batch, **kwargs) for name, kwargs in VARIANTS.items()}
     del base
-    print(f"UNet2DConditionModel, SD-1.5 layout at widths 64-128-256-256 ({total / 1e6:.1f}M parameters, random "
+    print(f"UNet2DConditionModel, SD-1.5 layout at widths 128-256-512-512 ({total / 1e6:.1f}M parameters, random "
           f"weights, fp32); batch of {args.batch} 4x32x32 latents, 77x384 text states; LoRA r={RANK}; "
           f"{torch.get_num_threads()} threads; torch {torch.__version__}; median of {args.rounds} interleaved rounds\n")
     medians = interleaved(steps, args.rounds, warmup=1)

@@ -19,8 +19,9 @@ from lorakit.files import load_pipeline_adapter
 from lorakit.training import TrainingError
 from lorakit.training.checkpoint import latest_checkpoint
 from lorakit.training.data import DataError
-from lorakit.training.diffusion import (ImageBatch, ImageTrainConfig, denoising_loss, draw, load_pipeline,
-                                        train_image)
+from lorakit.training.diffusion import (ImageBatch, ImageTrainConfig, check_batch, denoising_loss, draw,
+                                        load_pipeline, train_image)
+from lorakit.training.distributed import Processes
 
 from image_models import image_folder, pipeline_folder
 
@@ -149,19 +150,10 @@ def test_bad_input_is_refused_before_anything_is_written(folders, tmp_path):
     with pytest.raises(TrainingError, match=r"missing unet/, scheduler/, text_encoder/, tokenizer/"):
         train_image(config(folders, tmp_path / "c", model=str(tmp_path)))
     with pytest.raises(TrainingError, match="must be a multiple of micro_batch_size 2 x 2 process"):
-        _fit_on_two_processes(folders, tmp_path)
+        check_batch(config(folders, tmp_path / "d", batch_size=6, micro_batch_size=2), Processes(0, 2))
     with pytest.raises(ConfigError, match="data is required"):
         ImageTrainConfig(model="m", data="", out=str(tmp_path / "e"))
     assert not any((tmp_path / name).exists() for name in "abcde")
-
-
-def _fit_on_two_processes(folders, tmp_path):
-    from lorakit.training.diffusion import Processes, _fit, read_image_folder
-
-    pipeline = load_pipeline(folders[0])
-    examples = read_image_folder(folders[1], "a square", 16, 1)
-    _fit(pipeline, examples, 16, config(folders, tmp_path / "d", batch_size=6, micro_batch_size=2),
-         Processes(rank=0, world_size=2))
 
 
 def test_a_run_with_other_settings_is_refused(folders, tmp_path):

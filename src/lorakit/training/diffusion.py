@@ -237,6 +237,7 @@ def train_image(config: ImageTrainConfig, resume: bool = False) -> ImageTrainRes
     """Teach a diffusers UNet the images of ``config.data`` with a LoRA adapter."""
     processes = Processes.from_env()
     try:
+        check_batch(config, processes)
         _check_output_dir(config, resume)
         resolution, channels = image_shape(config)
         examples = read_image_folder(config.data, config.caption, resolution, channels)
@@ -245,6 +246,12 @@ def train_image(config: ImageTrainConfig, resume: bool = False) -> ImageTrainRes
             return _fit(pipeline, examples, resolution, config, processes)
     finally:
         processes.close()
+
+
+def check_batch(config: ImageTrainConfig, processes: Processes) -> None:
+    if config.batch_size % (config.micro_batch_size * processes.world_size):
+        raise TrainingError(f"batch_size {config.batch_size} must be a multiple of micro_batch_size "
+                            f"{config.micro_batch_size} x {processes.world_size} process(es)")
 
 
 def _check_output_dir(config: ImageTrainConfig, resume: bool) -> None:
@@ -277,9 +284,6 @@ def encode_images(pipeline: Pipeline, examples: list[ImageExample], device: torc
 def _fit(pipeline: Pipeline, examples: list[ImageExample], resolution: int, config: ImageTrainConfig,
          processes: Processes) -> ImageTrainResult:
     out = config.out_dir
-    if config.batch_size % (config.micro_batch_size * processes.world_size):
-        raise TrainingError(f"batch_size {config.batch_size} must be a multiple of micro_batch_size "
-                            f"{config.micro_batch_size} x {processes.world_size} process(es)")
     device = processes.device(config.device)
     kept, held_out = split_eval(examples, config.eval_fraction, config.seed) if config.eval_fraction else (examples, [])
     if not kept:
