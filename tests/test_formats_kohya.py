@@ -18,8 +18,6 @@ from lorakit.formats.kohya import name_table
 from conftest import assert_unchanged, randomize_adapters, snapshot
 from image_models import pipeline_outputs, tiny_pipeline
 
-torch.set_grad_enabled(False)
-
 # Modules named as kohya names them, for the tiny UNet / CLIP of image_models.py.
 HAND_MADE = {  # kohya name -> (down shape, up shape, alpha)
     "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q": ((4, 32), (32, 4), 1.0),

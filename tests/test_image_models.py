@@ -15,12 +15,17 @@ from lorakit.config import TARGET_SETS
 from conftest import randomize_adapters
 from image_models import dit_inputs, tiny_clip, tiny_dit, tiny_unet, unet_inputs
 
-torch.set_grad_enabled(False)
+def no_grad(function):
+    def call(model):
+        with torch.no_grad():
+            return function(model)
+    return call
+
 
 MODELS = {
-    "unet": (tiny_unet, lambda m: m(*unet_inputs()).sample),
-    "dit": (tiny_dit, lambda m: m(**dit_inputs()).sample),
-    "clip": (tiny_clip, lambda m: m(torch.tensor([[0, 5, 9, 2, 1], [0, 7, 7, 3, 1]])).last_hidden_state),
+    "unet": (tiny_unet, no_grad(lambda m: m(*unet_inputs()).sample)),
+    "dit": (tiny_dit, no_grad(lambda m: m(**dit_inputs()).sample)),
+    "clip": (tiny_clip, no_grad(lambda m: m(torch.tensor([[0, 5, 9, 2, 1], [0, 7, 7, 3, 1]])).last_hidden_state)),
 }
 
 
@@ -35,7 +40,8 @@ def dense_reference(base, model):
             delta = (B[:, :, 0, 0] @ A.reshape(A.shape[0], -1)).reshape(weight.shape)
         else:
             delta = B @ A
-        weight.add_(s * delta)
+        with torch.no_grad():
+            weight.add_(s * delta)
     return dense
 
 

@@ -13,7 +13,8 @@ from .attach import (
 from .adapter import Adapter, LayerWeights, merged_state_dict
 from .combine import CombineError, combine, compress
 from .config import ConfigError, LoraConfig
-from .files import AdapterFileError, export_adapter, import_adapter, load_adapter, read_adapter, save_adapter
+from .files import (AdapterFileError, export_adapter, import_adapter, load_adapter, load_pipeline_adapter, read_adapter,
+                    save_adapter, save_pipeline_adapter)
 from .layers import LoraAdapter, LoraLayer
 from .merge import MergeError, detach, merge, unmerge
 from .pretrained import load_model, load_tokenizer
@@ -26,6 +27,6 @@ __all__ = [
     "merged_state_dict", "read_adapter",
     "AdapterFileError", "AttachError", "ConfigError", "LoraAdapter", "LoraConfig", "LoraLayer",
     "MergeError", "ParameterCount", "adapters", "attach", "delete_adapter", "detach", "disabled",
-    "load_adapter", "load_model", "load_tokenizer", "merge", "save_adapter", "set_active",
+    "load_adapter", "load_pipeline_adapter", "save_pipeline_adapter", "load_model", "load_tokenizer", "merge", "save_adapter", "set_active",
     "trainable_parameters", "unmerge", "TrainConfig", "TrainingError", "train",
 ]
