@@ -16,8 +16,8 @@ import os
 import re
 import secrets
 import shutil
-from pathlib import Path
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,7 +36,8 @@ from .layers import LoraLayer
 from .principal import moved, relative_to_original
 
 __all__ = ["AdapterFileError", "CONFIG_NAME", "WEIGHTS_NAME", "export_adapter", "import_adapter", "read_adapter",
-           "write_adapter", "save_adapter", "load_adapter", "restore_adapter", "write_directory"]
+           "write_adapter", "save_adapter", "load_adapter", "restore_adapter", "write_directory", "import_adapters",
+           "save_pipeline_adapter", "read_pipeline_adapter", "load_pipeline_adapter"]
 
 
 # -- the adapter value <-> a live model -------------------------------------------

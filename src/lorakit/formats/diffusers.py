@@ -92,7 +92,8 @@ def _configs(metadata: Mapping[str, str], source: Path) -> dict[str, LoraConfig]
     for key, value in fields.items():
         component, _, field = key.partition(".")
         grouped.setdefault(component, {})[field] = value
-    return {component: config_from_peft(data, f"{source} metadata [{component}]")
+    # diffusers' metadata is PEFT's LoraConfig.to_dict(), in which peft_type may be absent
+    return {component: config_from_peft({"peft_type": "LORA", **data}, f"{source} metadata [{component}]")
             for component, data in grouped.items()}
 
 

@@ -101,7 +101,7 @@ def config_to_peft(adapter: Adapter) -> dict[str, Any]:
 
 def config_from_peft(data: Mapping[str, Any], source: Path | str) -> LoraConfig:
     """A LoraConfig from adapter_config.json contents; refuses options lorakit cannot honour."""
-    if data.get("peft_type", "LORA") != "LORA":
+    if data.get("peft_type") != "LORA":
         raise AdapterFileError(f"{source}: peft_type is {data.get('peft_type')!r}, lorakit reads only 'LORA' adapters")
     for key, fine in UNSUPPORTED.items():
         if data.get(key, fine[0]) not in fine:
