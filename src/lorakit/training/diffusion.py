@@ -33,11 +33,12 @@ from ..config import LoraConfig
 from ..files import save_adapter, save_pipeline_adapter
 from .batches import micro_batches, split_eval, step_indices
 from .checkpoint import latest_checkpoint, load_checkpoint, run_lock, save_checkpoint, write_text
-from .config import SCHEDULES, Settings, dump_yaml, load_yaml, setting
+from .config import SCHEDULES, Settings, dump_yaml, setting
 from .data import DataError
 from .distributed import Processes
 from .images import ImageExample, encode_captions, read_image_folder, sample, save_grid
-from .loop import (TrainingError, accumulate, learning_rate, parameter_groups, peak_memory, reset_peak_memory)
+from .loop import (TrainingError, accumulate, check_output_dir, learning_rate, parameter_groups, peak_memory,
+                   reset_peak_memory)
 from .monitor import Monitor, plot_loss
 
 PREDICTIONS = ("epsilon", "v_prediction")
@@ -238,7 +239,7 @@ def train_image(config: ImageTrainConfig, resume: bool = False) -> ImageTrainRes
     processes = Processes.from_env()
     try:
         check_batch(config, processes)
-        _check_output_dir(config, resume)
+        check_output_dir(config, resume, NOT_RESUMABLE_IF_CHANGED)
         resolution, channels = image_shape(config)
         examples = read_image_folder(config.data, config.caption, resolution, channels)
         pipeline = load_pipeline(config.model)
@@ -252,22 +253,6 @@ def check_batch(config: ImageTrainConfig, processes: Processes) -> None:
     if config.batch_size % (config.micro_batch_size * processes.world_size):
         raise TrainingError(f"batch_size {config.batch_size} must be a multiple of micro_batch_size "
                             f"{config.micro_batch_size} x {processes.world_size} process(es)")
-
-
-def _check_output_dir(config: ImageTrainConfig, resume: bool) -> None:
-    saved = config.out_dir / "config.yaml"
-    if not saved.exists():
-        if resume:
-            raise TrainingError(f"--resume: {config.out_dir} has no run to resume")
-        return
-    before = ImageTrainConfig.from_dict(load_yaml(saved), str(saved))
-    changed = [k for k in NOT_RESUMABLE_IF_CHANGED if getattr(before, k) != getattr(config, k)]
-    if changed:
-        details = ", ".join(f"{k}: {getattr(before, k)!r} -> {getattr(config, k)!r}" for k in changed)
-        raise TrainingError(f"{config.out_dir} holds a run with other settings ({details}); "
-                            "use another --out, or the same settings to resume it")
-    if resume and latest_checkpoint(config.out_dir) is None:
-        raise TrainingError(f"--resume: {config.out_dir} has no checkpoint yet")
 
 
 @torch.no_grad()

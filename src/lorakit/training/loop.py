@@ -31,7 +31,7 @@ from ..attach import attach, lora_layers
 from ..files import save_adapter
 from .batches import Batch, Sample, collate, micro_batches, samples, split_eval, step_indices
 from .checkpoint import latest_checkpoint, load_checkpoint, run_lock, save_checkpoint, write_text
-from .config import TrainConfig, dump_yaml, load_yaml
+from .config import Settings, TrainConfig, dump_yaml, load_yaml
 from .data import Dataset, build_dataset, read_records
 from .distributed import Processes
 from .loss import LossModule, loss_sum
@@ -133,15 +133,17 @@ def prepare_data(config: TrainConfig, tokenizer, records: dict[str, list[tuple[s
     return dataset, evaluation
 
 
-def check_output_dir(config: TrainConfig, resume: bool) -> None:
-    """An output directory holds one run: refuse to mix a different config into it."""
+def check_output_dir(config: Settings, resume: bool,
+                     fields: tuple[str, ...] = NOT_RESUMABLE_IF_CHANGED) -> None:
+    """An output directory holds one run: refuse to mix a different config (any of
+    ``fields`` changed) into it."""
     saved = config.out_dir / "config.yaml"
     if not saved.exists():
         if resume:
             raise TrainingError(f"--resume: {config.out_dir} has no run to resume")
         return
-    before = TrainConfig.from_dict(load_yaml(saved), str(saved))
-    changed = [k for k in NOT_RESUMABLE_IF_CHANGED if getattr(before, k) != getattr(config, k)]
+    before = type(config).from_dict(load_yaml(saved), str(saved))
+    changed = [k for k in fields if getattr(before, k) != getattr(config, k)]
     if changed:
         details = ", ".join(f"{k}: {getattr(before, k)!r} -> {getattr(config, k)!r}" for k in changed)
         raise TrainingError(f"{config.out_dir} holds a run with other settings ({details}); "
