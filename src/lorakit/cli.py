@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from inspect import Parameter, Signature
@@ -182,6 +183,8 @@ def train(context: typer.Context, config: str | None, resume: bool, **flags: obj
         from .training.loop import train as run_training
 
         result = run_training(resolved, resume=resume)  # checks the data before the model loads
+    if not _main_process():
+        return
     if result.finished_before:
         console.print(f"{result.out} holds a finished run ({result.steps} steps); nothing was changed. "
                       "Use another --out to train again.")
@@ -191,6 +194,11 @@ def train(context: typer.Context, config: str | None, resume: bool, **flags: obj
                   f"{result.tokens_per_second:,.0f} tokens/s, peak memory {_size(result.peak_memory_bytes)}")
     console.print(f"adapter        {result.adapter} ({_size(result.adapter_bytes)})")
     console.print(f"run files      {result.out}/: config.yaml, metrics.jsonl, loss.png, summary.json, checkpoints/")
+
+
+def _main_process() -> bool:
+    """Under torchrun only the first process reports."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _settings(name: str) -> type:
@@ -273,6 +281,8 @@ def train_image(context: typer.Context, config: str | None, resume: bool, **flag
     with user_errors():
         settings = load_yaml(config) if config else {}
         result = run_training(ImageTrainConfig.from_dict({**settings, **given}, config or "flags"), resume=resume)
+    if not _main_process():
+        return
     if result.eval_loss_before is not None and result.eval_loss_after is not None:
         console.print(f"held-out denoising loss  {result.eval_loss_before:.4f} -> {result.eval_loss_after:.4f}")
     console.print(f"trained        {result.steps} steps in {result.seconds:.1f} s, "

@@ -17,6 +17,7 @@ from ..config import ALL_LINEAR, INITS, VARIANTS, ConfigError, LoraConfig
 from ..quantize import QUANTIZATIONS
 
 SCHEDULES = ("cosine", "linear", "constant")
+SHARDS = ("auto", "none", "ddp", "fsdp")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -105,6 +106,10 @@ class TrainConfig(Settings):
     bf16: bool = setting(False, "bfloat16 autocast for the forward pass.")
     gradient_checkpointing: bool = setting(False, "Recompute activations in backward: less memory, more time.")
     seed: int = setting(0, "Seed: the same seed gives the same adapter (bit for bit on CPU).")
+    # -- processes
+    shard: str = setting("auto", "Under torchrun: ddp (every process holds the whole base), fsdp (the frozen "
+                                 "base sharded over the processes, FSDP2), or auto (ddp).")
+    fsdp_offload: bool = setting(False, "With --shard fsdp: keep the sharded parameters in CPU memory.")
     # -- output
     out: str = setting("runs/lorakit", "Run directory: adapter, checkpoints, metrics, summary.")
     save_every: int = setting(50, "Checkpoint every N steps (and always at the end).")
@@ -145,9 +150,19 @@ class TrainConfig(Settings):
         if self.batch_size % self.micro_batch_size:
             problems.append(f"batch_size {self.batch_size} is not a multiple of micro_batch_size "
                             f"{self.micro_batch_size}")
+        problems += self._shard_problems()
         if problems:
             raise ConfigError("invalid training config:\n  " + "\n  ".join(problems))
         self.lora()  # rank, alpha, dropout and targets are checked by LoraConfig
+
+    def _shard_problems(self) -> list[str]:
+        if self.shard not in SHARDS:
+            return [f"shard must be one of {', '.join(SHARDS)}, got {self.shard!r}"]
+        if self.shard != "fsdp":
+            return ["fsdp_offload needs --shard fsdp"] if self.fsdp_offload else []
+        unsupported = {"quantize": self.quantize is not None, "variant dora": self.variant != "lora",
+                       f"init {self.init}": self.init not in ("default", "gaussian")}
+        return [f"--shard fsdp with {what} is not supported yet" for what, used in unsupported.items() if used]
 
     def lora(self) -> LoraConfig:
         return LoraConfig(rank=self.rank, alpha=self.alpha, dropout=self.dropout, targets=self.targets,

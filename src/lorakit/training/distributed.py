@@ -21,9 +21,15 @@ class Processes:
     local_rank: int = 0
 
     @classmethod
-    def from_env(cls) -> Processes:
+    def from_env(cls, shard: str = "auto") -> Processes:
+        """The processes torchrun started; ``shard="fsdp"`` needs torchrun, even for one process
+        (FSDP works on a process group)."""
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        if world_size == 1:
+        if shard == "fsdp" and "WORLD_SIZE" not in os.environ:
+            raise ValueError("--shard fsdp runs under torchrun (torchrun --nproc-per-node N -m lorakit train ...)")
+        if shard == "none" and world_size > 1:
+            raise ValueError(f"--shard none with {world_size} processes: use ddp or fsdp under torchrun")
+        if world_size == 1 and shard != "fsdp":
             return cls()
         if not dist.is_initialized():
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")

@@ -28,18 +28,19 @@ import torch
 from torch import nn
 
 from ..attach import attach, lora_layers
-from ..files import save_adapter
+from ..files import save_adapter, write_adapter
+from . import sharded
 from .batches import Batch, Sample, collate, micro_batches, samples, split_eval, step_indices
 from .checkpoint import latest_checkpoint, load_checkpoint, run_lock, save_checkpoint, write_text
 from .config import Settings, TrainConfig, dump_yaml, load_yaml
 from .data import Dataset, build_dataset, read_records
 from .distributed import Processes
-from .loss import LossModule, loss_sum
+from .loss import LossModule
 from .monitor import Monitor, plot_loss
 
 # Settings that change what a run computes; the others (logging, checkpoint
 # frequency, device) may differ when a run is resumed.
-NOT_RESUMABLE_IF_CHANGED = ("model", "dtype", "quantize", "rank", "alpha", "dropout", "targets", "data", "language",
+NOT_RESUMABLE_IF_CHANGED = ("model", "dtype", "quantize", "shard", "rank", "alpha", "dropout", "targets", "data", "language",
                             "eval_data", "eval_fraction", "max_length", "packing", "mask_prompt", "epochs",
                             "max_steps", "batch_size", "micro_batch_size", "lr", "loraplus_ratio", "weight_decay",
                             "warmup_steps", "schedule", "min_lr_ratio", "max_grad_norm", "bf16", "seed")
@@ -83,7 +84,7 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
     """
     from ..pretrained import load_model, load_tokenizer
 
-    processes = Processes.from_env()
+    processes = Processes.from_env(config.shard)
     try:
         check_output_dir(config, resume)
         records = read_data(config)
@@ -93,7 +94,10 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
         tokenizer = load_tokenizer(config.model)
         train_set, eval_set = prepare_data(config, tokenizer, records)
         with run_lock(config.out_dir) if processes.main else nullcontext():
-            model = load_model(config.model, dtype=getattr(torch, config.dtype), quantize=config.quantize)
+            if config.shard == "fsdp":  # never whole on one process: built empty, filled shard by shard
+                model = sharded.build_meta_model(config.model, getattr(torch, config.dtype))
+            else:
+                model = load_model(config.model, dtype=getattr(torch, config.dtype), quantize=config.quantize)
             return fit(model, train_set, eval_set, config, processes)
     finally:
         processes.close()
@@ -218,8 +222,14 @@ class Run:
     # uninterrupted one does: tokens, seconds, eval_loss_before, train_loss
     state: dict[str, Any]
 
+    @property
+    def sharded(self) -> bool:
+        return self.config.shard == "fsdp"
+
     def evaluate(self) -> float:
-        return _evaluate(self.model, self.held_out, self.config.micro_batch_size, self.processes, self.device,
+        # Under FSDP the loss runs through the sharded root, whose hooks gather the weights.
+        loss = self.runner if self.sharded else LossModule(self.model)
+        return _evaluate(loss, self.held_out, self.config.micro_batch_size, self.processes, self.device,
                          self.autocast)
 
 
@@ -257,10 +267,17 @@ def setup(model: nn.Module, train_set: Dataset, eval_set: Dataset | None, config
     device = processes.device(config.device)
 
     torch.manual_seed(config.seed)  # the adapter's initial A, then dropout
-    model.to(device)
+    sharding = config.shard == "fsdp"
+    if not sharding:
+        model.to(device)
     attach(model, config.lora())
     if config.gradient_checkpointing:
         checkpoint_activations(model)
+    runner = LossModule(model)
+    if sharding:
+        sharded.shard(runner, model, config.bf16, config.fsdp_offload)
+        sharded.materialize(runner, model, config.model, getattr(torch, config.dtype), config.lora(), "default",
+                            config.seed, device)
     reset_peak_memory(device)
     groups = parameter_groups(model, config)
     optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
@@ -270,7 +287,11 @@ def setup(model: nn.Module, train_set: Dataset, eval_set: Dataset | None, config
     start_step = 0
     checkpoint = latest_checkpoint(out)
     if checkpoint is not None:
-        state.update(load_checkpoint(checkpoint, model, optimizer))
+        if sharded.is_sharded_checkpoint(checkpoint) != sharding:
+            raise TrainingError(f"{checkpoint}: a {'sharded' if not sharding else 'plain'} checkpoint cannot be "
+                                f"resumed with --shard {config.shard}")
+        load = sharded.load_sharded_checkpoint if sharding else load_checkpoint
+        state.update(load(checkpoint, runner if sharding else model, optimizer))
         start_step = state.pop("step")
     if processes.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -282,7 +303,8 @@ def setup(model: nn.Module, train_set: Dataset, eval_set: Dataset | None, config
                  f"{config.max_length} tokens; {total_steps} steps of {config.batch_size}; "
                  f"{sum(p.numel() for p in parameters):,} trainable parameters"
                  + (f"; resuming after step {start_step}" if start_step else ""))
-    runner = processes.wrap(LossModule(model), device)
+    if not sharding:
+        runner = processes.wrap(runner, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16)
     run = Run(config, model, runner, optimizer, parameters, rows, held_out, total_steps, processes, device,
               autocast, monitor, state)
@@ -302,6 +324,7 @@ def train_step(run: Run, step: int, started: float) -> None:
     tokens = processes.sum(sum(b.tokens for b in batches), device)
     loss = processes.sum(accumulate(run.runner, batches, tokens, processes.world_size, run.autocast), device) / tokens
     grad_norm = torch.nn.utils.clip_grad_norm_(run.parameters, config.max_grad_norm or math.inf)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
     if not (math.isfinite(loss) and torch.isfinite(grad_norm)):
         raise TrainingError(_diverged(step + 1, loss, grad_norm.item(), config.out_dir))
     run.optimizer.step()
@@ -316,7 +339,10 @@ def train_step(run: Run, step: int, started: float) -> None:
     if config.eval_every and done % config.eval_every == 0 and done != run.total_steps and run.held_out:
         run.monitor.evaluation(done, run.evaluate())
     if done % config.save_every == 0 or done == run.total_steps:
-        if processes.main:
+        if run.sharded:  # every process writes its shards
+            sharded.save_sharded_checkpoint(config.out_dir, done, run.runner, run.optimizer, state,
+                                            config.keep_checkpoints)
+        elif processes.main:
             save_checkpoint(config.out_dir, done, run.model, run.optimizer, state, config.keep_checkpoints)
         processes.barrier()
 
@@ -325,8 +351,13 @@ def finish(run: Run, resumed_from: int | None, eval_after: float | None, truncat
     """The final adapter, loss.png and summary.json (written last: its presence marks a finished run)."""
     out, state, processes = run.config.out_dir, run.state, run.processes
     adapter = out / "adapter"
-    if processes.main:
+    if run.sharded:  # gathered from every process's shards, written by the main one
+        value = sharded.full_adapter(run.runner, run.model, run.config.lora(), "default")
+        if processes.main:
+            write_adapter(value, adapter)
+    elif processes.main:
         save_adapter(run.model, adapter)
+    if processes.main:
         plot_loss(out / "metrics.jsonl", out / "loss.png")
     result = TrainResult(
         out=out, adapter=adapter, steps=run.total_steps, resumed_from=resumed_from, train_loss=state["train_loss"],
@@ -345,8 +376,11 @@ def accumulate(runner: nn.Module, batches: list[Batch], tokens: float, world_siz
     total = 0.0
     for i, batch in enumerate(batches):
         last = i == len(batches) - 1
-        # Under DDP only the last micro-batch synchronizes gradients.
-        with (nullcontext() if last or world_size == 1 else runner.no_sync()), autocast:
+        # Under DDP / FSDP only the last micro-batch synchronizes gradients.
+        if hasattr(runner, "set_requires_gradient_sync"):
+            runner.set_requires_gradient_sync(last)
+        with (nullcontext() if last or world_size == 1 or not hasattr(runner, "no_sync") else runner.no_sync()), \
+                autocast:
             loss = runner(batch)
         # DDP averages gradients over processes; scaling by world_size makes that a sum.
         (loss * (world_size / tokens)).backward()
@@ -355,18 +389,19 @@ def accumulate(runner: nn.Module, batches: list[Batch], tokens: float, world_siz
 
 
 @torch.no_grad()
-def _evaluate(model: nn.Module, rows: list[Sample], micro_batch_size: int, processes: Processes,
+def _evaluate(loss: nn.Module, rows: list[Sample], micro_batch_size: int, processes: Processes,
               device: torch.device, autocast) -> float:
-    """Mean loss per trained token over ``rows``, computed in shards over the processes."""
-    was_training = model.training
-    model.eval()
+    """Mean loss per trained token over ``rows`` (``loss``: a LossModule, or the sharded
+    root), computed in shards over the processes."""
+    was_training = loss.training
+    loss.eval()
     total, tokens = 0.0, 0
     for chunk in micro_batches(list(range(len(rows))), processes.rank, processes.world_size, micro_batch_size):
         batch: Batch = collate([rows[i] for i in chunk]).to(device)
         with autocast:
-            total += loss_sum(model, batch).item()
+            total += loss(batch).item()
         tokens += batch.tokens
-    model.train(was_training)
+    loss.train(was_training)
     return processes.sum(total, device) / processes.sum(tokens, device)
 
 
