@@ -40,7 +40,7 @@ from .monitor import Monitor, plot_loss
 
 # Settings that change what a run computes; the others (logging, checkpoint
 # frequency, device) may differ when a run is resumed.
-NOT_RESUMABLE_IF_CHANGED = ("model", "dtype", "quantize", "shard", "rank", "alpha", "dropout", "targets", "data", "language",
+NOT_RESUMABLE_IF_CHANGED = ("model", "dtype", "quantize", "rank", "alpha", "dropout", "targets", "data", "language",
                             "eval_data", "eval_fraction", "max_length", "packing", "mask_prompt", "epochs",
                             "max_steps", "batch_size", "micro_batch_size", "lr", "loraplus_ratio", "weight_decay",
                             "warmup_steps", "schedule", "min_lr_ratio", "max_grad_norm", "bf16", "seed")
@@ -152,8 +152,13 @@ def check_output_dir(config: Settings, resume: bool,
         details = ", ".join(f"{k}: {getattr(before, k)!r} -> {getattr(config, k)!r}" for k in changed)
         raise TrainingError(f"{config.out_dir} holds a run with other settings ({details}); "
                             "use another --out, or the same settings to resume it")
-    if resume and latest_checkpoint(config.out_dir) is None:
+    latest = latest_checkpoint(config.out_dir)
+    if resume and latest is None:
         raise TrainingError(f"--resume: {config.out_dir} has no checkpoint yet")
+    sharding = getattr(config, "shard", None) == "fsdp"
+    if latest is not None and sharded.is_sharded_checkpoint(latest) != sharding:
+        raise TrainingError(f"{latest}: a {'plain' if sharding else 'sharded (FSDP)'} checkpoint cannot be resumed "
+                            f"with --shard {config.shard}; use --shard {'fsdp' if not sharding else 'ddp'}")
 
 
 def finished_run(out: Path) -> TrainResult | None:

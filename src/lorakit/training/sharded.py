@@ -225,12 +225,13 @@ def load_sharded_checkpoint(path: Path, runner: nn.Module, optimizer: torch.opti
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-    options = StateDictOptions(ignore_frozen_params=True)
-    model_state, optimizer_state = get_state_dict(runner, optimizer, options=options)
+    model_state, optimizer_state = get_state_dict(runner, optimizer,
+                                                  options=StateDictOptions(ignore_frozen_params=True))
     loaded = {"model": model_state, "optimizer": optimizer_state}
-    dcp.load(loaded, checkpoint_id=path)
+    dcp.load(loaded, checkpoint_id=path)  # every adapter and optimizer key must be in the checkpoint
+    # not strict: the frozen base is not in a checkpoint (it comes from the model's files)
     set_state_dict(runner, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optimizer"],
-                   options=options)
+                   options=StateDictOptions(ignore_frozen_params=True, strict=False))
     rng = path / f"rng-{dist.get_rank()}.safetensors"
     torch.set_rng_state(load_file(rng if rng.exists() else path / "rng-0.safetensors")["cpu"])
     state = json.loads((path / "state.json").read_text())
