@@ -271,8 +271,10 @@ def setup(model: nn.Module, train_set: Dataset, eval_set: Dataset | None, config
     total_steps = config.max_steps or math.ceil(config.epochs * len(rows) / config.batch_size)
     device = processes.device(config.device)
 
-    torch.manual_seed(config.seed)  # the adapter's initial A, then dropout
     sharding = config.shard == "fsdp"
+    if config.fsdp_offload and device.type != "cuda":
+        raise TrainingError("--fsdp-offload moves the shards from GPU to CPU memory; on a CPU they are there already")
+    torch.manual_seed(config.seed)  # the adapter's initial A, then dropout
     if not sharding:
         model.to(device)
     attach(model, config.lora())

@@ -73,6 +73,7 @@ def build_meta_model(spec: str, dtype: torch.dtype) -> nn.Module:
 
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(load_config(spec), dtype=dtype)
+    model.tie_weights()  # as from_pretrained does (lm_head = embed_tokens where the config says so)
     model.config.name_or_path = spec
     return model
 
@@ -81,7 +82,7 @@ def materialize(runner: nn.Module, model: nn.Module, spec: str, dtype: torch.dty
                 seed: int, device: torch.device) -> None:
     """Give the sharded meta ``runner`` real storage on ``device`` and fill it: the base from
     the model's files, the adapters from their seeded initialisation, the buffers as built."""
-    from ..pretrained import _resolve
+    from ..pretrained import _resolve, release_freed_memory
 
     buffers = {key: buffer.clone() for key, buffer in runner.named_buffers()}
     runner.to_empty(device=device)
@@ -90,6 +91,7 @@ def materialize(runner: nn.Module, model: nn.Module, spec: str, dtype: torch.dty
             buffer.copy_(buffers[key])
     fill_base(runner, weight_files(_resolve(spec)), _prefix(runner, model), dtype)
     fill_adapters(model, config, name, seed)
+    release_freed_memory()
 
 
 def weight_files(directory: Path) -> dict[str, Path]:
@@ -106,9 +108,9 @@ def weight_files(directory: Path) -> dict[str, Path]:
 
 @torch.no_grad()
 def fill_base(runner: nn.Module, files: dict[str, Path], prefix: str, dtype: torch.dtype) -> None:
-    """Copy each process's own shard of every base parameter from the files, one tensor at
-    a time (the peak is the shards plus the largest single tensor)."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
+    """Copy each process's own rows of every base parameter from the files: nothing but
+    its shards is ever read."""
+    from torch.distributed.tensor import DTensor
 
     filled, unfilled = set(), {}
     for name, param in runner.named_parameters(remove_duplicate=False):
@@ -120,16 +122,27 @@ def fill_base(runner: nn.Module, files: dict[str, Path], prefix: str, dtype: tor
             unfilled[name] = param
             continue
         with safe_open(source, framework="pt") as handle:
-            full = handle.get_tensor(key).to(dtype)
-        if isinstance(param, DTensor):
-            local = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
-            param.to_local().copy_(local)
-        else:
-            param.copy_(full)
+            if isinstance(param, DTensor):
+                param.to_local().copy_(_local_rows(handle, key, param).to(dtype))
+            else:
+                param.copy_(handle.get_tensor(key).to(dtype))
         filled.add(id(param))
     missing = [name for name, param in unfilled.items() if id(param) not in filled]
     if missing:
         raise FileNotFoundError(f"no weights in the model's files for {', '.join(missing[:5])}")
+
+
+def _local_rows(handle, key: str, param) -> torch.Tensor:
+    """This process's rows of a dim-0-sharded parameter, read from the file alone (FSDP2 gives
+    process i rows [i·c, (i+1)·c) with c = ceil(rows / processes))."""
+    from torch.distributed.tensor import Shard
+
+    if tuple(param.placements) != (Shard(0),):
+        raise ValueError(f"{key}: expected a dim-0 shard, got {param.placements}")
+    rows, processes = param.shape[0], param.device_mesh.size()
+    chunk = -(-rows // processes)
+    start = min(param.device_mesh.get_local_rank() * chunk, rows)
+    return handle.get_slice(key)[start:min(start + chunk, rows)]
 
 
 @torch.no_grad()
