@@ -194,3 +194,18 @@ def test_a_checkpoint_of_another_run_is_refused_and_kept(tiny_lm_dir, tmp_path, 
     with pytest.raises(TrainingError, match="rank: 4 -> 8"):
         train(small(tiny_lm_dir, out, rank=8))
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.slow
+def test_activation_checkpointing_composes_with_fsdp_and_bf16_runs(tiny_lm_dir, tmp_path):
+    run(torchrun(2, *lorakit_train(tiny_lm_dir, tmp_path / "plain", 4, "--shard", "fsdp")))
+    run(torchrun(2, *lorakit_train(tiny_lm_dir, tmp_path / "checkpointed", 4, "--shard", "fsdp",
+                                   "--gradient-checkpointing")))
+    assert_same_adapter(adapter(tmp_path / "plain"), adapter(tmp_path / "checkpointed"), rtol=0, atol=1e-6)
+    run(torchrun(2, *lorakit_train(tiny_lm_dir, tmp_path / "bf16", 4, "--shard", "fsdp", "--bf16")))
+    half = adapter(tmp_path / "bf16")
+    assert all(t.dtype == torch.float32 for t in half.values())  # float32 master weights
+    # bfloat16 compute: the same training, to bfloat16's precision (the adapters, starting at B = 0,
+    # differ relatively more than the losses do)
+    torch.testing.assert_close(torch.tensor(losses(tmp_path / "bf16")), torch.tensor(losses(tmp_path / "plain")),
+                               rtol=0.02, atol=0)
