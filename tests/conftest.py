@@ -125,3 +125,14 @@ def save_tiny_causal_lm(directory, language: str = "swedish", hidden: int = 64, 
 @pytest.fixture(scope="session")
 def tiny_lm_dir(tmp_path_factory):
     return save_tiny_causal_lm(tmp_path_factory.mktemp("tiny-lm"))
+
+
+def logged_step(out) -> int:
+    """The newest step a run logged to its metrics.jsonl (0 before its first)."""
+    import json
+
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    steps = [json.loads(line).get("step", 0) for line in path.read_text().splitlines() if line.strip()]
+    return max(steps, default=0)

@@ -14,6 +14,8 @@ import pytest
 from lorakit.training import TrainConfig, TrainingError, train
 from lorakit.training.checkpoint import latest_checkpoint
 
+from conftest import logged_step
+
 SETTINGS = ["--rank", "4", "--alpha", "8", "--lr", "3e-3", "--max-steps", "60", "--batch-size", "4",
             "--micro-batch-size", "2", "--dropout", "0.1", "--save-every", "7", "--eval-every", "20", "--seed", "5"]
 
@@ -25,14 +27,6 @@ def command(model_dir, out):
 def environment():
     # Same threads in every run: float sums must be done in the same order to match bit for bit.
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def logged_step(out) -> int:
-    path = out / "metrics.jsonl"
-    if not path.exists():
-        return 0
-    steps = [json.loads(line).get("step", 0) for line in path.read_text().splitlines() if line.strip()]
-    return max(steps, default=0)
 
 
 def test_sigkill_then_rerun_gives_the_uninterrupted_adapter_bit_for_bit(tiny_lm_dir, tmp_path):

@@ -23,6 +23,7 @@ from lorakit.training.diffusion import (ImageBatch, ImageTrainConfig, check_batc
                                         load_pipeline, train_image)
 from lorakit.training.distributed import Processes
 
+from conftest import logged_step
 from image_models import image_folder, pipeline_folder
 
 SETTINGS = ["--rank", "4", "--alpha", "8", "--lr", "2e-3", "--batch-size", "4", "--micro-batch-size", "2",
@@ -94,14 +95,6 @@ def test_training_lowers_held_out_loss_and_writes_every_file(folders, tmp_path):
         with torch.no_grad():
             outputs.append(unet(torch.ones(1, 1, 16, 16), 5, torch.ones(1, 16, 32)).sample)
     torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=1e-6)
-
-
-def logged_step(out) -> int:
-    path = out / "metrics.jsonl"
-    if not path.exists():
-        return 0
-    return max((json.loads(line).get("step", 0) for line in path.read_text().splitlines() if line.strip()),
-               default=0)
 
 
 def test_sigkill_then_rerun_gives_the_uninterrupted_adapter_bit_for_bit(folders, tmp_path):

@@ -20,6 +20,8 @@ from lorakit.config import ConfigError
 from lorakit.training import TrainConfig, TrainingError, train
 from lorakit.training.checkpoint import latest_checkpoint
 
+from conftest import logged_step
+
 SETTINGS = ["--rank", "4", "--alpha", "8", "--lr", "3e-3", "--batch-size", "8", "--micro-batch-size", "2",
             "--seed", "2", "--log-every", "1"]
 
@@ -84,14 +86,6 @@ def children(pid: int) -> list[int]:
             if int(fields[1]) == pid:
                 found.append(int(entry.name))
     return found
-
-
-def logged_step(out) -> int:
-    path = out / "metrics.jsonl"
-    if not path.exists():
-        return 0
-    return max((json.loads(line).get("step", 0) for line in path.read_text().splitlines() if line.strip()),
-               default=0)
 
 
 @pytest.mark.slow
