@@ -10,7 +10,8 @@
 Gradient accumulation divides each micro-batch's summed loss by the number of
 trained tokens of the whole step, so N accumulated micro-batches give the gradient of
 one batch N times larger (Hu et al. LoRA, arXiv:2106.09685; LoRA+ learning rate for
-B, Hayou et al., arXiv:2402.12354).
+B, Hayou et al., arXiv:2402.12354). Several processes run DDP, or with ``--shard fsdp``
+FSDP2 over a sharded base (sharded.py); the loop is the same.
 """
 
 from __future__ import annotations
@@ -271,6 +272,34 @@ def setup(model: nn.Module, train_set: Dataset, eval_set: Dataset | None, config
     total_steps = config.max_steps or math.ceil(config.epochs * len(rows) / config.batch_size)
     device = processes.device(config.device)
 
+    runner = adapted(model, config, device)
+    reset_peak_memory(device)
+    groups = parameter_groups(model, config)
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    parameters = [p for group in groups for p in group["params"]]
+    state: dict[str, Any] = {"tokens": 0, "seconds": 0.0, "eval_loss_before": None, "train_loss": None}
+    start_step = restore(config, runner, model, optimizer, state)
+    if processes.main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text(out / "config.yaml", dump_yaml(config))
+    monitor = Monitor(out, total_steps, start_step, processes.main, config.log_every)
+    truncated = train_set.truncated + (eval_set.truncated if eval_set else 0)
+    monitor.note(f"data: {len(train_set.examples)} training examples in {len(rows)} rows, "
+                 f"{len(eval_set.examples) if eval_set else 0} held out, {truncated} truncated to "
+                 f"{config.max_length} tokens; {total_steps} steps of {config.batch_size}; "
+                 f"{sum(p.numel() for p in parameters):,} trainable parameters"
+                 + (f"; resuming after step {start_step}" if start_step else ""))
+    if config.shard != "fsdp":
+        runner = processes.wrap(runner, device)  # DDP when there are several processes
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16)
+    run = Run(config, model, runner, optimizer, parameters, rows, held_out, total_steps, processes, device,
+              autocast, monitor, state)
+    return run, start_step
+
+
+def adapted(model: nn.Module, config: TrainConfig, device: torch.device) -> nn.Module:
+    """A fresh adapter on ``model`` and the loss module around it, on ``device``; with
+    ``--shard fsdp`` sharded first and then filled, shard by shard (sharded.py)."""
     sharding = config.shard == "fsdp"
     if config.fsdp_offload and device.type != "cuda":
         raise TrainingError("--fsdp-offload moves the shards from GPU to CPU memory; on a CPU they are there already")
@@ -285,37 +314,25 @@ def setup(model: nn.Module, train_set: Dataset, eval_set: Dataset | None, config
         sharded.shard(runner, model, config.bf16, config.fsdp_offload)
         sharded.materialize(runner, model, config.model, getattr(torch, config.dtype), config.lora(), "default",
                             config.seed, device)
-    reset_peak_memory(device)
-    groups = parameter_groups(model, config)
-    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
-    parameters = [p for group in groups for p in group["params"]]
+    return runner
 
-    state: dict[str, Any] = {"tokens": 0, "seconds": 0.0, "eval_loss_before": None, "train_loss": None}
-    start_step = 0
-    checkpoint = latest_checkpoint(out)
-    if checkpoint is not None:
-        if sharded.is_sharded_checkpoint(checkpoint) != sharding:
-            raise TrainingError(f"{checkpoint}: a {'sharded' if not sharding else 'plain'} checkpoint cannot be "
-                                f"resumed with --shard {config.shard}")
-        load = sharded.load_sharded_checkpoint if sharding else load_checkpoint
-        state.update(load(checkpoint, runner if sharding else model, optimizer))
-        start_step = state.pop("step")
-    if processes.main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_text(out / "config.yaml", dump_yaml(config))
-    monitor = Monitor(out, total_steps, start_step, processes.main, config.log_every)
-    truncated = train_set.truncated + (eval_set.truncated if eval_set else 0)
-    monitor.note(f"data: {len(train_set.examples)} training examples in {len(rows)} rows, "
-                 f"{len(eval_set.examples) if eval_set else 0} held out, {truncated} truncated to "
-                 f"{config.max_length} tokens; {total_steps} steps of {config.batch_size}; "
-                 f"{sum(p.numel() for p in parameters):,} trainable parameters"
-                 + (f"; resuming after step {start_step}" if start_step else ""))
-    if not sharding:
-        runner = processes.wrap(runner, device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16)
-    run = Run(config, model, runner, optimizer, parameters, rows, held_out, total_steps, processes, device,
-              autocast, monitor, state)
-    return run, start_step
+
+def restore(config: TrainConfig, runner: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer,
+            state: dict[str, Any]) -> int:
+    """Load the newest checkpoint in ``config.out`` if there is one (its counters into
+    ``state``); return the step to start from."""
+    checkpoint = latest_checkpoint(config.out_dir)
+    if checkpoint is None:
+        return 0
+    sharding = config.shard == "fsdp"
+    if sharded.is_sharded_checkpoint(checkpoint) != sharding:
+        raise TrainingError(f"{checkpoint}: a {'sharded' if not sharding else 'plain'} checkpoint cannot be "
+                            f"resumed with --shard {config.shard}")
+    if sharding:
+        state.update(sharded.load_sharded_checkpoint(checkpoint, runner, optimizer))
+    else:
+        state.update(load_checkpoint(checkpoint, model, optimizer))
+    return state.pop("step")
 
 
 def train_step(run: Run, step: int, started: float) -> None:
