@@ -332,6 +332,26 @@ def combine(
 
 
 @app.command()
+def convert(
+    source: Annotated[str, typer.Argument(help="A PEFT adapter directory, or a diffusers / kohya LoRA file.")],
+    out: Annotated[str, typer.Argument(help="Where to write: a directory (peft, diffusers) or a file (kohya).")],
+    to: Annotated[str, typer.Option(help="peft, diffusers or kohya.")],
+    pipeline: Annotated[str, typer.Option(help="The diffusers pipeline folder the adapter belongs to (only its "
+                                               "config.json files are read).")],
+    component: Annotated[str, typer.Option(help="The model a PEFT directory belongs to.")] = "unet",
+) -> None:
+    """Convert an image-model adapter between PEFT's, diffusers' and kohya's files.
+
+    Example: lorakit convert civitai_style.safetensors runs/style --to diffusers --pipeline sd15/
+    """
+    from .pipelines import convert as convert_adapter
+
+    with user_errors():
+        path = convert_adapter(source, out, to, pipeline, component)
+    console.print(f"wrote {path}")
+
+
+@app.command()
 def compress(
     adapter: Annotated[str, typer.Argument(help="PEFT-format adapter directory.")],
     out: Annotated[str, typer.Option(help="Directory for the compressed adapter.")],
