@@ -95,12 +95,6 @@ VARIANTS = {
 }
 
 
-def trainable(variant: str) -> int:
-    unet = build()
-    step(unet, make_batch(1), **VARIANTS[variant])
-    return sum(p.numel() for p in unet.parameters() if p.requires_grad)
-
-
 def peak_rss(variant: str, batch: int, steps: int = 3) -> int:
     code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_image_train as b; "
             f"b.memory_run({variant!r}, {batch}, {steps})")
@@ -126,8 +120,12 @@ def main() -> None:
     batch = make_batch(args.batch)
     base = build()
     total = sum(p.numel() for p in base.parameters())
-    steps = {name: step(copy.deepcopy(base), batch, **kwargs) for name, kwargs in VARIANTS.items()}
-    del base
+    steps, trainable = {}, {}
+    for name, kwargs in VARIANTS.items():
+        unet = copy.deepcopy(base)
+        steps[name] = step(unet, batch, **kwargs)
+        trainable[name] = sum(p.numel() for p in unet.parameters() if p.requires_grad)
+    del base, unet
     print(f"UNet2DConditionModel, SD-1.5 layout at widths 128-256-512-512 ({total / 1e6:.1f}M parameters, random "
           f"weights, fp32); batch of {args.batch} 4x32x32 latents, 77x384 text states; LoRA r={RANK}; "
           f"{torch.get_num_threads()} threads; torch {torch.__version__}; median of {args.rounds} interleaved rounds\n")
@@ -139,7 +137,7 @@ def main() -> None:
     print("| variant | trainable parameters | peak RSS MiB | ratio to full fine-tuning |\n|---|---:|---:|---:|")
     memory = {name: peak_rss(name, args.batch) for name in VARIANTS}
     for name, size in memory.items():
-        count = trainable(name)
+        count = trainable[name]
         print(f"| {name} | {count:,} ({100 * count / total:.2f} %) | {size / 2**20:,.0f} | "
               f"{size / memory['full fine-tuning']:.3f} |")
 

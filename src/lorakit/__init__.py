@@ -27,6 +27,7 @@ __all__ = [
     "merged_state_dict", "read_adapter",
     "AdapterFileError", "AttachError", "ConfigError", "LoraAdapter", "LoraConfig", "LoraLayer",
     "MergeError", "ParameterCount", "adapters", "attach", "delete_adapter", "detach", "disabled",
-    "load_adapter", "load_pipeline_adapter", "save_pipeline_adapter", "load_model", "load_tokenizer", "merge", "save_adapter", "set_active",
+    "load_adapter", "load_pipeline_adapter", "save_pipeline_adapter", "load_model", "load_tokenizer", "merge",
+    "save_adapter", "set_active",
     "trainable_parameters", "unmerge", "TrainConfig", "TrainingError", "train",
 ]

@@ -99,7 +99,8 @@ def summary(modules: dict[str, dict[str, Any]]) -> dict[str, Any]:
     kept = sum(n <= rank for n in needed)
     effective = sorted(s["effective_rank"] for s in trained.values())
     if rank < top:
-        verdict = f"rank {rank} would keep >= 99 % of the update in {kept} of {len(trained)} modules (it has rank {top})"
+        verdict = (f"rank {rank} would keep >= 99 % of the update in {kept} of {len(trained)} modules "
+                   f"(it has rank {top})")
     else:
         lower = candidates[-2] if len(candidates) > 1 else top
         verdict = (f"the update uses its full rank {top}: rank {lower} would keep >= 99 % of it in only "

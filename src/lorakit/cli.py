@@ -201,17 +201,6 @@ def _main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def _settings(name: str) -> type:
-    """A training settings class, imported when the command line is built."""
-    if name == "ImageTrainConfig":
-        from .training.diffusion import ImageTrainConfig
-
-        return ImageTrainConfig
-    from .training.config import TrainConfig
-
-    return TrainConfig
-
-
 NONE = "none"  # an optional setting given as --flag none: no value (e.g. --max-grad-norm none)
 
 
@@ -295,10 +284,18 @@ def train_image(context: typer.Context, config: str | None, resume: bool, **flag
                   "summary.json, checkpoints/")
 
 
-train.__signature__ = _train_signature(_settings("TrainConfig"))
-app.command()(train)
-train_image.__signature__ = _train_signature(_settings("ImageTrainConfig"))
-app.command("train-image")(train_image)
+def _register_training_commands() -> None:
+    """``train`` and ``train-image`` with one flag per field of their settings classes."""
+    from .training.config import TrainConfig
+    from .training.diffusion import ImageTrainConfig
+
+    train.__signature__ = _train_signature(TrainConfig)
+    app.command()(train)
+    train_image.__signature__ = _train_signature(ImageTrainConfig)
+    app.command("train-image")(train_image)
+
+
+_register_training_commands()
 
 
 @app.command()

@@ -27,7 +27,6 @@ keeps a given fraction of each module's energy.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -35,7 +34,7 @@ import torch
 from torch import Tensor
 
 from .adapter import Adapter, LayerWeights, as_product
-from .config import LoraConfig
+from .config import config_for_layers
 from .files import read_adapter
 
 AdapterLike = Adapter | str | os.PathLike
@@ -114,7 +113,8 @@ def as_adapter(adapter: AdapterLike) -> Adapter:
 
 
 def _combination(factored: dict[str, tuple[LayerWeights, float]]) -> Combination:
-    return Combination(with_unit_scaling({p: f[0] for p, f in factored.items()}), {p: f[1] for p, f in factored.items()})
+    layers = {path: f[0] for path, f in factored.items()}
+    return Combination(with_unit_scaling(layers), {path: f[1] for path, f in factored.items()})
 
 
 def _stack(adapters: Sequence[Adapter], weights: Sequence[float]) -> dict[str, LayerWeights]:
@@ -223,10 +223,6 @@ def _factors(U: Tensor, S: Tensor, Vh: Tensor, rank: int, layout: str,
 def with_unit_scaling(layers: dict[str, LayerWeights]) -> Adapter:
     """An adapter over ``layers`` whose scaling is 1 everywhere (alpha = r per module): the
     most common rank is ``r``, the others go to rank_pattern / alpha_pattern."""
-    ranks = [layer.rank for layer in layers.values()]
-    common = max(set(ranks), key=ranks.count)
-    pattern = {re.escape(path): layer.rank for path, layer in layers.items() if layer.rank != common}
-    config = LoraConfig(rank=common, alpha=float(common), targets=tuple(layers), rank_pattern=pattern,
-                        alpha_pattern={key: float(value) for key, value in pattern.items()})
-    return Adapter(config, layers)
+    ranks = {path: layer.rank for path, layer in layers.items()}
+    return Adapter(config_for_layers(ranks, {path: float(rank) for path, rank in ranks.items()}), layers)
 

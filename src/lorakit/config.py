@@ -15,6 +15,7 @@ same module set in both libraries:
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -153,6 +154,17 @@ class LoraConfig:
         else:
             match = re.match(r".*?\.[^.]*\.(\d+)\.", path)
         return match is not None and int(match.group(1)) in self.layers
+
+
+def config_for_layers(ranks: Mapping[str, int], alphas: Mapping[str, float]) -> LoraConfig:
+    """The LoraConfig whose targets are exactly these module paths: the commonest rank and
+    alpha, and for each module that differs a pattern anchored to its path alone."""
+    rank = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    exact = {path: "^" + re.escape(path) for path in ranks}
+    return LoraConfig(rank=rank, alpha=alpha, targets=tuple(ranks),
+                      rank_pattern={exact[p]: r for p, r in ranks.items() if r != rank},
+                      alpha_pattern={exact[p]: a for p, a in alphas.items() if a != alpha})
 
 
 def _matches_names(names: str | tuple[str, ...], path: str) -> bool:

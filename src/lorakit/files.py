@@ -386,14 +386,14 @@ def read_pipeline_adapter(path: str | os.PathLike, models: Mapping[str, nn.Modul
 
     source = Path(path)
     file = source / diffusers.WEIGHTS_NAME if source.is_dir() else source
-    keys = list(read_safetensors(file)[0])
-    kohya_keys = [k for k in keys if k.startswith("lora_")]
-    if kohya_keys and len(kohya_keys) != len(keys):
-        other = next(k for k in keys if not k.startswith("lora_"))
+    tensors, metadata = read_safetensors(file)
+    kohya_keys = [k for k in tensors if k.startswith("lora_")]
+    if kohya_keys and len(kohya_keys) != len(tensors):
+        other = next(k for k in tensors if not k.startswith("lora_"))
         raise AdapterFileError(f"{file}: mixes formats: kohya key {kohya_keys[0]} and {other}")
     if kohya_keys:
-        return kohya.read_file(file, models)
-    return diffusers.read_file(file, [c for c, m in models.items() if is_flattened_text_model(c, m)])
+        return kohya.parse(tensors, file, models)
+    return diffusers.parse(tensors, metadata, file, [c for c, m in models.items() if is_flattened_text_model(c, m)])
 
 
 def load_pipeline_adapter(models: Mapping[str, nn.Module], path: str | os.PathLike, name: str = "default") -> str:

@@ -15,8 +15,6 @@ module's rank from its B and alpha equal to that rank (scaling 1).
 from __future__ import annotations
 
 import json
-import os
-from collections import Counter
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
@@ -25,8 +23,8 @@ from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
 from ..adapter import Adapter
-from ..config import ConfigError, LoraConfig
-from . import LEGACY_TEXT_PREFIX, AdapterFileError, read_safetensors
+from ..config import ConfigError, LoraConfig, config_for_layers
+from . import LEGACY_TEXT_PREFIX, AdapterFileError
 from .peft import config_from_peft, config_to_peft, from_tensors, to_tensors
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
@@ -51,14 +49,11 @@ def file_bytes(adapters: Mapping[str, Adapter]) -> bytes:
     return safetensors_bytes(tensors, metadata={"format": "pt", METADATA_KEY: json.dumps(metadata, sort_keys=True)})
 
 
-def read_file(path: str | os.PathLike, flattened: Collection[str] = ()) -> dict[str, Adapter]:
-    """The adapters of a diffusers LoRA file (or of a directory holding one), by component.
+def parse(tensors: Mapping[str, Tensor], metadata: Mapping[str, str], source: Path,
+          flattened: Collection[str] = ()) -> dict[str, Adapter]:
+    """The adapters of a diffusers LoRA file's tensors and metadata, by component.
     ``flattened``: text-encoder components whose model has no ``text_model.`` level, read
     with that prefix removed from the file's paths."""
-    source = Path(path)
-    if source.is_dir():
-        source = source / WEIGHTS_NAME
-    tensors, metadata = read_safetensors(source)
     configs = _configs(metadata, source)
     by_component: dict[str, dict[str, Tensor]] = {}
     for key, tensor in tensors.items():
@@ -103,15 +98,7 @@ def _inferred_config(tensors: Mapping[str, Tensor], component: str, source: Path
              for key, t in tensors.items() if ".lora_B" in key and t.dim() >= 2}
     if not ranks:
         raise AdapterFileError(f"{source}: {component} has no lora_B weights")
-    rank = Counter(ranks.values()).most_common(1)[0][0]
-    others = {_exact(path): r for path, r in ranks.items() if r != rank}
     try:
-        return LoraConfig(rank=rank, alpha=rank, targets=tuple(sorted(ranks)), rank_pattern=others,
-                          alpha_pattern=others)
+        return config_for_layers(ranks, ranks)
     except ConfigError as err:
         raise AdapterFileError(f"{source}: {component}: {err}") from None
-
-
-def _exact(path: str) -> str:
-    """A rank/alpha pattern key that matches the module at ``path`` and no other."""
-    return "^" + path.replace(".", r"\.")

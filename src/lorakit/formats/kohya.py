@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import re
-from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -30,10 +29,9 @@ from torch import Tensor, nn
 
 from ..adapter import Adapter, LayerWeights
 from ..attach import layer_class_for
-from ..config import ConfigError, LoraConfig
+from ..config import ConfigError, LoraConfig, config_for_layers
 from ..layers import LoraLayer
-from . import (LEGACY_TEXT_PREFIX, TEXT_COMPONENTS, AdapterFileError, is_flattened_text_model,
-               read_safetensors)
+from . import LEGACY_TEXT_PREFIX, TEXT_COMPONENTS, AdapterFileError, is_flattened_text_model
 
 # kohya prefix -> the pipeline component it belongs to.
 PREFIXES = {"lora_unet": "unet", "lora_transformer": "transformer", "lora_te": "text_encoder",
@@ -112,11 +110,10 @@ def write_file(adapters: Mapping[str, Adapter], path: str | os.PathLike) -> Path
     return path
 
 
-def read_file(path: str | os.PathLike, models: Mapping[str, nn.Module]) -> dict[str, Adapter]:
-    """The adapters of a kohya file, by component, with module paths from ``models``'
-    tables. Every key is checked: its prefix, its module, alpha present, shapes that fit."""
-    source = Path(path)
-    tensors, _ = read_safetensors(source)
+def parse(tensors: Mapping[str, Tensor], source: Path, models: Mapping[str, nn.Module]) -> dict[str, Adapter]:
+    """The adapters of a kohya file's tensors, by component, with module paths from
+    ``models``' tables. Every key is checked: its prefix, its module, alpha present, shapes
+    that fit."""
     tables = {component: name_table(component, model) for component, model in models.items()}
     parts: dict[str, dict[str, Tensor]] = {}
     problems = []
@@ -173,16 +170,9 @@ def _layer(name: str, part: dict[str, Tensor], tables: Mapping[str, dict[str, st
 
 
 def _config(layers: Mapping[str, LayerWeights]) -> LoraConfig:
-    """The LoraConfig that reproduces these layers: the commonest rank and alpha, patterns
-    for the others, targets the exact module paths."""
-    ranks = {path: layer.rank for path, layer in layers.items()}
-    alphas = {path: layer.scaling * layer.rank for path, layer in layers.items()}
-    rank = Counter(ranks.values()).most_common(1)[0][0]
-    alpha = Counter(alphas.values()).most_common(1)[0][0]
-    exact = {path: "^" + path.replace(".", r"\.") for path in layers}
+    """The LoraConfig that reproduces these layers (targets: the exact module paths)."""
     try:
-        return LoraConfig(rank=rank, alpha=alpha, targets=tuple(sorted(layers)),
-                          rank_pattern={exact[p]: r for p, r in ranks.items() if r != rank},
-                          alpha_pattern={exact[p]: a for p, a in alphas.items() if a != alpha})
+        return config_for_layers({path: layer.rank for path, layer in layers.items()},
+                                 {path: layer.scaling * layer.rank for path, layer in layers.items()})
     except ConfigError as err:
         raise AdapterFileError(f"kohya file: {err}") from None

@@ -192,7 +192,8 @@ def _layer(path: str, pair: dict[str, Tensor], config: LoraConfig, fan_in_fan_ou
     if A.shape[0] != rank or B.shape[1] != rank:
         return f"A {tuple(A.shape)}, B {tuple(B.shape)}; expected rank {rank} (config)", None
     if magnitude is not None and magnitude.numel() != B.shape[0]:
-        return f"lora_magnitude_vector {tuple(magnitude.shape)}, expected one value per output unit ({B.shape[0]})", None
+        return (f"lora_magnitude_vector {tuple(magnitude.shape)}, expected one value per output unit "
+                f"({B.shape[0]})"), None
     layout = ("embedding" if embedding else "conv2d" if A.dim() == 4 else "conv1d" if fan_in_fan_out else "linear")
     scaling = lora_scaling(config.alpha_for(path), rank, config.use_rslora)
     return None, LayerWeights(A, B, scaling, layout, magnitude)

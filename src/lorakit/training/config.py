@@ -82,7 +82,8 @@ class TrainConfig(Settings):
     targets: str | tuple[str, ...] = setting(ALL_LINEAR, "'all-linear', comma-separated module names, "
                                                          "or re:<regex> (a list in YAML).")
     variant: str = setting("lora", "lora, or dora (a learned magnitude per output unit).")
-    init: str = setting("default", "Initialisation of A: default (Kaiming-uniform) or gaussian.")
+    init: str = setting("default", "Initialisation: default (A Kaiming-uniform), gaussian, or pissa / olora "
+                                   "(A and B from W's SVD / QR).")
     # -- data
     data: str | None = setting(None, "JSONL training data; none: chatterbot-corpus dialogs in --language.")
     language: str = setting("swedish", "chatterbot-corpus language when there is no --data.")

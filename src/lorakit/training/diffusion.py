@@ -16,7 +16,6 @@ ones. The text encoder and VAE stay frozen: captions and latents are computed on
 from __future__ import annotations
 
 import json
-import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..attach import attach, disabled
-from ..config import LoraConfig
+from ..config import ConfigError, LoraConfig
 from ..files import save_adapter, save_pipeline_adapter
 from .batches import micro_batches, split_eval, step_indices
 from .checkpoint import latest_checkpoint, load_checkpoint, run_lock, save_checkpoint, write_text
@@ -37,8 +36,8 @@ from .config import SCHEDULES, Settings, dump_yaml, setting
 from .data import DataError
 from .distributed import Processes
 from .images import ImageExample, encode_captions, read_image_folder, sample, save_grid
-from .loop import (TrainingError, accumulate, check_output_dir, learning_rate, parameter_groups, peak_memory,
-                   reset_peak_memory)
+from .loop import (TrainingError, accumulate, check_batch, check_output_dir, learning_rate, optimizer_step,
+                   parameter_groups, peak_memory, reset_peak_memory, set_learning_rate)
 from .monitor import Monitor, plot_loss
 
 PREDICTIONS = ("epsilon", "v_prediction")
@@ -100,8 +99,6 @@ class ImageTrainConfig(Settings):
             problems.append(f"batch_size {self.batch_size} is not a multiple of micro_batch_size "
                             f"{self.micro_batch_size}")
         if problems:
-            from ..config import ConfigError
-
             raise ConfigError("invalid image training config:\n  " + "\n  ".join(problems))
         self.lora()
 
@@ -119,17 +116,10 @@ class Pipeline:
     tokenizer: Any
     vae: nn.Module | None
 
-    @property
-    def prediction(self) -> str:
-        return self.scheduler.config.prediction_type
-
     def sample_shape(self, resolution: int) -> tuple[int, int, int]:
-        side = resolution // self.vae_scale
+        """The UNet's input for images of ``resolution`` pixels: the latent's size under a VAE."""
+        side = resolution // vae_downscale(self.vae.config.block_out_channels) if self.vae is not None else resolution
         return (self.unet.config.in_channels, side, side)
-
-    @property
-    def vae_scale(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
 
 
 def load_pipeline(folder: str | Path) -> Pipeline:
@@ -157,6 +147,11 @@ def _check_pipeline_folder(folder: str | Path) -> Path:
     return folder
 
 
+def vae_downscale(block_out_channels: list[int]) -> int:
+    """Pixels per latent along a side: an AutoencoderKL halves the size between its blocks."""
+    return 2 ** (len(block_out_channels) - 1)
+
+
 def image_shape(config: ImageTrainConfig) -> tuple[int, int]:
     """(resolution, channels) of the training images, from the pipeline's config files alone
     (so the images are checked before any weights load)."""
@@ -164,7 +159,7 @@ def image_shape(config: ImageTrainConfig) -> tuple[int, int]:
     unet = json.loads((folder / "unet" / "config.json").read_text())
     if (folder / "vae").is_dir():
         vae = json.loads((folder / "vae" / "config.json").read_text())
-        return config.resolution or unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1), 3
+        return config.resolution or unet["sample_size"] * vae_downscale(vae["block_out_channels"]), 3
     return config.resolution or unet["sample_size"], unet["in_channels"]
 
 
@@ -249,12 +244,6 @@ def train_image(config: ImageTrainConfig, resume: bool = False) -> ImageTrainRes
         processes.close()
 
 
-def check_batch(config: ImageTrainConfig, processes: Processes) -> None:
-    if config.batch_size % (config.micro_batch_size * processes.world_size):
-        raise TrainingError(f"batch_size {config.batch_size} must be a multiple of micro_batch_size "
-                            f"{config.micro_batch_size} x {processes.world_size} process(es)")
-
-
 @torch.no_grad()
 def encode_images(pipeline: Pipeline, examples: list[ImageExample], device: torch.device, seed: int) -> Tensor:
     """The UNet's inputs x0: pixels, or the VAE's latents (one seeded draw per image)."""
@@ -319,25 +308,19 @@ def _fit(pipeline: Pipeline, examples: list[ImageExample], resolution: int, conf
         unet.train()
         for step in range(start_step, config.max_steps):
             lr = learning_rate(config, step, config.max_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group["lr_scale"]
+            set_learning_rate(optimizer, lr)
             indices = step_indices(len(kept), config.batch_size, step, config.seed)
             batches = [make_batch(latents, states, chunk, config.seed, step, timesteps).to(device)
                        for chunk in micro_batches(indices, processes.rank, processes.world_size,
                                                   config.micro_batch_size)]
             loss = processes.sum(accumulate(runner, batches, config.batch_size, processes.world_size,
                                             nullcontext()), device) / config.batch_size
-            grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm or math.inf)
-            if not (math.isfinite(loss) and torch.isfinite(grad_norm)):
-                raise TrainingError(f"training diverged at step {step + 1}: loss {loss}, gradient norm "
-                                    f"{grad_norm.item()}; lower lr and run again")
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = optimizer_step(optimizer, parameters, config.max_grad_norm, loss, step, out)
             done = step + 1
             state["images"] += config.batch_size
             state["seconds"] = time.perf_counter() - started
             state["train_loss"] = loss
-            monitor.step({"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm.item(),
+            monitor.step({"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                           "images_per_second": state["images"] / state["seconds"], "time": time.time()})
             if done % config.save_every == 0 or done == config.max_steps:
                 if processes.main:

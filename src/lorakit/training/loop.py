@@ -264,9 +264,7 @@ def setup(model: nn.Module, train_set: Dataset, eval_set: Dataset | None, config
           processes: Processes) -> tuple[Run, int]:
     """The run ready for its first step (or the step after its newest checkpoint), and that step."""
     out = config.out_dir
-    if config.batch_size % (config.micro_batch_size * processes.world_size):
-        raise TrainingError(f"batch_size {config.batch_size} must be a multiple of micro_batch_size "
-                            f"{config.micro_batch_size} x {processes.world_size} process(es)")
+    check_batch(config, processes)
     rows = samples(train_set.examples, config.max_length, config.packing)
     held_out = samples(eval_set.examples, config.max_length, config.packing) if eval_set else []
     total_steps = config.max_steps or math.ceil(config.epochs * len(rows) / config.batch_size)
@@ -295,6 +293,13 @@ def setup(model: nn.Module, train_set: Dataset, eval_set: Dataset | None, config
     run = Run(config, model, runner, optimizer, parameters, rows, held_out, total_steps, processes, device,
               autocast, monitor, state)
     return run, start_step
+
+
+def check_batch(config: Settings, processes: Processes) -> None:
+    """Every process gets the same number of whole micro-batches of each step."""
+    if config.batch_size % (config.micro_batch_size * processes.world_size):
+        raise TrainingError(f"batch_size {config.batch_size} must be a multiple of micro_batch_size "
+                            f"{config.micro_batch_size} x {processes.world_size} process(es)")
 
 
 def adapted(model: nn.Module, config: TrainConfig, device: torch.device) -> nn.Module:
@@ -340,25 +345,19 @@ def train_step(run: Run, step: int, started: float) -> None:
     the log line, an evaluation and a checkpoint when they are due."""
     config, processes, device, state = run.config, run.processes, run.device, run.state
     lr = learning_rate(config, step, run.total_steps)
-    for group in run.optimizer.param_groups:
-        group["lr"] = lr * group["lr_scale"]
+    set_learning_rate(run.optimizer, lr)
     indices = step_indices(len(run.rows), config.batch_size, step, config.seed)
     batches = [collate([run.rows[i] for i in chunk]).to(device)
                for chunk in micro_batches(indices, processes.rank, processes.world_size, config.micro_batch_size)]
     tokens = processes.sum(sum(b.tokens for b in batches), device)
     loss = processes.sum(accumulate(run.runner, batches, tokens, processes.world_size, run.autocast), device) / tokens
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.parameters, config.max_grad_norm or math.inf)
-    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
-    if not (math.isfinite(loss) and torch.isfinite(grad_norm)):
-        raise TrainingError(_diverged(step + 1, loss, grad_norm.item(), config.out_dir))
-    run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=True)
+    grad_norm = optimizer_step(run.optimizer, run.parameters, config.max_grad_norm, loss, step, config.out_dir)
 
     done = step + 1
     state["tokens"] += processes.sum(sum(b.length for b in batches), device)
     state["seconds"] = time.perf_counter() - started
     state["train_loss"] = loss
-    run.monitor.step({"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm.item(), "tokens": state["tokens"],
+    run.monitor.step({"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": state["tokens"],
                       "tokens_per_second": state["tokens"] / state["seconds"], "time": time.time()})
     if config.eval_every and done % config.eval_every == 0 and done != run.total_steps and run.held_out:
         run.monitor.evaluation(done, run.evaluate())
@@ -369,6 +368,24 @@ def train_step(run: Run, step: int, started: float) -> None:
         elif processes.main:
             save_checkpoint(config.out_dir, done, run.model, run.optimizer, state, config.keep_checkpoints)
         processes.barrier()
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr_scale"]
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, parameters: list[nn.Parameter], max_grad_norm: float | None,
+                   loss: float, step: int, out: Path) -> float:
+    """Clip the gradients and apply AdamW's step; return the gradient norm. A non-finite loss
+    or norm stops the run with the step not applied."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm or math.inf)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
+    if not (math.isfinite(loss) and torch.isfinite(grad_norm)):
+        raise TrainingError(_diverged(step + 1, loss, grad_norm.item(), out))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm.item()
 
 
 def finish(run: Run, resumed_from: int | None, eval_after: float | None, truncated: int) -> TrainResult:
@@ -401,10 +418,13 @@ def accumulate(runner: nn.Module, batches: list[Batch], tokens: float, world_siz
     for i, batch in enumerate(batches):
         last = i == len(batches) - 1
         # Under DDP / FSDP only the last micro-batch synchronizes gradients.
-        if hasattr(runner, "set_requires_gradient_sync"):
-            runner.set_requires_gradient_sync(last)
-        with (nullcontext() if last or world_size == 1 or not hasattr(runner, "no_sync") else runner.no_sync()), \
-                autocast:
+        sync = last or world_size == 1
+        if hasattr(runner, "set_requires_gradient_sync"):  # FSDP
+            runner.set_requires_gradient_sync(sync)
+            context = nullcontext()
+        else:
+            context = nullcontext() if sync else runner.no_sync()
+        with context, autocast:
             loss = runner(batch)
         # DDP averages gradients over processes; scaling by world_size makes that a sum.
         (loss * (world_size / tokens)).backward()

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -111,20 +112,21 @@ def fill_base(runner: nn.Module, files: dict[str, Path], prefix: str, dtype: tor
     from torch.distributed.tensor import DTensor
 
     filled, unfilled = set(), {}
-    for name, param in runner.named_parameters(remove_duplicate=False):
-        key = name.removeprefix(prefix)
-        if ".adapters." in name:
-            continue
-        source = files.get(key)
-        if source is None:  # a tied weight (lm_head = embed_tokens) is stored once
-            unfilled[name] = param
-            continue
-        with safe_open(source, framework="pt") as handle:
+    with ExitStack() as opened:
+        handles = {path: opened.enter_context(safe_open(path, framework="pt")) for path in set(files.values())}
+        for name, param in runner.named_parameters(remove_duplicate=False):
+            key = name.removeprefix(prefix)
+            if ".adapters." in name:
+                continue
+            if key not in files:  # a tied weight (lm_head = embed_tokens) is stored once
+                unfilled[name] = param
+                continue
+            handle = handles[files[key]]
             if isinstance(param, DTensor):
                 param.to_local().copy_(_local_rows(handle, key, param).to(dtype))
             else:
                 param.copy_(handle.get_tensor(key).to(dtype))
-        filled.add(id(param))
+            filled.add(id(param))
     missing = [name for name, param in unfilled.items() if id(param) not in filled]
     if missing:
         raise FileNotFoundError(f"no weights in the model's files for {', '.join(missing[:5])}")
