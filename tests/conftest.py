@@ -129,10 +129,6 @@ def tiny_lm_dir(tmp_path_factory):
 
 def logged_step(out) -> int:
     """The newest step a run logged to its metrics.jsonl (0 before its first)."""
-    import json
+    from lorakit.training.monitor import read_metrics
 
-    path = out / "metrics.jsonl"
-    if not path.exists():
-        return 0
-    steps = [json.loads(line).get("step", 0) for line in path.read_text().splitlines() if line.strip()]
-    return max(steps, default=0)
+    return max((record.get("step", 0) for record in read_metrics(out / "metrics.jsonl")), default=0)

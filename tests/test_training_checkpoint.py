@@ -164,3 +164,16 @@ def test_two_runs_into_one_directory_at_once_are_refused(tiny_lm_dir, tmp_path):
         assert child.returncode != 0 and "is being written by another lorakit train run" in child.stderr
     with run_lock(out):  # released with the first
         pass
+
+
+def test_a_metrics_line_cut_short_by_a_kill_is_dropped_on_resume(tmp_path):
+    from lorakit.training.monitor import Monitor, read_metrics
+
+    whole = [{"step": s, "loss": 1.0 / s} for s in (1, 2, 3)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in whole) + '{"step": 4, "lo')
+    assert read_metrics(tmp_path / "metrics.jsonl") == whole
+
+    monitor = Monitor(tmp_path, total_steps=10, start_step=3, enabled=True, log_every=1)
+    monitor.record({"step": 4, "loss": 0.5})
+    monitor.close()
+    assert read_metrics(tmp_path / "metrics.jsonl") == [*whole, {"step": 4, "loss": 0.5}]

@@ -78,9 +78,14 @@ class Monitor:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The complete records of a metrics file. A last line without its newline is
+    one still being written, or one a kill cut short: it is left out, so a reader
+    beside a live run and a resume after SIGKILL both see whole records only."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text()
+    complete = text[: text.rfind("\n") + 1]
+    return [json.loads(line) for line in complete.splitlines() if line.strip()]
 
 
 def plot_loss(metrics: Path, picture: Path, ylabel: str = "cross-entropy per trained token") -> None:
