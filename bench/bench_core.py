@@ -4,7 +4,7 @@ All variants run on the same Qwen2-style model (random weights) and the same bat
 interleaved in one process: every round runs each variant once, in rotating order,
 and the table reports the median over rounds and its ratio to the reference.
 
-    python bench/bench_core.py [--rounds 7] [--hidden 1024] [--layers 4] [--batch 4] [--seq 128]
+    python bench/bench_core.py [--rounds 7] [--hidden 1024] [--layers 4] [--batch 4] [--seq 128] [--forward-only]
 """
 
 from __future__ import annotations
@@ -107,6 +107,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--forward-only", action="store_true", help="skip the training-step table")
     args = parser.parse_args()
 
     base = build_model(args.hidden, args.layers, args.vocab)
@@ -115,6 +116,8 @@ def main() -> None:
           f"LoRA r={args.rank} on all linear layers; batch {args.batch}x{args.seq}; "
           f"{torch.get_num_threads()} threads; torch {torch.__version__}; median of {args.rounds} interleaved rounds\n")
     print(table("Forward (inference)", interleaved(forward_variants(base, args.rank, batch), args.rounds), "base"))
+    if args.forward_only:
+        return
     print()
     print(table("Training step (forward + backward + AdamW)",
                 interleaved(step_variants(base, args.rank, batch), args.rounds), "peft LoRA"))

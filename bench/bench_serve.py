@@ -193,6 +193,7 @@ def loading(rounds: int) -> None:
 
 
 PROMPT = "Question {i}: what is LoRA?"
+LIMIT_STEPS = 5  # timed decode forwards per round: one forward varies by 10-20 % on a shared 2-core host
 
 
 async def _load_test(url: str, models: list[str], requests: int, concurrency: int, max_tokens: int):
@@ -298,9 +299,11 @@ def _wait_for(url: str, process: subprocess.Popen, log: Path | None) -> None:
     raise RuntimeError("the server did not start in 3 minutes")
 
 
-def engine_breakdown(spec: str, root: Path, names: list[str], device: str, max_tokens: int) -> dict[str, float]:
+def engine_breakdown(spec: str, root: Path, names: list[str], device: str, max_tokens: int,
+                     limit) -> dict[str, float]:
     """Where the engine's time goes on the load test's work, without HTTP: 64 requests of
-    ``max_tokens`` tokens, 32 rows at a time, 32 adapters in rotation, EOS ignored."""
+    ``max_tokens`` tokens, 32 rows at a time, 32 adapters in rotation, EOS ignored; and its
+    tokens/s against ``limit`` (the 32-adapter decode step) timed just before and after."""
     from lorakit.serve.engine import build_engine
     from lorakit.serve.request import Request, SamplingParams
 
@@ -325,12 +328,24 @@ def engine_breakdown(spec: str, root: Path, names: list[str], device: str, max_t
                     for i in range(count)]
         return engine.generate(requests)
 
+    def limit_rows_per_second() -> list[float]:
+        limit()
+        rates = []
+        for _ in range(LIMIT_STEPS):
+            start = time.perf_counter()
+            limit()
+            rates.append(32 / (time.perf_counter() - start))
+        return rates
+
     run(32)  # warm-up
+    rates = limit_rows_per_second()
     spent.update({k: 0.0 for k in spent})
     start = time.perf_counter()
     tokens = sum(len(r.generated) for r in run(64))
     total = time.perf_counter() - start
-    return {"tokens/s": tokens / total, **{f"{k} share": v / total for k, v in spent.items()},
+    rates += limit_rows_per_second()
+    return {"tokens/s": tokens / total, "engine / model limit": tokens / total / statistics.median(rates),
+            **{f"{k} share": v / total for k, v in spent.items()},
             "everything else share": 1 - sum(spent.values()) / total}
 
 
@@ -365,9 +380,10 @@ def server(rounds: int, spec: str, device: str, bf16: bool, max_tokens: int = 32
             for r in range(rounds):
                 for label, step in limits.items():  # the servers are idle meanwhile
                     step()
-                    start = time.perf_counter()
-                    step()
-                    runs.setdefault(f"model limit, {label}", []).append(32 / (time.perf_counter() - start))
+                    for _ in range(LIMIT_STEPS):
+                        start = time.perf_counter()
+                        step()
+                        runs.setdefault(f"model limit, {label}", []).append(32 / (time.perf_counter() - start))
                 for variant, url in urls.items():
                     for label in (["1 adapter", "32 adapters in rotation"][:: 1 if r % 2 == 0 else -1]):
                         models = names[:1] if label == "1 adapter" else names
@@ -389,9 +405,9 @@ def server(rounds: int, spec: str, device: str, bf16: bool, max_tokens: int = 32
                     print(f"\nserver {variant} / model limit (fp32), {label}: {ratio:.3f} (target >= 0.9)")
                 ratio = medians[f"server {variant}, 32 adapters in rotation"] / medians[f"server {variant}, 1 adapter"]
                 print(f"server {variant}, 32 adapters / 1 adapter: {ratio:.3f} (target >= 0.95)")
-            breakdown = engine_breakdown(spec, root, names, device, max_tokens)
+            breakdown = engine_breakdown(spec, root, names, device, max_tokens, limits["32 adapters in rotation"])
             print("\nThe engine alone on the same work (no HTTP; 64 requests, 32 adapters in rotation): "
-                  + ", ".join(f"{k} {v:.3f}" if "share" in k else f"{k} {v:.1f}" for k, v in breakdown.items()))
+                  + ", ".join(f"{k} {v:.1f}" if k == "tokens/s" else f"{k} {v:.3f}" for k, v in breakdown.items()))
             if "bf16" in urls:
                 ratio = medians["server bf16, 32 adapters in rotation"] / medians["server fp32, 32 adapters in rotation"]
                 same = sum(a == b for a, b in zip(_greedy_texts(urls["fp32"], names[0], 8, max_tokens),

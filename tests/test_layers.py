@@ -235,3 +235,51 @@ def test_every_config_init_has_an_initializer():
     from lorakit.layers import INITIALIZERS
 
     assert set(INITIALIZERS) == set(INITS)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_a_sole_adapter_writes_its_update_first_with_the_same_values_and_gradients(kind):
+    """One plain adapter alone: its update and the bias are written first and the base
+    product accumulates onto them; values and gradients are those of the dense form, and
+    the general path (taken with a second adapter active whose B is zero) agrees."""
+    model, x = single(kind)
+    lorakit.attach(model, lorakit.LoraConfig(rank=3, alpha=6, targets=["layer"]))
+    set_random(model)
+    layer, adapter = model.layer, model.layer.adapters["default"]
+    assert layer.sole_plain_adapter(x) is adapter
+    x.requires_grad_(True)
+    sole = model(x)
+    sole.square().sum().backward()
+    grads = (x.grad.clone(), adapter.lora_A.grad.clone(), adapter.lora_B.grad.clone())
+    W = layer.weight.detach()
+    expected = dense_reference(kind, W, layer.bias.detach(), adapter.lora_A.detach(), adapter.lora_B.detach(),
+                               adapter.scaling, x.detach())
+    torch.testing.assert_close(sole, expected, rtol=1e-5, atol=1e-5)
+
+    lorakit.attach(model, lorakit.LoraConfig(rank=2, alpha=2, targets=["layer"]), name="zero")
+    lorakit.set_active(model, ["default", "zero"])
+    assert layer.sole_plain_adapter(x) is None
+    for p in (x, adapter.lora_A, adapter.lora_B):
+        p.grad = None
+    general = model(x)
+    general.square().sum().backward()
+    torch.testing.assert_close(general, sole, rtol=1e-6, atol=1e-6)
+    for got, want in zip(grads, (x.grad, adapter.lora_A.grad, adapter.lora_B.grad)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_the_update_first_path_is_left_where_the_base_must_come_first():
+    model, x = single("linear")
+    lorakit.attach(model, lorakit.LoraConfig(rank=3, alpha=6, targets=["layer"]))
+    layer = model.layer
+    assert layer.sole_plain_adapter(x) is not None
+    assert layer.sole_plain_adapter(x.to(torch.bfloat16)) is None  # another dtype: cast and added
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer.sole_plain_adapter(x) is None
+    with lorakit.disabled(model):
+        assert layer.sole_plain_adapter(x) is None
+    layer.merge("default")
+    assert layer.sole_plain_adapter(x) is None
+    dora, _ = single("linear")
+    lorakit.attach(dora, lorakit.LoraConfig(rank=3, alpha=6, targets=["layer"], variant="dora"))
+    assert dora.layer.sole_plain_adapter(x) is None  # DoRA rescales the base output

@@ -18,6 +18,9 @@ is not a plain tensor plugs in:
 
 ``dense`` gives any of them back as a float32 tensor laid out like the weight, which is
 what merging and error bounds are computed against.
+
+``linear_onto`` is ``linear``'s product for a plain weight, accumulated into a tensor
+that already holds an adapter's update and the bias (layers.py says when).
 """
 
 from __future__ import annotations
@@ -66,6 +69,18 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None, transposed: bool = Fa
         return F.linear(x, weight, bias)
     x = x.to(weight.dtype)
     return F.linear(x, weight, _cast(bias, x))
+
+
+def linear_onto(update: Tensor, x: Tensor, weight: Tensor, transposed: bool = False) -> Tensor:
+    """``update`` + x W^T for a plain weight, the product accumulated into ``update``
+    ((N, out), N the tokens of ``x``) by one GEMM with beta = 1, which reads ``update``
+    while it computes. A layer with one adapter writes the adapter's update and the bias
+    first and lets the base product land on them: adding the update after the base
+    output instead reads and writes the whole (tokens x out) output once more, and that
+    pass was most of the unmerged overhead."""
+    flat = x.reshape(-1, x.shape[-1])
+    update.addmm_(flat, weight if transposed else weight.T)  # (N, in) @ (in, out)
+    return update.view(*x.shape[:-1], update.shape[-1])
 
 
 def dense(weight: Tensor) -> Tensor:

@@ -16,6 +16,11 @@ Merging is a performance detail, never a change in meaning: whatever is merged, 
 layer computes base + the active adapters. A merged adapter that is not active (or
 all adapters, inside ``disabled``) is subtracted on the fly.
 
+The order of the sums is where the unmerged overhead is decided: with one plain adapter
+in use (on a Linear or Conv1D), its update s·B·A·x and the bias are written first and
+the base product x W^T accumulates onto them in the same GEMM (``frozen.linear_onto``);
+otherwise each adapter's second matmul accumulates into the base output.
+
 One subclass per base type says three things: how the base computes, how an adapter
 computes, and its layout: which change of ``weight`` B @ A is (adapter.py has the math).
 
@@ -68,9 +73,14 @@ class LoraAdapter(nn.Module):
         self.register_buffer("moved_A", None, persistent=False)
         self.register_buffer("moved_B", None, persistent=False)
 
-    def forward(self, layer: LoraLayer, x: Tensor, base: Tensor, result: Tensor, sign: float = 1.0) -> Tensor:
+    def forward(self, layer: LoraLayer, x: Tensor, base: Tensor | None, result: Tensor | None,
+                sign: float = 1.0) -> Tensor:
         """``result`` plus ``sign`` times this adapter's change of ``layer``'s output for input
-        ``x`` (``base``: the frozen layer's own output, which variants may rescale)."""
+        ``x`` (``base``: the frozen layer's own output, which variants may rescale). Called
+        before the base output exists (the layer's sole adapter, see ``sole_plain_adapter``),
+        it returns the whole output: its update first, the base product accumulated onto it."""
+        if result is None:
+            return layer.base_forward_onto(self, x)
         return layer.add_update(result, self, x, sign)
 
     def prepare(self, layer: LoraLayer) -> None:
@@ -123,6 +133,7 @@ class LoraLayer(nn.Module):
     """
 
     layout: str
+    accumulates = False  # whether base_forward_onto exists (the base is a matrix product)
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__()
@@ -162,6 +173,11 @@ class LoraLayer(nn.Module):
         """s·B·A·dropout(x) (without dropout when the caller applied it)."""
         raise NotImplementedError
 
+    def base_forward_onto(self, adapter: LoraAdapter, x: Tensor) -> Tensor:
+        """The output with ``adapter`` alone: s·B·A·dropout(x) + b written first, the base
+        product accumulated onto it (layers with ``accumulates``)."""
+        raise NotImplementedError
+
     def delta_weight(self, name: str) -> Tensor:
         """(alpha / r) * B @ A laid out like ``weight``, in float32."""
         return self.weights(name).delta()
@@ -194,6 +210,9 @@ class LoraLayer(nn.Module):
         initializer(init)(self, adapter)
 
     def forward(self, x: Tensor) -> Tensor:
+        sole = self.sole_plain_adapter(x)
+        if sole is not None:  # the whole output, from the adapter's own call
+            return sole(self, x, None, None)
         base = self.base_forward(x)
         result = base
         wanted = () if self.disabled else self.active
@@ -211,6 +230,21 @@ class LoraLayer(nn.Module):
             if adapter.moved_A is not None and name not in wanted:
                 result = result + moved_forward(self, adapter, x).to(result.dtype)  # W = W_res + s·B₀A₀
         return result
+
+    def sole_plain_adapter(self, x: Tensor) -> LoraAdapter | None:
+        """The adapter whose update can be written before the base output, for the base
+        product to accumulate into it (``base_forward_onto``, layers whose base is a
+        plain matrix product): plain LoRA, the only adapter in use, nothing merged, no
+        part of W moved into an adapter, one dtype throughout, no autocast."""
+        if not self.accumulates or self.disabled or self.merged or len(self.active) != 1:
+            return None
+        adapter = self.adapters[self.active[0]]
+        if type(adapter) is not LoraAdapter or any(a.moved_A is not None for a in self.adapters.values()):
+            return None
+        if (frozen.is_quantized(self.weight) or torch.is_autocast_enabled(x.device.type)
+                or not x.dtype == self.weight.dtype == adapter.lora_A.dtype == adapter.lora_B.dtype):
+            return None
+        return adapter
 
     @torch.no_grad()
     def give_back(self, name: str) -> None:
@@ -313,12 +347,18 @@ def _linear_adapter(adapter: LoraAdapter, x: Tensor, out_dtype: torch.dtype, dro
     return F.linear(hidden, adapter.lora_B).to(out_dtype)
 
 
+def _linear_update(adapter: LoraAdapter, x: Tensor, bias: Tensor | None) -> Tensor:
+    """s·B·A·dropout(x) + b as a (tokens x out) matrix, for the base product to accumulate into."""
+    hidden = _down(adapter, x.reshape(-1, x.shape[-1])) * adapter.scaling  # (N, r)
+    return F.linear(hidden, adapter.lora_B, bias)
+
+
 def _add_linear_update(layer: LoraLayer, result: Tensor, adapter: LoraAdapter, x: Tensor, sign: float) -> Tensor:
-    """``add_update`` of the layers whose adapter is a pair of linear maps: the second
-    matmul accumulates into ``result`` (GEMM with beta = 1), so no (tokens x out)
-    temporary is written and read back, which is most of the unmerged overhead. When
-    the dtypes differ (half-precision base, float32 adapter; autocast) the update is
-    cast and added instead."""
+    """``add_update`` of the layers whose adapter is a pair of linear maps (the path of
+    several adapters, or of one whose base output must come first): the second matmul
+    accumulates into ``result`` (GEMM with beta = 1), so no (tokens x out) temporary is
+    written and read back. When the dtypes differ (half-precision base, float32 adapter;
+    autocast) the update is cast and added instead."""
     same = result.dtype == adapter.lora_A.dtype == adapter.lora_B.dtype
     if not same or result.dim() < 2 or torch.is_autocast_enabled(result.device.type):
         return LoraLayer.add_update(layer, result, adapter, x, sign)
@@ -333,6 +373,7 @@ class LoraLinear(LoraLayer):
     """nn.Linear: y = x W^T + b; W is (out, in)."""
 
     layout = "linear"
+    accumulates = True
 
     @staticmethod
     def dims(base: nn.Module) -> tuple[int, int]:
@@ -344,6 +385,9 @@ class LoraLinear(LoraLayer):
 
     def base_forward(self, x: Tensor) -> Tensor:
         return frozen.linear(x, self.weight, self.bias)
+
+    def base_forward_onto(self, adapter: LoraAdapter, x: Tensor) -> Tensor:
+        return frozen.linear_onto(_linear_update(adapter, x, self.bias), x, self.weight)
 
     def base_forward_without_bias(self, x: Tensor) -> Tensor:
         return frozen.linear(x, self.weight, None)
@@ -358,6 +402,7 @@ class LoraConv1D(LoraLayer):
     """transformers' GPT-2 Conv1D: y = x W + b; W is stored transposed, (in, out)."""
 
     layout = "conv1d"
+    accumulates = True
 
     @staticmethod
     def dims(base: nn.Module) -> tuple[int, int]:
@@ -370,6 +415,9 @@ class LoraConv1D(LoraLayer):
 
     def base_forward(self, x: Tensor) -> Tensor:
         return frozen.linear(x, self.weight, self.bias, transposed=True)
+
+    def base_forward_onto(self, adapter: LoraAdapter, x: Tensor) -> Tensor:
+        return frozen.linear_onto(_linear_update(adapter, x, self.bias), x, self.weight, transposed=True)
 
     def base_forward_without_bias(self, x: Tensor) -> Tensor:
         return frozen.linear(x, self.weight, None, transposed=True)
