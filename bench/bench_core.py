@@ -4,7 +4,8 @@ All variants run on the same Qwen2-style model (random weights) and the same bat
 interleaved in one process: every round runs each variant once, in rotating order,
 and the table reports the median over rounds and its ratio to the reference.
 
-    python bench/bench_core.py [--rounds 7] [--hidden 1024] [--layers 4] [--batch 4] [--seq 128] [--forward-only]
+    python bench/bench_core.py [--rounds 7] [--hidden 1024] [--layers 4] [--batch 4] [--seq 128]
+                                [--forward-only] [--orders]
 """
 
 from __future__ import annotations
@@ -74,6 +75,33 @@ def forward_variants(base, rank: int, batch: torch.Tensor) -> dict[str, Callable
             "peft unmerged": run(theirs)}
 
 
+def order_variants(base, rank: int, batch: torch.Tensor) -> dict[str, Callable[[], None]]:
+    """The unmerged forward with one adapter both ways: its update written first and the
+    base product accumulated onto it (lorakit's path), and the base output first with the
+    update accumulated onto that (the path of several adapters, forced here)."""
+    import lorakit
+    from lorakit.layers import LoraLayer
+
+    unmerged = copy.deepcopy(base)
+    lorakit.attach(unmerged, lorakit.LoraConfig(rank=rank, alpha=2 * rank))
+    for p in (p for n, p in unmerged.named_parameters() if "lora_B" in n):
+        torch.nn.init.normal_(p, std=0.01)
+    sole = LoraLayer.sole_plain_adapter
+
+    def run(model, update_first: bool):
+        def call():
+            LoraLayer.sole_plain_adapter = sole if update_first else (lambda layer, x: None)
+            try:
+                with torch.inference_mode():
+                    model(batch)
+            finally:
+                LoraLayer.sole_plain_adapter = sole
+        return call
+
+    return {"base": run(base, True), "unmerged, update first": run(unmerged, True),
+            "unmerged, base first": run(unmerged, False)}
+
+
 def step_variants(base, rank: int, batch: torch.Tensor) -> dict[str, Callable[[], None]]:
     import peft
 
@@ -108,6 +136,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--forward-only", action="store_true", help="skip the training-step table")
+    parser.add_argument("--orders", action="store_true",
+                        help="only the unmerged forward with the update first against the base output first")
     args = parser.parse_args()
 
     base = build_model(args.hidden, args.layers, args.vocab)
@@ -115,6 +145,10 @@ def main() -> None:
     print(f"Qwen2-style model: hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}; "
           f"LoRA r={args.rank} on all linear layers; batch {args.batch}x{args.seq}; "
           f"{torch.get_num_threads()} threads; torch {torch.__version__}; median of {args.rounds} interleaved rounds\n")
+    if args.orders:
+        print(table("Order of the sums, one adapter", interleaved(order_variants(base, args.rank, batch), args.rounds),
+                    "base"))
+        return
     print(table("Forward (inference)", interleaved(forward_variants(base, args.rank, batch), args.rounds), "base"))
     if args.forward_only:
         return
