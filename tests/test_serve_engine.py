@@ -86,6 +86,18 @@ def test_eos_ends_a_request(setup):
     assert request.generated == first[:2] and request.finish_reason == "stop"
 
 
+def test_ignore_eos_runs_a_request_to_max_tokens_through_its_eos(setup):
+    _, engine = setup
+    prompt = [7, 8, 9]
+    first = engine.generate([make(engine, prompt, None, max_tokens=6)])[0].generated
+    engine.eos = {first[2]}
+    try:
+        request = engine.generate([make(engine, prompt, None, max_tokens=6, ignore_eos=True)])[0]
+    finally:
+        engine.eos = set()
+    assert request.generated == first and request.finish_reason == "length"
+
+
 def test_generate_command_gives_each_prompt_its_adapter_alone(setup, tiny_lm_dir):
     from typer.testing import CliRunner
 

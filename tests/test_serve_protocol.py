@@ -194,3 +194,12 @@ def test_sigterm_answers_what_is_in_flight_and_exits_in_bounded_time(tiny_lm_dir
     finally:
         process.kill()
         process.wait()
+
+
+def test_ignore_eos_is_taken_as_vllm_takes_it(server):
+    body = post(server, "/v1/completions", {"model": "a0", "prompt": "Hej", "max_tokens": 5, "temperature": 0,
+                                            "ignore_eos": True})
+    assert body["usage"]["completion_tokens"] == 5 and body["choices"][0]["finish_reason"] == "length"
+    chat = post(server, "/v1/chat/completions", {"model": "a0", "messages": [{"role": "user", "content": "Hej"}],
+                                                 "max_completion_tokens": 3, "temperature": 0, "ignore_eos": True})
+    assert chat["usage"]["completion_tokens"] == 3

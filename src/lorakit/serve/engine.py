@@ -259,7 +259,7 @@ class Engine:
             request.close("length")
             return
         reason, cut = None, False
-        if token in self.eos:
+        if token in self.eos and not params.ignore_eos:
             reason = "stop"
         else:
             request.generated.append(token)

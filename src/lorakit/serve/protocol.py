@@ -45,6 +45,7 @@ class Sampling(Strict):
     stream_options: StreamOptions | None = None
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens tokens whatever comes
     user: str | None = None  # an end-user id for the caller's records; not used
 
     @property

@@ -42,6 +42,7 @@ class SamplingParams:
     prompt_logprobs: bool = False  # also score every prompt token (completions' echo)
     frequency_penalty: float = 0.0  # OpenAI's: minus penalty x count of the token in the output so far
     presence_penalty: float = 0.0  # minus penalty once a token has appeared in the output
+    ignore_eos: bool = False  # vLLM's: an end-of-sequence token is text like any other; max_tokens ends it
 
 
 @dataclass(frozen=True)

@@ -223,7 +223,7 @@ def _params(service: Service, body: Sampling, max_tokens: int, logprobs: int | N
     if body.stream_options is not None and not body.stream:
         raise ApiError(400, "stream_options: only with stream: true")
     return SamplingParams(max_tokens, body.temperature, body.top_p, body.seed, body.stops, logprobs,
-                          prompt_logprobs, body.frequency_penalty, body.presence_penalty)
+                          prompt_logprobs, body.frequency_penalty, body.presence_penalty, body.ignore_eos)
 
 
 # -- serving: lease, submit, answer ---------------------------------------------------------
