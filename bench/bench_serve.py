@@ -11,13 +11,17 @@ and server throughput, each as a ratio measured side by side in one run.
 3. ``lorakit serve`` on 127.0.0.1 (SmolLM2-135M-Instruct, the real embedded model, or
    ``--model``): server tokens/s with 32 concurrent rows / the model's own limit (32 rows
    / one decode forward of a 32-row batch on the same adapters, timed in this process
-   while the servers idle), with 1 adapter and with 32 in rotation; 32 / 1; a single
+   while the servers idle, just before and after each load test, whose ratio to it is
+   taken per round), with 1 adapter and with 32 in rotation; 32 / 1; a single
    request's time to first token and tokens/s; with ``--bf16`` a bf16 server beside the
    fp32 one (speed, and whether greedy texts stay the same); then 500 requests, 32
    concurrent, across 16 adapters: errors, lost responses, throughput, p50/p99 latency.
+   The load test's answers are ``--max-tokens`` long (``ignore_eos``, as vLLM's own
+   serving benchmark does), so every row of a 32-row batch decodes until its wave ends;
+   with ``--eos`` they end where the model ends them, and rows leave early.
 
     python bench/bench_serve.py [--rounds 7] [--skip-mixed] [--skip-load] [--skip-server]
-                                [--model SPEC] [--device cuda] [--bf16] [--max-tokens 32]
+                                [--model SPEC] [--device cuda] [--bf16] [--max-tokens 32] [--eos]
 """
 
 from __future__ import annotations
@@ -196,7 +200,8 @@ PROMPT = "Question {i}: what is LoRA?"
 LIMIT_STEPS = 5  # timed decode forwards per round: one forward varies by 10-20 % on a shared 2-core host
 
 
-async def _load_test(url: str, models: list[str], requests: int, concurrency: int, max_tokens: int):
+async def _load_test(url: str, models: list[str], requests: int, concurrency: int, max_tokens: int,
+                     ignore_eos: bool = False):
     import httpx
 
     latencies, tokens, errors = [], 0, []
@@ -206,7 +211,7 @@ async def _load_test(url: str, models: list[str], requests: int, concurrency: in
             nonlocal tokens
             async with semaphore:
                 body = {"model": models[i % len(models)], "prompt": PROMPT.format(i=i), "max_tokens": max_tokens,
-                        "temperature": 0}
+                        "temperature": 0, "ignore_eos": ignore_eos}
                 start = time.perf_counter()
                 try:
                     reply = await client.post(url + "/v1/completions", json=body)
@@ -284,6 +289,17 @@ def model_limit(spec: str, root: Path, names: list[str], device: str, dtype: tor
     return {"1 adapter": forward_for([names[0]] * 32), "32 adapters in rotation": forward_for(names[:32])}
 
 
+def decode_rates(step) -> list[float]:
+    """Rows per second of ``LIMIT_STEPS`` timed decode forwards (after one untimed)."""
+    step()
+    rates = []
+    for _ in range(LIMIT_STEPS):
+        start = time.perf_counter()
+        step()
+        rates.append(32 / (time.perf_counter() - start))
+    return rates
+
+
 def _wait_for(url: str, process: subprocess.Popen, log: Path | None) -> None:
     import httpx
 
@@ -328,29 +344,20 @@ def engine_breakdown(spec: str, root: Path, names: list[str], device: str, max_t
                     for i in range(count)]
         return engine.generate(requests)
 
-    def limit_rows_per_second() -> list[float]:
-        limit()
-        rates = []
-        for _ in range(LIMIT_STEPS):
-            start = time.perf_counter()
-            limit()
-            rates.append(32 / (time.perf_counter() - start))
-        return rates
-
     run(32)  # warm-up
-    rates = limit_rows_per_second()
+    rates = decode_rates(limit)
     spent.update({k: 0.0 for k in spent})
     start = time.perf_counter()
     tokens = sum(len(r.generated) for r in run(64))
     total = time.perf_counter() - start
-    rates += limit_rows_per_second()
+    rates += decode_rates(limit)
     return {"tokens/s": tokens / total, "engine / model limit": tokens / total / statistics.median(rates),
             **{f"{k} share": v / total for k, v in spent.items()},
             "everything else share": 1 - sum(spent.values()) / total}
 
 
 def server(rounds: int, spec: str, device: str, bf16: bool, max_tokens: int = 32, logs: Path | None = None,
-           load_test: bool = True) -> None:
+           load_test: bool = True, eos: bool = False) -> None:
     import httpx
 
     import lorakit
@@ -377,32 +384,35 @@ def server(rounds: int, spec: str, device: str, bf16: bool, max_tokens: int = 32
                 asyncio.run(_load_test(url, names, 64, 32, 2))
             limits = model_limit(spec, root, names, device, torch.float32, max_tokens)
             runs: dict[str, list[float]] = {}
+            ratios: dict[str, list[float]] = {}  # each load test against the limit timed just before and after it
             for r in range(rounds):
-                for label, step in limits.items():  # the servers are idle meanwhile
-                    step()
-                    for _ in range(LIMIT_STEPS):
-                        start = time.perf_counter()
-                        step()
-                        runs.setdefault(f"model limit, {label}", []).append(32 / (time.perf_counter() - start))
                 for variant, url in urls.items():
                     for label in (["1 adapter", "32 adapters in rotation"][:: 1 if r % 2 == 0 else -1]):
                         models = names[:1] if label == "1 adapter" else names
-                        result = asyncio.run(_load_test(url, models, 64, 32, max_tokens))
+                        limit = decode_rates(limits[label])  # the servers are idle meanwhile
+                        result = asyncio.run(_load_test(url, models, 64, 32, max_tokens, ignore_eos=not eos))
+                        limit += decode_rates(limits[label])
                         assert not result["errors"], result["errors"]
-                        runs.setdefault(f"server {variant}, {label}", []).append(result["tokens"] / result["seconds"])
+                        speed = result["tokens"] / result["seconds"]
+                        runs.setdefault(f"model limit, {label}", []).extend(limit)
+                        runs.setdefault(f"server {variant}, {label}", []).append(speed)
+                        ratios.setdefault(f"{variant}, {label}", []).append(speed / statistics.median(limit))
                     first, speed = _single(url, names[0], max_tokens)
                     runs.setdefault(f"single request {variant}: time to first token (ms)", []).append(first * 1000)
                     runs.setdefault(f"single request {variant}: tokens/s", []).append(speed)
             medians = {k: statistics.median(v) for k, v in runs.items()}
-            print(f"### Server on {device} (model {spec}, 32 rank-8 adapters, 64 requests x {max_tokens} tokens a "
-                  f"round, 32 concurrent; median of {rounds} interleaved rounds)\n")
+            print(f"### Server on {device} (model {spec}, 32 rank-8 adapters, 64 requests x "
+                  f"{'up to ' if eos else ''}{max_tokens} tokens a round ({'ending at EOS' if eos else 'ignore_eos'}), "
+                  f"32 concurrent; median of {rounds} interleaved rounds)\n")
             print("| measure | value |\n|---|---:|")
             for label, value in medians.items():
                 print(f"| {label} | {value:.1f} |")
             for variant in urls:
                 for label in ("1 adapter", "32 adapters in rotation"):
-                    ratio = medians[f"server {variant}, {label}"] / medians[f"model limit, {label}"]
-                    print(f"\nserver {variant} / model limit (fp32), {label}: {ratio:.3f} (target >= 0.9)")
+                    each = ratios[f"{variant}, {label}"]
+                    print(f"\nserver {variant} / model limit (fp32), {label}: {statistics.median(each):.3f} "
+                          f"(target >= 0.9; each round against the limit timed around it: "
+                          f"{', '.join(f'{v:.3f}' for v in each)})")
                 ratio = medians[f"server {variant}, 32 adapters in rotation"] / medians[f"server {variant}, 1 adapter"]
                 print(f"server {variant}, 32 adapters / 1 adapter: {ratio:.3f} (target >= 0.95)")
             breakdown = engine_breakdown(spec, root, names, device, max_tokens, limits["32 adapters in rotation"])
@@ -445,6 +455,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--server-log", type=Path, help="write each server's output to this directory")
     parser.add_argument("--skip-load-test", action="store_true")
+    parser.add_argument("--eos", action="store_true",
+                        help="answers end at the model's EOS (default: ignore_eos, every answer max-tokens long)")
     args = parser.parse_args()
     print(f"{torch.get_num_threads()} threads; torch {torch.__version__}\n")
     if not args.skip_mixed:
@@ -453,7 +465,7 @@ def main() -> None:
         loading(args.rounds)
     if not args.skip_server:
         server(args.rounds, args.model, args.device, args.bf16, args.max_tokens, args.server_log,
-               not args.skip_load_test)
+               not args.skip_load_test, args.eos)
 
 
 if __name__ == "__main__":
