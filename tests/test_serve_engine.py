@@ -74,27 +74,25 @@ def test_stop_strings_cut_the_text_and_streaming_never_shows_them(setup):
     assert "".join(pieces) == request.text
 
 
-def test_eos_ends_a_request(setup):
-    _, engine = setup
+def run_with_eos(engine, length: int, **params):
+    """A prompt's first ``length`` greedy tokens, and a request for it run while the third of
+    them is the end-of-sequence token."""
     prompt = [7, 8, 9]
-    first = engine.generate([make(engine, prompt, None, max_tokens=4)])[0].generated
+    first = engine.generate([make(engine, prompt, None, max_tokens=length)])[0].generated
     engine.eos = {first[2]}
     try:
-        request = engine.generate([make(engine, prompt, None, max_tokens=10)])[0]
+        return first, engine.generate([make(engine, prompt, None, **params)])[0]
     finally:
         engine.eos = set()
+
+
+def test_eos_ends_a_request(setup):
+    first, request = run_with_eos(setup[1], 4, max_tokens=10)
     assert request.generated == first[:2] and request.finish_reason == "stop"
 
 
 def test_ignore_eos_runs_a_request_to_max_tokens_through_its_eos(setup):
-    _, engine = setup
-    prompt = [7, 8, 9]
-    first = engine.generate([make(engine, prompt, None, max_tokens=6)])[0].generated
-    engine.eos = {first[2]}
-    try:
-        request = engine.generate([make(engine, prompt, None, max_tokens=6, ignore_eos=True)])[0]
-    finally:
-        engine.eos = set()
+    first, request = run_with_eos(setup[1], 6, max_tokens=6, ignore_eos=True)
     assert request.generated == first and request.finish_reason == "length"
 
 
