@@ -1,14 +1,15 @@
 """Chunked against whole-vocabulary loss: peak memory and time of a LoRA training step.
 
-SmolLM2-135M's shapes (49,152-word vocabulary, random weights), float32, LoRA r=16 on
-all linear layers, every one of batch x seq tokens trained.
+SmolLM2-135M's shapes (49,152-word vocabulary, random weights), a float32 or bfloat16
+base (float32 adapters either way), LoRA r=16 on all linear layers, every one of
+batch x seq tokens trained.
 
 - memory: one fresh process per variant; the peak resident memory of a training step
   above the memory before it (kernel high-water mark, reset after the model is built;
   glibc set to return large freed blocks at once, see bench_plan.py);
 - time: both variants in one process, interleaved, median over rounds.
 
-    python bench/bench_loss.py [--batch 8] [--seq 512] [--rounds 5] [--checkpointing]
+    python bench/bench_loss.py [--batch 8] [--seq 512] [--rounds 5] [--checkpointing] [--dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import time
 from bench_plan import fresh_process_bytes, rss
 
 
-def setup(batch: int, seq: int, checkpointing: bool):
+def setup(batch: int, seq: int, checkpointing: bool, dtype: str):
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -31,7 +32,7 @@ def setup(batch: int, seq: int, checkpointing: bool):
 
     torch.manual_seed(0)
     config = load_config("smollm2-135m")
-    model = AutoModelForCausalLM.from_config(config).train()
+    model = AutoModelForCausalLM.from_config(config).to(getattr(torch, dtype)).train()
     lorakit.attach(model, lorakit.LoraConfig(rank=16, alpha=32))
     if checkpointing:
         checkpoint_activations(model)
@@ -46,12 +47,12 @@ def step(model, batch, chunk: int) -> None:
     model.zero_grad(set_to_none=True)
 
 
-def peak(chunk: int, batch: int, seq: int, checkpointing: bool) -> int:
+def peak(chunk: int, batch: int, seq: int, checkpointing: bool, dtype: str) -> int:
     import torch
 
     from lorakit.training.loop import reset_peak_memory
 
-    model, batch_ = setup(batch, seq, checkpointing)
+    model, batch_ = setup(batch, seq, checkpointing, dtype)
     reset_peak_memory(torch.device("cpu"))
     before = rss("VmRSS")
     step(model, batch_, chunk)
@@ -64,20 +65,23 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing on")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="the base's dtype")
     parser.add_argument("--peak", type=int, help=argparse.SUPPRESS)  # chunk: measure in this process
     args = parser.parse_args()
     if args.peak is not None:
-        print(peak(args.peak, args.batch, args.seq, args.checkpointing))
+        print(peak(args.peak, args.batch, args.seq, args.checkpointing, args.dtype))
         return
 
-    from lorakit.training.loss import CHUNK_TOKENS
+    from lorakit.pretrained import load_config
+    from lorakit.training.loss import CHUNK_LOGITS, chunk_tokens
 
-    variants = {"whole": 0, "chunked": CHUNK_TOKENS}
+    variants = {"whole": 0, "chunked": CHUNK_LOGITS}
     peaks = {name: fresh_process_bytes(__file__, "--peak", str(chunk), "--batch", str(args.batch), "--seq",
-                                       str(args.seq), *(["--checkpointing"] if args.checkpointing else []))
+                                       str(args.seq), "--dtype", args.dtype,
+                                       *(["--checkpointing"] if args.checkpointing else []))
              for name, chunk in variants.items()}
 
-    model, batch = setup(args.batch, args.seq, args.checkpointing)
+    model, batch = setup(args.batch, args.seq, args.checkpointing, args.dtype)
     times: dict[str, list[float]] = {name: [] for name in variants}
     for name, chunk in variants.items():  # warm-up
         step(model, batch, chunk)
@@ -88,8 +92,8 @@ def main() -> None:
             times[name].append(time.perf_counter() - start)
     medians = {name: statistics.median(t) for name, t in times.items()}
 
-    print(f"SmolLM2-135M shapes, float32, LoRA r=16, {args.batch} x {args.seq} tokens all trained, "
-          f"chunks of {CHUNK_TOKENS}{', gradient checkpointing' if args.checkpointing else ''}; memory: fresh process per variant; time: median of {args.rounds} interleaved\n")
+    print(f"SmolLM2-135M shapes, {args.dtype} base, LoRA r=16, {args.batch} x {args.seq} tokens all trained, "
+          f"chunks of {chunk_tokens(load_config('smollm2-135m').vocab_size)} tokens{', gradient checkpointing' if args.checkpointing else ''}; memory: fresh process per variant; time: median of {args.rounds} interleaved\n")
     print("| loss | step peak MiB | step median s |")
     print("|---|---:|---:|")
     for name in variants:

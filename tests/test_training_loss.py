@@ -1,8 +1,12 @@
 """The chunked head-and-loss (training/loss.py) against plain cross-entropy."""
 
+import weakref
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from conftest import MODELS, token_batch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -10,7 +14,7 @@ from hypothesis import strategies as st
 import lorakit
 from lorakit.training.batches import Batch
 from lorakit.training.data import IGNORE
-from lorakit.training.loss import ChunkedHeadLoss, loss_sum
+from lorakit.training.loss import ChunkedHeadLoss, chunk_tokens, loss_sum
 
 
 def plain(hidden, weight, bias, targets):
@@ -42,6 +46,40 @@ def test_chunked_loss_and_gradients_equal_the_plain_form(tokens, chunk, seed, wi
             torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-9)
 
 
+class LiveLogits(TorchDispatchMode):
+    """Counts the (n <= chunk, vocab) buffers alive at once, by storage, over every op run."""
+
+    def __init__(self, chunk: int, vocab: int) -> None:
+        super().__init__()
+        self.chunk, self.vocab, self.alive, self.most = chunk, vocab, [], 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.alive += [weakref.ref(t) for t in tree_leaves(out) if isinstance(t, torch.Tensor)
+                       and t.dim() == 2 and t.shape[1] == self.vocab and t.shape[0] <= self.chunk]
+        self.alive = [ref for ref in self.alive if ref() is not None]
+        self.most = max(self.most, len({ref().untyped_storage().data_ptr() for ref in self.alive}))
+        return out
+
+
+def test_one_chunk_of_logits_is_alive_at_a_time():
+    generator = torch.Generator().manual_seed(0)
+    vocab, width, tokens, chunk = 1000, 8, 12, 4
+    hidden = torch.randn(tokens, width, generator=generator, requires_grad=True)
+    weight = torch.randn(vocab, width, generator=generator)
+    targets = torch.randint(0, vocab, (tokens,), generator=generator)
+    with LiveLogits(chunk, vocab) as live:
+        ChunkedHeadLoss.apply(hidden, weight, None, targets, chunk).backward()
+    assert live.most == 1
+
+
+def test_chunks_hold_a_fixed_number_of_logits_whatever_the_vocabulary():
+    assert chunk_tokens(49_152) == 341  # SmolLM2
+    assert chunk_tokens(128_256) == 130  # Llama 3
+    assert chunk_tokens(10**9) == 1
+    assert chunk_tokens(37, chunk_logits=5 * 37) == 5
+
+
 @pytest.mark.parametrize("family", sorted(MODELS))
 def test_loss_sum_is_the_same_chunked_or_whole_with_ignore_masks(family):
     model = MODELS[family]()
@@ -54,9 +92,9 @@ def test_loss_sum_is_the_same_chunked_or_whole_with_ignore_masks(family):
     positions = torch.arange(11).expand(3, 11)
     batch = Batch(input_ids=ids, position_ids=positions, targets=targets, length=33)
     results = []
-    for chunk in (0, 5):
+    for chunk_logits in (0, 5 * vocab):  # whole, then chunks of 5 tokens
         model.zero_grad()
-        loss = loss_sum(model, batch, chunk)
+        loss = loss_sum(model, batch, chunk_logits)
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
         results.append((loss.detach(), grads))

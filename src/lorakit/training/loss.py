@@ -30,7 +30,16 @@ from torch import Tensor, nn
 from .batches import Batch
 from .data import IGNORE
 
-CHUNK_TOKENS = 1024  # trained tokens per chunk: 1024 x 49,152 float32 logits = 200 MB
+# Logits per chunk, 64 MiB in float32 whatever the vocabulary: 341 tokens of SmolLM2's
+# 49,152 words, 130 of Llama 3's 128,256. Smaller chunks cost time (more, thinner head
+# matmuls); larger ones add to the step's peak, which the loss reaches while every
+# activation of the forward is still held.
+CHUNK_LOGITS = 2**24
+
+
+def chunk_tokens(vocab_size: int, chunk_logits: int = CHUNK_LOGITS) -> int:
+    """Trained tokens per head-and-loss chunk (at least one)."""
+    return max(1, chunk_logits // vocab_size)
 
 # Config fields of models that post-process logits (Gemma 2, Cohere, Granite): for
 # those the full forward runs, and its logits are used.
@@ -50,10 +59,10 @@ def split_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     return backbone, head
 
 
-def loss_sum(model: nn.Module, batch: Batch, chunk_tokens: int = CHUNK_TOKENS) -> Tensor:
+def loss_sum(model: nn.Module, batch: Batch, chunk_logits: int = CHUNK_LOGITS) -> Tensor:
     """Sum of the cross-entropy of every trained target in ``batch`` (a 0-d float32 tensor).
 
-    ``chunk_tokens``: tokens per head-and-loss chunk (0: all at once)."""
+    ``chunk_logits``: logits per head-and-loss chunk (0: all at once)."""
     keep = batch.targets != IGNORE  # (B, T)
     inputs = dict(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
     parts = split_head(model)
@@ -62,8 +71,9 @@ def loss_sum(model: nn.Module, batch: Batch, chunk_tokens: int = CHUNK_TOKENS) -
         return F.cross_entropy(logits.float(), batch.targets[keep], reduction="sum")
     backbone, head = parts
     hidden = backbone(**inputs)[0][keep]  # (B, T, H) -> (N, H)
-    if chunk_tokens and type(head) is nn.Linear:  # a plain head (an adapted one runs whole)
-        return ChunkedHeadLoss.apply(hidden, head.weight, head.bias, batch.targets[keep], chunk_tokens)
+    if chunk_logits and type(head) is nn.Linear:  # a plain head (an adapted one runs whole)
+        chunk = chunk_tokens(head.out_features, chunk_logits)
+        return ChunkedHeadLoss.apply(hidden, head.weight, head.bias, batch.targets[keep], chunk)
     return F.cross_entropy(head(hidden).float(), batch.targets[keep], reduction="sum")
 
 
@@ -81,20 +91,16 @@ class ChunkedHeadLoss(torch.autograd.Function):
         grad_b = torch.zeros_like(bias, dtype=total.dtype) if want_b else None
         for start in range(0, hidden.shape[0], chunk):
             h, t = hidden[start:start + chunk], targets[start:start + chunk]
-            logits = F.linear(h, weight, bias)  # (n, H) -> (n, V), in float32 at least
-            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-            total += F.cross_entropy(logits, t, reduction="sum")
-            if not (want_h or want_w or want_b):
-                continue
-            grad = torch.softmax(logits, dim=-1)  # d loss / d logits = softmax - onehot, in place
-            grad[torch.arange(len(t), device=t.device), t] -= 1
-            del logits
+            loss, grad = _cross_entropy_and_softmax(F.linear(h, weight, bias), t)
+            total += loss
+            grad[torch.arange(len(t), device=t.device), t] -= 1  # d loss / d logits = softmax - onehot
             if want_h:
                 grad_h[start:start + chunk] = (grad.to(weight.dtype) @ weight).to(hidden.dtype)  # (n, V) @ (V, H)
             if want_w:
                 grad_w += grad.T @ h.to(grad.dtype)  # (V, n) @ (n, H)
             if want_b:
                 grad_b += grad.sum(dim=0)
+            del grad  # before the next chunk's logits exist: one (n, V) buffer at a time
         ctx.save_for_backward(*(g for g in (grad_h, grad_w, grad_b) if g is not None))
         ctx.wanted = (want_h, want_w, want_b)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
@@ -109,6 +115,20 @@ class ChunkedHeadLoss(torch.autograd.Function):
         if grads[2] is not None:
             grads[2] = grads[2].to(ctx.dtypes[1])
         return grads[0], grads[1], grads[2], None, None
+
+
+def _cross_entropy_and_softmax(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """(sum_i logsumexp(z_i) - z_i[t_i], softmax(z)) for logits z (n, V), in float32 at least.
+
+    One (n, V) buffer holds z - max, then its exponent, then the softmax, each step in
+    place: F.cross_entropy and torch.softmax would allocate two more of them."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # a copy only for half precision
+    peak = logits.amax(dim=-1, keepdim=True)  # (n, 1)
+    picked = logits.gather(1, targets[:, None]) - peak  # (n, 1)
+    exp = logits.sub_(peak).exp_()
+    norm = exp.sum(dim=-1, keepdim=True)  # (n, 1)
+    loss = (norm.log() - picked).sum()
+    return loss, exp.div_(norm)
 
 
 class LossModule(nn.Module):
