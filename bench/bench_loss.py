@@ -5,7 +5,8 @@ base (float32 adapters either way), LoRA r=16 on all linear layers, every one of
 batch x seq tokens trained.
 
 - memory: one fresh process per variant; the peak resident memory of a training step
-  above the memory before it (kernel high-water mark, reset after the model is built;
+  above the memory before it, and of the backbone's forward pass alone (the activations
+  every loss adds to: the lowest ratio any loss could reach) (kernel high-water mark, reset after the model is built;
   glibc set to return large freed blocks at once, see bench_plan.py);
 - time: both variants in one process, interleaved, median over rounds.
 
@@ -48,14 +49,20 @@ def step(model, batch, chunk: int) -> None:
 
 
 def peak(chunk: int, batch: int, seq: int, checkpointing: bool, dtype: str) -> int:
+    """The step's peak; for ``chunk`` < 0, the backbone's forward alone (what any loss adds to)."""
     import torch
 
     from lorakit.training.loop import reset_peak_memory
+    from lorakit.training.loss import split_head
 
     model, batch_ = setup(batch, seq, checkpointing, dtype)
     reset_peak_memory(torch.device("cpu"))
     before = rss("VmRSS")
-    step(model, batch_, chunk)
+    if chunk < 0:
+        backbone, _ = split_head(model)
+        backbone(input_ids=batch_.input_ids, position_ids=batch_.position_ids, use_cache=False)[0]
+    else:
+        step(model, batch_, chunk)
     return rss("VmHWM") - before
 
 
@@ -79,7 +86,7 @@ def main() -> None:
     peaks = {name: fresh_process_bytes(__file__, "--peak", str(chunk), "--batch", str(args.batch), "--seq",
                                        str(args.seq), "--dtype", args.dtype,
                                        *(["--checkpointing"] if args.checkpointing else []))
-             for name, chunk in variants.items()}
+             for name, chunk in {**variants, "forward": -1}.items()}
 
     model, batch = setup(args.batch, args.seq, args.checkpointing, args.dtype)
     times: dict[str, list[float]] = {name: [] for name in variants}
@@ -99,6 +106,7 @@ def main() -> None:
     for name in variants:
         print(f"| {name} | {peaks[name] / 2**20:,.0f} | {medians[name]:.2f} |")
     print(f"| chunked / whole | {peaks['chunked'] / peaks['whole']:.3f} | {medians['chunked'] / medians['whole']:.3f} |")
+    print(f"| the forward's activations alone / whole: no loss goes lower | {peaks['forward'] / peaks['whole']:.3f} | |")
 
 
 if __name__ == "__main__":

@@ -77,3 +77,18 @@ def test_buffers_shrink_when_the_widest_adapter_leaves():
     pool = pool.emptied(1)
     assert pool.A.shape[1] == 2 and pool.uniform
     check(pool, {0: weights(2, 0), 2: weights(2, 2)})
+
+
+def test_consecutive_blocks_are_one_slice_and_anything_else_is_not():
+    pool = Pool.empty(4, 6, 5, torch.device("cpu"))
+    for slot in range(4):
+        pool = pool.filled(slot, weights(2, slot))
+    blocks = [pool.spans[slot][0] for slot in range(4)]
+    assert blocks == [1, 2, 3, 4]  # filled in order: side by side
+    run = pool.consecutive((1, 2, 3))
+    assert run == slice(2, 5) and torch.equal(pool.A[run], pool.A.index_select(0, pool.block_of[[1, 2, 3]]))
+    assert pool.consecutive((-1, 0, 1)) == slice(0, 3)  # BASE reads the zero block, just before
+    assert pool.consecutive((0, 2)) is None  # a gap
+    assert pool.consecutive((1, 1)) is None  # a repeat
+    assert pool.consecutive((2, 1)) is None  # out of order
+    assert pool.emptied(1).consecutive((0, 1, 2)) is None  # an emptied slot reads block 0

@@ -80,6 +80,34 @@ def test_stacked_groups_of_one_adapter_each_after_the_base_rows(family, tmp_path
             torch.testing.assert_close(logits[row], expected, rtol=0, atol=1e-5, msg=f"row {row} ({name})")
 
 
+@pytest.mark.parametrize("names", [["a0", "a1", "a2", "a3"], ["a0", "a2", "a3"]], ids=["side by side", "gap"])
+def test_stacked_blocks_side_by_side_are_read_in_place_with_the_same_result(names, tmp_path, monkeypatch):
+    """A decode step with one row per adapter reads the pool's blocks as a view when they are
+    consecutive, and gathers them otherwise; either way the same bits as a forced gather."""
+    from lorakit.serve.pool import Pool
+    from lorakit.serve.slots import mixed_forward
+
+    base, singles, served, store = build("llama", tmp_path, [4, 4, 4, 4])
+    slot_of = {name: store.acquire(name) for name in singles}  # loaded in order: blocks 1-4
+    slots = [slot_of[name] for name in names]
+    ids = torch.randint(0, base.config.vocab_size, (len(names), 1), generator=torch.Generator().manual_seed(8))
+    in_place = []
+    consecutive = Pool.consecutive
+    monkeypatch.setattr(Pool, "consecutive", lambda pool, s: in_place.append(consecutive(pool, s)) or in_place[-1])
+    with torch.no_grad():
+        logits = mixed_forward(served, ids, slots)
+        monkeypatch.setattr(Pool, "consecutive", lambda pool, s: None)
+        gathered = mixed_forward(served, ids, slots)
+    # a1 and a3 adapt only q and v: there the four blocks are 1-4, elsewhere those two read block 0
+    side_by_side = names == ["a0", "a1", "a2", "a3"]
+    assert any(run is not None for run in in_place) == side_by_side and None in in_place
+    assert torch.equal(logits, gathered)
+    with torch.no_grad():
+        for row, name in enumerate(names):
+            expected = singles[name](ids[row:row + 1]).logits[0]
+            torch.testing.assert_close(logits[row], expected, rtol=0, atol=1e-5, msg=f"row {row} ({name})")
+
+
 def test_mixed_forward_groups_rows_once_and_returns_them_in_order(tmp_path):
     from lorakit.serve.slots import mixed_forward
 

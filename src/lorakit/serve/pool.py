@@ -49,6 +49,15 @@ class Pool:
     spans: tuple[tuple[int, int] | None, ...]  # per slot: (block, rank), or None when empty
     block_of: Tensor  # (capacity + 1,) long: the block of every slot, 0 when empty; the last entry serves BASE (-1)
     uniform: bool  # every live slot has the full width: stacking reads no padding
+    blocks: tuple[int, ...]  # block_of on the host
+
+    def consecutive(self, slots: tuple[int, ...]) -> slice | None:
+        """The blocks of ``slots``, in order, as one slice of the buffers when they are
+        consecutive (the batch then reads the pool in place); None otherwise."""
+        first = self.blocks[slots[0]]
+        if any(self.blocks[slot] != first + i for i, slot in enumerate(slots)):
+            return None
+        return slice(first, first + len(slots))
 
     @classmethod
     def empty(cls, capacity: int, in_features: int, out_features: int, device: torch.device) -> Pool:
@@ -59,7 +68,7 @@ class Pool:
     def _make(cls, A: Tensor, scaled_Bt: Tensor, spans: tuple[tuple[int, int] | None, ...]) -> Pool:
         blocks = [span[0] if span else 0 for span in spans] + [0]
         uniform = all(span is None or span[1] == A.shape[1] for span in spans)
-        return cls(A, scaled_Bt, spans, torch.tensor(blocks, device=A.device), uniform)
+        return cls(A, scaled_Bt, spans, torch.tensor(blocks, device=A.device), uniform, tuple(blocks))
 
     def weights(self, slot: int) -> SlotWeights | None:
         span = self.spans[slot]

@@ -15,8 +15,9 @@ token's own update (alpha / r) B_s A_s x, where s is the token's slot, in one of
   weights, and no gather at all when the rows come grouped (``mixed_forward`` and the
   engine group them once per step); but two operations per adapter per layer.
 - **stacked** (BGMV, batched gather matrix-vector): the blocks the batch needs are
-  gathered from the pool in one ``index_select`` and one pair of batched matmuls serves
-  every adapter at once. A group is one adapter's tokens when the rows come grouped and
+  gathered from the pool in one ``index_select`` (or taken as a view when they lie side
+  by side, as they do when each loaded adapter has one group) and one pair of batched
+  matmuls serves every adapter at once. A group is one adapter's tokens when the rows come grouped and
   every adapter has as many tokens (a decode step with one row per adapter; a prefill of
   one prompt per adapter), else one token, which only pays when adapters have few
   tokens each (``STACK_TOKENS`` on average at most: a decode step).
@@ -53,6 +54,7 @@ class Stack:
     end: int
     length: int
     slots: Tensor  # (G,)
+    slot_ids: tuple[int, ...]  # the same, on the host: finds blocks that need no gather
 
 
 @dataclass(frozen=True)
@@ -91,12 +93,12 @@ def make_route(row_slots: Sequence[int], seq_len: int, device: torch.device | st
     lengths = {end - begin for _, begin, end in segments}
     if stack_tokens and len(segments) > 1 and grouped and len(lengths) == 1:
         # one group per adapter, after the base rows: no more weights copied than the batch uses
-        stack = Stack(segments[0][1], segments[-1][2], lengths.pop(),
-                      torch.tensor([slot for slot, _, _ in segments], device=device))
+        slot_ids = tuple(slot for slot, _, _ in segments)
+        stack = Stack(segments[0][1], segments[-1][2], lengths.pop(), torch.tensor(slot_ids, device=device), slot_ids)
     elif len(segments) > 1 and adapted <= stack_tokens * len(segments):
         # one group per token, base tokens included (they meet the zero block)
-        token_slots = torch.tensor(row_slots, device=device).repeat_interleave(seq_len)
-        stack = Stack(0, len(token_slots), 1, token_slots)
+        slot_ids = tuple(slot for slot in row_slots for _ in range(seq_len))
+        stack = Stack(0, len(slot_ids), 1, torch.tensor(slot_ids, device=device), slot_ids)
     if grouped:
         return Route(None, tuple(segments), stack)
     tokens = torch.arange(seq_len, device=device)
@@ -170,11 +172,15 @@ class SlotLinear(nn.Module):
             if pool.A.shape[1] * (route.stack.end - route.stack.start) > 2 * needed:
                 return False
         stack = route.stack
-        blocks = pool.block_of[stack.slots]  # (G,): the zero block for BASE and for adapters not in this layer
-        groups = (len(blocks), stack.length, -1)
+        run = pool.consecutive(stack.slot_ids)
+        if run is not None:  # the groups' blocks lie side by side: views, nothing copied
+            A, Bt = pool.A[run], pool.scaled_Bt[run]
+        else:  # the zero block for BASE and for adapters not in this layer
+            blocks = pool.block_of[stack.slots]  # (G,)
+            A, Bt = pool.A.index_select(0, blocks), pool.scaled_Bt.index_select(0, blocks)  # (G, w, in), (G, w, out)
+        groups = (len(stack.slot_ids), stack.length, -1)
         x = tokens[stack.start:stack.end].float().view(groups)  # (G, n, in)
-        hidden = torch.bmm(x, pool.A.index_select(0, blocks).transpose(1, 2))  # (G, n, in) @ (G, in, w) -> (G, n, w)
-        Bt = pool.scaled_Bt.index_select(0, blocks)  # (G, w, out)
+        hidden = torch.bmm(x, A.transpose(1, 2))  # (G, n, in) @ (G, in, w) -> (G, n, w)
         target = out[stack.start:stack.end].view(groups)  # (G, n, out), shares out's memory
         if out.dtype == torch.float32:
             target.baddbmm_(hidden, Bt)

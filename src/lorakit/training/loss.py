@@ -93,7 +93,8 @@ class ChunkedHeadLoss(torch.autograd.Function):
             h, t = hidden[start:start + chunk], targets[start:start + chunk]
             loss, grad = _cross_entropy_and_softmax(F.linear(h, weight, bias), t)
             total += loss
-            grad[torch.arange(len(t), device=t.device), t] -= 1  # d loss / d logits = softmax - onehot
+            if want_h or want_w or want_b:
+                grad[torch.arange(len(t), device=t.device), t] -= 1  # d loss / d logits = softmax - onehot
             if want_h:
                 grad_h[start:start + chunk] = (grad.to(weight.dtype) @ weight).to(hidden.dtype)  # (n, V) @ (V, H)
             if want_w:
