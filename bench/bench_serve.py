@@ -289,6 +289,29 @@ def model_limit(spec: str, root: Path, names: list[str], device: str, dtype: tor
     return {"1 adapter": forward_for([names[0]] * 32), "32 adapters in rotation": forward_for(names[:32])}
 
 
+def factor_read_bound(root: Path, names: list[str], one_adapter_rate: float) -> tuple[float, int, float]:
+    """The most 32 adapters / 1 adapter can be if the only difference were reading every
+    adapter's factors from memory once per decode step: (bound, factor bytes, bytes/s).
+
+    One adapter's factors stay in cache from step to step; 32 adapters' do not, and the
+    step then reads them all at the memory's read bandwidth (measured here, a 512 MiB sum)."""
+    from safetensors import safe_open
+
+    size = 0
+    for name in names[:32]:
+        with safe_open(str(root / name / "adapter_model.safetensors"), "pt") as f:
+            size += sum(torch.Size(f.get_slice(key).get_shape()).numel() for key in f.keys()) * 4  # float32 in the pool
+    big = torch.ones(2**27)
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        big.sum()
+        times.append(time.perf_counter() - start)
+    bandwidth = big.numel() * 4 / statistics.median(times)
+    step = 32 / one_adapter_rate
+    return step / (step + size / bandwidth), size, bandwidth
+
+
 def decode_rates(step) -> list[float]:
     """Rows per second of ``LIMIT_STEPS`` timed decode forwards (after one untimed)."""
     step()
@@ -415,6 +438,10 @@ def server(rounds: int, spec: str, device: str, bf16: bool, max_tokens: int = 32
                           f"{', '.join(f'{v:.3f}' for v in each)})")
                 ratio = medians[f"server {variant}, 32 adapters in rotation"] / medians[f"server {variant}, 1 adapter"]
                 print(f"server {variant}, 32 adapters / 1 adapter: {ratio:.3f} (target >= 0.95)")
+            bound, size, bandwidth = factor_read_bound(root, names, medians["model limit, 1 adapter"])
+            forward = medians["model limit, 32 adapters in rotation"] / medians["model limit, 1 adapter"]
+            print(f"the model's own decode forward, 32 adapters / 1 adapter: {forward:.3f}; the bound from reading "
+                  f"32 adapters' factors ({size / 1e6:.0f} MB) each step at {bandwidth / 1e9:.1f} GB/s: {bound:.3f}")
             breakdown = engine_breakdown(spec, root, names, device, max_tokens, limits["32 adapters in rotation"])
             print("\nThe engine alone on the same work (no HTTP; 64 requests, 32 adapters in rotation): "
                   + ", ".join(f"{k} {v:.1f}" if k == "tokens/s" else f"{k} {v:.3f}" for k, v in breakdown.items()))
