@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from lorakit.cli import app
-from lorakit.plan import NF4_BYTES_PER_WEIGHT, parse_size, plan
+from lorakit.plan import GPU_OVERHEAD_BYTES, NF4_BYTES_PER_WEIGHT, parse_size, plan
 
 GiB = 2**30
 BENCH = Path(__file__).parent.parent / "bench" / "bench_plan.py"
@@ -34,6 +34,12 @@ def test_a_7b_model_on_a_24_gib_gpu():
     assert not fits("full", True)  # weights, gradients and AdamW alone are 50 GiB
     assert fits("lora", True) and not fits("lora", False)  # bf16 LoRA fits only with checkpointing
     assert fits("qlora", True) and fits("qlora", False)
+
+
+def test_fits_leaves_room_for_the_cuda_context():
+    peak = plan("smollm2-135m", "lora").peak_bytes
+    assert plan("smollm2-135m", "lora", gpu_bytes=peak + GPU_OVERHEAD_BYTES).fits
+    assert not plan("smollm2-135m", "lora", gpu_bytes=peak + GPU_OVERHEAD_BYTES - 1).fits
 
 
 def test_nf4_weights_of_a_7b_model_are_under_0_3_of_bf16():

@@ -118,7 +118,8 @@ def plan(
     rank: Annotated[int, typer.Option(help="LoRA rank r.")] = 16,
     batch: Annotated[int, typer.Option(help="Sequences per forward pass (micro-batch).")] = 1,
     seq: Annotated[int, typer.Option(help="Tokens per sequence.")] = 512,
-    gpu: Annotated[str | None, typer.Option(help="Memory to fit in, e.g. 24GiB: adds a fits column.")] = None,
+    gpu: Annotated[str | None, typer.Option(help="Memory to fit in, e.g. 24GiB: adds a fits column "
+                                                 "(the peak plus 1 GiB for the CUDA context).")] = None,
     dtype: Annotated[str, typer.Option(help="Weight and activation dtype of full and LoRA training: bf16, fp16, "
                                             "fp32 (QLoRA computes in bf16).")] = "bf16",
     gradient_checkpointing: Annotated[bool, typer.Option(
