@@ -99,14 +99,19 @@ def main() -> None:
             times[name].append(time.perf_counter() - start)
     medians = {name: statistics.median(t) for name, t in times.items()}
 
+    chunk = chunk_tokens(load_config("smollm2-135m").vocab_size)
+    checkpointing = ", gradient checkpointing" if args.checkpointing else ""
     print(f"SmolLM2-135M shapes, {args.dtype} base, LoRA r=16, {args.batch} x {args.seq} tokens all trained, "
-          f"chunks of {chunk_tokens(load_config('smollm2-135m').vocab_size)} tokens{', gradient checkpointing' if args.checkpointing else ''}; memory: fresh process per variant; time: median of {args.rounds} interleaved\n")
+          f"chunks of {chunk} tokens{checkpointing}; memory: fresh process per variant; "
+          f"time: median of {args.rounds} interleaved\n")
     print("| loss | step peak MiB | step median s |")
     print("|---|---:|---:|")
     for name in variants:
         print(f"| {name} | {peaks[name] / 2**20:,.0f} | {medians[name]:.2f} |")
-    print(f"| chunked / whole | {peaks['chunked'] / peaks['whole']:.3f} | {medians['chunked'] / medians['whole']:.3f} |")
-    print(f"| the forward's activations alone / whole: no loss goes lower | {peaks['forward'] / peaks['whole']:.3f} | |")
+    print(f"| chunked / whole | {peaks['chunked'] / peaks['whole']:.3f} "
+          f"| {medians['chunked'] / medians['whole']:.3f} |")
+    print(f"| the forward's activations alone / whole: no loss goes lower "
+          f"| {peaks['forward'] / peaks['whole']:.3f} | |")
 
 
 if __name__ == "__main__":

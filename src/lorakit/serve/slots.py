@@ -16,11 +16,12 @@ token's own update (alpha / r) B_s A_s x, where s is the token's slot, in one of
   engine group them once per step); but two operations per adapter per layer.
 - **stacked** (BGMV, batched gather matrix-vector): the blocks the batch needs are
   gathered from the pool in one ``index_select`` (or taken as a view when they lie side
-  by side, as they do when each loaded adapter has one group) and one pair of batched
-  matmuls serves every adapter at once. A group is one adapter's tokens when the rows come grouped and
-  every adapter has as many tokens (a decode step with one row per adapter; a prefill of
-  one prompt per adapter), else one token, which only pays when adapters have few
-  tokens each (``STACK_TOKENS`` on average at most: a decode step).
+  by side, as they do when adapters loaded in order have one group each) and one pair
+  of batched matmuls serves every adapter at once. A group is one adapter's tokens when
+  the rows come grouped and every adapter has as many tokens (a decode step with one
+  row per adapter; a prefill of one prompt per adapter), else one token, which only
+  pays when adapters have few tokens each (``STACK_TOKENS`` on average at most: a
+  decode step).
 
 Segments are taken otherwise, and in any layer where the pool's zero padding would
 more than double the stacked work.
