@@ -87,6 +87,7 @@ def served(base, root: Path, names: list[str]):
 def mixed_batch(rounds: int, layers: int) -> None:
     import peft
 
+    from lorakit.serve.pool import Pool
     from lorakit.serve.slots import mixed_forward
 
     base = smollm2_shaped(layers)
@@ -109,13 +110,21 @@ def mixed_batch(rounds: int, layers: int) -> None:
           "(``mixed_forward``) and picks segments or stacked batched matmuls per batch; "
           "\"segments only\" forces segments\n")
 
-    def ours_with(model, ids, row_slots, gather: bool = True):
+    def ours_with(model, ids, row_slots, gather: bool = True, copy_blocks: bool = False):
+        """``gather``: False forces segments; ``copy_blocks``: the stacked path copies the
+        batch's blocks even when they lie side by side (as it did before reading them in place)."""
         router = model.lorakit_router
 
         def call():
             router.stack_tokens = STACK_TOKENS if gather else 0
-            with torch.inference_mode():
-                mixed_forward(model, ids, row_slots)
+            in_place = Pool.consecutive
+            if copy_blocks:
+                Pool.consecutive = lambda pool, slots: None
+            try:
+                with torch.inference_mode():
+                    mixed_forward(model, ids, row_slots)
+            finally:
+                Pool.consecutive = in_place
         return call
 
     def run(model, ids, **kwargs):
@@ -131,6 +140,7 @@ def mixed_batch(rounds: int, layers: int) -> None:
         medians = interleaved({
             "lorakit, 1 adapter": ours_with(ours, ids, [slots[uniform[0]]] * rows),
             "lorakit, 8 adapters": ours_with(ours, ids, [slots[n] for n in turns]),
+            "lorakit, 8 adapters, blocks copied": ours_with(ours, ids, [slots[n] for n in turns], copy_blocks=True),
             "lorakit, 8 adapters, segments only": ours_with(ours, ids, [slots[n] for n in turns], gather=False),
             "lorakit, 8 adapters of mixed ranks": ours_with(ours_mixed, ids,
                                                             [mixed_slots[mixed[i % 8]] for i in range(rows)]),
@@ -150,6 +160,8 @@ def mixed_batch(rounds: int, layers: int) -> None:
     medians = interleaved({
         "lorakit, 1 adapter": ours_with(ours_many, ids, [many_slots[many[0]]] * 32),
         "lorakit, 32 adapters": ours_with(ours_many, ids, [many_slots[n] for n in many]),
+        "lorakit, 32 adapters, blocks copied": ours_with(ours_many, ids, [many_slots[n] for n in many],
+                                                         copy_blocks=True),
         "lorakit, 32 adapters, segments only": ours_with(ours_many, ids, [many_slots[n] for n in many], gather=False),
         "base model, no adapter": run(base, ids),
     }, rounds)
