@@ -15,6 +15,8 @@ import copy
 import statistics
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
+from unittest.mock import patch
 
 import torch
 
@@ -86,16 +88,13 @@ def order_variants(base, rank: int, batch: torch.Tensor) -> dict[str, Callable[[
     lorakit.attach(unmerged, lorakit.LoraConfig(rank=rank, alpha=2 * rank))
     for p in (p for n, p in unmerged.named_parameters() if "lora_B" in n):
         torch.nn.init.normal_(p, std=0.01)
-    sole = LoraLayer.sole_plain_adapter
 
     def run(model, update_first: bool):
         def call():
-            LoraLayer.sole_plain_adapter = sole if update_first else (lambda layer, x: None)
-            try:
-                with torch.inference_mode():
-                    model(batch)
-            finally:
-                LoraLayer.sole_plain_adapter = sole
+            general = nullcontext() if update_first else patch.object(LoraLayer, "sole_plain_adapter",
+                                                                        lambda layer, x: None)
+            with general, torch.inference_mode():
+                model(batch)
         return call
 
     return {"base": run(base, True), "unmerged, update first": run(unmerged, True),

@@ -35,7 +35,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
+from unittest.mock import patch
 
 import torch
 
@@ -117,14 +119,9 @@ def mixed_batch(rounds: int, layers: int) -> None:
 
         def call():
             router.stack_tokens = STACK_TOKENS if gather else 0
-            in_place = Pool.consecutive
-            if copy_blocks:
-                Pool.consecutive = lambda pool, slots: None
-            try:
-                with torch.inference_mode():
-                    mixed_forward(model, ids, row_slots)
-            finally:
-                Pool.consecutive = in_place
+            copied = patch.object(Pool, "consecutive", lambda pool, slots: None) if copy_blocks else nullcontext()
+            with copied, torch.inference_mode():
+                mixed_forward(model, ids, row_slots)
         return call
 
     def run(model, ids, **kwargs):
@@ -307,12 +304,9 @@ def factor_read_bound(root: Path, names: list[str], one_adapter_rate: float) -> 
 
     One adapter's factors stay in cache from step to step; 32 adapters' do not, and the
     step then reads them all at the memory's read bandwidth (measured here, a 512 MiB sum)."""
-    from safetensors import safe_open
+    from lorakit.files import read_tensors
 
-    size = 0
-    for name in names[:32]:
-        with safe_open(str(root / name / "adapter_model.safetensors"), "pt") as f:
-            size += sum(torch.Size(f.get_slice(key).get_shape()).numel() for key in f.keys()) * 4  # float32 in the pool
+    size = sum(t.numel() * 4 for name in names[:32] for t in read_tensors(root / name).values())  # float32 in the pool
     big = torch.ones(2**27)
     times = []
     for _ in range(5):
