@@ -29,16 +29,16 @@ def ids(text: str) -> list[int]:
 
 def test_text_trains_every_token_and_ends_with_eos(tokenizer):
     example = tokenize({"text": "hi there"}, tokenizer)
-    assert example.input_ids == ids("hi there <eos>")
-    assert example.labels == example.input_ids
+    assert list(example.input_ids) == ids("hi there <eos>")
+    assert list(example.labels) == list(example.input_ids)
 
 
 def test_prompt_completion_masks_the_prompt(tokenizer):
     example = tokenize({"prompt": "hi", "completion": "hello there"}, tokenizer)
-    assert example.input_ids == ids("hi hello there <eos>")
-    assert example.labels == [IGNORE] + ids("hello there <eos>")
+    assert list(example.input_ids) == ids("hi hello there <eos>")
+    assert list(example.labels) == [IGNORE] + ids("hello there <eos>")
     unmasked = tokenize({"prompt": "hi", "completion": "hello there"}, tokenizer, mask_prompt=False)
-    assert unmasked.labels == unmasked.input_ids
+    assert list(unmasked.labels) == list(unmasked.input_ids)
 
 
 def test_chat_trains_only_assistant_turns(tokenizer):
@@ -46,10 +46,10 @@ def test_chat_trains_only_assistant_turns(tokenizer):
                 {"role": "assistant", "content": "hello"}, {"role": "user", "content": "bye"},
                 {"role": "assistant", "content": "ok bye"}]
     example = tokenize({"messages": messages}, tokenizer)
-    assert example.input_ids == ids("<system> be brief <end> <user> hi <end> <assistant> hello <end> "
+    assert list(example.input_ids) == ids("<system> be brief <end> <user> hi <end> <assistant> hello <end> "
                                     "<user> bye <end> <assistant> ok bye <end>")
     m = IGNORE
-    assert example.labels == [m, m, m, m, m, m, m, m] + ids("hello <end>") + [m, m, m, m] + ids("ok bye <end>")
+    assert list(example.labels) == [m, m, m, m, m, m, m, m] + ids("hello <end>") + [m, m, m, m] + ids("ok bye <end>")
 
 
 def write(tmp_path, lines):
@@ -65,8 +65,8 @@ def test_load_dataset_counts_formats_and_truncation(tmp_path, tokenizer):
     assert data.formats == {"text": 1, "prompt-completion": 1, "messages": 1}
     assert data.truncated == 1  # "a b c a b c <eos>" is 7 tokens
     assert [len(e.input_ids) for e in data.examples] == [6, 3, 6]
-    assert data.examples[0].input_ids == ids("a b c a b c")
-    assert data.examples[2].labels == [IGNORE] * 4 + ids("ok <end>")
+    assert list(data.examples[0].input_ids) == ids("a b c a b c")
+    assert list(data.examples[2].labels) == [IGNORE] * 4 + ids("ok <end>")
     assert data.tokens == 15
 
 
@@ -83,7 +83,7 @@ def test_load_dataset_counts_formats_and_truncation(tmp_path, tokenizer):
     ([{"prompt": "a", "completion": ""}], r"data\.jsonl:1: \"completion\" must not be empty"),
     ([{"text": ""}], r"data\.jsonl:1: \"text\" must be a non-empty string"),
     ([["a list"]], r"data\.jsonl:1: expected a JSON object, got list"),
-    ([{"txt": "hi"}], r"data\.jsonl:1: expected \"text\", \"prompt\" \+ \"completion\" or \"messages\", got keys \['txt'\]"),
+    ([{"txt": "hi"}], r"data\.jsonl:1: expected \"text\", \"prompt\" \+ \"completion\", \"messages\", Alpaca's \"instruction\" \+ \"output\" or ShareGPT's \"conversations\", got keys \['txt'\]"),
     ([{"text": 3}], r"data\.jsonl:1: \"text\" must be a non-empty string"),
     ([{"prompt": "hi"}], r"data\.jsonl:1: \"prompt\" and \"completion\" must both be strings \(bad 'completion'\)"),
     ([{"messages": []}], r"data\.jsonl:1: \"messages\" must be a non-empty list"),
@@ -133,4 +133,4 @@ def test_chat_trains_the_end_of_turn_token_but_not_the_template_text_after_it():
     trained = [t for t, label in zip(example.input_ids, example.labels) if label != IGNORE]
     answers = [tok(m["content"], add_special_tokens=False)["input_ids"] + [end] for m in messages[1::2]]
     assert trained == answers[0] + answers[1]
-    assert example.input_ids[-len(newline):] == newline and example.labels[-1] == IGNORE
+    assert list(example.input_ids[-len(newline):]) == newline and example.labels[-1] == IGNORE

@@ -1,5 +1,9 @@
 """lorakit: LoRA adapters for PyTorch models — attach, train, save, merge and serve."""
 
+from .quiet import quiet_third_parties
+
+quiet_third_parties()  # before anything imports torchao
+
 from .attach import (
     AttachError,
     ParameterCount,

@@ -15,7 +15,8 @@ from rich.console import Console
 from rich.table import Table
 
 from .config import ALL_LINEAR, TARGET_SETS, LoraConfig
-from .quantize import NOISY_LOGGERS, QUANTIZATIONS
+from .quantize import QUANTIZATIONS
+from .quiet import be_verbose
 
 app = typer.Typer(help="LoRA adapters for PyTorch models.", no_args_is_help=True, add_completion=False)
 # soft_wrap: lines are never broken at 80 columns when the output is a file or a pipe,
@@ -25,13 +26,23 @@ errors = Console(stderr=True, soft_wrap=True)
 
 
 @app.callback()
-def _root() -> None:
+def _root(verbose: Annotated[bool, typer.Option("--verbose", help="Show third-party warnings and progress "
+                                                                   "bars too.")] = False) -> None:
     """LoRA adapters for PyTorch models: inspect, plan, train, merge, generate, serve."""
-    import logging
+    if verbose:
+        be_verbose()
 
-    # transformers imports torchao whenever it is installed: keep its loading noise out
-    for name in NOISY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
+
+ADAPTER_HELP = "NAME=SOURCE (or SOURCE): a PEFT adapter directory or Hub id (org/name[@revision]); repeatable."
+
+
+def named_adapters(items: list[str] | None) -> dict[str, str]:
+    """``NAME=SOURCE`` items by name; a bare SOURCE is named after its last path part."""
+    named = {}
+    for item in items or []:
+        name, _, source = item.rpartition("=")
+        named[name or source.split("@")[0].rstrip("/").rsplit("/", 1)[-1]] = source
+    return named
 
 
 QUANTIZE_HELP = "Quantize the frozen base's linear weights: nf4 (QLoRA) or int8; adapters stay float32."
@@ -71,7 +82,7 @@ def _size(num_bytes: int) -> str:
 @app.command()
 def inspect(
     model: Annotated[str, typer.Argument(help="Preset (qwen2-0.5b, llama-3.2-1b, llama-2-7b, smollm2-135m), "
-                                              "model dir, config.json, .gguf file, or linear:OUTxIN.")],
+                                              "model dir, Hub id, config.json, .gguf file, or linear:OUTxIN.")],
     rank: Annotated[int, typer.Option(help="LoRA rank r.")],
     alpha: Annotated[float | None, typer.Option(help="LoRA alpha (default 2 * rank).")] = None,
     targets: Annotated[str, typer.Option(help="'all-linear', comma-separated names, or re:<regex>.")] = ALL_LINEAR,
@@ -113,7 +124,7 @@ def inspect(
 @app.command()
 def plan(
     model: Annotated[str, typer.Argument(help="Preset (qwen2-0.5b, llama-3.2-1b, llama-2-7b, smollm2-135m), "
-                                              "model dir or config.json.")],
+                                              "model dir, Hub id or config.json.")],
     method: Annotated[list[str] | None, typer.Option(help="full, lora or qlora; repeatable (default: all three).")] = None,
     rank: Annotated[int, typer.Option(help="LoRA rank r.")] = 16,
     batch: Annotated[int, typer.Option(help="Sequences per forward pass (micro-batch).")] = 1,
@@ -301,7 +312,7 @@ _register_training_commands()
 
 @app.command()
 def combine(
-    adapters: Annotated[list[str], typer.Argument(help="PEFT-format adapter directories.")],
+    adapters: Annotated[list[str], typer.Argument(help="PEFT-format adapter directories or Hub ids.")],
     out: Annotated[str, typer.Option(help="Directory for the combined adapter.")],
     weights: Annotated[str | None, typer.Option(help="Comma-separated weight per adapter (default: all 1).")] = None,
     method: Annotated[str, typer.Option(help="cat (exact; alias linear), svd (best rank-R of the exact sum), "
@@ -351,7 +362,7 @@ def convert(
 
 @app.command()
 def compress(
-    adapter: Annotated[str, typer.Argument(help="PEFT-format adapter directory.")],
+    adapter: Annotated[str, typer.Argument(help="PEFT-format adapter directory or Hub id.")],
     out: Annotated[str, typer.Option(help="Directory for the compressed adapter.")],
     rank: Annotated[int | None, typer.Option(help="Rank of every module.")] = None,
     energy: Annotated[float | None, typer.Option(help="Per module, the smallest rank keeping this fraction of "
@@ -376,7 +387,7 @@ def compress(
 
 @app.command()
 def analyze(
-    adapter: Annotated[str, typer.Argument(help="PEFT-format adapter directory.")],
+    adapter: Annotated[str, typer.Argument(help="PEFT-format adapter directory or Hub id.")],
     other: Annotated[str | None, typer.Argument(help="A second adapter: adds the subspace similarity.")] = None,
     out: Annotated[str, typer.Option(help="Directory for analysis.json and the PNG pictures.")] = "analysis",
     base: Annotated[str | None, typer.Option(help="Base model (with weights): adds ‖ΔW‖/‖W‖.")] = None,
@@ -426,8 +437,8 @@ def _report_kept(result, headline: str) -> None:
 
 @app.command()
 def merge(
-    model: Annotated[str, typer.Argument(help="Base model spec: HF model dir, .gguf file, or smollm2-135m.")],
-    adapter: Annotated[str, typer.Argument(help="PEFT-format adapter directory.")],
+    model: Annotated[str, typer.Argument(help="Base model: HF model dir, Hub id (org/name[@revision]), .gguf file, or smollm2-135m.")],
+    adapter: Annotated[str, typer.Argument(help="PEFT-format adapter directory or Hub id.")],
     out: Annotated[str, typer.Option(help="Directory for the merged model.")],
     dtype: Annotated[str, typer.Option(help="Weight dtype of the merged model: fp32, bf16, fp16.")] = "fp32",
     quantize: Annotated[str | None, typer.Option(
@@ -454,9 +465,9 @@ def merge(
 
 @app.command()
 def generate(
-    model: Annotated[str, typer.Argument(help="Base model spec: HF model dir, .gguf file, or smollm2-135m.")],
+    model: Annotated[str, typer.Argument(help="Base model: HF model dir, Hub id (org/name[@revision]), .gguf file, or smollm2-135m.")],
     prompt: Annotated[list[str], typer.Option(help="A prompt; repeat for a batch.")],
-    adapter: Annotated[list[str] | None, typer.Option(help="NAME=DIR (or DIR): a PEFT adapter; repeatable.")] = None,
+    adapter: Annotated[list[str] | None, typer.Option(help=ADAPTER_HELP)] = None,
     use: Annotated[list[str] | None, typer.Option(
         help="Adapter name for each prompt, in order ('base' for none); one name applies to all.")] = None,
     max_tokens: Annotated[int, typer.Option(help="New tokens per prompt.")] = 64,
@@ -471,15 +482,10 @@ def generate(
 
     Example: lorakit generate smollm2-135m --adapter sv=runs/demo/adapter --prompt "Hej!" --prompt "Hello!" --use sv --use base
     """
-    from pathlib import Path
-
     from .serve.engine import SamplingParams, build_engine, complete
 
     with user_errors():
-        named = {}
-        for item in adapter or []:
-            name, _, path = item.rpartition("=")
-            named[name or Path(path).name] = path
+        named = named_adapters(adapter)
         uses = list(use or ([next(iter(named))] if named else ["base"]))
         if len(uses) == 1:
             uses *= len(prompt)
@@ -500,8 +506,9 @@ def generate(
 
 @app.command()
 def serve(
-    model: Annotated[str, typer.Argument(help="Base model spec: HF model dir, .gguf file, or smollm2-135m.")],
+    model: Annotated[str, typer.Argument(help="Base model: HF model dir, Hub id (org/name[@revision]), .gguf file, or smollm2-135m.")],
     adapters: Annotated[str | None, typer.Option(help="Root directory of PEFT adapters, one per directory.")] = None,
+    adapter: Annotated[list[str] | None, typer.Option(help=ADAPTER_HELP)] = None,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port.")] = 8000,
     name: Annotated[str | None, typer.Option(help="Model name of the base (default: the spec's name).")] = None,
@@ -548,9 +555,12 @@ def serve(
             device = "cuda" if torch.cuda.is_available() else "cpu"
         engine = build_engine(model, adapters, max_adapters, max_bytes, max_batch, getattr(torch, DTYPES[dtype]),
                               device, quantize)
+        for adapter_name, source in named_adapters(adapter).items():
+            engine.store.add_directory(adapter_name, source)
     base_name = name or Path(model.rstrip("/")).name
     app_ = create_app(engine, base_name, Limits(max_prompt_tokens, max_tokens, max_queue), allow_runtime_lora)
-    console.print(f"serving {base_name} and adapters from {adapters or '(none)'} on http://{host}:{port} "
+    sources = ", ".join([*([adapters] if adapters else []), *named_adapters(adapter)]) or "(none)"
+    console.print(f"serving {base_name} and adapters from {sources} on http://{host}:{port} "
                   f"({device}, {quantize or dtype}, {torch.get_num_threads()} threads)")
     uvicorn.run(app_, host=host, port=port, log_level="warning",
                 timeout_graceful_shutdown=max(int(round(shutdown_timeout)), 1))

@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
+from . import hub
 from .adapter import Adapter, LayerWeights
 from .attach import (AttachError, adapters, attach, check_new_name, delete_adapter, find_saved_modules,
                      find_targets, known_adapters, lora_layers)
@@ -165,6 +166,12 @@ def hidden_sibling(directory: Path, kind: str) -> Path:
 
 
 # -- load ----------------------------------------------------------------------------
+def locate(source: str | os.PathLike) -> Path:
+    """An adapter's local path: ``source`` itself, or the snapshot of the Hub id
+    (``org/name[@revision]``) it spells; a local path of the same spelling wins."""
+    return hub.local(source, hub.ADAPTER_FILES, "adapter")
+
+
 def read_config(directory: str | os.PathLike) -> LoraConfig:
     """Parse and check ``directory/adapter_config.json``."""
     data, source = _read_json(directory)
@@ -172,7 +179,7 @@ def read_config(directory: str | os.PathLike) -> LoraConfig:
 
 
 def _read_json(directory: str | os.PathLike) -> tuple[dict[str, Any], Path]:
-    directory = Path(directory)
+    directory = locate(directory)
     if not directory.is_dir():
         raise AdapterFileError(f"{directory}: not an adapter directory (expected {CONFIG_NAME} + {WEIGHTS_NAME})")
     source = directory / CONFIG_NAME
@@ -203,9 +210,16 @@ def read_adapter(directory: str | os.PathLike) -> Adapter:
     checks every key)."""
     data, config_source = _read_json(directory)
     config = config_from_peft(data, config_source)
-    return from_tensors(config, read_tensors(directory), Path(directory) / WEIGHTS_NAME,
+    directory = config_source.parent
+    return from_tensors(config, read_tensors(directory), directory / WEIGHTS_NAME,
                         fan_in_fan_out=bool(data.get("fan_in_fan_out")),
-                        base_model=data.get("base_model_name_or_path"), task_type=data.get("task_type"))
+                        base_model=_base_model(data), task_type=data.get("task_type"))
+
+
+def _base_model(data: dict[str, Any]) -> str | None:
+    """The base a file names, with PEFT's separate ``revision`` joined as ``org/name@revision``."""
+    name, revision = data.get("base_model_name_or_path"), data.get("revision")
+    return f"{name}@{revision}" if name and isinstance(revision, str) and revision else name
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str | None = None) -> str:
@@ -215,11 +229,11 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str | Non
     model already has a "default". Every key, shape and dtype is checked against the
     model first; on any error the model is left exactly as it was.
     """
-    directory = Path(directory)
+    spelled, directory = str(directory), locate(directory)
     config = read_config(directory)
     tensors = base_copies(model, read_tensors(directory), directory / WEIGHTS_NAME)
-    if name is None:
-        name = "default" if "default" not in adapters(model) else re.sub(r"\W", "_", directory.name)
+    if name is None:  # a Hub id is named after its repository, not its snapshot's hash
+        name = "default" if "default" not in adapters(model) else re.sub(r"\W", "_", Path(spelled.split("@")[0]).name)
     return _install(model, config, tensors, directory, name)
 
 
@@ -384,8 +398,11 @@ def read_pipeline_adapter(path: str | os.PathLike, models: Mapping[str, nn.Modul
     ``models`` gives kohya's names their module paths."""
     from .formats import diffusers, kohya
 
-    source = Path(path)
+    source = locate(path)
     file = source / diffusers.WEIGHTS_NAME if source.is_dir() else source
+    if source.is_dir() and not file.exists():  # a Hub repo or folder holding one kohya/diffusers file
+        files = sorted(source.glob("*.safetensors"))
+        file = files[0] if len(files) == 1 else file
     tensors, metadata = read_safetensors(file)
     kohya_keys = [k for k in tensors if k.startswith("lora_")]
     if kohya_keys and len(kohya_keys) != len(tensors):

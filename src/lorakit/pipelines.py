@@ -15,7 +15,8 @@ from pathlib import Path
 
 from torch import nn
 
-from .files import (CONFIG_NAME, AdapterFileError, import_adapters, read_adapter, read_pipeline_adapter,
+from . import hub
+from .files import (CONFIG_NAME, AdapterFileError, import_adapters, locate, read_adapter, read_pipeline_adapter,
                     write_adapter, write_directory)
 
 COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
@@ -28,7 +29,7 @@ def pipeline_skeleton(folder: str | os.PathLike) -> dict[str, nn.Module]:
     import transformers
     from accelerate import init_empty_weights
 
-    folder = Path(folder)
+    folder = hub.local(folder, hub.PIPELINE_CONFIGS, "pipeline")
     models = {}
     for component in COMPONENTS:
         config_file = folder / component / "config.json"
@@ -58,7 +59,7 @@ def convert(source: str | os.PathLike, out: str | os.PathLike, to: str, pipeline
     if to not in FORMATS:
         raise AdapterFileError(f"--to must be one of {', '.join(FORMATS)}, got {to!r}")
     models = pipeline_skeleton(pipeline)
-    source = Path(source)
+    source = locate(source)
     if (source / CONFIG_NAME).is_file():
         if component not in models:
             raise AdapterFileError(f"{pipeline}: no {component} model for the PEFT adapter {source}")

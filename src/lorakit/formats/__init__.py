@@ -18,6 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
+import torch
 from torch import Tensor
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -47,6 +48,19 @@ def read_safetensors(source: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
         raise AdapterFileError(f"{source}: missing")
     try:
         with safe_open(source, framework="pt") as handle:
-            return {key: handle.get_tensor(key) for key in handle.keys()}, dict(handle.metadata() or {})
+            tensors, metadata = {key: handle.get_tensor(key) for key in handle.keys()}, dict(handle.metadata() or {})
     except (SafetensorError, OSError, ValueError) as err:
         raise AdapterFileError(f"{source}: not a readable safetensors file ({err})") from None
+    poisoned = [key for key, tensor in tensors.items() if not finite(tensor)]
+    if poisoned:  # loaded, merged or served, one such value spreads to every output it touches
+        raise AdapterFileError(f"{source}: tensor {poisoned[0]} has NaN or infinite values"
+                               + (f" (and {len(poisoned) - 1} more tensors)" if len(poisoned) > 1 else ""))
+    return tensors, metadata
+
+
+def finite(tensor: Tensor) -> bool:
+    """No NaN or infinity in ``tensor`` (integer tensors always pass)."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor)  # one pass; NaN and inf reach the min or the max
+    return bool(torch.isfinite(low) and torch.isfinite(high))

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from ..adapter import Adapter, LayerWeights
 from ..config import ALL_LINEAR, ConfigError, LoraConfig
+from ..hub import split_revision
 from ..layers import lora_scaling
 from . import AdapterFileError
 
@@ -73,13 +74,15 @@ BASE_COPY = re.compile(rf"^{re.escape(PREFIX)}(?P<path>.+)\.base_layer\.weight$"
 def config_to_peft(adapter: Adapter) -> dict[str, Any]:
     """The adapter_config.json contents for ``adapter``."""
     config = adapter.config
+    base_model, revision = split_revision(adapter.base_model)
     targets = config.targets
     if targets == ALL_LINEAR:
         targets = sorted(adapter.layers)  # PEFT also stores all-linear expanded
     return {
         "peft_type": "LORA",
         "task_type": adapter.task_type,
-        "base_model_name_or_path": adapter.base_model,
+        "base_model_name_or_path": base_model,
+        "revision": revision,
         "r": config.rank,
         "lora_alpha": config.alpha,
         "lora_dropout": config.dropout,

@@ -17,21 +17,15 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
 from ..adapter import LayerWeights
-from ..files import CONFIG_NAME, WEIGHTS_NAME, AdapterFileError, read_adapter
+from ..files import CONFIG_NAME, WEIGHTS_NAME, AdapterFileError, locate, read_adapter
 from .slots import SlotLinear, slot_layers
 
 # Path segments of letters, digits, . _ -, none starting with a dot (so no "..", no hidden files).
 NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*(/[A-Za-z0-9_-][A-Za-z0-9._-]*)*$")
 CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-
-
-def _finite(tensor: Tensor) -> bool:
-    low, high = torch.aminmax(tensor)  # one pass; NaN and inf reach the min or the max
-    return bool(torch.isfinite(low) and torch.isfinite(high))
 
 
 class StoreError(ValueError):
@@ -190,10 +184,7 @@ class AdapterStore:
             if layer is None or given.layout not in ("linear", "conv1d"):
                 problems.append(f"{layer_path}: no such linear layer in this model (only linear layers are served)")
                 continue
-            A, B = given.A.float(), given.B.float()
-            if not (_finite(A) and _finite(B)):  # it would poison other adapters' rows too
-                problems.append(f"{layer_path}: lora_A or lora_B has NaN or infinite values")
-                continue
+            A, B = given.A.float(), given.B.float()  # read_adapter refused NaN and infinity
             rank = given.rank
             if tuple(A.shape) != (rank, layer.in_features) or tuple(B.shape) != (layer.out_features, rank):
                 problems.append(f"{layer_path}: A {tuple(A.shape)}, B {tuple(B.shape)}; expected A "
@@ -276,7 +267,7 @@ class AdapterStore:
         """Make the adapter directory ``path`` available as ``name``, wherever it is (the
         operator's own choice, e.g. ``lorakit generate --adapter``; requests never reach this)."""
         check_name(name)
-        self.extra[name] = Path(path).resolve()
+        self.extra[name] = locate(path).resolve()
 
     def register(self, name: str, path: str) -> None:
         """vLLM's load_lora_adapter: make ``path`` (inside the root) available as ``name`` and load it."""

@@ -72,7 +72,7 @@ class TrainConfig(Settings):
     (``micro_batch_size`` -> ``--micro-batch-size``) and a YAML key."""
 
     # -- model and adapter
-    model: str = setting("smollm2-135m", "Base model: HF model directory, .gguf file, or smollm2-135m.")
+    model: str = setting("smollm2-135m", "Base model: HF model directory, Hub id (org/name[@revision]), .gguf file, or smollm2-135m.")
     dtype: str = setting("float32", "Base weight dtype: float32, bfloat16 or float16; adapters train in float32.")
     quantize: str | None = setting(None, "Quantize the frozen base: nf4 (QLoRA) or int8 (bfloat16 compute; "
                                          "overrides dtype); adapters train in float32.")
@@ -85,9 +85,16 @@ class TrainConfig(Settings):
     init: str = setting("default", "Initialisation: default (A Kaiming-uniform), gaussian, or pissa / olora "
                                    "(A and B from W's SVD / QR).")
     # -- data
-    data: str | None = setting(None, "JSONL training data; none: chatterbot-corpus dialogs in --language.")
+    data: str | None = setting(None, "Training data: a JSONL, parquet, CSV or JSON file, a save_to_disk folder, or "
+                                     "a Hub dataset id; none: chatterbot-corpus dialogs in --language.")
+    data_split: str = setting("train", "Split of a Hub dataset or a saved DatasetDict to train on.")
+    data_config: str | None = setting(None, "Config (subset) name of a Hub dataset.")
+    columns: str | None = setting(None, "Record keys from other columns: prompt=question,completion=answer (only "
+                                        "the mapped columns are read).")
     language: str = setting("swedish", "chatterbot-corpus language when there is no --data.")
-    eval_data: str | None = setting(None, "Held-out JSONL data; none: --eval-fraction of --data is held out.")
+    eval_data: str | None = setting(None, "Held-out data (any --data form); none: --eval-fraction of --data is "
+                                          "held out.")
+    eval_split: str = setting("test", "Split of a Hub dataset or a saved DatasetDict given as --eval-data.")
     eval_fraction: float = setting(0.1, "Fraction of the data held out for evaluation (0: none).")
     max_length: int = setting(512, "Tokens per example; longer ones are truncated and counted.")
     packing: bool = setting(False, "Pack short examples into rows of max_length (no cross-example attention).")

@@ -1,11 +1,21 @@
-"""Training examples from JSONL, tokenized with a loss mask.
+"""Training examples, tokenized with a loss mask.
 
-One example per line, in any of the shapes people already have:
+One record per example (from training/sources.py: JSONL, parquet, CSV, JSON, saved
+``datasets`` folders, Hub datasets), in any of the shapes people already have, told
+apart record by record:
 
 - ``{"text": ...}``: every token is trained;
 - ``{"prompt": ..., "completion": ...}``: only the completion (and EOS) is trained;
 - ``{"messages": [{"role": ..., "content": ...}, ...]}``: rendered with the
-  tokenizer's chat template; only assistant turns are trained.
+  tokenizer's chat template; only assistant turns are trained;
+- Alpaca, ``{"instruction", "input", "output", "system"}``: the chat
+  [system], user ``instruction`` + newline + ``input``, assistant ``output``
+  (LLaMA-Factory's reading);
+- ShareGPT, ``{"conversations": [{"from": ..., "value": ...}, ...], "system"}``: a chat
+  with ``from`` human/user, gpt/assistant/model, system, tool mapped to its roles.
+
+Alpaca and ShareGPT records become chats, so their trained tokens are exactly those of
+the same example written as ``messages``.
 
 Masked positions get label -100, the value PyTorch's cross-entropy ignores. With
 ``mask_prompt=False`` every token is trained. Examples longer than ``max_length``
@@ -15,10 +25,11 @@ any training starts.
 
 from __future__ import annotations
 
-import json
 import os
+from array import array
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from itertools import islice
 from typing import Any
 
 IGNORE = -100
@@ -29,10 +40,12 @@ class DataError(ValueError):
     """A training file or example cannot be used; the message names the file and line."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Example:
-    input_ids: list[int]
-    labels: list[int]  # IGNORE where the loss is masked
+    # array("i") when tokenized here: 4 bytes a token, not a Python int each (a million
+    # examples stay hundreds of MB); any sequence of ints works.
+    input_ids: Sequence[int]
+    labels: Sequence[int]  # IGNORE where the loss is masked
 
     @property
     def trained_tokens(self) -> int:
@@ -52,69 +65,40 @@ class Dataset:
         return sum(len(e.input_ids) for e in self.examples)
 
 
-def read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict[str, Any]]]:
-    """(line number, object) for every non-blank line; malformed lines raise DataError."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text ({err})") from None
-    records = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            # Some of json's messages end in "... starting at"; the column completes them.
-            where = f"column {err.colno}" if err.msg.endswith(" at") else f"at column {err.colno}"
-            raise DataError(f"{path}:{number}: invalid JSON: {err.msg} {where}") from None
-        if not isinstance(record, dict):
-            raise DataError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-        records.append((number, record))
-    return records
-
-
-SHAPES = {"messages": {"messages"}, "prompt-completion": {"prompt", "completion"}, "text": {"text"}}
+SHAPES = {"messages": {"messages"}, "sharegpt": {"conversations", "system"},
+          "alpaca": {"instruction", "input", "output", "system"}, "prompt-completion": {"prompt", "completion"},
+          "text": {"text"}}
+OPTIONAL = {"system", "input"}
+CHATS = ("messages", "sharegpt", "alpaca")
 MESSAGE_KEYS = {"role", "content"}
-
-
-def read_records(path: str | os.PathLike) -> list[tuple[str, dict[str, Any]]]:
-    """(location, record) for every example of a JSONL file, each line's JSON and shape checked.
-
-    Cheap (no model, no tokenizer), so a run reports a bad file at once; what needs
-    the tokenizer (an example with no trained token left) is checked when tokenizing.
-    """
-    records = []
-    for number, record in read_jsonl(path):
-        try:
-            example_format(record)
-        except DataError as err:
-            raise DataError(f"{path}:{number}: {err}") from None
-        records.append((f"{path}:{number}", record))
-    if not records:
-        raise DataError(f"{path}: no examples (the file is empty)")
-    return records
+# ShareGPT's speakers, as axolotl and LLaMA-Factory read them.
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "model": "assistant", "system": "system", "tool": "tool", "observation": "tool"}
 
 
 def example_format(record: dict[str, Any]) -> str:
-    """Which of the three shapes a record has; raises DataError (without location) otherwise.
+    """Which shape a record has; raises DataError (without location) otherwise.
 
     A key outside the record's shape is an error rather than ignored: a typo such as
     ``"completon"`` would otherwise train on the wrong tokens without a word.
     """
     kind = ("messages" if "messages" in record else
+            "sharegpt" if "conversations" in record else
+            "alpaca" if "instruction" in record or "output" in record else
             "prompt-completion" if "prompt" in record or "completion" in record else
             "text" if "text" in record else None)
     if kind is None:
-        raise DataError(f'expected "text", "prompt" + "completion" or "messages", got keys {sorted(record)}')
+        raise DataError('expected "text", "prompt" + "completion", "messages", Alpaca\'s "instruction" + "output" '
+                        f'or ShareGPT\'s "conversations", got keys {sorted(record)} (map other columns with '
+                        '--columns, e.g. prompt=question,completion=answer)')
     unknown = sorted(set(record) - SHAPES[kind])
     if unknown:
-        raise DataError(f"unknown key(s) {unknown} in a {kind} example (expected exactly {sorted(SHAPES[kind])})")
-    if kind == "messages":
-        _check_messages(record["messages"])
+        optional = sorted(SHAPES[kind] & OPTIONAL)
+        expected = (f"{sorted(SHAPES[kind] - OPTIONAL)}, optionally {optional}" if optional
+                    else f"exactly {sorted(SHAPES[kind])}")
+        raise DataError(f"unknown key(s) {unknown} in a {kind} example (expected {expected})")
+    if kind in CHATS:
+        _check_messages(chat_messages(record, kind))
     elif kind == "prompt-completion":
         for key in ("prompt", "completion"):
             if not isinstance(record.get(key), str):
@@ -124,6 +108,35 @@ def example_format(record: dict[str, Any]) -> str:
     elif not isinstance(record["text"], str) or not record["text"]:
         raise DataError('"text" must be a non-empty string')
     return kind
+
+
+def chat_messages(record: dict[str, Any], kind: str) -> list[dict[str, str]]:
+    """The chat a messages, Alpaca or ShareGPT record stands for."""
+    if kind == "messages":
+        return record["messages"]
+    system = record.get("system")
+    if system is not None and not isinstance(system, str):
+        raise DataError('"system" must be a string')
+    head = [{"role": "system", "content": system}] if system else []
+    if kind == "alpaca":
+        for key in ("instruction", "output", "input"):
+            if not isinstance(record.get(key, ""), str):
+                raise DataError(f'"{key}" must be a string')
+        if not record.get("instruction") or not record.get("output"):
+            raise DataError('an Alpaca example needs a non-empty "instruction" and "output"')
+        user = record["instruction"] + (f"\n{record['input']}" if record.get("input") else "")
+        return [*head, {"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
+    turns = record["conversations"]
+    if not isinstance(turns, list) or not turns:
+        raise DataError('"conversations" must be a non-empty list')
+    messages = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or set(turn) != {"from", "value"} or not isinstance(turn["value"], str):
+            raise DataError(f'conversations[{i}] must be an object with exactly "from" and a string "value"')
+        if turn["from"] not in SHAREGPT_ROLES:
+            raise DataError(f'conversations[{i}] is from {turn["from"]!r}, expected one of {sorted(SHAREGPT_ROLES)}')
+        messages.append({"role": SHAREGPT_ROLES[turn["from"]], "content": turn["value"]})
+    return head + messages
 
 
 def _check_messages(messages: Any) -> None:
@@ -144,46 +157,86 @@ def tokenize(record: dict[str, Any], tokenizer, mask_prompt: bool = True) -> Exa
     return _tokenize(record, example_format(record), tokenizer, mask_prompt)
 
 
-def _tokenize(record: dict[str, Any], kind: str, tokenizer, mask_prompt: bool) -> Example:
-    if kind == "messages":
-        ids, trained = _chat(record["messages"], tokenizer)
-    elif kind == "prompt-completion":
-        prompt = tokenizer(record["prompt"])["input_ids"]
-        completion = tokenizer(record["completion"], add_special_tokens=False)["input_ids"] + _eos(tokenizer)
-        ids, trained = prompt + completion, [False] * len(prompt) + [True] * len(completion)
+def _tokenize(record: dict[str, Any], kind: str, tokenizer, mask_prompt: bool,
+              encoded: tuple[list[int], ...] | None = None) -> Example:
+    """``encoded``: the record's strings already tokenized (a batch call, see ``_encode``)."""
+    if kind in CHATS:
+        ids, trained = _chat(chat_messages(record, kind), tokenizer)
     else:
-        ids = tokenizer(record["text"])["input_ids"] + _eos(tokenizer)
-        trained = [True] * len(ids)
+        encoded = encoded or _encode(tokenizer, [(record, kind)])[0]
+        if kind == "prompt-completion":
+            prompt, completion = encoded[0], encoded[1] + _eos(tokenizer)
+            ids, trained = prompt + completion, [False] * len(prompt) + [True] * len(completion)
+        else:
+            ids = encoded[0] + _eos(tokenizer)
+            trained = [True] * len(ids)
     labels = [t if (keep or not mask_prompt) else IGNORE for t, keep in zip(ids, trained)]
-    return Example(list(ids), labels)
+    return Example(array("i", ids), array("i", labels))
+
+
+def _encode(tokenizer, items: list[tuple[dict[str, Any], str]]) -> list[tuple[list[int], ...]]:
+    """The token ids of each text or prompt-completion record's strings, in two tokenizer
+    calls for the whole list instead of two per record (chat records get empty tuples)."""
+    wanted = [(record, kind) for record, kind in items if kind not in CHATS]
+    firsts = [r["text"] if k == "text" else r["prompt"] for r, k in wanted]
+    completions = [r["completion"] for r, k in wanted if k == "prompt-completion"]
+    first_ids = iter(tokenizer(firsts)["input_ids"] if firsts else [])
+    completion_ids = iter(tokenizer(completions, add_special_tokens=False)["input_ids"] if completions else [])
+    return [() if kind in CHATS else (next(first_ids),) if kind == "text" else (next(first_ids), next(completion_ids))
+            for _, kind in items]
 
 
 def load_dataset(path: str | os.PathLike, tokenizer, max_length: int, mask_prompt: bool = True) -> Dataset:
-    """Read, check and tokenize a JSONL file; every example must keep a trained token."""
-    return build_dataset(read_records(path), tokenizer, max_length, mask_prompt, source=str(path))
+    """Read, check and tokenize a data file (any format training/sources.py reads)."""
+    from .sources import Source
+
+    return build_dataset(Source(str(path)).records(), tokenizer, max_length, mask_prompt, source=str(path))
 
 
-def build_dataset(records: list[tuple[str, dict[str, Any]]], tokenizer, max_length: int, mask_prompt: bool = True,
-                  source: str = "records") -> Dataset:
-    """Tokenize (location, record) pairs; errors are prefixed with the record's location."""
+def check_records(records: Iterable[tuple[str, dict[str, Any]]], source: str) -> dict[str, int]:
+    """Every record's shape checked (no tokenizer, no model: cheap, so a bad file is
+    reported at once); the number of records of each shape."""
+    formats: dict[str, int] = {}
+    for where, record in records:
+        kind = _located(where, example_format, record)
+        formats[kind] = formats.get(kind, 0) + 1
+    if not formats:
+        raise DataError(f"{source}: no examples (the file is empty)")
+    return formats
+
+
+def _located(where: str, function, *args):
+    try:
+        return function(*args)
+    except DataError as err:
+        raise DataError(f"{where}: {err}") from None
+
+
+BATCH = 1024  # records tokenized together
+
+
+def build_dataset(records: Iterable[tuple[str, dict[str, Any]]], tokenizer, max_length: int,
+                  mask_prompt: bool = True, source: str = "records") -> Dataset:
+    """Tokenize (location, record) pairs as they come; errors are prefixed with the
+    record's location."""
     if max_length < 2:
         raise DataError(f"max_length must be at least 2, got {max_length}")
     dataset = Dataset(examples=[], source=source)
-    for where, record in records:
-        try:
-            kind = example_format(record)
-            example = _tokenize(record, kind, tokenizer, mask_prompt)
-        except DataError as err:
-            raise DataError(f"{where}: {err}") from None
-        cut = len(example.input_ids) > max_length
-        if cut:
-            example = Example(example.input_ids[:max_length], example.labels[:max_length])
-            dataset.truncated += 1
-        if example.trained_tokens == 0:
-            raise DataError(f"{where}: no trainable token" + (f" within max_length={max_length}" if cut else "")
-                            + " (a chat needs an assistant turn; a completion must not be empty)")
-        dataset.examples.append(example)
-        dataset.formats[kind] = dataset.formats.get(kind, 0) + 1
+    records = iter(records)
+    while chunk := list(islice(records, BATCH)):
+        kinds = [_located(where, example_format, record) for where, record in chunk]
+        encoded = _encode(tokenizer, [(record, kind) for (_, record), kind in zip(chunk, kinds)])
+        for (where, record), kind, strings in zip(chunk, kinds, encoded):
+            example = _located(where, _tokenize, record, kind, tokenizer, mask_prompt, strings)
+            cut = len(example.input_ids) > max_length
+            if cut:
+                example = Example(example.input_ids[:max_length], example.labels[:max_length])
+                dataset.truncated += 1
+            if example.trained_tokens == 0:
+                raise DataError(f"{where}: no trainable token" + (f" within max_length={max_length}" if cut else "")
+                                + " (a chat needs an assistant turn; a completion must not be empty)")
+            dataset.examples.append(example)
+            dataset.formats[kind] = dataset.formats.get(kind, 0) + 1
     if not dataset.examples:
         raise DataError(f"{source}: no examples (the file is empty)")
     return dataset

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import hub
 from ..attach import attach, disabled
 from ..config import ConfigError, LoraConfig
 from ..files import save_adapter, save_pipeline_adapter
@@ -139,7 +140,7 @@ def load_pipeline(folder: str | Path) -> Pipeline:
 
 
 def _check_pipeline_folder(folder: str | Path) -> Path:
-    folder = Path(folder)
+    folder = hub.local(folder, hub.MODEL_FILES, "pipeline")
     missing = [part for part in ("unet", "scheduler", "text_encoder", "tokenizer") if not (folder / part).is_dir()]
     if missing:
         raise TrainingError(f"{folder}: not a diffusers pipeline folder (missing "

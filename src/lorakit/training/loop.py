@@ -34,14 +34,16 @@ from . import sharded
 from .batches import Batch, Sample, collate, micro_batches, samples, split_eval, step_indices
 from .checkpoint import latest_checkpoint, load_checkpoint, run_lock, save_checkpoint, write_text
 from .config import Settings, TrainConfig, dump_yaml, load_yaml
-from .data import Dataset, build_dataset, read_records
+from .data import Dataset, build_dataset, check_records
+from .sources import Source, parse_columns
 from .distributed import Processes
 from .loss import LossModule
 from .monitor import Monitor, plot_loss
 
 # Settings that change what a run computes; the others (logging, checkpoint
 # frequency, device) may differ when a run is resumed.
-NOT_RESUMABLE_IF_CHANGED = ("model", "dtype", "quantize", "rank", "alpha", "dropout", "targets", "data", "language",
+NOT_RESUMABLE_IF_CHANGED = ("model", "dtype", "quantize", "rank", "alpha", "dropout", "targets", "data", "data_split",
+                            "data_config", "columns", "eval_split", "language",
                             "eval_data", "eval_fraction", "max_length", "packing", "mask_prompt", "epochs",
                             "max_steps", "batch_size", "micro_batch_size", "lr", "loraplus_ratio", "weight_decay",
                             "warmup_steps", "schedule", "min_lr_ratio", "max_grad_norm", "bf16", "seed")
@@ -88,12 +90,12 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
     processes = Processes.from_env(config.shard)
     try:
         check_output_dir(config, resume)
-        records = read_data(config)
+        sources = read_data(config)
         done = finished_run(config.out_dir)
         if done is not None:
             return done
         tokenizer = load_tokenizer(config.model)
-        train_set, eval_set = prepare_data(config, tokenizer, records)
+        train_set, eval_set = prepare_data(config, tokenizer, sources)
         with run_lock(config.out_dir) if processes.main else nullcontext():
             if config.shard == "fsdp":  # never whole on one process: built empty, filled shard by shard
                 model = sharded.build_meta_model(config.model, getattr(torch, config.dtype))
@@ -104,20 +106,26 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
         processes.close()
 
 
-def read_data(config: TrainConfig) -> dict[str, list[tuple[str, dict[str, Any]]]]:
-    """The examples of the data files by path, every line checked before anything slow
-    loads (tokenizer, model)."""
-    return {path: read_records(path) for path in (config.data, config.eval_data) if path is not None}
+def read_data(config: TrainConfig) -> dict[str, Source]:
+    """The data sources (training, held out), every record's shape checked before anything
+    slow loads (tokenizer, model); nothing is kept but where to read them again."""
+    columns = tuple(parse_columns(config.columns).items())
+    sources = {}
+    for spec, split in ((config.data, config.data_split), (config.eval_data, config.eval_split)):
+        if spec is not None:
+            sources[spec] = Source(spec, split, config.data_config, columns)
+            check_records(sources[spec].records(), spec)
+    return sources
 
 
-def prepare_data(config: TrainConfig, tokenizer, records: dict[str, list[tuple[str, dict[str, Any]]]] | None = None,
+def prepare_data(config: TrainConfig, tokenizer, sources: dict[str, Source] | None = None,
                  ) -> tuple[Dataset, Dataset | None]:
     """Tokenized training and held-out sets, every problem reported before training starts.
-    ``records``: ``read_data``'s result, when the files were read already."""
-    records = read_data(config) if records is None else records
+    ``sources``: ``read_data``'s result, when the data was checked already."""
+    sources = read_data(config) if sources is None else sources
 
-    def tokenized(path: str) -> Dataset:
-        return build_dataset(records[path], tokenizer, config.max_length, config.mask_prompt, source=path)
+    def tokenized(spec: str) -> Dataset:
+        return build_dataset(sources[spec].records(), tokenizer, config.max_length, config.mask_prompt, source=spec)
 
     if config.data is None:
         from .corpus import conversations
@@ -282,7 +290,8 @@ def setup(model: nn.Module, train_set: Dataset, eval_set: Dataset | None, config
         write_text(out / "config.yaml", dump_yaml(config))
     monitor = Monitor(out, total_steps, start_step, processes.main, config.log_every)
     truncated = train_set.truncated + (eval_set.truncated if eval_set else 0)
-    monitor.note(f"data: {len(train_set.examples)} training examples in {len(rows)} rows, "
+    formats = ", ".join(f"{count:,} {kind}" for kind, count in sorted(train_set.formats.items()))
+    monitor.note(f"data: {len(train_set.examples)} training examples ({formats}) in {len(rows)} rows, "
                  f"{len(eval_set.examples) if eval_set else 0} held out, {truncated} truncated to "
                  f"{config.max_length} tokens; {total_steps} steps of {config.batch_size}; "
                  f"{sum(p.numel() for p in parameters):,} trainable parameters"
