@@ -251,6 +251,9 @@ def _train_signature(settings: type) -> Signature:
                                                             metavar=base.__name__.upper(), **option)]
         elif kind in (int, float):
             annotation = Annotated[kind, typer.Option(flag, **option)]
+        elif kind == tuple[str, ...]:  # repeatable: --report-to tensorboard --report-to mlflow
+            annotation = Annotated[list[str] | None, typer.Option(flag, help=option["help"], show_default=False)]
+            default = None
         else:  # str, str | None, and targets (parsed like inspect's --targets)
             annotation = Annotated[str | None, typer.Option(flag, **option)]
             default = default if isinstance(default, str) or default is None else ",".join(default)
@@ -266,6 +269,8 @@ def _given(context: typer.Context, flags: dict[str, object]) -> dict[str, object
              if getattr(context.get_parameter_source(name), "name", None) == "COMMANDLINE"}
     if isinstance(given.get("targets"), str):
         given["targets"] = parse_targets(given["targets"])
+    if isinstance(given.get("report_to"), list):
+        given["report_to"] = tuple(given["report_to"])
     return given
 
 

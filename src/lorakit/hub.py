@@ -17,6 +17,8 @@ MODEL_FILES = ("*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tikt
 CONFIG_FILES = ("config.json",)
 ADAPTER_FILES = ("*.json", "*.safetensors")
 PIPELINE_CONFIGS = ("*.json",)  # converting an image adapter reads the pipeline's configs only
+# A dataset repository's data files and the README whose YAML header names its configs and splits.
+DATASET_FILES = ("*.parquet", "*.arrow", "*.jsonl", "*.json", "*.csv", "*.txt", "README.md")
 
 ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[\w./-]+))?$")
 
@@ -59,7 +61,8 @@ def snapshot(hub_id: HubId, patterns: tuple[str, ...], what: str = "model") -> P
                                         RevisionNotFoundError)
 
     try:
-        return Path(snapshot_download(hub_id.repo, revision=hub_id.revision, allow_patterns=list(patterns)))
+        return Path(snapshot_download(hub_id.repo, revision=hub_id.revision, allow_patterns=list(patterns),
+                                      repo_type="dataset" if what == "dataset" else None))
     except GatedRepoError:
         raise HubError(f"{what} {hub_id} is gated on the Hugging Face Hub: accept its terms on its page and set "
                        "HF_TOKEN to a token of that account") from None
@@ -70,7 +73,8 @@ def snapshot(hub_id: HubId, patterns: tuple[str, ...], what: str = "model") -> P
                        "HF_TOKEN), and no such local path") from None
     except LocalEntryNotFoundError:
         why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the Hub cannot be reached"
-        fetch = f"hf download {hub_id.repo}" + (f" --revision {hub_id.revision}" if hub_id.revision else "")
+        fetch = (f"hf download {hub_id.repo}" + (" --repo-type dataset" if what == "dataset" else "")
+                 + (f" --revision {hub_id.revision}" if hub_id.revision else ""))
         raise HubError(f"{what} {hub_id} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and {why}: "
                        f"run `{fetch}` where the network is reachable (into the same HF_HOME), "
                        "or give a local directory") from None

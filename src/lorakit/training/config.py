@@ -15,6 +15,7 @@ from typing import Any
 
 from ..config import ALL_LINEAR, INITS, VARIANTS, ConfigError, LoraConfig
 from ..quantize import QUANTIZATIONS
+from .tracking import check_trackers
 
 SCHEDULES = ("cosine", "linear", "constant")
 SHARDS = ("auto", "none", "ddp", "fsdp")
@@ -37,9 +38,7 @@ class Settings:
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
-        if isinstance(data.get("targets"), tuple):
-            data["targets"] = list(data["targets"])
-        return data
+        return {key: list(value) if isinstance(value, tuple) else value for key, value in data.items()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config"):
@@ -60,6 +59,9 @@ class Settings:
                     raise ConfigError(f"{source}: {f.name} must be a number, got {values[f.name]!r}") from None
         if isinstance(values.get("targets"), list):
             values["targets"] = tuple(values["targets"])
+        if isinstance(values.get("report_to"), (str, list)):  # YAML: a name, "a,b", or a list
+            given = values["report_to"]
+            values["report_to"] = tuple(n.strip() for n in given.split(",")) if isinstance(given, str) else tuple(given)
         try:
             return cls(**values)
         except TypeError as err:  # e.g. a string where a number belongs
@@ -124,10 +126,12 @@ class TrainConfig(Settings):
     keep_checkpoints: int = setting(2, "Newest checkpoints kept.")
     eval_every: int = setting(0, "Evaluate every N steps (0: only before and after training).")
     log_every: int = setting(1, "Log every N steps.")
+    report_to: tuple[str, ...] = setting((), "Experiment tracker: tensorboard, wandb or mlflow (repeatable; "
+                                            "metrics.jsonl and loss.png are always written).")
     device: str = setting("auto", "auto (cuda if available), cpu or cuda.")
 
     def __post_init__(self) -> None:
-        problems = []
+        problems = check_trackers(self.report_to)
         positive = ("rank", "batch_size", "micro_batch_size", "max_length", "save_every", "keep_checkpoints",
                     "log_every")
         problems += [f"{name} must be >= 1, got {getattr(self, name)}" for name in positive if getattr(self, name) < 1]

@@ -40,6 +40,7 @@ from .images import ImageExample, encode_captions, read_image_folder, sample, sa
 from .loop import (TrainingError, accumulate, check_batch, check_output_dir, learning_rate, optimizer_step,
                    parameter_groups, peak_memory, reset_peak_memory, set_learning_rate)
 from .monitor import Monitor, plot_loss
+from .tracking import check_trackers
 
 PREDICTIONS = ("epsilon", "v_prediction")
 EVAL_STEP = 2**40  # the noise of held-out evaluation is drawn as at this step
@@ -83,10 +84,13 @@ class ImageTrainConfig(Settings):
     save_every: int = setting(50, "Checkpoint every N steps (and always at the end).")
     keep_checkpoints: int = setting(2, "Newest checkpoints kept.")
     log_every: int = setting(1, "Log every N steps.")
+    report_to: tuple[str, ...] = setting((), "Experiment tracker: tensorboard, wandb or mlflow (repeatable; "
+                                            "metrics.jsonl and loss.png are always written).")
     device: str = setting("auto", "auto (cuda if available), cpu or cuda.")
 
     def __post_init__(self) -> None:
         problems = [f"{name} is required" for name in ("model", "data") if not getattr(self, name)]
+        problems += check_trackers(self.report_to)
         positive = ("rank", "max_steps", "batch_size", "micro_batch_size", "save_every", "keep_checkpoints",
                     "log_every", "samples_per_prompt", "sample_steps")
         problems += [f"{name} must be >= 1, got {getattr(self, name)}" for name in positive if getattr(self, name) < 1]
@@ -286,7 +290,8 @@ def _fit(pipeline: Pipeline, examples: list[ImageExample], resolution: int, conf
     if processes.main:
         out.mkdir(parents=True, exist_ok=True)
         write_text(out / "config.yaml", dump_yaml(config))
-    monitor = Monitor(out, config.max_steps, start_step, processes.main, config.log_every)
+    monitor = Monitor(out, config.max_steps, start_step, processes.main, config.log_every, config.report_to,
+                      config.to_dict())
     trainable = sum(p.numel() for p in parameters)
     monitor.note(f"data: {len(kept)} training images, {len(held_out)} held out, {resolution}x{resolution}; "
                  f"{config.max_steps} steps of {config.batch_size}; {trainable:,} trainable parameters "

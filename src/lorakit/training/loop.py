@@ -288,11 +288,12 @@ def setup(model: nn.Module, train_set: Dataset, eval_set: Dataset | None, config
     if processes.main:
         out.mkdir(parents=True, exist_ok=True)
         write_text(out / "config.yaml", dump_yaml(config))
-    monitor = Monitor(out, total_steps, start_step, processes.main, config.log_every)
+    monitor = Monitor(out, total_steps, start_step, processes.main, config.log_every, config.report_to,
+                      config.to_dict())
     truncated = train_set.truncated + (eval_set.truncated if eval_set else 0)
     formats = ", ".join(f"{count:,} {kind}" for kind, count in sorted(train_set.formats.items()))
-    monitor.note(f"data: {len(train_set.examples)} training examples ({formats}) in {len(rows)} rows, "
-                 f"{len(eval_set.examples) if eval_set else 0} held out, {truncated} truncated to "
+    monitor.note(f"data: {len(train_set.examples)} training examples in {len(rows)} rows, "
+                 f"{len(eval_set.examples) if eval_set else 0} held out (records: {formats}), {truncated} truncated to "
                  f"{config.max_length} tokens; {total_steps} steps of {config.batch_size}; "
                  f"{sum(p.numel() for p in parameters):,} trainable parameters"
                  + (f"; resuming after step {start_step}" if start_step else ""))

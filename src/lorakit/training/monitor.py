@@ -2,7 +2,8 @@
 (plain log lines otherwise), ``metrics.jsonl``, and at the end ``loss.png``.
 
 ``metrics.jsonl`` has one JSON object per logged step (``{"step", "loss", "lr",
-"grad_norm", "tokens_per_second", ...}``) or evaluation (``{"step", "eval_loss"}``).
+"grad_norm", "tokens_per_second", ...}``) or evaluation (``{"step", "eval_loss"}``);
+the trackers of ``--report-to`` (training/tracking.py) get the same records.
 """
 
 from __future__ import annotations
@@ -15,25 +16,32 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import write_text
+from .tracking import metrics_of, open_trackers
 
 
 class Monitor:
     """Progress and metrics of the main process (``enabled``); the others stay silent."""
 
-    def __init__(self, out: Path, total_steps: int, start_step: int, enabled: bool, log_every: int) -> None:
+    def __init__(self, out: Path, total_steps: int, start_step: int, enabled: bool, log_every: int,
+                 report_to: tuple[str, ...] = (), settings: dict[str, Any] | None = None) -> None:
         self.path = out / "metrics.jsonl"
         self.enabled = enabled
         self.log_every = log_every
         self.total_steps = total_steps
         self.progress = None
+        self.trackers = []
         if not enabled:
             return
         # A resumed run drops what the killed one logged after its last checkpoint:
         # those steps run again. So does the final evaluation, which follows the
         # last checkpoint.
-        kept = [r for r in read_metrics(self.path)
-                if r["step"] <= start_step and not ("eval_loss" in r and r["step"] == total_steps)]
+        logged = read_metrics(self.path)
+        kept = [r for r in logged if r["step"] <= start_step and not ("eval_loss" in r and r["step"] == total_steps)]
         write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        # The trackers already hold what the killed run logged: they get only later steps.
+        self.sent = {kind: max((r["step"] for r in logged if ("eval_loss" in r) == (kind == "eval")), default=-1)
+                     for kind in ("train", "eval")}
+        self.trackers = open_trackers(report_to, out, settings or {}, fresh=not logged)
         self.file = self.path.open("a")
         if sys.stderr.isatty():
             from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
@@ -48,6 +56,9 @@ class Monitor:
             return
         self.file.write(json.dumps(entry) + "\n")
         self.file.flush()
+        if entry["step"] > self.sent["eval" if "eval_loss" in entry else "train"]:
+            for tracker in self.trackers:
+                tracker.log(metrics_of(entry), entry["step"])
 
     def step(self, entry: dict[str, Any]) -> None:
         step = entry["step"]
@@ -75,6 +86,8 @@ class Monitor:
             self.progress.stop()
         if self.enabled:
             self.file.close()
+            for tracker in self.trackers:
+                tracker.close()
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

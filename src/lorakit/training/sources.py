@@ -96,15 +96,14 @@ class Source:
                     loaded = datasets.load_from_disk(str(path))
                 elif path.is_file():
                     loaded = datasets.load_dataset(TABLE_SUFFIXES[path.suffix], data_files=str(path), split="train")
-                else:
-                    loaded = datasets.load_dataset(self.spec, self.config, split=self.split)
-            except FileNotFoundError as err:
-                raise DataError(f"{self.spec}: {err}") from None
+                else:  # through huggingface_hub's cache, which (unlike datasets' own) also serves offline
+                    folder = hub.snapshot(hub.parse(self.spec), hub.DATASET_FILES, "dataset")
+                    loaded = datasets.load_dataset(str(folder), self.config, split=self.split)
+            except hub.HubError as err:
+                raise DataError(str(err)) from None
             except Exception as err:  # datasets' own errors share no base class; keep its one-line reason
                 reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-                fetch = "" if path.exists() else (f"; to read it offline, run `hf download {self.spec} --repo-type "
-                                                  "dataset` where the network is reachable (into the same HF_HOME)")
-                raise DataError(f"{self.spec}: cannot be read as a dataset: {reason}{fetch}") from None
+                raise DataError(f"{self.spec}: cannot be read as a dataset: {reason}") from None
         if isinstance(loaded, datasets.DatasetDict):
             if self.split not in loaded:
                 raise DataError(f"{self.spec}: no split {self.split!r}; it has {sorted(loaded)}")
