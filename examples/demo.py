@@ -35,10 +35,6 @@ def main() -> None:
     parser.add_argument("--out", default="runs/demo")
     parser.add_argument("--epochs", type=float, default=4)
     args = parser.parse_args()
-    from transformers.utils import logging
-
-    logging.disable_progress_bar()  # weight-loading bars would drown the demo's own lines
-
     if Path(args.out).exists():  # the demo's own directory: start over rather than resume a finished run
         shutil.rmtree(args.out)
     config = lorakit.TrainConfig(model=MODEL, language="swedish", out=args.out, rank=16, alpha=32,

@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
+# No test reaches a hub: ids resolve from caches the tests lay out, and the datasets
+# library keeps what it converts out of the user's cache.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="lorakit-test-datasets-"))
+os.environ.setdefault("WANDB_MODE", "offline")
+
 import pytest
 import torch
 from torch import nn
@@ -75,6 +84,19 @@ def assert_unchanged(model: nn.Module, before: dict) -> None:
     assert after["tensors"].keys() == before["tensors"].keys()
     for key, value in before["tensors"].items():
         torch.testing.assert_close(after["tensors"][key], value, rtol=0, atol=0, equal_nan=True, msg=key)
+
+
+EPS = torch.finfo(torch.float32).eps
+
+
+def assert_close_as_sums(actual: torch.Tensor, expected: torch.Tensor, terms: int, msg: str | None = None) -> None:
+    """Equal up to the rounding of float32 sums of ``terms`` terms taken in another order
+    (chunks, micro-batches, another kernel's blocking): |a - e| <= terms * eps * max|e|,
+    the bound of recursive summation at the tensor's own scale. A fixed atol such as 1e-7
+    is below one rounding of an element near 1 and fails on CPUs whose kernels add in
+    another order; this holds on any of them, and still fails a real error."""
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    torch.testing.assert_close(actual, expected, rtol=0, atol=terms * EPS * scale, msg=msg)
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import assert_unchanged, randomize_adapters, snapshot, tiny_llama, token_batch
+from conftest import assert_close_as_sums, assert_unchanged, randomize_adapters, snapshot, tiny_llama, token_batch
 from torch import nn
 
 import lorakit
@@ -92,7 +92,7 @@ def test_gradient_checkpointing_gives_the_same_gradients_on_a_quantized_base():
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
-        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7, msg=name)
+        assert_close_as_sums(grads[1][name], grads[0][name], ids.numel(), msg=name)  # sums over the tokens
 
 
 def test_in_memory_merge_requantizes_and_unmerge_restores_within_one_step():

@@ -235,6 +235,7 @@ def save_merged(spec: str, adapter: str | os.PathLike, out: str | os.PathLike,
     load_adapter(model, adapter)
     detach(model)  # merged weights, original module types: no lorakit needed to load it
     with tempfile.TemporaryDirectory() as staging:
-        model.save_pretrained(staging)
+        with no_progress_bars():
+            model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         return write_directory(out, {p.name: p.read_bytes() for p in Path(staging).iterdir() if p.is_file()})

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -40,15 +41,20 @@ def be_verbose() -> None:
 
 @contextmanager
 def no_progress_bars() -> Iterator[None]:
-    """transformers' progress bars off inside the block, unless verbose; the caller's
-    setting is restored afterwards."""
-    from transformers.utils import logging as transformers_logging
+    """The progress bars of transformers (and of diffusers and datasets, where the process
+    has imported them) off inside the block, unless verbose; restored afterwards."""
+    import importlib
 
-    enabled = transformers_logging.is_progress_bar_enabled()
-    if not verbose():
-        transformers_logging.disable_progress_bar()
+    switched = []
+    for package in ("transformers", "diffusers", "datasets"):
+        if package != "transformers" and package not in sys.modules:
+            continue  # it draws nothing here, and importing it would cost seconds
+        bars = importlib.import_module(f"{package}.utils.logging")  # the same three calls in all three
+        if not verbose() and bars.is_progress_bar_enabled():
+            bars.disable_progress_bar()
+            switched.append(bars)
     try:
         yield
     finally:
-        if enabled:
-            transformers_logging.enable_progress_bar()
+        for bars in switched:
+            bars.enable_progress_bar()

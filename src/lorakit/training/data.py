@@ -96,7 +96,8 @@ def example_format(record: dict[str, Any]) -> str:
         optional = sorted(SHAPES[kind] & OPTIONAL)
         expected = (f"{sorted(SHAPES[kind] - OPTIONAL)}, optionally {optional}" if optional
                     else f"exactly {sorted(SHAPES[kind])}")
-        raise DataError(f"unknown key(s) {unknown} in a {kind} example (expected {expected})")
+        article = "an" if kind[0] in "aeiou" else "a"
+        raise DataError(f"unknown key(s) {unknown} in {article} {kind} example (expected {expected})")
     if kind in CHATS:
         _check_messages(chat_messages(record, kind))
     elif kind == "prompt-completion":

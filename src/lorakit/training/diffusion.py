@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import hub
+from ..quiet import no_progress_bars
 from ..attach import attach, disabled
 from ..config import ConfigError, LoraConfig
 from ..files import save_adapter, save_pipeline_adapter
@@ -129,10 +130,15 @@ class Pipeline:
 
 def load_pipeline(folder: str | Path) -> Pipeline:
     """The UNet, noise scheduler, text encoder, tokenizer and optional VAE of ``folder``."""
+    folder = _check_pipeline_folder(folder)
+    with no_progress_bars():  # a local load takes seconds
+        return _load_pipeline(folder)
+
+
+def _load_pipeline(folder: Path) -> Pipeline:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
 
-    folder = _check_pipeline_folder(folder)
     scheduler = DDPMScheduler.from_pretrained(folder / "scheduler")
     if scheduler.config.prediction_type not in PREDICTIONS:
         raise TrainingError(f"{folder}/scheduler: prediction_type {scheduler.config.prediction_type!r} is not "
