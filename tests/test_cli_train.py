@@ -110,7 +110,7 @@ def test_every_setting_is_a_flag_and_a_yaml_key_with_its_default_in_help():
     for field in dataclasses.fields(TrainConfig):
         flag = "--" + field.name.replace("_", "-")
         default = field.default
-        shown = ("none" if default is None else f"{flag[2:]}" if default is True else
+        shown = ("none" if default in (None, ()) else f"{flag[2:]}" if default is True else
                  f"no-{flag[2:]}" if default is False else str(default))
         assert re.search(re.escape(flag) + r" .*?\[default: \(?" + re.escape(shown) + r"\)?\]", help_text), flag
 

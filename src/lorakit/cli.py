@@ -252,7 +252,7 @@ def _train_signature(settings: type) -> Signature:
         elif kind in (int, float):
             annotation = Annotated[kind, typer.Option(flag, **option)]
         elif kind == tuple[str, ...]:  # repeatable: --report-to tensorboard --report-to mlflow
-            annotation = Annotated[list[str] | None, typer.Option(flag, help=option["help"], show_default=False)]
+            annotation = Annotated[list[str] | None, typer.Option(flag, help=option["help"], show_default="none")]
             default = None
         else:  # str, str | None, and targets (parsed like inspect's --targets)
             annotation = Annotated[str | None, typer.Option(flag, **option)]
@@ -562,7 +562,10 @@ def serve(
                               device, quantize)
         for adapter_name, source in named_adapters(adapter).items():
             engine.store.add_directory(adapter_name, source)
-    base_name = name or Path(model.rstrip("/")).name
+    from .hub import parse as hub_id
+
+    # a Hub id is the model's name, as vLLM serves it; a directory is named after itself
+    base_name = name or (hub_id(model).repo if hub_id(model) else Path(model.rstrip("/")).name)
     app_ = create_app(engine, base_name, Limits(max_prompt_tokens, max_tokens, max_queue), allow_runtime_lora)
     sources = ", ".join([*([adapters] if adapters else []), *named_adapters(adapter)]) or "(none)"
     console.print(f"serving {base_name} and adapters from {sources} on http://{host}:{port} "
