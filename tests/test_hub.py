@@ -151,8 +151,12 @@ def test_cli_commands_take_ids_offline(cached_model, hub_cache, tmp_path):
     inspected = _cli("inspect", cached_model, "--rank", "4", "--json", cache=hub_cache, cwd=tmp_path)
     assert inspected.returncode == 0, inspected.stderr
     assert json.loads(inspected.stdout)["trainable_params"] > 0
-    analyzed = _cli("analyze", "someone/tiny-adapter", "--out", "analysis", cache=hub_cache, cwd=tmp_path)
-    assert analyzed.returncode == 0, analyzed.stderr
+    for args in (("analyze", "someone/tiny-adapter", "--out", "analysis"),
+                 ("compress", "someone/tiny-adapter", "--rank", "1", "--out", "small"),
+                 ("combine", "someone/tiny-adapter", f"someone/tiny-adapter@{OTHER}", "--out", "sum"),
+                 ("plan", cached_model, "--method", "lora")):
+        done = _cli(*args, cache=hub_cache, cwd=tmp_path)
+        assert done.returncode == 0, (args, done.stderr)
     generated = _cli("generate", cached_model, "--adapter", "sv=someone/tiny-adapter", "--prompt", "hej",
                      "--max-tokens", "2", "--use", "sv", cache=hub_cache, cwd=tmp_path)
     assert generated.returncode == 0, generated.stderr
@@ -179,3 +183,25 @@ def test_train_on_a_hub_model_and_a_hub_dataset_offline(cached_model, hub_cache,
     config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == cached_model
     assert "8 prompt-completion" in result.stdout
+
+
+def test_image_adapters_and_pipelines_by_id(hub_cache, tmp_path):
+    from image_models import tiny_pipeline
+    from test_formats_kohya import hand_made_file, models_of
+
+    tiny_pipeline(tmp_path / "tokenizer").save_pretrained(tmp_path / "sd")
+    cache_repo(hub_cache, "org/tiny-sd", tmp_path / "sd")
+    (tmp_path / "style").mkdir()
+    hand_made_file(tmp_path / "style" / "my_style.safetensors")  # one kohya file in a repository
+    cache_repo(hub_cache, "someone/kohya-style", tmp_path / "style", commit=OTHER)
+
+    result = _cli("convert", "someone/kohya-style", "converted", "--to", "diffusers", "--pipeline", "org/tiny-sd",
+                  cache=hub_cache, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    by_id, by_path = tiny_pipeline(tmp_path / "t1"), tiny_pipeline(tmp_path / "t2")
+    lorakit.load_pipeline_adapter(models_of(by_id), "someone/kohya-style")
+    lorakit.load_pipeline_adapter(models_of(by_path), tmp_path / "converted")
+    for component in ("unet", "text_encoder"):
+        for (name, a), (_, b) in zip(models_of(by_id)[component].state_dict().items(),
+                                     models_of(by_path)[component].state_dict().items()):
+            assert torch.equal(a, b), name

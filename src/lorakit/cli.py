@@ -380,12 +380,12 @@ def compress(
     from pathlib import Path
 
     from .combine import compress as compress_adapter
-    from .files import WEIGHTS_NAME, read_adapter, write_adapter
+    from .files import WEIGHTS_NAME, locate, read_adapter, write_adapter
 
     with user_errors():
         result = compress_adapter(read_adapter(adapter), rank, energy)
         path = write_adapter(result.adapter, out)
-    before, after = (Path(d) / WEIGHTS_NAME for d in (adapter, path))
+        before, after = (Path(d) / WEIGHTS_NAME for d in (locate(adapter), path))
     _report_kept(result, f"compressed {adapter} into {path}: {_size(before.stat().st_size)} -> "
                          f"{_size(after.stat().st_size)}")
 
