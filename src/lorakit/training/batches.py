@@ -32,13 +32,17 @@ class Batch:
     position_ids: Tensor  # (B, T), restarting at 0 for each example and for the padding
     targets: Tensor  # (B, T): the token to predict at each position, IGNORE where it is not trained
     length: int  # real (not padding) tokens
+    trained: int | None = None  # positions with a target, counted when collated (None: count them)
 
     @property
     def tokens(self) -> int:
-        return int((self.targets != IGNORE).sum())
+        """Positions with a target. Counted from the examples on the host: reading a device
+        tensor here would make every training step wait for the GPU."""
+        return self.trained if self.trained is not None else int((self.targets != IGNORE).sum())
 
     def to(self, device: torch.device | str) -> Batch:
-        return Batch(self.input_ids.to(device), self.position_ids.to(device), self.targets.to(device), self.length)
+        return Batch(self.input_ids.to(device), self.position_ids.to(device), self.targets.to(device), self.length,
+                     self.tokens)
 
 
 def split_eval(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
@@ -103,7 +107,8 @@ def collate(batch: list[Sample], pad_id: int = 0) -> Batch:
             targets[row, start:start + n - 1] = torch.tensor(example.labels[1:])
             start += n
         positions[row, start:] = torch.arange(width - start)
-    return Batch(ids, positions, targets, sum(_length(sample) for sample in rows))
+    return Batch(ids, positions, targets, sum(_length(sample) for sample in rows),
+                 sum(example.trained_tokens for sample in rows for example in sample))
 
 
 @lru_cache(maxsize=4)

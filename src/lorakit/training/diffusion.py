@@ -37,8 +37,9 @@ from .checkpoint import latest_checkpoint, load_checkpoint, run_lock, save_check
 from .config import SCHEDULES, Settings, dump_yaml, setting
 from .data import DataError
 from .distributed import Processes
+from .guard import Guard, adamw
 from .images import ImageExample, encode_captions, read_image_folder, sample, save_grid
-from .loop import (TrainingError, accumulate, check_batch, check_output_dir, learning_rate, optimizer_step,
+from .loop import (TrainingError, accumulate, check_batch, check_output_dir, guarded, learning_rate,
                    parameter_groups, peak_memory, reset_peak_memory, set_learning_rate)
 from .monitor import Monitor, plot_loss
 from .tracking import check_trackers
@@ -285,7 +286,8 @@ def _fit(pipeline: Pipeline, examples: list[ImageExample], resolution: int, conf
     attach(unet, config.lora())
     reset_peak_memory(device)
     groups = parameter_groups(unet, config)
-    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = adamw(groups, config.lr, config.weight_decay)
+    guard = Guard(optimizer, device)
     parameters = [p for group in groups for p in group["params"]]
     state: dict[str, Any] = {"images": 0, "seconds": 0.0, "eval_loss_before": None, "train_loss": None}
     start_step = 0
@@ -327,7 +329,9 @@ def _fit(pipeline: Pipeline, examples: list[ImageExample], resolution: int, conf
                                                   config.micro_batch_size)]
             loss = processes.sum(accumulate(runner, batches, config.batch_size, processes.world_size,
                                             nullcontext()), device) / config.batch_size
-            grad_norm = optimizer_step(optimizer, parameters, config.max_grad_norm, loss, step, out)
+            grad_norm = guarded(guard.step, out, parameters, config.max_grad_norm, loss, step)
+            guarded(guard.check, out)  # an image step takes seconds: its flag is read at once
+            loss, grad_norm = loss.item(), grad_norm.item()
             done = step + 1
             state["images"] += config.batch_size
             state["seconds"] = time.perf_counter() - started

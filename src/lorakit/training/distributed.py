@@ -47,10 +47,14 @@ class Processes:
             return torch.device("cuda", self.local_rank)
         return torch.device(wanted)
 
-    def sum(self, value: float | int, device: torch.device) -> float:
-        """``value`` summed over all processes."""
+    def sum(self, value: float | int | torch.Tensor, device: torch.device) -> float | torch.Tensor:
+        """``value`` summed over all processes; a tensor stays a tensor (nothing is read on the host)."""
         if self.world_size == 1:
             return value
+        if isinstance(value, torch.Tensor):
+            tensor = value.detach().to(device, torch.float64).clone()
+            dist.all_reduce(tensor)
+            return tensor
         tensor = torch.tensor(float(value), dtype=torch.float64, device=device)
         dist.all_reduce(tensor)
         return tensor.item()

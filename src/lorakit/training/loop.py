@@ -20,13 +20,14 @@ import json
 import math
 import resource
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ..attach import attach, lora_layers
 from ..files import save_adapter, write_adapter
@@ -35,10 +36,11 @@ from .batches import Batch, Sample, collate, micro_batches, samples, split_eval,
 from .checkpoint import latest_checkpoint, load_checkpoint, run_lock, save_checkpoint, write_text
 from .config import Settings, TrainConfig, dump_yaml, load_yaml
 from .data import Dataset, build_dataset, check_records
-from .sources import Source, parse_columns
 from .distributed import Processes
+from .guard import Diverged, Guard, adamw
 from .loss import LossModule
 from .monitor import Monitor, plot_loss
+from .sources import Source, parse_columns
 
 # Settings that change what a run computes; the others (logging, checkpoint
 # frequency, device) may differ when a run is resumed.
@@ -224,6 +226,7 @@ class Run:
     model: nn.Module
     runner: nn.Module  # the loss module, under DDP with several processes
     optimizer: torch.optim.Optimizer
+    guard: Guard
     parameters: list[nn.Parameter]
     rows: list[Sample]
     held_out: list[Sample]
@@ -281,7 +284,7 @@ def setup(model: nn.Module, train_set: Dataset, eval_set: Dataset | None, config
     runner = adapted(model, config, device)
     reset_peak_memory(device)
     groups = parameter_groups(model, config)
-    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = adamw(groups, config.lr, config.weight_decay)
     parameters = [p for group in groups for p in group["params"]]
     state: dict[str, Any] = {"tokens": 0, "seconds": 0.0, "eval_loss_before": None, "train_loss": None}
     start_step = restore(config, runner, model, optimizer, state)
@@ -300,8 +303,8 @@ def setup(model: nn.Module, train_set: Dataset, eval_set: Dataset | None, config
     if config.shard != "fsdp":
         runner = processes.wrap(runner, device)  # DDP when there are several processes
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16)
-    run = Run(config, model, runner, optimizer, parameters, rows, held_out, total_steps, processes, device,
-              autocast, monitor, state)
+    run = Run(config, model, runner, optimizer, Guard(optimizer, device), parameters, rows, held_out, total_steps,
+              processes, device, autocast, monitor, state)
     return run, start_step
 
 
@@ -352,26 +355,39 @@ def restore(config: TrainConfig, runner: nn.Module, model: nn.Module, optimizer:
 
 def train_step(run: Run, step: int, started: float) -> None:
     """Optimizer step ``step`` (0-based): its micro-batches, backward, clipping, AdamW; then
-    the log line, an evaluation and a checkpoint when they are due."""
+    the log line, an evaluation and a checkpoint when they are due.
+
+    Nothing in the step itself waits for the device: the loss and the gradient norm stay
+    device tensors, and are read (with the NaN/Inf guard's flag) only when a log line, an
+    evaluation or a checkpoint is due."""
     config, processes, device, state = run.config, run.processes, run.device, run.state
     lr = learning_rate(config, step, run.total_steps)
     set_learning_rate(run.optimizer, lr)
     indices = step_indices(len(run.rows), config.batch_size, step, config.seed)
-    batches = [collate([run.rows[i] for i in chunk]).to(device)
+    batches = [collate([run.rows[i] for i in chunk])
                for chunk in micro_batches(indices, processes.rank, processes.world_size, config.micro_batch_size)]
-    tokens = processes.sum(sum(b.tokens for b in batches), device)
+    tokens = processes.sum(sum(b.tokens for b in batches), device)  # counted on the host, before the copy
+    batches = [b.to(device) for b in batches]
     loss = processes.sum(accumulate(run.runner, batches, tokens, processes.world_size, run.autocast), device) / tokens
-    grad_norm = optimizer_step(run.optimizer, run.parameters, config.max_grad_norm, loss, step, config.out_dir)
+    grad_norm = guarded(run.guard.step, config.out_dir, run.parameters, config.max_grad_norm, loss, step)
 
     done = step + 1
     state["tokens"] += processes.sum(sum(b.length for b in batches), device)
     state["seconds"] = time.perf_counter() - started
-    state["train_loss"] = loss
-    run.monitor.step({"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": state["tokens"],
-                      "tokens_per_second": state["tokens"] / state["seconds"], "time": time.time()})
-    if config.eval_every and done % config.eval_every == 0 and done != run.total_steps and run.held_out:
+    logged = done % config.log_every == 0 or done == run.total_steps
+    evaluated = bool(config.eval_every and done % config.eval_every == 0 and done != run.total_steps and run.held_out)
+    saved = done % config.save_every == 0 or done == run.total_steps
+    if not (logged or evaluated or saved):
+        return
+    guarded(run.guard.check, config.out_dir)  # nothing is logged or saved past a bad step
+    state["train_loss"] = loss.item()
+    if logged:
+        run.monitor.step({"step": done, "loss": state["train_loss"], "lr": lr, "grad_norm": grad_norm.item(),
+                          "tokens": state["tokens"], "tokens_per_second": state["tokens"] / state["seconds"],
+                          "time": time.time()})
+    if evaluated:
         run.monitor.evaluation(done, run.evaluate())
-    if done % config.save_every == 0 or done == run.total_steps:
+    if saved:
         if run.sharded:  # every process writes its shards
             sharded.save_sharded_checkpoint(config.out_dir, done, run.runner, run.optimizer, state,
                                             config.keep_checkpoints)
@@ -385,17 +401,12 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr * group["lr_scale"]
 
 
-def optimizer_step(optimizer: torch.optim.Optimizer, parameters: list[nn.Parameter], max_grad_norm: float | None,
-                   loss: float, step: int, out: Path) -> float:
-    """Clip the gradients and apply AdamW's step; return the gradient norm. A non-finite loss
-    or norm stops the run with the step not applied."""
-    grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm or math.inf)
-    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
-    if not (math.isfinite(loss) and torch.isfinite(grad_norm)):
-        raise TrainingError(_diverged(step + 1, loss, grad_norm.item(), out))
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return grad_norm.item()
+def guarded(call: Callable[..., Any], out: Path, *args: Any) -> Any:
+    """``call(*args)``, with a non-finite step (guard.py) reported as the run's end."""
+    try:
+        return call(*args)
+    except Diverged as bad:
+        raise TrainingError(_diverged(bad.step, bad.loss, bad.grad_norm, out)) from None
 
 
 def finish(run: Run, resumed_from: int | None, eval_after: float | None, truncated: int) -> TrainResult:
@@ -421,10 +432,11 @@ def finish(run: Run, resumed_from: int | None, eval_after: float | None, truncat
     return result
 
 
-def accumulate(runner: nn.Module, batches: list[Batch], tokens: float, world_size: int, autocast) -> float:
+def accumulate(runner: nn.Module, batches: list[Batch], tokens: float, world_size: int, autocast) -> Tensor:
     """Backward every micro-batch with weight 1 / (trained tokens of the whole step), so the
-    gradients add up to those of the mean loss over one large batch; return the loss sum."""
-    total = 0.0
+    gradients add up to those of the mean loss over one large batch; return the loss sum
+    (a device tensor: reading it would make the host wait)."""
+    total = None
     for i, batch in enumerate(batches):
         last = i == len(batches) - 1
         # Under DDP / FSDP only the last micro-batch synchronizes gradients.
@@ -438,7 +450,7 @@ def accumulate(runner: nn.Module, batches: list[Batch], tokens: float, world_siz
             loss = runner(batch)
         # DDP averages gradients over processes; scaling by world_size makes that a sum.
         (loss * (world_size / tokens)).backward()
-        total += loss.item()
+        total = loss.detach().double() if total is None else total + loss.detach()
     return total
 
 
