@@ -570,7 +570,9 @@ def serve(
     sources = ", ".join([*([adapters] if adapters else []), *named_adapters(adapter)]) or "(none)"
     console.print(f"serving {base_name} and adapters from {sources} on http://{host}:{port} "
                   f"({device}, {quantize or dtype}, {torch.get_num_threads()} threads)")
-    uvicorn.run(app_, host=host, port=port, log_level="warning",
+    # loop and http "auto": uvloop and httptools (installed with lorakit) where they run, so
+    # the event loop holds the GIL for less of each request and the engine thread for more.
+    uvicorn.run(app_, host=host, port=port, log_level="warning", loop="auto", http="auto",
                 timeout_graceful_shutdown=max(int(round(shutdown_timeout)), 1))
 
 
