@@ -92,6 +92,11 @@ def test_a_bad_step_changes_no_parameter_moment_or_step_count():
     assert not torch.isfinite(norm)
     assert torch.equal(parameter.detach(), before[0])
     assert all(torch.equal(optimizer.state[parameter][k], v) for k, v in before[1].items())
+    version = parameter._version
+    parameter.grad = torch.randn(4, 3)
+    guard.step([parameter], 1.0, torch.tensor(1.0), 5)  # fused writes in place: the version moves all the same
+    assert parameter._version > version and not torch.equal(parameter.detach(), before[0])
+    before = parameter.detach().clone(), {k: v.clone() for k, v in optimizer.state[parameter].items()}
     parameter.grad = torch.randn(4, 3)
     guard.step([parameter], 1.0, torch.tensor(float("nan")), 2)  # a finite norm with a NaN loss: skipped too
     assert torch.equal(parameter.detach(), before[0])

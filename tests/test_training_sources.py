@@ -11,7 +11,7 @@ import pytest
 from lorakit.training.data import DataError, build_dataset, check_records, load_dataset, tokenize
 from lorakit.training.sources import Source, parse_columns
 
-from test_training_data import WORDS, ids, tokenizer  # noqa: F401  (the word-level tokenizer fixture)
+from test_training_data import tokenizer  # noqa: F401  (the word-level tokenizer fixture)
 
 CHAT = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi\nthere"},
         {"role": "assistant", "content": "hello"}]

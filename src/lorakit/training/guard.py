@@ -66,6 +66,9 @@ class Guard:
         else:
             self.optimizer.found_inf = bad.float()
             self.optimizer.step()
+            # The fused kernel writes the parameters through their pointers and leaves their
+            # version counters alone; caches keyed on them (DoRA's norm) must see the change.
+            torch.autograd.graph.increment_version(parameters)
             new = bad & (self.first == 0)
             self.first = torch.where(new, step + 1, self.first)
             self.values = torch.where(new, torch.stack([loss, grad_norm.double()]), self.values)
