@@ -386,24 +386,26 @@ def engine_breakdown(spec: str, root: Path, names: list[str], device: str, max_t
 
 
 def server(rounds: int, spec: str, device: str, bf16: bool, max_tokens: int = 32, logs: Path | None = None,
-           load_test: bool = True, eos: bool = False) -> None:
+           load_test: bool = True, eos: bool = False, compare_loop: bool = False) -> None:
     import httpx
 
     import lorakit
     from serving_helpers import free_port
 
-    variants = {"fp32": "fp32", **({"bf16": "bf16"} if bf16 else {})}
+    # label -> (dtype, event loop); "auto" is uvloop + httptools where installed
+    variants = {"fp32": ("fp32", "auto"), **({"bf16": ("bf16", "auto")} if bf16 else {}),
+                **({"fp32 asyncio": ("fp32", "asyncio")} if compare_loop else {})}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         names = random_adapters(lorakit.load_model(spec), root, [8] * 32)
         processes, urls = [], {}
-        for label, dtype in variants.items():
+        for label, (dtype, loop) in variants.items():
             port = free_port()
             log = logs / f"server-{label}.log" if logs else None
             output = open(log, "w") if log else subprocess.DEVNULL
             processes.append(subprocess.Popen(
                 [sys.executable, "-m", "lorakit", "serve", spec, "--adapters", str(root), "--port", str(port),
-                 "--max-adapters", "32", "--max-batch", "32", "--dtype", dtype, "--device", device],
+                 "--max-adapters", "32", "--max-batch", "32", "--dtype", dtype, "--device", device, "--loop", loop],
                 stdout=output, stderr=subprocess.STDOUT))
             urls[label] = f"http://127.0.0.1:{port}"
         try:
@@ -488,6 +490,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--server-log", type=Path, help="write each server's output to this directory")
     parser.add_argument("--skip-load-test", action="store_true")
+    parser.add_argument("--compare-loop", action="store_true",
+                        help="also serve fp32 on asyncio's own event loop and plain h11, beside uvloop + httptools")
     parser.add_argument("--eos", action="store_true",
                         help="answers end at the model's EOS (default: ignore_eos, every answer max-tokens long)")
     args = parser.parse_args()
@@ -498,7 +502,7 @@ def main() -> None:
         loading(args.rounds)
     if not args.skip_server:
         server(args.rounds, args.model, args.device, args.bf16, args.max_tokens, args.server_log,
-               not args.skip_load_test, args.eos)
+               not args.skip_load_test, args.eos, args.compare_loop)
 
 
 if __name__ == "__main__":

@@ -534,6 +534,8 @@ def serve(
         help="On SIGTERM/Ctrl-C: seconds in-flight requests may finish before they are cancelled.")] = 30.0,
     allow_runtime_lora: Annotated[bool, typer.Option(
         "--allow-runtime-lora", help="Enable /v1/load_lora_adapter and /v1/unload_lora_adapter.")] = False,
+    loop: Annotated[str, typer.Option(help="Event loop: auto (uvloop and httptools where installed, as they are "
+                                           "with lorakit) or asyncio (the standard library's, with h11).")] = "auto",
 ) -> None:
     """Serve the base model and its adapters over an OpenAI-compatible HTTP API.
 
@@ -551,6 +553,8 @@ def serve(
     with user_errors():
         if threads is not None and threads < 1:
             raise ValueError(f"--threads must be >= 1, got {threads}")
+        if loop not in ("auto", "asyncio"):
+            raise ValueError(f"--loop must be auto or asyncio, got {loop!r}")
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         torch.set_num_threads(threads or cores)
         if dtype not in DTYPES:
@@ -570,9 +574,9 @@ def serve(
     sources = ", ".join([*([adapters] if adapters else []), *named_adapters(adapter)]) or "(none)"
     console.print(f"serving {base_name} and adapters from {sources} on http://{host}:{port} "
                   f"({device}, {quantize or dtype}, {torch.get_num_threads()} threads)")
-    # loop and http "auto": uvloop and httptools (installed with lorakit) where they run, so
-    # the event loop holds the GIL for less of each request and the engine thread for more.
-    uvicorn.run(app_, host=host, port=port, log_level="warning", loop="auto", http="auto",
+    # uvloop and httptools (installed with lorakit) where they run: the event loop holds the
+    # GIL for less of each request, and the engine thread for more.
+    uvicorn.run(app_, host=host, port=port, log_level="warning", loop=loop, http="auto" if loop == "auto" else "h11",
                 timeout_graceful_shutdown=max(int(round(shutdown_timeout)), 1))
 
 
