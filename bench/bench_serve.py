@@ -392,9 +392,9 @@ def server(rounds: int, spec: str, device: str, bf16: bool, max_tokens: int = 32
     import lorakit
     from serving_helpers import free_port
 
-    # label -> (dtype, event loop); "auto" is uvloop + httptools where installed
-    variants = {"fp32": ("fp32", "auto"), **({"bf16": ("bf16", "auto")} if bf16 else {}),
-                **({"fp32 asyncio": ("fp32", "asyncio")} if compare_loop else {})}
+    # label -> (dtype, event loop)
+    variants = {"fp32": ("fp32", "asyncio"), **({"bf16": ("bf16", "asyncio")} if bf16 else {}),
+                **({"fp32 uvloop": ("fp32", "uvloop")} if compare_loop else {})}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         names = random_adapters(lorakit.load_model(spec), root, [8] * 32)
@@ -491,7 +491,7 @@ def main() -> None:
     parser.add_argument("--server-log", type=Path, help="write each server's output to this directory")
     parser.add_argument("--skip-load-test", action="store_true")
     parser.add_argument("--compare-loop", action="store_true",
-                        help="also serve fp32 on asyncio's own event loop and plain h11, beside uvloop + httptools")
+                        help="also serve fp32 on uvloop + httptools (pip install uvloop httptools), beside asyncio + h11")
     parser.add_argument("--eos", action="store_true",
                         help="answers end at the model's EOS (default: ignore_eos, every answer max-tokens long)")
     args = parser.parse_args()

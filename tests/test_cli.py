@@ -57,3 +57,14 @@ def test_inspect_errors_are_one_clear_line(args, message):
     assert result.exit_code == 2
     assert message in " ".join(result.output.split())
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("loop, message", [("bogus", "--loop must be asyncio or uvloop"),
+                                           ("uvloop", "needs the packages uvloop and httptools")])
+def test_serve_refuses_an_event_loop_it_cannot_run_before_loading(loop, message):
+    import importlib.util
+
+    if loop == "uvloop" and importlib.util.find_spec("uvloop") and importlib.util.find_spec("httptools"):
+        pytest.skip("uvloop and httptools are installed here")
+    result = runner.invoke(app, ["serve", "no-such-model", "--loop", loop])
+    assert result.exit_code == 2 and message in result.output

@@ -534,13 +534,14 @@ def serve(
         help="On SIGTERM/Ctrl-C: seconds in-flight requests may finish before they are cancelled.")] = 30.0,
     allow_runtime_lora: Annotated[bool, typer.Option(
         "--allow-runtime-lora", help="Enable /v1/load_lora_adapter and /v1/unload_lora_adapter.")] = False,
-    loop: Annotated[str, typer.Option(help="Event loop: auto (uvloop and httptools where installed, as they are "
-                                           "with lorakit) or asyncio (the standard library's, with h11).")] = "auto",
+    loop: Annotated[str, typer.Option(help="Event loop and HTTP parser: asyncio (the standard library's, with h11) "
+                                           "or uvloop (with httptools; pip install uvloop httptools).")] = "asyncio",
 ) -> None:
     """Serve the base model and its adapters over an OpenAI-compatible HTTP API.
 
     Example: lorakit serve smollm2-135m --adapters runs/adapters --port 8000
     """
+    import importlib.util
     import os
     from pathlib import Path
 
@@ -553,8 +554,10 @@ def serve(
     with user_errors():
         if threads is not None and threads < 1:
             raise ValueError(f"--threads must be >= 1, got {threads}")
-        if loop not in ("auto", "asyncio"):
-            raise ValueError(f"--loop must be auto or asyncio, got {loop!r}")
+        if loop not in ("asyncio", "uvloop"):
+            raise ValueError(f"--loop must be asyncio or uvloop, got {loop!r}")
+        if loop == "uvloop" and not all(importlib.util.find_spec(m) for m in ("uvloop", "httptools")):
+            raise ValueError("--loop uvloop needs the packages uvloop and httptools: pip install uvloop httptools")
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         torch.set_num_threads(threads or cores)
         if dtype not in DTYPES:
@@ -574,9 +577,9 @@ def serve(
     sources = ", ".join([*([adapters] if adapters else []), *named_adapters(adapter)]) or "(none)"
     console.print(f"serving {base_name} and adapters from {sources} on http://{host}:{port} "
                   f"({device}, {quantize or dtype}, {torch.get_num_threads()} threads)")
-    # uvloop and httptools (installed with lorakit) where they run: the event loop holds the
-    # GIL for less of each request, and the engine thread for more.
-    uvicorn.run(app_, host=host, port=port, log_level="warning", loop=loop, http="auto" if loop == "auto" else "h11",
+    # asyncio by default: on a CPU, uvloop + httptools measured no faster (bench_serve --compare-loop).
+    uvicorn.run(app_, host=host, port=port, log_level="warning", loop=loop,
+                http="httptools" if loop == "uvloop" else "h11",
                 timeout_graceful_shutdown=max(int(round(shutdown_timeout)), 1))
 
 
