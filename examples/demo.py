@@ -17,6 +17,7 @@ import torch
 
 import lorakit
 from lorakit.pretrained import save_merged
+from lorakit.quiet import no_progress_bars
 
 MODEL = "smollm2-135m"
 QUESTION = "Kan du prata svenska?"  # "Can you speak Swedish?"; not a line of the corpus
@@ -60,7 +61,8 @@ def main() -> None:
         merged_dir = save_merged(MODEL, result.adapter, Path(tmp) / "merged")
         from transformers import AutoModelForCausalLM
 
-        merged = AutoModelForCausalLM.from_pretrained(merged_dir, local_files_only=True)
+        with no_progress_bars():  # transformers' own loader, to show the merged model needs no lorakit
+            merged = AutoModelForCausalLM.from_pretrained(merged_dir, local_files_only=True)
         ids = tokenizer(QUESTION, return_tensors="pt")["input_ids"]
         with torch.no_grad():
             difference = (merged(ids).logits - trained(ids).logits).abs().max().item()

@@ -110,6 +110,9 @@ def main() -> None:
     parser.add_argument("--base-steps", type=int, default=1500)
     parser.add_argument("--lora-steps", type=int, default=300)
     args = parser.parse_args()
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
     out = Path(args.out)
     base_data, sevens = write_digits(out)
     base = out / "base"
