@@ -17,6 +17,7 @@ from lorakit.pipelines import convert
 from conftest import assert_unchanged, randomize_adapters, snapshot, tiny_llama
 from image_models import tiny_pipeline
 from test_formats_kohya import hand_made_file, models_of
+from test_pipelines import pipeline_dir  # noqa: F401  (a tiny pipeline folder, once per module)
 
 runner = CliRunner()
 
@@ -60,13 +61,6 @@ def test_combine_refuses_a_nan_adapter_and_writes_nothing(peft_adapter, tmp_path
     result = runner.invoke(app, ["combine", str(good), str(peft_adapter), "--out", str(tmp_path / "sum")])
     assert result.exit_code == 2 and "has NaN or infinite values" in result.output
     assert not (tmp_path / "sum").exists()
-
-
-@pytest.fixture(scope="module")
-def pipeline_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("pipeline")
-    tiny_pipeline(directory / "tokenizer-source").save_pretrained(directory / "sd")
-    return directory / "sd"
 
 
 def test_a_kohya_file_with_a_nan_lora_up_neither_loads_nor_converts(pipeline_dir, tmp_path):

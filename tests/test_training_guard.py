@@ -19,6 +19,8 @@ from lorakit.training.guard import Diverged, Guard, adamw
 from lorakit.training.loop import prepare_data
 from lorakit.training.monitor import read_metrics
 
+from test_training_loop import nan_at_forward
+
 SETTINGS = dict(rank=2, alpha=4, lr=3e-3, max_steps=8, batch_size=4, micro_batch_size=2, log_every=4, save_every=4,
                 eval_fraction=0)
 
@@ -60,13 +62,7 @@ def test_a_nan_between_checks_stops_the_run_at_the_next_check_with_the_last_good
     config = TrainConfig(model=str(tiny_lm_dir), out=str(tmp_path / "nan"), **SETTINGS)
     train_set, eval_set = prepare_data(config, lorakit.load_tokenizer(config.model))
     model = lorakit.load_model(config.model)
-    calls = {"n": 0}
-
-    def poison(module, args, output):  # step 5's first micro-batch returns NaN (two forwards a step)
-        calls["n"] += 1
-        return output * float("nan") if calls["n"] == 9 else output
-
-    model.model.norm.register_forward_hook(poison)
+    calls = nan_at_forward(model, 9)  # step 5's first micro-batch (two forward passes a step)
     with pytest.raises(TrainingError, match=r"diverged at step 5: loss nan.*last good checkpoint is .*step-000004"):
         fit(model, train_set, eval_set, config)
     out = tmp_path / "nan"

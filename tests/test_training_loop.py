@@ -121,17 +121,23 @@ def test_bf16_autocast_trains_float32_adapters(tiny_lm_dir, tmp_path):
     assert math.isfinite(result.eval_loss_after)
 
 
+def nan_at_forward(model, n: int) -> dict[str, int]:
+    """Make the model's ``n``-th forward pass return NaN; the returned dict counts the passes."""
+    calls = {"n": 0}
+
+    def poison(module, args, output):
+        calls["n"] += 1
+        return output * float("nan") if calls["n"] == n else output
+
+    model.model.norm.register_forward_hook(poison)
+    return calls
+
+
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_lm_dir, tmp_path):
     config = TrainConfig(model=str(tiny_lm_dir), out=str(tmp_path / "nan"), **{**BASE, "save_every": 2})
     train_set, eval_set = prepare_data(config, lorakit.load_tokenizer(config.model))
     model = lorakit.load_model(config.model)
-    calls = {"n": 0}
-
-    def poison(module, args, output):  # the 5th forward pass (step 5) returns NaN
-        calls["n"] += 1
-        return output * float("nan") if calls["n"] == 5 else output
-
-    model.model.norm.register_forward_hook(poison)
+    nan_at_forward(model, 5)  # the 5th forward pass is step 5's
     with pytest.raises(TrainingError, match=r"diverged at step 5: loss nan.*last good checkpoint is .*step-000004"):
         fit(model, train_set, None, config)
     out = tmp_path / "nan"
