@@ -60,3 +60,11 @@ def test_rank_and_alpha_patterns_take_first_matching_key():
 def test_lists_are_stored_as_tuples():
     config = LoraConfig(rank=4, alpha=8, targets=["q_proj"], layers=[0, 1])
     assert config.targets == ("q_proj",) and config.layers == (0, 1)
+
+
+def test_a_training_run_takes_every_init_a_lora_config_takes():
+    from lorakit.training import TrainConfig
+
+    assert TrainConfig(init="pissa_niter_4").lora().init == "pissa_niter_4"
+    with pytest.raises(ConfigError, match="init must be one of"):
+        TrainConfig(init="pissa_niter_0")

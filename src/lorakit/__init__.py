@@ -22,7 +22,16 @@ from .files import (AdapterFileError, export_adapter, import_adapter, load_adapt
 from .layers import LoraAdapter, LoraLayer
 from .merge import MergeError, detach, merge, unmerge
 from .pretrained import load_model, load_tokenizer
-from .training import TrainConfig, TrainingError, train
+
+
+def __getattr__(name: str):
+    """The trainer loads on first use: ``import lorakit`` brings in no training code."""
+    if name in ("TrainConfig", "TrainingError", "train"):
+        from . import training
+
+        return getattr(training, name)
+    raise AttributeError(f"module 'lorakit' has no attribute {name!r}")
+
 
 __version__ = "0.1.0"
 

@@ -41,6 +41,11 @@ class ConfigError(ValueError):
     """A LoraConfig value is out of range or of the wrong kind."""
 
 
+
+def known_init(init: str) -> bool:
+    """One of INITS, or pissa_niter_K."""
+    return init in INITS or PISSA_NITER.fullmatch(init) is not None
+
 @dataclass(frozen=True)
 class LoraConfig:
     """What to adapt and how.
@@ -101,8 +106,8 @@ class LoraConfig:
         _check_alpha("alpha", self.alpha)
         if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if self.init not in INITS and not PISSA_NITER.fullmatch(self.init):
-            raise ConfigError(f"init must be one of {INITS}, got {self.init!r}")
+        if not known_init(self.init):
+            raise ConfigError(f"init must be one of {INITS} or pissa_niter_K, got {self.init!r}")
         if self.variant not in VARIANTS:
             raise ConfigError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
         if self.variant == "dora" and self.init not in ("default", "gaussian"):

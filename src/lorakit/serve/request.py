@@ -21,7 +21,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-BASE = -1  # the slot id of a row that uses no adapter (as in slots.py)
+from .slots import BASE
+
 MAX_LOGPROBS = 20  # top alternatives per token, as OpenAI allows
 
 
