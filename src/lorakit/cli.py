@@ -37,11 +37,13 @@ ADAPTER_HELP = "NAME=SOURCE (or SOURCE): a PEFT adapter directory or Hub id (org
 
 
 def named_adapters(items: list[str] | None) -> dict[str, str]:
-    """``NAME=SOURCE`` items by name; a bare SOURCE is named after its last path part."""
+    """``NAME=SOURCE`` items by name; a bare SOURCE is named after its directory or repository."""
+    from .hub import short_name
+
     named = {}
     for item in items or []:
         name, _, source = item.rpartition("=")
-        named[name or source.split("@")[0].rstrip("/").rsplit("/", 1)[-1]] = source
+        named[name or short_name(source)] = source
     return named
 
 
@@ -567,14 +569,16 @@ def serve(
             device = "cuda" if torch.cuda.is_available() else "cpu"
         engine = build_engine(model, adapters, max_adapters, max_bytes, max_batch, getattr(torch, DTYPES[dtype]),
                               device, quantize)
-        for adapter_name, source in named_adapters(adapter).items():
+        named = named_adapters(adapter)
+        for adapter_name, source in named.items():
             engine.store.add_directory(adapter_name, source)
     from .hub import parse as hub_id
 
     # a Hub id is the model's name, as vLLM serves it; a directory is named after itself
-    base_name = name or (hub_id(model).repo if hub_id(model) else Path(model.rstrip("/")).name)
+    base_id = hub_id(model)
+    base_name = name or (base_id.repo if base_id else Path(model.rstrip("/")).name)
     app_ = create_app(engine, base_name, Limits(max_prompt_tokens, max_tokens, max_queue), allow_runtime_lora)
-    sources = ", ".join([*([adapters] if adapters else []), *named_adapters(adapter)]) or "(none)"
+    sources = ", ".join([*([adapters] if adapters else []), *named]) or "(none)"
     console.print(f"serving {base_name} and adapters from {sources} on http://{host}:{port} "
                   f"({device}, {quantize or dtype}, {torch.get_num_threads()} threads)")
     # asyncio by default: on a CPU, uvloop + httptools measured no faster (bench_serve --compare-loop).

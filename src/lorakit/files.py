@@ -229,11 +229,11 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str | Non
     model already has a "default". Every key, shape and dtype is checked against the
     model first; on any error the model is left exactly as it was.
     """
-    spelled, directory = str(directory), locate(directory)
+    spelled, directory = directory, locate(directory)
     config = read_config(directory)
     tensors = base_copies(model, read_tensors(directory), directory / WEIGHTS_NAME)
     if name is None:  # a Hub id is named after its repository, not its snapshot's hash
-        name = "default" if "default" not in adapters(model) else re.sub(r"\W", "_", Path(spelled.split("@")[0]).name)
+        name = "default" if "default" not in adapters(model) else re.sub(r"\W", "_", hub.short_name(spelled))
     return _install(model, config, tensors, directory, name)
 
 

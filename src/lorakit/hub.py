@@ -44,6 +44,13 @@ def parse(spec: str) -> HubId | None:
     return HubId(match["repo"], match["revision"])
 
 
+def short_name(spec: str | Path) -> str:
+    """What a source is called when nobody named it: a Hub id's repository name (no
+    organisation, no revision), or a path's last part."""
+    hub_id = parse(str(spec))
+    return hub_id.repo.rsplit("/", 1)[-1] if hub_id else Path(str(spec).rstrip("/")).name
+
+
 def split_revision(name: str | None) -> tuple[str | None, str | None]:
     """``org/name@rev`` -> (``org/name``, ``rev``), as an adapter file records its base
     (PEFT's ``base_model_name_or_path`` and ``revision``); anything else is left whole."""

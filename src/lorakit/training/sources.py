@@ -57,9 +57,11 @@ class Source:
         path = Path(self.spec)
         if not path.exists() and (path.suffix in (*TABLE_SUFFIXES, ".jsonl") or hub.parse(self.spec) is None):
             raise DataError(f"{self.spec}: no such file")
-        if path.is_file() and path.suffix not in TABLE_SUFFIXES:
-            yield from self._mapped(_jsonl(path))
-            return
+        yield from self._mapped(_jsonl(path) if path.is_file() and path.suffix not in TABLE_SUFFIXES
+                                else self._rows())
+
+    def _rows(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        """(``spec row N``, row) for every row of the table, read a batch of columns at a time."""
         table = self._table()
         if self.columns:
             missing = sorted({column for _, column in self.columns} - set(table.column_names))
@@ -70,7 +72,7 @@ class Source:
             names = list(batch)
             for offset, values in enumerate(zip(*(batch[name] for name in names))):
                 row = {name: _without_nulls(value) for name, value in zip(names, values) if value is not None}
-                yield from self._mapped([(f"{self.spec} row {start + offset}", row)])
+                yield f"{self.spec} row {start + offset}", row
 
     def _mapped(self, records) -> Iterator[tuple[str, dict[str, Any]]]:
         if not self.columns:
