@@ -9,7 +9,8 @@ from conftest import MODELS, randomize_adapters, token_batch
 from torch import nn
 
 import lorakit
-from lorakit.adapter import Adapter, LayerWeights, merged_state_dict
+from lorakit.adapter import Adapter, LayerWeights
+from lorakit.merge import merged_state_dict
 from lorakit.files import AdapterFileError, export_adapter, import_adapter, read_adapter, write_adapter
 
 

@@ -233,10 +233,21 @@ def test_each_adapter_computes_in_its_own_module_call(kind):
 
 
 def test_every_config_init_has_an_initializer():
+    """Each init draws its own start (a fresh plain adapter is zero-B; PiSSA/OLoRA are not)."""
     from lorakit.config import INITS
-    from lorakit.layers import INITIALIZERS
+    from lorakit.variants import PrincipalAdapter, adapter_class
 
-    assert set(INITIALIZERS) == set(INITS)
+    for init in INITS:
+        model, x = single("linear")
+        with torch.no_grad():
+            before = model(x)
+        lorakit.attach(model, lorakit.LoraConfig(rank=2, alpha=4, targets=["layer"], init=init))
+        adapter = model.layer.adapters["default"]
+        assert type(adapter) is adapter_class(lorakit.LoraConfig(rank=2, alpha=4, init=init))
+        assert (type(adapter) is PrincipalAdapter) == (init in ("pissa", "olora"))
+        assert bool(adapter.lora_B.abs().max() > 0) == (init in ("pissa", "olora"))
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])

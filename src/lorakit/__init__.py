@@ -14,13 +14,14 @@ from .attach import (
     set_active,
     trainable_parameters,
 )
-from .adapter import Adapter, LayerWeights, merged_state_dict
+from .adapter import Adapter, LayerWeights
 from .combine import CombineError, combine, compress
 from .config import ConfigError, LoraConfig
-from .files import (AdapterFileError, export_adapter, import_adapter, load_adapter, load_pipeline_adapter, read_adapter,
+from .files import (AdapterFileError, export_adapter, import_adapter, install, load_adapter, load_pipeline_adapter, read_adapter,
                     save_adapter, save_pipeline_adapter)
-from .layers import LoraAdapter, LoraLayer
-from .merge import MergeError, detach, merge, unmerge
+from .layers import LoraLayer
+from .merge import MergeError, detach, merge, merged_state_dict, unmerge
+from .variants import LoraAdapter
 from .pretrained import load_model, load_tokenizer
 
 
@@ -36,7 +37,7 @@ def __getattr__(name: str):
 __version__ = "0.1.0"
 
 __all__ = [
-    "Adapter", "CombineError", "LayerWeights", "combine", "compress", "export_adapter", "import_adapter",
+    "Adapter", "CombineError", "LayerWeights", "combine", "compress", "export_adapter", "import_adapter", "install",
     "merged_state_dict", "read_adapter",
     "AdapterFileError", "AttachError", "ConfigError", "LoraAdapter", "LoraConfig", "LoraLayer",
     "MergeError", "ParameterCount", "adapters", "attach", "delete_adapter", "detach", "disabled",

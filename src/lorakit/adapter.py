@@ -2,13 +2,10 @@
 
     ΔW = (alpha / r) · B A,  laid out like the module's ``weight``
 
-An ``Adapter`` is what an adapter *is*, apart from any model: files.py reads and
-writes it (files.py owns every PEFT key), ``export_adapter`` takes it out of a live
-model and ``import_adapter`` puts it back, serving fills its slots from it, and code
-that combines adapters works on it. It is immutable: operations return new values.
-
-``merged_state_dict`` merges one into a base state dict with no model at all (as
-torchtune's ``get_merged_lora_ckpt``): W + ΔW in float32, rounded once to W's dtype.
+An ``Adapter`` is what an adapter *is*, apart from any model: formats/ reads and writes
+it (each file format's keys stay there), ``export_adapter`` takes it out of a live model
+and ``install`` puts it back, serving fills its slots from it, and code that combines
+adapters works on it. It is immutable: operations return new values.
 """
 
 from __future__ import annotations
@@ -38,11 +35,18 @@ class LayerWeights:
     B: Tensor
     scaling: float
     layout: str = "linear"
-    magnitude: Tensor | None = None  # DoRA's, one per output unit (dora.py); None for plain LoRA
+    # a variant's tensors besides A and B, by file key suffix (DoRA's lora_magnitude_vector)
+    extras: Mapping[str, Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+        object.__setattr__(self, "extras", MappingProxyType(dict(self.extras)))
+
+    def cloned(self) -> LayerWeights:
+        """A copy that owns its tensors (later training does not change it)."""
+        return LayerWeights(self.A.clone(), self.B.clone(), self.scaling, self.layout,
+                            {name: t.clone() for name, t in self.extras.items()})
 
     @property
     def rank(self) -> int:
@@ -53,7 +57,8 @@ class LayerWeights:
         return 4 * (self.A.numel() + self.B.numel())
 
     def delta(self) -> Tensor:
-        """s·B·A in float32, laid out like the module's weight (for DoRA, the direction's update)."""
+        """s·B·A in float32, laid out like the module's weight (a variant may use it otherwise:
+        DoRA's is the update of the direction)."""
         A, B = self.A.float(), self.B.float()
         if self.layout == "conv2d":  # (out, r) x (r, in, kh, kw) -> (out, in, kh, kw)
             return torch.einsum("or,rikl->oikl", B.flatten(1), A) * self.scaling
@@ -89,42 +94,8 @@ class Adapter:
         return sum(layer.nbytes for layer in self.layers.values())
 
 
-def merged_state_dict(base: Mapping[str, Tensor], adapter: Adapter) -> dict[str, Tensor]:
-    """A new state dict: ``base`` with every ΔW of ``adapter`` added (float32, rounded once)
-    and its saved modules in place. ``base`` is not changed; every key and shape is checked
-    before anything is computed."""
-    problems = []
-    for path, layer in adapter.layers.items():
-        key = f"{path}.weight"
-        if key not in base:
-            problems.append(f"{path}: no {key!r} in the base state dict")
-            continue
-        shape = _delta_shape(layer)
-        if tuple(base[key].shape) != shape:
-            problems.append(f"{path}: weight {tuple(base[key].shape)}, the adapter's update is {shape}")
-    for key, tensor in adapter.saved.items():
-        if key in base and base[key].shape != tensor.shape:
-            problems.append(f"{key}: base {tuple(base[key].shape)}, saved module {tuple(tensor.shape)}")
-    if problems:
-        raise ValueError("the adapter does not fit the base state dict:\n  " + "\n  ".join(problems[:10]))
-    merged = dict(base)
-    for path, layer in adapter.layers.items():
-        weight = base[f"{path}.weight"]
-        merged[f"{path}.weight"] = merged_weight(weight.float(), layer).to(weight.dtype)
-    merged.update({key: tensor.detach().clone() for key, tensor in adapter.saved.items()})
-    return merged
-
-
-def merged_weight(weight: Tensor, layer: LayerWeights) -> Tensor:
-    """W (float32, any device) with ``layer`` merged in: W + ΔW, or DoRA's rescaled form."""
-    if layer.magnitude is not None:
-        from .dora import merged_direction
-
-        return merged_direction(weight, layer)[0]
-    return weight + layer.delta().to(weight.device)
-
-
-def _delta_shape(layer: LayerWeights) -> tuple[int, ...]:
+def delta_shape(layer: LayerWeights) -> tuple[int, ...]:
+    """The shape of the weight ``layer`` changes."""
     if layer.layout == "conv2d":
         return (layer.B.shape[0], *layer.A.shape[1:])
     out_features, in_features = layer.B.shape[0], layer.A.shape[1]

@@ -19,11 +19,8 @@ from torch import nn
 
 from .bnb import LoraBnbLinear, is_bnb_linear
 from .config import ALL_LINEAR, LoraConfig
-from .dora import DoraAdapter
-from .layers import LoraAdapter, LoraConv1D, LoraConv2d, LoraEmbedding, LoraLayer, LoraLinear
-
-# LoraConfig.variant -> the adapter module each layer gets.
-VARIANTS: dict[str, type[LoraAdapter]] = {"lora": LoraAdapter, "dora": DoraAdapter}
+from .layers import LoraConv1D, LoraConv2d, LoraEmbedding, LoraLayer, LoraLinear
+from .variants import LoraAdapter, adapter_class
 
 
 class AttachError(ValueError):
@@ -73,14 +70,14 @@ def attach(model: nn.Module, config: LoraConfig, name: str = "default") -> list[
     targets = find_targets(model, config)
     find_saved_modules(model, config)  # fails before any change if one is missing
     first = not active_adapters(model)
+    kind = adapter_class(config)
 
     for target in targets:
         layer = target.module
         if not isinstance(layer, LoraLayer):
             layer = target.layer_class(target.module)
             replace_module(model, target.path, layer)
-        layer.add_adapter(name, target.rank, target.alpha, config.dropout, config.use_rslora, config.init,
-                          VARIANTS[config.variant])
+        layer.add_adapter(name, kind, target.rank, target.alpha, config)
         if first:
             layer.active = [name]
     model.lorakit_configs = {**getattr(model, "lorakit_configs", {}), name: config}
@@ -101,6 +98,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[Target]:
     """The modules ``config`` selects, each checked; raises AttachError listing all problems."""
     linear_only = config.targets == ALL_LINEAR
     head = output_head(model) if linear_only else None
+    kind = adapter_class(config)
     inside_layer = tuple(path + "." for path, _ in lora_layers(model))
     targets: list[Target] = []
     problems: list[str] = []
@@ -108,7 +106,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[Target]:
         if not path or module is head or path.startswith(inside_layer) or not config.is_target(path):
             continue
         layer_class = layer_class_for(module)
-        if linear_only and not (layer_class and issubclass(layer_class, (LoraLinear, LoraConv1D))):
+        if linear_only and not (layer_class and issubclass(layer_class, LoraLinear)):
             continue
         if layer_class is None:
             problems.append(f"{path}: {type(module).__name__} is not supported "
@@ -118,14 +116,9 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[Target]:
         if isinstance(base, nn.Conv2d) and base.groups != 1:
             problems.append(f"{path}: Conv2d with groups={base.groups} is not supported (groups must be 1)")
             continue
-        factorable = issubclass(layer_class, (LoraLinear, LoraConv1D)) and not issubclass(layer_class, LoraBnbLinear)
-        if config.init not in ("default", "gaussian") and not factorable:
-            problems.append(f"{path}: init {config.init!r} needs a Linear or GPT-2 Conv1D weight to factor, "
-                            f"not {type(base).__name__}")
-            continue
-        if config.variant == "dora" and issubclass(layer_class, LoraBnbLinear):
-            problems.append(f"{path}: DoRA is not supported on {type(base).__name__} (Linear, GPT-2 Conv1D, "
-                            "Embedding and Conv2d take it)")
+        refused = kind.check_layer(layer_class, base)
+        if refused:
+            problems.append(f"{path}: {kind.describe(config)}: {refused}")
             continue
         rank, alpha = config.rank_for(path), config.alpha_for(path)
         in_features, out_features = layer_class.dims(base)
@@ -211,10 +204,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     for path, layer in lora_layers(model):
         if name not in layer.adapters:
             continue
-        layer.unmerge(name)
-        layer.give_back(name)
-        del layer.adapters[name]
-        layer.active = [n for n in layer.active if n != name]
+        layer.remove_adapter(name)
         if not layer.adapters:
             replace_module(model, path, layer.to_base())
     model.lorakit_configs = {k: v for k, v in model.lorakit_configs.items() if k != name}

@@ -14,10 +14,14 @@ bitsandbytes is never imported here: a model that holds these modules has import
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch import Tensor, nn
 
-from . import frozen
-from .layers import LoraAdapter, LoraLinear
+from .layers import LoraLinear
+
+if TYPE_CHECKING:
+    from .variants import LoraAdapter
 
 BNB_MODULES = ("Linear4bit", "Linear8bitLt")
 
@@ -29,6 +33,9 @@ def is_bnb_linear(module: nn.Module) -> bool:
 
 class LoraBnbLinear(LoraLinear):
     """A bitsandbytes linear layer with LoRA adapters; the module computes the base."""
+
+    factorable = False  # its weight is packed: nothing to factor
+    rescalable = False  # the module computes the whole base output, bias included
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__(base)

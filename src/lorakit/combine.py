@@ -36,6 +36,7 @@ from torch import Tensor
 from .adapter import Adapter, LayerWeights, as_product
 from .config import config_for_layers
 from .files import read_adapter
+from .variants import adapter_class
 
 AdapterLike = Adapter | str | os.PathLike
 
@@ -76,7 +77,7 @@ def combine(adapters: Sequence[AdapterLike], weights: Sequence[float] | None = N
     for i, adapter in enumerate(adapters):
         if adapter.saved:
             raise CombineError(f"adapter {i}: modules_to_save cannot be combined")
-        if adapter.config.variant != "lora":
+        if not adapter_class(adapter.config).combinable:
             raise CombineError(f"adapter {i} is a {adapter.config.variant.upper()} adapter: its change of W is not a "
                                "sum of low-rank terms; merge it into the base (lorakit merge) instead")
     stacked = _stack(adapters, weights)
@@ -101,7 +102,7 @@ def compress(adapter: AdapterLike, rank: int | None = None, energy: float | None
     adapter = as_adapter(adapter)
     if adapter.saved:
         raise CombineError("modules_to_save cannot be compressed")
-    if adapter.config.variant != "lora":
+    if not adapter_class(adapter.config).combinable:
         raise CombineError(f"a {adapter.config.variant.upper()} adapter cannot be compressed (its magnitude is "
                            "tied to its direction)")
     return _combination({path: _truncate(layer, rank, energy) for path, layer in _stack([adapter], [1.0]).items()})

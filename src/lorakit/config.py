@@ -14,6 +14,7 @@ same module set in both libraries:
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from collections.abc import Mapping
@@ -22,7 +23,8 @@ from dataclasses import dataclass, field
 ALL_LINEAR = "all-linear"
 INITS = ("default", "gaussian", "pissa", "olora")  # and pissa_niter_K:
 PISSA_NITER = re.compile(r"pissa_niter_([1-9]\d*)")  # PiSSA by a randomized SVD of K iterations
-VARIANTS = ("lora", "dora")
+# LoraConfig.variant -> how messages name it; variants/ registers a class under each name
+VARIANTS = {"lora": "LoRA", "dora": "DoRA"}
 
 # Named target sets for image models. "attention" is what diffusers' DreamBooth-LoRA
 # scripts train: a UNet's or DiT's attention projections (to_q/k/v, to_out.0, and the
@@ -45,6 +47,11 @@ class ConfigError(ValueError):
 def known_init(init: str) -> bool:
     """One of INITS, or pissa_niter_K."""
     return init in INITS or PISSA_NITER.fullmatch(init) is not None
+
+
+def lora_scaling(alpha: float, rank: int, use_rslora: bool) -> float:
+    """alpha / r, or alpha / sqrt(r) with rsLoRA (Kalajdzievski, 2023, arXiv:2312.03732)."""
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 @dataclass(frozen=True)
 class LoraConfig:
@@ -109,10 +116,10 @@ class LoraConfig:
         if not known_init(self.init):
             raise ConfigError(f"init must be one of {INITS} or pissa_niter_K, got {self.init!r}")
         if self.variant not in VARIANTS:
-            raise ConfigError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
-        if self.variant == "dora" and self.init not in ("default", "gaussian"):
-            raise ConfigError(f"init {self.init!r} with DoRA is not supported (PiSSA/OLoRA move W into the "
-                              "adapter; DoRA rescales W)")
+            raise ConfigError(f"variant must be one of {tuple(VARIANTS)}, got {self.variant!r}")
+        if self.variant != "lora" and self.init not in ("default", "gaussian"):  # PiSSA/OLoRA are LoRA inits
+            raise ConfigError(f"init {self.init!r} with {VARIANTS[self.variant]} is not supported (PiSSA/OLoRA "
+                              "move W into the adapter; the variant computes from W)")
         if isinstance(self.targets, str):
             if self.targets != ALL_LINEAR:
                 _check_regex("targets", self.targets)
@@ -144,6 +151,12 @@ class LoraConfig:
     def saves(self, path: str) -> bool:
         """Whether ``path`` is one of ``modules_to_save``."""
         return any(path == m or path.endswith("." + m) for m in self.modules_to_save)
+
+    def scaling(self, alpha: float, rank: int) -> float:
+        return lora_scaling(alpha, rank, self.use_rslora)
+
+    def scaling_for(self, path: str) -> float:
+        return self.scaling(self.alpha_for(path), self.rank_for(path))
 
     def rank_for(self, path: str) -> int:
         return _pattern_value(self.rank_pattern, path, self.rank)

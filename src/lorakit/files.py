@@ -1,22 +1,23 @@
 """Adapter directories: read, written and loaded safely, in PEFT's format.
 
-In memory an adapter is a value (adapter.py's ``Adapter``): ``read_adapter`` and
-``write_adapter`` move it from and to a directory, ``export_adapter`` and
-``import_adapter`` from and to a live model. The key names of each file format live
-in ``formats/`` (PEFT's in formats/peft.py); this module holds what every format
-shares: loading reads and checks every key, shape and dtype before the model is
-touched, and never unpickles; saving writes a temporary directory and renames it
-into place.
+In memory an adapter is a value (adapter.py's ``Adapter``), the one currency between
+files and models: ``read_adapter`` and ``write_adapter`` move it from and to a
+directory, ``export_adapter`` takes it out of a live model and ``install`` puts it in,
+after one check of every module, shape and dtype against the model (a failed install
+leaves the model as it was). ``load_adapter`` is ``read_adapter`` + ``install``. The key
+names of each file format stay in ``formats/`` (PEFT's in formats/peft.py). Files are
+never unpickled; saving writes a temporary directory and renames it into place.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 import secrets
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,60 +29,132 @@ from . import hub
 from .adapter import Adapter, LayerWeights
 from .attach import (AttachError, adapters, attach, check_new_name, delete_adapter, find_saved_modules,
                      find_targets, known_adapters, lora_layers)
-from .config import LoraConfig
-from .dora import magnitude_shape
+from .config import LoraConfig, config_for_layers
 from .formats import AdapterFileError, is_flattened_text_model, read_safetensors
 from .formats.peft import (BASE_COPY, CONFIG_NAME, PICKLED_NAMES, PREFIX, WEIGHTS_NAME, config_from_peft,
-                           config_to_peft, from_tensors, magnitude_key, peft_keys, saved_module_keys, to_tensors)
+                           config_to_peft, from_tensors, tensor_key, to_tensors)
 from .layers import LoraLayer
-from .principal import moved, relative_to_original
+from .variants import adapter_class
 
-__all__ = ["AdapterFileError", "CONFIG_NAME", "WEIGHTS_NAME", "export_adapter", "import_adapter", "read_adapter",
+KeyNamer = Callable[[str, str, str], str]  # (module path, tensor name, layout) -> what messages call it
+__all__ = ["AdapterFileError", "CONFIG_NAME", "WEIGHTS_NAME", "export_adapter", "import_adapter", "install", "read_adapter",
            "write_adapter", "save_adapter", "load_adapter", "restore_adapter", "write_directory", "import_adapters",
            "save_pipeline_adapter", "read_pipeline_adapter", "load_pipeline_adapter"]
 
 
 # -- the adapter value <-> a live model -------------------------------------------
-def export_adapter(model: nn.Module, name: str = "default") -> Adapter:
-    """Adapter ``name`` of ``model`` as a value (copies: later training does not change it)."""
+def export_adapter(model: nn.Module, name: str = "default", portable: bool = False) -> Adapter:
+    """Adapter ``name`` of ``model`` as a value (copies: later training does not change it).
+    ``portable``: as other tools load it, on the unchanged base (each adapter's ``exported``:
+    a PiSSA/OLoRA adapter becomes plain LoRA of twice its rank, and the config follows)."""
     known_adapters(model, name)
     config: LoraConfig = model.lorakit_configs[name]
     layers = {}
     for path, layer in lora_layers(model):
         if name in layer.adapters:
-            w = layer.weights(name)
-            layers[path] = LayerWeights(w.A.clone(), w.B.clone(), w.scaling, w.layout,
-                                        None if w.magnitude is None else w.magnitude.clone())
-    saved = {key.removeprefix(PREFIX): p.detach().clone()
-             for path, module in find_saved_modules(model, config).items()
-             for key, p in saved_module_keys(path, module).items()}
+            adapter = layer.adapters[name]
+            layers[path] = (adapter.exported(layer) if portable else adapter.value(layer)).cloned()
+    saved = {f"{path}.{key}": p.detach().clone()
+             for path, module in find_saved_modules(model, config).items() for key, p in module.named_parameters()}
+    if portable and any(v.rank != config.rank_for(p) or v.scaling != config.scaling_for(p) for p, v in layers.items()):
+        refit = config_for_layers({p: v.rank for p, v in layers.items()},
+                                  {p: v.scaling * v.rank for p, v in layers.items()})
+        config = dataclasses.replace(refit, modules_to_save=config.modules_to_save)
+    return Adapter(config, layers, saved, *described(model))
+
+
+def described(model: nn.Module) -> tuple[str | None, str | None]:
+    """What an adapter file says of the model it was trained on: its name (or Hub id) and task."""
     model_config = getattr(model, "config", None)
-    return Adapter(config, layers, saved, base_model=getattr(model_config, "name_or_path", None) or None,
-                   task_type="CAUSAL_LM" if type(model).__name__.endswith("ForCausalLM") else None)
+    return (getattr(model_config, "name_or_path", None) or None,
+            "CAUSAL_LM" if type(model).__name__.endswith("ForCausalLM") else None)
+
+
+def install(model: nn.Module, adapter: Adapter, name: str = "default", source: str | Path = "adapter value",
+            keys: KeyNamer | None = None) -> str:
+    """Add ``adapter`` to ``model`` as ``name``: every module it holds matched to a target of
+    its config by path and shape, and all of it checked, before anything changes.
+    ``keys``: how messages name a tensor (a file format's key)."""
+    check_fits(model, adapter, name, source, keys)
+    attach(model, adapter.config, name)
+    try:
+        _copy_in(model, adapter, name)
+    except Exception:
+        delete_adapter(model, name)
+        raise
+    return name
 
 
 def import_adapter(model: nn.Module, adapter: Adapter, name: str = "default") -> str:
-    """Add ``adapter`` to ``model`` as ``name``; checked first, as ``load_adapter`` checks a file."""
-    return _install(model, adapter.config, to_tensors(adapter), "adapter value", name)
+    """``install`` (the name by which lorakit 0.x code knows it)."""
+    return install(model, adapter, name)
+
+
+def _plain_names(path: str, name: str, layout: str) -> str:
+    return f"{path}.{name}"
+
+
+def check_fits(model: nn.Module, adapter: Adapter, name: str | None, source: str | Path,
+               keys: KeyNamer | None = None) -> None:
+    """Raise AdapterFileError listing every way ``adapter`` does not fit ``model`` (``name``:
+    the new adapter's name, checked to be free; None to overwrite an existing one)."""
+    keys = keys or _plain_names
+    if name is not None:
+        check_new_name(model, name)
+    try:
+        targets = find_targets(model, adapter.config)
+        saved_modules = find_saved_modules(model, adapter.config)
+    except AttachError as err:
+        raise AdapterFileError(f"{source}: does not fit this model: {err}") from None
+    kind = adapter_class(adapter.config)
+    problems = []
+    for target in targets:
+        base = target.module.base_module if isinstance(target.module, LoraLayer) else target.module
+        value, layout = adapter.layers.get(target.path), target.layer_class.layout
+        shapes = dict(zip(("lora_A", "lora_B"), target.layer_class.shapes(base, target.rank)))
+        shapes.update(kind.extra_shapes(target.layer_class, base))
+        if value is None:
+            problems.append(f"{target.path}: missing key {keys(target.path, 'lora_A', layout)}")
+            continue
+        tensors = {"lora_A": value.A, "lora_B": value.B, **value.extras}
+        problems += [_tensor_problem(target.path, keys(target.path, n, layout), tensors.get(n), shape)
+                     for n, shape in shapes.items()]
+        problems += [f"{target.path}: unexpected tensor {n}" for n in tensors if n not in shapes]
+    found = {t.path for t in targets}
+    problems += [f"unexpected key {keys(path, 'lora_A', value.layout)} (no such target in this model)"
+                 for path, value in adapter.layers.items() if path not in found]
+    expected = {f"{path}.{key}": (path, p) for path, m in saved_modules.items() for key, p in m.named_parameters()}
+    problems += [_tensor_problem(path, f"{PREFIX}{key}", adapter.saved.get(key), tuple(p.shape))
+                 for key, (path, p) in expected.items()]
+    problems += [f"unexpected key {PREFIX}{key} (no such module to save)" for key in adapter.saved if key not in expected]
+    problems = [p for p in problems if p]
+    if problems:
+        shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
+        raise AdapterFileError(f"{source}: does not fit this model:\n  " + "\n  ".join(shown))
+
+
+def _tensor_problem(path: str, key: str, tensor: Tensor | None, shape: tuple[int, ...]) -> str | None:
+    if tensor is None:
+        return f"{path}: missing key {key}"
+    if not tensor.is_floating_point():
+        return f"{path}: {key} has dtype {tensor.dtype}, expected a floating-point tensor"
+    if tuple(tensor.shape) != tuple(shape):
+        return f"{path}: {key} has shape {tuple(tensor.shape)}, expected {tuple(shape)}"
+    return None
+
+
+def _copy_in(model: nn.Module, adapter: Adapter, name: str) -> None:
+    """Copy ``adapter``'s tensors into the model's adapter ``name`` (shapes checked before)."""
+    with torch.no_grad():
+        for path, layer in lora_layers(model):
+            if name in layer.adapters:
+                layer.adapters[name].load(adapter.layers[path])
+        for path, module in find_saved_modules(model, adapter.config).items():
+            for key, param in module.named_parameters():
+                param.copy_(adapter.saved[f"{path}.{key}"])
 
 
 # -- save ----------------------------------------------------------------------------
-def adapter_tensors(model: nn.Module, name: str) -> dict[str, Tensor]:
-    """File key -> live parameter of adapter ``name`` (for restoring a checkpoint in place)."""
-    known_adapters(model, name)
-    tensors: dict[str, Tensor] = {}
-    for path, layer in lora_layers(model):
-        if name in layer.adapters:
-            key_a, key_b = peft_keys(path, layer.layout)
-            tensors[key_a] = layer.adapters[name].lora_A
-            tensors[key_b] = layer.adapters[name].lora_B
-            if hasattr(layer.adapters[name], "lora_magnitude_vector"):
-                tensors[magnitude_key(path)] = layer.adapters[name].lora_magnitude_vector
-    for path, module in find_saved_modules(model, model.lorakit_configs[name]).items():
-        tensors.update(saved_module_keys(path, module))
-    return tensors
-
-
 def adapter_bytes(adapter: Adapter) -> dict[str, bytes]:
     """The two files of ``adapter`` in PEFT's format, as bytes."""
     # Own, contiguous CPU copies: safetensors refuses tensors that share memory (tied weights).
@@ -93,7 +166,7 @@ def adapter_bytes(adapter: Adapter) -> dict[str, bytes]:
 
 
 def adapter_files(model: nn.Module, name: str = "default") -> dict[str, bytes]:
-    """The two files of adapter ``name`` of ``model`` in PEFT's format, as bytes."""
+    """The two files of adapter ``name`` of ``model`` as it is (a checkpoint), as bytes."""
     return adapter_bytes(export_adapter(model, name))
 
 
@@ -108,16 +181,12 @@ def save_adapter(model: nn.Module | Adapter, directory: str | os.PathLike, name:
     ``directory`` in PEFT's format, atomically; return the path.
 
     A PiSSA/OLoRA adapter is written as an ordinary LoRA adapter of twice its rank relative
-    to the original base weights (principal.py), unless ``residual``: then as it is, relative
-    to the base it changed (lorakit reproduces that base by running the same init again)."""
+    to the original base weights (variants/principal.py), unless ``residual``: then as it
+    is, relative to the base it changed (lorakit reproduces that base by running the same
+    init again)."""
     if isinstance(model, Adapter):
         return write_adapter(model, directory)
-    adapter = export_adapter(model, name)
-    moved_parts = {path: moved(layer, layer.adapters[name]) for path, layer in lora_layers(model)
-                   if name in layer.adapters and layer.adapters[name].moved_A is not None}
-    if moved_parts and not residual:
-        adapter = relative_to_original(adapter, moved_parts)
-    return write_adapter(adapter, directory)
+    return write_adapter(export_adapter(model, name, portable=not residual), directory)
 
 
 def write_directory(directory: str | os.PathLike, files: dict[str, bytes]) -> Path:
@@ -209,11 +278,14 @@ def read_adapter(directory: str | os.PathLike) -> Adapter:
     """The adapter in ``directory`` as a value, without a model (formats/peft.py parses and
     checks every key)."""
     data, config_source = _read_json(directory)
-    config = config_from_peft(data, config_source)
-    directory = config_source.parent
-    return from_tensors(config, read_tensors(directory), directory / WEIGHTS_NAME,
-                        fan_in_fan_out=bool(data.get("fan_in_fan_out")),
-                        base_model=_base_model(data), task_type=data.get("task_type"))
+    return _parsed(data, config_from_peft(data, config_source), read_tensors(config_source.parent),
+                   config_source.parent)
+
+
+def _parsed(data: dict[str, Any], config: LoraConfig, tensors: dict[str, Tensor], directory: Path,
+            targets: list[str] | None = None) -> Adapter:
+    return from_tensors(config, tensors, directory / WEIGHTS_NAME, fan_in_fan_out=bool(data.get("fan_in_fan_out")),
+                        base_model=_base_model(data), task_type=data.get("task_type"), targets=targets)
 
 
 def _base_model(data: dict[str, Any]) -> str | None:
@@ -230,11 +302,20 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str | Non
     model first; on any error the model is left exactly as it was.
     """
     spelled, directory = directory, locate(directory)
-    config = read_config(directory)
+    data, config_source = _read_json(directory)
+    config = config_from_peft(data, config_source)
     tensors = base_copies(model, read_tensors(directory), directory / WEIGHTS_NAME)
+    adapter = _parsed(data, config, tensors, directory, _target_paths(model, config, directory))
     if name is None:  # a Hub id is named after its repository, not its snapshot's hash
         name = "default" if "default" not in adapters(model) else re.sub(r"\W", "_", hub.short_name(spelled))
-    return _install(model, config, tensors, directory, name)
+    return install(model, adapter, name, directory / WEIGHTS_NAME, tensor_key)
+
+
+def _target_paths(model: nn.Module, config: LoraConfig, source: Path) -> list[str]:
+    try:
+        return [target.path for target in find_targets(model, config)]
+    except AttachError as err:
+        raise AdapterFileError(f"{source}: does not fit this model: {err}") from None
 
 
 def base_copies(model: nn.Module, tensors: dict[str, Tensor], source: Path) -> dict[str, Tensor]:
@@ -259,45 +340,8 @@ def base_copies(model: nn.Module, tensors: dict[str, Tensor], source: Path) -> d
     return kept
 
 
-def _install(model: nn.Module, config: LoraConfig, tensors: dict[str, Tensor], source: str | Path,
-             name: str) -> str:
-    """Attach ``name`` with ``config`` and copy in ``tensors`` (by file key), all checked first."""
-    _check_fits(model, config, tensors, source, name)
-    _apply(model, config, tensors, name)
-    return name
-
-
-def _check_fits(model: nn.Module, config: LoraConfig, tensors: dict[str, Tensor], source: str | Path,
-                name: str) -> None:
-    check_new_name(model, name)
-    try:
-        expected = _expected_tensors(model, config)
-    except AttachError as err:
-        raise AdapterFileError(f"{source}: does not fit this model: {err}") from None
-    _check_tensors(Path(source) / WEIGHTS_NAME if isinstance(source, Path) else source, expected, tensors)
-
-
-def _apply(model: nn.Module, config: LoraConfig, tensors: dict[str, Tensor], name: str) -> None:
-    attach(model, config, name)
-    try:
-        with torch.no_grad():
-            for path, layer in lora_layers(model):
-                if name in layer.adapters:
-                    key_a, key_b = peft_keys(path, layer.layout)
-                    layer.adapters[name].lora_A.copy_(tensors[key_a])
-                    layer.adapters[name].lora_B.copy_(tensors[key_b])
-                    if config.variant == "dora":
-                        layer.adapters[name].lora_magnitude_vector.copy_(tensors[magnitude_key(path)])
-            for path, module in find_saved_modules(model, config).items():
-                for key, param in saved_module_keys(path, module).items():
-                    param.copy_(tensors[key])
-    except Exception:
-        delete_adapter(model, name)
-        raise
-
-
 def import_adapters(models: Mapping[str, nn.Module], values: Mapping[str, Adapter], name: str = "default",
-                    source: str | Path = "adapter values") -> str:
+                    source: str | Path = "adapter values", keys: Callable[[str], KeyNamer] | None = None) -> str:
     """Add one adapter spread over several models (a pipeline's ``unet`` and ``text_encoder``:
     ``values`` by the same component names) as ``name``. Every component is checked before
     any changes; a failure part-way removes what was added, so all or none is loaded."""
@@ -305,13 +349,13 @@ def import_adapters(models: Mapping[str, nn.Module], values: Mapping[str, Adapte
     if unknown:
         raise AdapterFileError(f"{source}: holds an adapter for {', '.join(unknown)}, but no such model was given "
                                f"(given: {', '.join(sorted(models)) or 'none'})")
-    tensors = {component: to_tensors(value) for component, value in values.items()}
+    namer = keys or (lambda component: None)
     for component, value in values.items():
-        _check_fits(models[component], value.config, tensors[component], f"{source} [{component}]", name)
+        check_fits(models[component], value, name, f"{source} [{component}]", namer(component))
     done: list[str] = []
     try:
         for component, value in values.items():
-            _apply(models[component], value.config, tensors[component], name)
+            install(models[component], value, name, f"{source} [{component}]", namer(component))
             done.append(component)
     except Exception:
         for component in done:
@@ -326,47 +370,13 @@ def restore_adapter(model: nn.Module, directory: str | os.PathLike, name: str = 
     For an adapter attached with the same config (a training run resuming from its
     checkpoint). Every key and shape is checked first; on error nothing changes.
     """
-    params = adapter_tensors(model, name)
-    tensors = read_tensors(directory)
-    expected = {key: (key.removeprefix(PREFIX), tuple(p.shape)) for key, p in params.items()}
-    _check_tensors(Path(directory) / WEIGHTS_NAME, expected, tensors)
-    with torch.no_grad():
-        for key, param in params.items():
-            param.copy_(tensors[key])
-
-
-def _expected_tensors(model: nn.Module, config: LoraConfig) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """File key -> (module path, shape) that ``config`` implies for this model."""
-    expected = {}
-    for target in find_targets(model, config):
-        base = target.module.base_module if isinstance(target.module, LoraLayer) else target.module
-        shape_a, shape_b = target.layer_class.shapes(base, target.rank)
-        key_a, key_b = peft_keys(target.path, target.layer_class.layout)
-        expected[key_a] = (target.path, shape_a)
-        expected[key_b] = (target.path, shape_b)
-        if config.variant == "dora":
-            out_features = target.layer_class.dims(base)[1]
-            expected[magnitude_key(target.path)] = (target.path, magnitude_shape(target.layer_class.layout,
-                                                                                 out_features))
-    for path, module in find_saved_modules(model, config).items():
-        for key, param in saved_module_keys(path, module).items():
-            expected[key] = (path, tuple(param.shape))
-    return expected
-
-
-def _check_tensors(source: Path, expected: dict[str, tuple[str, tuple[int, ...]]], tensors: dict[str, Tensor]) -> None:
-    problems = []
-    for key, (path, shape) in expected.items():
-        if key not in tensors:
-            problems.append(f"{path}: missing key {key}")
-        elif not tensors[key].is_floating_point():
-            problems.append(f"{path}: {key} has dtype {tensors[key].dtype}, expected a floating-point tensor")
-        elif tuple(tensors[key].shape) != shape:
-            problems.append(f"{path}: {key} has shape {tuple(tensors[key].shape)}, expected {shape}")
-    problems += [f"unexpected key {key} (no such target in this model)" for key in tensors if key not in expected]
-    if problems:
-        shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
-        raise AdapterFileError(f"{source}: does not fit this model:\n  " + "\n  ".join(shown))
+    known_adapters(model, name)
+    config = model.lorakit_configs[name]
+    directory = Path(directory)
+    adapter = from_tensors(config, read_tensors(directory), directory / WEIGHTS_NAME,
+                           targets=_target_paths(model, config, directory))
+    check_fits(model, adapter, None, directory / WEIGHTS_NAME, tensor_key)
+    _copy_in(model, adapter, name)
 
 
 # -- pipelines: one adapter over several models, in diffusers' or kohya's file -------------
@@ -396,6 +406,12 @@ def save_pipeline_adapter(models: Mapping[str, nn.Module], path: str | os.PathLi
 def read_pipeline_adapter(path: str | os.PathLike, models: Mapping[str, nn.Module]) -> dict[str, Adapter]:
     """The adapter values of a diffusers or kohya file (told apart by its keys), by component.
     ``models`` gives kohya's names their module paths."""
+    return _read_pipeline_file(path, models)[0]
+
+
+def _read_pipeline_file(path: str | os.PathLike, models: Mapping[str, nn.Module],
+                        ) -> tuple[dict[str, Adapter], Callable[[str], KeyNamer]]:
+    """``read_pipeline_adapter``, and how its format names a component's tensors."""
     from .formats import diffusers, kohya
 
     source = locate(path)
@@ -409,11 +425,13 @@ def read_pipeline_adapter(path: str | os.PathLike, models: Mapping[str, nn.Modul
         other = next(k for k in tensors if not k.startswith("lora_"))
         raise AdapterFileError(f"{file}: mixes formats: kohya key {kohya_keys[0]} and {other}")
     if kohya_keys:
-        return kohya.parse(tensors, file, models)
-    return diffusers.parse(tensors, metadata, file, [c for c, m in models.items() if is_flattened_text_model(c, m)])
+        return kohya.parse(tensors, file, models), kohya.key_namer
+    flattened = [c for c, m in models.items() if is_flattened_text_model(c, m)]
+    return diffusers.parse(tensors, metadata, file, flattened), diffusers.key_namer
 
 
 def load_pipeline_adapter(models: Mapping[str, nn.Module], path: str | os.PathLike, name: str = "default") -> str:
     """Load a diffusers or kohya LoRA file into a pipeline's models as ``name``: every
     component checked before any changes, so all of it loads or none."""
-    return import_adapters(models, read_pipeline_adapter(path, models), name, source=Path(path))
+    values, keys = _read_pipeline_file(path, models)
+    return import_adapters(models, values, name, Path(path), keys)

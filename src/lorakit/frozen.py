@@ -29,7 +29,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def quantization(weight: Tensor) -> str | None:
@@ -115,3 +115,45 @@ def nbytes(weight: Tensor) -> int:
 
 def _cast(bias: Tensor | None, x: Tensor) -> Tensor | None:
     return None if bias is None else bias.to(x.dtype)
+
+
+# -- lorakit's own quantized weights (quantize.py makes them) ------------------------------
+QUANTIZATIONS = ("nf4", "int8")
+
+
+class QuantizeError(ValueError):
+    """A weight or model cannot be quantized as asked."""
+
+
+def requantized(weight: torch.Tensor, value: torch.Tensor) -> nn.Parameter:
+    """``value`` quantized the way ``weight`` is (for merging into a quantized base)."""
+    kind = quantization(weight)
+    if kind not in QUANTIZATIONS:
+        raise QuantizeError(f"cannot re-quantize a {kind} weight; load the base unquantized to merge into it")
+    return nn.Parameter(quantizer(kind)(value.to(torch.bfloat16)), requires_grad=False)
+
+
+NF4_BLOCK = 64  # weights per NF4 scale
+NF4_SCALER_BLOCK = 256  # scales per second-level (double quantization) scale, at most
+
+
+def _to_nf4(weight: torch.Tensor):
+    from torchao.quantization import to_nf4
+
+    # torchao needs the number of scales to divide into second-level blocks; SmolLM2's
+    # 576 x 576 has 5184 scales, so take the largest block size <= 256 that divides them.
+    scales = weight.numel() // NF4_BLOCK
+    scaler_block = next(size for size in range(NF4_SCALER_BLOCK, 0, -1) if scales % size == 0)
+    return to_nf4(weight, NF4_BLOCK, scaler_block)
+
+
+def quantizable(weight: torch.Tensor, method: str) -> bool:
+    return method != "nf4" or weight.numel() % NF4_BLOCK == 0
+
+
+def quantizer(method: str):
+    if method == "nf4":
+        return _to_nf4
+    from torchao.quantization import Int8Tensor, PerRow
+
+    return lambda weight: Int8Tensor.from_hp(weight, PerRow())

@@ -24,18 +24,16 @@ otherwise each adapter's second matmul accumulates into the base output.
 One subclass per base type says three things: how the base computes, how an adapter
 computes, and its layout: which change of ``weight`` B @ A is (adapter.py has the math).
 
-The variant seam: each adapter is a module that adds its own contribution in its own
-``forward`` (its parameters are used only inside its own call, as FSDP's hooks need),
-and says how it merges into W and whether a merge is additive (so that it can be taken
-out on the fly and unmerged to within one rounding). Plain LoRA is ``LoraAdapter``;
-DoRA (dora.py) overrides those three. Initializers are a table of functions
-(``INITIALIZERS``), one per ``LoraConfig.init``.
+The variant seam: each adapter is a module of its variant's class (variants/) that adds
+its own contribution in its own ``forward`` (its parameters are used only inside its own
+call, as FSDP's hooks need), merges itself into W and says what it supports; a layer
+never asks which kind an adapter is.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -43,85 +41,10 @@ from torch import Tensor, nn
 
 from . import frozen
 from .adapter import LayerWeights
-from .config import PISSA_NITER
-from .principal import init_olora, init_pissa, moved, moved_forward
-from .quantize import requantized
+from .config import LoraConfig
 
-
-def lora_scaling(alpha: float, rank: int, use_rslora: bool) -> float:
-    """alpha / r, or alpha / sqrt(r) with rsLoRA (Kalajdzievski, 2023, arXiv:2312.03732)."""
-    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
-
-
-class LoraAdapter(nn.Module):
-    """One adapter on one layer: A, B, its dropout and its scaling. Merged, it is W + ΔW."""
-
-    additive = True  # its merge adds ΔW: it can be subtracted on the fly and unmerged exactly
-
-    def __init__(
-        self, a_shape: tuple[int, ...], b_shape: tuple[int, ...], alpha: float, dropout: float,
-        use_rslora: bool, device: torch.device, dtype: torch.dtype,
-    ) -> None:
-        super().__init__()
-        self.rank = a_shape[0]
-        self.alpha = alpha
-        self.scaling = lora_scaling(alpha, self.rank, use_rslora)
-        self.lora_A = nn.Parameter(torch.empty(a_shape, device=device, dtype=dtype))
-        self.lora_B = nn.Parameter(torch.zeros(b_shape, device=device, dtype=dtype))
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        # B₀ and A₀ of a PiSSA/OLoRA init: the part of W it took over (principal.py); never saved
-        self.register_buffer("moved_A", None, persistent=False)
-        self.register_buffer("moved_B", None, persistent=False)
-
-    def forward(self, layer: LoraLayer, x: Tensor, base: Tensor | None, result: Tensor | None,
-                sign: float = 1.0) -> Tensor:
-        """``result`` plus ``sign`` times this adapter's change of ``layer``'s output for input
-        ``x`` (``base``: the frozen layer's own output, which variants may rescale). Called
-        before the base output exists (the layer's sole adapter, see ``sole_plain_adapter``),
-        it returns the whole output: its update first, the base product accumulated onto it."""
-        if result is None:
-            return layer.base_forward_onto(self, x)
-        return layer.add_update(result, self, x, sign)
-
-    def prepare(self, layer: LoraLayer) -> None:
-        """Called once the factors are initialised (variants set their own parameters here)."""
-
-    def merged_weight(self, layer: LoraLayer, weight: Tensor) -> Tensor:
-        """W + ΔW for ``weight`` = W in float32, laid out like ``layer.weight``."""
-        return weight + layer.value(self).delta()
-
-    def unmerged_weight(self, layer: LoraLayer, weight: Tensor) -> Tensor:
-        """The inverse of ``merged_weight``."""
-        return weight - layer.value(self).delta()
-
-    def extra_repr(self) -> str:
-        return f"rank={self.rank}, alpha={self.alpha:g}, scaling={self.scaling:g}"
-
-
-def init_default(layer: LoraLayer, adapter: LoraAdapter) -> None:
-    """A Kaiming-uniform (as nn.Linear initialises its weight), B zero."""
-    nn.init.kaiming_uniform_(adapter.lora_A, a=math.sqrt(5))
-    nn.init.zeros_(adapter.lora_B)
-
-
-def init_gaussian(layer: LoraLayer, adapter: LoraAdapter) -> None:
-    """A ~ N(0, 1/r), B zero."""
-    nn.init.normal_(adapter.lora_A, std=1 / adapter.rank)
-    nn.init.zeros_(adapter.lora_B)
-
-
-# LoraConfig.init -> how a fresh adapter's factors are set (every one leaves the output
-# unchanged; PiSSA and OLoRA by moving part of W into the adapter, see principal.py).
-INITIALIZERS: dict[str, Callable[[LoraLayer, LoraAdapter], None]] = {
-    "default": init_default, "gaussian": init_gaussian, "pissa": init_pissa, "olora": init_olora}
-
-
-def initializer(init: str) -> Callable[[LoraLayer, LoraAdapter], None]:
-    """The function for ``init``; ``pissa_niter_K`` is PiSSA with a K-iteration randomized SVD."""
-    match = PISSA_NITER.fullmatch(init)
-    if match:
-        return lambda layer, adapter: init_pissa(layer, adapter, int(match[1]))
-    return INITIALIZERS[init]
+if TYPE_CHECKING:
+    from .variants import LoraAdapter
 
 
 class LoraLayer(nn.Module):
@@ -134,6 +57,8 @@ class LoraLayer(nn.Module):
 
     layout: str
     accumulates = False  # whether base_forward_onto exists (the base is a matrix product)
+    factorable = False  # its weight is one matrix that PiSSA/OLoRA can factor
+    rescalable = True  # its base output can be rescaled per output unit (DoRA)
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__()
@@ -178,36 +103,38 @@ class LoraLayer(nn.Module):
         product accumulated onto it (layers with ``accumulates``)."""
         raise NotImplementedError
 
+    @staticmethod
+    def draw_factors(A: Tensor, B: Tensor, init: str) -> None:
+        """A fresh adapter's A and B, in place: A Kaiming-uniform (as nn.Linear initialises
+        its weight) or, with ``gaussian``, N(0, 1/r); B zero."""
+        if init == "gaussian":
+            nn.init.normal_(A, std=1 / A.shape[0])
+        else:
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        nn.init.zeros_(B)
+
     def delta_weight(self, name: str) -> Tensor:
         """(alpha / r) * B @ A laid out like ``weight``, in float32."""
         return self.weights(name).delta()
 
     def weights(self, name: str) -> LayerWeights:
-        """Adapter ``name`` on this layer as a plain value (A, B, scaling, layout)."""
-        return self.value(self.adapters[name])
-
-    def value(self, adapter: LoraAdapter) -> LayerWeights:
-        magnitude = getattr(adapter, "lora_magnitude_vector", None)
-        return LayerWeights(adapter.lora_A.detach(), adapter.lora_B.detach(), adapter.scaling, self.layout,
-                            None if magnitude is None else magnitude.detach())
+        """Adapter ``name`` on this layer as a plain value (A, B, scaling, layout, extras)."""
+        return self.adapters[name].value(self)
 
     # -- shared ---------------------------------------------------------------------
-    def add_adapter(self, name: str, rank: int, alpha: float, dropout: float, use_rslora: bool, init: str,
-                    kind: type[LoraAdapter] = LoraAdapter) -> None:
-        base_dtype = frozen.compute_dtype(self.weight)
-        # Half-precision bases get float32 adapters: low-rank updates are small and
-        # would lose most of their bits in bf16/fp16 (PEFT does the same).
-        dtype = torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
-        a_shape, b_shape = self.shapes(self.base_module, rank)
-        adapter = kind(a_shape, b_shape, alpha, dropout, use_rslora, self.weight.device, dtype)
-        self.reset_adapter(adapter, init)
-        adapter.prepare(self)
+    def add_adapter(self, name: str, kind: type[LoraAdapter], rank: int, alpha: float, config: LoraConfig) -> None:
+        adapter = kind(self, rank, alpha, config)
+        adapter.initialise(self)
         # New modules start in training mode; an adapter follows its layer's mode so that
         # loading one into an eval-mode model never switches its dropout on.
         self.adapters[name] = adapter.train(self.training)
 
-    def reset_adapter(self, adapter: LoraAdapter, init: str) -> None:
-        initializer(init)(self, adapter)
+    def remove_adapter(self, name: str) -> None:
+        """Unmerge adapter ``name``, let it give back what it took from W, and drop it."""
+        self.unmerge(name)
+        self.release(name)
+        del self.adapters[name]
+        self.active = [n for n in self.active if n != name]
 
     def forward(self, x: Tensor) -> Tensor:
         sole = self.sole_plain_adapter(x)
@@ -227,33 +154,30 @@ class LoraLayer(nn.Module):
                                        "cannot be taken out on the fly: unmerge it before deactivating it")
                 result = adapter(self, x, base, result, -1.0)
         for name, adapter in self.adapters.items():
-            if adapter.moved_A is not None and name not in wanted:
-                result = result + moved_forward(self, adapter, x).to(result.dtype)  # W = W_res + s·B₀A₀
+            if name not in wanted:
+                result = adapter.idle(self, x, result)
         return result
 
     def sole_plain_adapter(self, x: Tensor) -> LoraAdapter | None:
         """The adapter whose update can be written before the base output, for the base
         product to accumulate into it (``base_forward_onto``, layers whose base is a
-        plain matrix product): plain LoRA, the only adapter in use, nothing merged, no
-        part of W moved into an adapter, one dtype throughout, no autocast."""
+        plain matrix product): the only adapter in use, nothing merged, every adapter
+        ``plain`` (its update alone: no rescaling, no part of W to add back), one dtype
+        throughout, no autocast."""
         if not self.accumulates or self.disabled or self.merged or len(self.active) != 1:
             return None
         adapter = self.adapters[self.active[0]]
-        if type(adapter) is not LoraAdapter or any(a.moved_A is not None for a in self.adapters.values()):
+        if not all(a.plain for a in self.adapters.values()):
             return None
         if (frozen.is_quantized(self.weight) or torch.is_autocast_enabled(x.device.type)
                 or not x.dtype == self.weight.dtype == adapter.lora_A.dtype == adapter.lora_B.dtype):
             return None
         return adapter
 
-    @torch.no_grad()
-    def give_back(self, name: str) -> None:
-        """Put the part of W an unmerged PiSSA/OLoRA adapter took over back into W (before the
-        adapter goes); nothing for other adapters."""
-        adapter = self.adapters[name]
-        if adapter.moved_A is not None and name not in self.merged:
-            self.set_weight(frozen.dense(self.weight) + moved(self, adapter).delta())
-            adapter.moved_A = adapter.moved_B = None
+    def release(self, name: str) -> None:
+        """Let adapter ``name``, unless merged, give back what it took from W (before it goes)."""
+        if name not in self.merged:
+            self.adapters[name].release(self)
 
     def add_update(self, result: Tensor, adapter: LoraAdapter, x: Tensor, sign: float) -> Tensor:
         """result + sign * the adapter's output (layers that can add it in place override this)."""
@@ -287,7 +211,7 @@ class LoraLayer(nn.Module):
             # Quantize the new float32 weight again: the memory stays that of the quantized
             # base, but it is rounded to the quantization grid, so an unmerge restores W
             # only to within one quantization step (as in PEFT).
-            self.weight = requantized(self.weight, weight)
+            self.weight = frozen.requantized(self.weight, weight)
         else:
             self.weight.copy_(weight.to(self.weight.dtype))
 
@@ -370,27 +294,31 @@ def _add_linear_update(layer: LoraLayer, result: Tensor, adapter: LoraAdapter, x
 
 
 class LoraLinear(LoraLayer):
-    """nn.Linear: y = x W^T + b; W is (out, in)."""
+    """nn.Linear: y = x W^T + b, W (out, in); or, ``transposed``, transformers' GPT-2
+    Conv1D: y = x W + b, W stored as (in, out)."""
 
     layout = "linear"
+    transposed = False
     accumulates = True
+    factorable = True
 
-    @staticmethod
-    def dims(base: nn.Module) -> tuple[int, int]:
-        return base.in_features, base.out_features
+    @classmethod
+    def dims(cls, base: nn.Module) -> tuple[int, int]:
+        return (base.nx, base.nf) if cls.transposed else (base.in_features, base.out_features)
 
-    @staticmethod
-    def shapes(base: nn.Module, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        return (rank, base.in_features), (base.out_features, rank)
+    @classmethod
+    def shapes(cls, base: nn.Module, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        in_features, out_features = cls.dims(base)
+        return (rank, in_features), (out_features, rank)
 
     def base_forward(self, x: Tensor) -> Tensor:
-        return frozen.linear(x, self.weight, self.bias)
+        return frozen.linear(x, self.weight, self.bias, transposed=self.transposed)
 
     def base_forward_onto(self, adapter: LoraAdapter, x: Tensor) -> Tensor:
-        return frozen.linear_onto(_linear_update(adapter, x, self.bias), x, self.weight)
+        return frozen.linear_onto(_linear_update(adapter, x, self.bias), x, self.weight, transposed=self.transposed)
 
     def base_forward_without_bias(self, x: Tensor) -> Tensor:
-        return frozen.linear(x, self.weight, None)
+        return frozen.linear(x, self.weight, None, transposed=self.transposed)
 
     def adapter_forward(self, adapter: LoraAdapter, x: Tensor, dropout: bool = True) -> Tensor:
         return _linear_adapter(adapter, x, frozen.compute_dtype(self.weight), dropout)
@@ -398,34 +326,11 @@ class LoraLinear(LoraLayer):
     add_update = _add_linear_update
 
 
-class LoraConv1D(LoraLayer):
-    """transformers' GPT-2 Conv1D: y = x W + b; W is stored transposed, (in, out)."""
+class LoraConv1D(LoraLinear):
+    """transformers' GPT-2 Conv1D: LoraLinear over a weight stored transposed."""
 
     layout = "conv1d"
-    accumulates = True
-
-    @staticmethod
-    def dims(base: nn.Module) -> tuple[int, int]:
-        return base.nx, base.nf
-
-    @staticmethod
-    def shapes(base: nn.Module, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        in_features, out_features = LoraConv1D.dims(base)
-        return (rank, in_features), (out_features, rank)
-
-    def base_forward(self, x: Tensor) -> Tensor:
-        return frozen.linear(x, self.weight, self.bias, transposed=True)
-
-    def base_forward_onto(self, adapter: LoraAdapter, x: Tensor) -> Tensor:
-        return frozen.linear_onto(_linear_update(adapter, x, self.bias), x, self.weight, transposed=True)
-
-    def base_forward_without_bias(self, x: Tensor) -> Tensor:
-        return frozen.linear(x, self.weight, None, transposed=True)
-
-    def adapter_forward(self, adapter: LoraAdapter, x: Tensor, dropout: bool = True) -> Tensor:
-        return _linear_adapter(adapter, x, self.weight.dtype, dropout)
-
-    add_update = _add_linear_update
+    transposed = True
 
 
 class LoraEmbedding(LoraLayer):
@@ -446,9 +351,10 @@ class LoraEmbedding(LoraLayer):
     def shapes(base: nn.Module, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         return (rank, base.num_embeddings), (base.embedding_dim, rank)
 
-    def reset_adapter(self, adapter: LoraAdapter, init: str) -> None:
-        nn.init.zeros_(adapter.lora_A)
-        nn.init.normal_(adapter.lora_B)  # whatever ``init`` says, as PEFT does for embeddings
+    @staticmethod
+    def draw_factors(A: Tensor, B: Tensor, init: str) -> None:
+        nn.init.zeros_(A)
+        nn.init.normal_(B)  # whatever ``init`` says, as PEFT does for embeddings
 
     def _lookup(self, ids: Tensor, table: Tensor) -> Tensor:
         base = self.base_module

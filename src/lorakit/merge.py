@@ -16,13 +16,15 @@ within one quantization step. ``lorakit merge`` writes a dense model instead
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from . import frozen
+from .adapter import Adapter, delta_shape
 from .attach import active_adapters, adapters, known_adapters, lora_layers, replace_module
+from .variants import adapter_class
 
 
 class MergeError(ValueError):
@@ -77,7 +79,35 @@ def detach(model: nn.Module, merge: bool = True, safe: bool = True) -> nn.Module
         _merge(model, active, safe)
     for path, layer in lora_layers(model):
         for name in list(layer.adapters):
-            layer.give_back(name)  # PiSSA/OLoRA adapters left unmerged return their part of W
+            layer.release(name)  # an adapter left unmerged gives back what it took from W (PiSSA/OLoRA)
         replace_module(model, path, layer.to_base())
     model.__dict__.pop("lorakit_configs", None)
     return model
+
+
+def merged_state_dict(base: Mapping[str, Tensor], adapter: Adapter) -> dict[str, Tensor]:
+    """A new state dict: ``base`` with every ΔW of ``adapter`` merged in (float32, rounded
+    once, as torchtune's ``get_merged_lora_ckpt``) and its saved modules in place, with no
+    model at all. ``base`` is not changed; every key and shape is checked before anything
+    is computed."""
+    problems = []
+    for path, layer in adapter.layers.items():
+        key = f"{path}.weight"
+        if key not in base:
+            problems.append(f"{path}: no {key!r} in the base state dict")
+            continue
+        shape = delta_shape(layer)
+        if tuple(base[key].shape) != shape:
+            problems.append(f"{path}: weight {tuple(base[key].shape)}, the adapter's update is {shape}")
+    for key, tensor in adapter.saved.items():
+        if key in base and base[key].shape != tensor.shape:
+            problems.append(f"{key}: base {tuple(base[key].shape)}, saved module {tuple(tensor.shape)}")
+    if problems:
+        raise ValueError("the adapter does not fit the base state dict:\n  " + "\n  ".join(problems[:10]))
+    kind = adapter_class(adapter.config)
+    merged = dict(base)
+    for path, layer in adapter.layers.items():
+        weight = base[f"{path}.weight"]
+        merged[f"{path}.weight"] = kind.merge_value(weight.float(), layer).to(weight.dtype)
+    merged.update({key: tensor.detach().clone() for key, tensor in adapter.saved.items()})
+    return merged

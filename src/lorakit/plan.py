@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from .config import ALL_LINEAR, LoraConfig
+from .pretrained import chunk_tokens, load_config, split_head
 
 METHODS = ("full", "lora", "qlora")
 GPU_OVERHEAD_BYTES = 2**30  # the CUDA context, workspaces and allocator slack: left free when judging a fit
@@ -72,8 +73,6 @@ def plan(spec: str, method: str = "lora", rank: int = 16, batch: int = 1, seq: i
          dtype: torch.dtype = torch.bfloat16, checkpointing: bool = False, gpu_bytes: int | None = None,
          targets: str | tuple[str, ...] = ALL_LINEAR) -> Plan:
     """The peak training memory of ``spec`` (a preset, a model directory or config.json)."""
-    from .pretrained import load_config
-    from .training.loss import chunk_tokens
 
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -169,7 +168,6 @@ def _saved_bytes(config, layers: int, compute: torch.dtype, lora: LoraConfig | N
     """Bytes autograd saves in a forward pass of the backbone (no head) with ``layers`` blocks."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from .training.loss import split_head
 
     fields = {k: v for k, v in config.to_dict().items() if k != "layer_types"}  # per-block lists follow the count
     config = config.__class__.from_dict({**fields, "num_hidden_layers": layers})

@@ -239,3 +239,34 @@ def save_merged(spec: str, adapter: str | os.PathLike, out: str | os.PathLike,
             model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         return write_directory(out, {p.name: p.read_bytes() for p in Path(staging).iterdir() if p.is_file()})
+
+
+# -- the causal LM head, computed in chunks by the loss (training/loss.py; plan.py counts it) --
+# Logits per chunk, 64 MiB in float32 whatever the vocabulary: 341 tokens of SmolLM2's
+# 49,152 words, 130 of Llama 3's 128,256. Smaller chunks cost time (more, thinner head
+# matmuls); larger ones add to the step's peak, which the loss reaches while every
+# activation of the forward is still held.
+CHUNK_LOGITS = 2**24
+
+
+def chunk_tokens(vocab_size: int, chunk_logits: int = CHUNK_LOGITS) -> int:
+    """Trained tokens per head-and-loss chunk (at least one)."""
+    return max(1, chunk_logits // vocab_size)
+
+
+# Config fields of models that post-process logits (Gemma 2, Cohere, Granite): for
+# those the full forward runs, and its logits are used.
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def split_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """(backbone, output head) of a transformers causal LM whose logits are head(hidden); None otherwise."""
+    backbone = getattr(model, "base_model", None)
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    config = getattr(model, "config", None)
+    if backbone is None or backbone is model or head is None:
+        return None
+    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in LOGIT_TRANSFORMS):
+        return None
+    return backbone, head

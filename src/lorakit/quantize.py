@@ -19,17 +19,13 @@ compute dtype of both kinds. A quantized weight stays under the plain ``weight``
 
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 
 from . import frozen
-
-QUANTIZATIONS = ("nf4", "int8")
-
-
-class QuantizeError(ValueError):
-    pass
+from .attach import output_head
+from .frozen import QUANTIZATIONS, QuantizeError, quantizable, quantizer
+from .layers import LoraLayer
 
 
 def check_quantization(method: str | None) -> None:
@@ -42,9 +38,6 @@ def quantize_model(model: nn.Module, method: str) -> nn.Module:
 
     Checks everything first: an unknown method, adapters already attached, or layers
     that cannot be quantized (Conv2d) raise before any weight changes."""
-    from .attach import output_head
-    from .layers import LoraLayer
-
     check_quantization(method)
     problems = []
     for path, module in model.named_modules():
@@ -58,7 +51,7 @@ def quantize_model(model: nn.Module, method: str) -> nn.Module:
         raise QuantizeError(f"cannot quantize the model to {method}:\n  " + "\n  ".join(problems[:10]))
     head = output_head(model)
     model.to(torch.bfloat16).requires_grad_(False)
-    make = _quantizer(method)
+    make = quantizer(method)
     for module in model.modules():
         if isinstance(module, nn.Linear) and module is not head and quantizable(module.weight, method):
             module.weight = nn.Parameter(make(module.weight.data), requires_grad=False)
@@ -72,14 +65,6 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> n
     return model.to(dtype)
 
 
-def requantized(weight: torch.Tensor, value: torch.Tensor) -> nn.Parameter:
-    """``value`` quantized the way ``weight`` is (for merging into a quantized base)."""
-    kind = frozen.quantization(weight)
-    if kind not in QUANTIZATIONS:
-        raise QuantizeError(f"cannot re-quantize a {kind} weight; load the base unquantized to merge into it")
-    return nn.Parameter(_quantizer(kind)(value.to(torch.bfloat16)), requires_grad=False)
-
-
 def quantized_bytes(model: nn.Module) -> tuple[int, int]:
     """(bytes of the quantized weights with their scales, bytes of the same weights in bfloat16)."""
     weights = [weight for _, weight in _quantized(model)]
@@ -90,30 +75,3 @@ def _quantized(model: nn.Module) -> list[tuple[nn.Module, torch.Tensor]]:
     """(module, weight) for every quantized weight of ``model``."""
     return [(module, module.weight) for module in model.modules()
             if isinstance(getattr(module, "weight", None), torch.Tensor) and frozen.is_quantized(module.weight)]
-
-
-NF4_BLOCK = 64  # weights per NF4 scale
-NF4_SCALER_BLOCK = 256  # scales per second-level (double quantization) scale, at most
-
-
-def _to_nf4(weight: torch.Tensor):
-    from torchao.quantization import to_nf4
-
-    # torchao needs the number of scales to divide into second-level blocks; SmolLM2's
-    # 576 x 576 has 5184 scales, so take the largest block size <= 256 that divides them.
-    scales = weight.numel() // NF4_BLOCK
-    scaler_block = next(size for size in range(NF4_SCALER_BLOCK, 0, -1) if scales % size == 0)
-    return to_nf4(weight, NF4_BLOCK, scaler_block)
-
-
-def quantizable(weight: torch.Tensor, method: str) -> bool:
-    return method != "nf4" or weight.numel() % NF4_BLOCK == 0
-
-
-def _quantizer(method: str):
-    if method == "nf4":
-        return _to_nf4
-    from torchao.quantization import Int8Tensor, PerRow
-
-    return lambda weight: Int8Tensor.from_hp(weight, PerRow())
-

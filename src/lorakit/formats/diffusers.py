@@ -25,7 +25,7 @@ from torch import Tensor
 from ..adapter import Adapter
 from ..config import ConfigError, LoraConfig, config_for_layers
 from . import LEGACY_TEXT_PREFIX, AdapterFileError
-from .peft import config_from_peft, config_to_peft, from_tensors, to_tensors
+from .peft import config_from_peft, config_to_peft, from_tensors, tensor_key, to_tensors
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 METADATA_KEY = "lora_adapter_metadata"
@@ -47,6 +47,11 @@ def file_bytes(adapters: Mapping[str, Adapter]) -> bytes:
         metadata.update({f"{component}.{key}": value for key, value in config.items()})
     tensors = {k: t.detach().to("cpu", copy=True).contiguous() for k, t in tensors.items()}
     return safetensors_bytes(tensors, metadata={"format": "pt", METADATA_KEY: json.dumps(metadata, sort_keys=True)})
+
+
+def key_namer(component: str):
+    """How messages name a tensor of ``component``: its key in this file format."""
+    return lambda path, name, layout: tensor_key(path, name, layout, prefix=f"{component}.")
 
 
 def parse(tensors: Mapping[str, Tensor], metadata: Mapping[str, str], source: Path,

@@ -31,6 +31,7 @@ from ..adapter import Adapter, LayerWeights
 from ..attach import layer_class_for
 from ..config import ConfigError, LoraConfig, config_for_layers
 from ..layers import LoraLayer
+from ..variants import adapter_class
 from . import LEGACY_TEXT_PREFIX, TEXT_COMPONENTS, AdapterFileError, is_flattened_text_model
 
 # kohya prefix -> the pipeline component it belongs to.
@@ -51,6 +52,12 @@ def kohya_name(component: str, path: str) -> str:
     if component in TEXT_COMPONENTS and path.split(".", 1)[0] in FLATTENED_TEXT_ROOTS:
         path = LEGACY_TEXT_PREFIX + path
     return f"{WRITTEN[component]}_{path.replace('.', '_')}"
+
+
+def key_namer(component: str):
+    """How messages name a tensor of ``component``: its key in this file format."""
+    parts = {"lora_A": "lora_down.weight", "lora_B": "lora_up.weight"}
+    return lambda path, name, layout: f"{kohya_name(component, path)}.{parts.get(name, name)}"
 
 
 def name_table(component: str, model: nn.Module) -> dict[str, str]:
@@ -79,9 +86,9 @@ def file_bytes(adapters: Mapping[str, Adapter]) -> bytes:
     for component, adapter in adapters.items():
         if component not in WRITTEN:
             raise AdapterFileError(f"kohya files name the components {sorted(WRITTEN)}; got {component!r}")
-        if adapter.saved or adapter.config.variant != "lora":
-            raise AdapterFileError(f"{component}: kohya files hold plain LoRA factors only (no DoRA, no "
-                                   "modules_to_save)")
+        if adapter.saved or not adapter_class(adapter.config).plain:
+            raise AdapterFileError(f"{component}: kohya files hold plain LoRA factors only (no "
+                                   f"{adapter_class(adapter.config).describe(adapter.config)}, no modules_to_save)")
         for path, layer in adapter.layers.items():
             if layer.layout not in ("linear", "conv2d"):
                 raise AdapterFileError(f"{component}: {path}: a {layer.layout} layer has no kohya form")

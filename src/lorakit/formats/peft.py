@@ -6,8 +6,9 @@ An adapter is a directory with two files:
   ``target_modules``, ``rank_pattern``, ``alpha_pattern``, ``use_rslora``, ...
 - ``adapter_model.safetensors``: for a module at path P,
   ``base_model.model.P.lora_A.weight`` (r x in) and ``...lora_B.weight`` (out x r);
-  embeddings use ``...P.lora_embedding_A`` / ``lora_embedding_B``; DoRA adds
-  ``...P.lora_magnitude_vector``; modules_to_save are stored whole as
+  embeddings use ``...P.lora_embedding_A`` / ``lora_embedding_B``; a variant's own
+  tensors sit under their names (DoRA's ``...P.lora_magnitude_vector``); modules_to_save
+  are stored whole as
   ``base_model.model.P.<param>``.
 
 diffusers writes the same keys under a component's prefix (``unet.P.lora_A.weight``),
@@ -17,7 +18,7 @@ so every rule here takes the prefix as an argument.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from torch import Tensor, nn
 from ..adapter import Adapter, LayerWeights
 from ..config import ALL_LINEAR, ConfigError, LoraConfig
 from ..hub import split_revision
-from ..layers import lora_scaling
+from ..variants import adapter_class, extra_names
 from . import AdapterFileError
 
 CONFIG_NAME = "adapter_config.json"
@@ -50,9 +51,11 @@ def peft_keys(path: str, layout: str, prefix: str = PREFIX) -> tuple[str, str]:
     return f"{prefix}{path}.lora_A.weight", f"{prefix}{path}.lora_B.weight"
 
 
-def magnitude_key(path: str, prefix: str = PREFIX) -> str:
-    """The file key of DoRA's magnitude for the module at ``path``."""
-    return f"{prefix}{path}.lora_magnitude_vector"
+def tensor_key(path: str, name: str, layout: str, prefix: str = PREFIX) -> str:
+    """The file key of tensor ``name`` (lora_A, lora_B or a variant's extra) of the module at ``path``."""
+    if name in ("lora_A", "lora_B"):
+        return peft_keys(path, layout, prefix)[name == "lora_B"]
+    return f"{prefix}{path}.{name}"
 
 
 def saved_module_keys(path: str, module: nn.Module) -> dict[str, Tensor]:
@@ -61,9 +64,10 @@ def saved_module_keys(path: str, module: nn.Module) -> dict[str, Tensor]:
 
 
 def key_pattern(prefix: str) -> re.Pattern[str]:
-    """A factor's key: the module path, and which factor (A/B, embedding A/B, DoRA's magnitude)."""
-    return re.compile(rf"^{re.escape(prefix)}(?P<path>.+)\.lora_(?:embedding_(?P<e>[AB])|(?P<l>[AB])\.weight"
-                      rf"|(?P<m>magnitude_vector))$")
+    """A factor's key: the module path, and which factor (A/B, embedding A/B, a variant's extra)."""
+    extras = "|".join(sorted(map(re.escape, extra_names()))) or "(?!)"
+    return re.compile(rf"^{re.escape(prefix)}(?P<path>.+)\.(?:lora_(?:embedding_(?P<e>[AB])|(?P<l>[AB])\.weight)"
+                      rf"|(?P<x>{extras}))$")
 
 
 # PEFT stores the whole base weight of a targeted embedding next to its factors
@@ -97,7 +101,7 @@ def config_to_peft(adapter: Adapter) -> dict[str, Any]:
         "modules_to_save": list(config.modules_to_save) or None,
         "fan_in_fan_out": any(layer.layout == "conv1d" for layer in adapter.layers.values()),
         "bias": "none",
-        "use_dora": config.variant == "dora",
+        "use_dora": config.variant == "dora",  # PEFT's one switch between its LoRA variants
         "inference_mode": True,
     }
 
@@ -135,24 +139,26 @@ def config_from_peft(data: Mapping[str, Any], source: Path | str) -> LoraConfig:
 
 
 def to_tensors(adapter: Adapter, prefix: str = PREFIX) -> dict[str, Tensor]:
-    """File key -> tensor: A and B of every layer, DoRA's magnitudes, the modules stored whole."""
+    """File key -> tensor: A and B of every layer, a variant's extras, the modules stored whole."""
     tensors: dict[str, Tensor] = {}
     for path, layer in adapter.layers.items():
         key_a, key_b = peft_keys(path, layer.layout, prefix)
         tensors[key_a], tensors[key_b] = layer.A, layer.B
-        if layer.magnitude is not None:
-            tensors[magnitude_key(path, prefix)] = layer.magnitude
+        tensors.update({tensor_key(path, name, layer.layout, prefix): t for name, t in layer.extras.items()})
     tensors.update({prefix + key: tensor for key, tensor in adapter.saved.items()})
     return tensors
 
 
 def from_tensors(config: LoraConfig, tensors: Mapping[str, Tensor], source: Path | str, fan_in_fan_out: bool = False,
-                 prefix: str = PREFIX, base_model: str | None = None, task_type: str | None = None) -> Adapter:
-    """The adapter value of a file's tensors: every key parsed, every pair of factors checked
-    (both present, floating point, ranks as the config says). A 4-D A is a Conv2d's; a 2-D
-    pair is a GPT-2 Conv1D's when ``fan_in_fan_out``, an ``nn.Linear``'s otherwise."""
+                 prefix: str = PREFIX, base_model: str | None = None, task_type: str | None = None,
+                 targets: Collection[str] | None = None) -> Adapter:
+    """The adapter value of a file's tensors: every key parsed, every module's factors
+    checked (all present, floating point, ranks as the config says). A 4-D A is a
+    Conv2d's; a 2-D pair is a GPT-2 Conv1D's when ``fan_in_fan_out``, an ``nn.Linear``'s
+    otherwise. ``targets``: the module paths of the model it will load into; a key of
+    another module is then unexpected, and shapes are left to ``install``'s check."""
     pattern = key_pattern(prefix)
-    pairs: dict[str, dict[str, Tensor]] = {}
+    parts: dict[str, dict[str, tuple[str, Tensor]]] = {}
     saved, problems = {}, []
     for key, tensor in tensors.items():
         match = pattern.match(key)
@@ -164,11 +170,15 @@ def from_tensors(config: LoraConfig, tensors: Mapping[str, Tensor], source: Path
             else:
                 problems.append(f"unexpected key {key}")
             continue
-        factor = "M" if match["m"] else (match["e"] or match["l"]) + ("e" if match["e"] else "")
-        pairs.setdefault(match["path"], {})[factor] = tensor
+        if targets is not None and match["path"] not in targets:
+            problems.append(f"unexpected key {key} (no such target in this model)")
+            continue
+        factor = match["x"] or ("lora_embedding_" + match["e"] if match["e"] else "lora_" + match["l"])
+        parts.setdefault(match["path"], {})[factor] = (key, tensor)
+    extras = adapter_class(config).extras
     layers = {}
-    for path, pair in sorted(pairs.items()):
-        problem, layer = _layer(path, pair, config, fan_in_fan_out)
+    for path, part in sorted(parts.items()):
+        problem, layer = _layer(path, part, config, fan_in_fan_out, extras, prefix, checked=targets is None)
         if problem:
             problems.append(f"{path}: {problem}")
         else:
@@ -178,25 +188,28 @@ def from_tensors(config: LoraConfig, tensors: Mapping[str, Tensor], source: Path
     return Adapter(config, layers, saved, base_model=base_model, task_type=task_type)
 
 
-def _layer(path: str, pair: dict[str, Tensor], config: LoraConfig, fan_in_fan_out: bool,
-           ) -> tuple[str | None, LayerWeights | None]:
-    """One module's factors checked and made a LayerWeights; or what is wrong with them."""
-    embedding = "Ae" in pair or "Be" in pair
-    A, B = (pair.get("Ae"), pair.get("Be")) if embedding else (pair.get("A"), pair.get("B"))
-    magnitude = pair.get("M")
+def _layer(path: str, part: dict[str, tuple[str, Tensor]], config: LoraConfig, fan_in_fan_out: bool,
+           extras: tuple[str, ...], prefix: str, checked: bool) -> tuple[str | None, LayerWeights | None]:
+    """One module's tensors made a LayerWeights; or what is wrong with them (``checked``:
+    also the ranks, which a model's check covers otherwise)."""
+    embedding = any(name.startswith("lora_embedding_") for name in part)
+    names = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A", "lora_B")
+    missing = [n for n in names if n not in part]
+    if missing:
+        key = f"{prefix}{path}.{missing[0]}" + ("" if embedding else ".weight")
+        return ("needs both lora_A and lora_B" if checked else f"missing key {key}"), None
+    unknown = [key for name, (key, _) in part.items() if name not in (*names, *extras)]
+    if unknown:
+        return f"unexpected key {unknown[0]} (not a tensor of a {config.variant} adapter)", None
+    absent = [name for name in extras if name not in part]
+    if absent:
+        return f"missing key {prefix}{path}.{absent[0]} (a {config.variant} adapter has one per module)", None
+    (key_a, A), (key_b, B) = part[names[0]], part[names[1]]
+    for key, tensor in part.values():
+        if not tensor.is_floating_point():
+            return f"{key} has dtype {tensor.dtype}, expected a floating-point tensor", None
     rank = config.rank_for(path)
-    if A is None or B is None or len(pair) != 2 + (magnitude is not None):
-        return "needs both lora_A and lora_B", None
-    if (magnitude is not None) != (config.variant == "dora"):
-        return ("lora_magnitude_vector without use_dora in the config" if magnitude is not None
-                else "use_dora is set but lora_magnitude_vector is missing"), None
-    if not (A.is_floating_point() and B.is_floating_point()):
-        return f"lora_A / lora_B must be floating point, got {A.dtype} / {B.dtype}", None
-    if A.shape[0] != rank or B.shape[1] != rank:
+    if checked and (A.shape[0] != rank or B.shape[1] != rank):
         return f"A {tuple(A.shape)}, B {tuple(B.shape)}; expected rank {rank} (config)", None
-    if magnitude is not None and magnitude.numel() != B.shape[0]:
-        return (f"lora_magnitude_vector {tuple(magnitude.shape)}, expected one value per output unit "
-                f"({B.shape[0]})"), None
     layout = ("embedding" if embedding else "conv2d" if A.dim() == 4 else "conv1d" if fan_in_fan_out else "linear")
-    scaling = lora_scaling(config.alpha_for(path), rank, config.use_rslora)
-    return None, LayerWeights(A, B, scaling, layout, magnitude)
+    return None, LayerWeights(A, B, config.scaling_for(path), layout, {name: part[name][1] for name in extras})

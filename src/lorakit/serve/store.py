@@ -20,6 +20,8 @@ from pathlib import Path
 from torch import nn
 
 from ..adapter import LayerWeights
+from ..config import VARIANTS
+from ..variants import adapter_class
 from ..files import CONFIG_NAME, WEIGHTS_NAME, AdapterFileError, locate, read_adapter
 from .slots import SlotLinear, slot_layers
 
@@ -173,10 +175,10 @@ class AdapterStore:
             adapter = read_adapter(path)
         except AdapterFileError as err:
             raise StoreError(str(err), 422) from None
-        if adapter.config.variant == "dora":
-            raise StoreError(f"adapter {name!r} ({path}) is a DoRA adapter: it rescales the base weights, which "
-                             "per-request serving shares; merge it first (lorakit merge) and serve the merged model",
-                             422)
+        if not adapter_class(adapter.config).servable:
+            raise StoreError(f"adapter {name!r} ({path}) is a {VARIANTS[adapter.config.variant]} adapter: its "
+                             "change is not the B·A·x a serving slot adds per request; merge it first (lorakit merge) "
+                             "and serve the merged model", 422)
         weights: dict[str, LayerWeights] = {}
         problems = []
         for layer_path, given in adapter.layers.items():

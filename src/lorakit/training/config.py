@@ -15,6 +15,7 @@ from typing import Any
 
 from ..config import ALL_LINEAR, INITS, VARIANTS, ConfigError, LoraConfig, known_init
 from ..quantize import QUANTIZATIONS
+from ..variants import adapter_class
 from .tracking import check_trackers
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -172,8 +173,12 @@ class TrainConfig(Settings):
             return [f"shard must be one of {', '.join(SHARDS)}, got {self.shard!r}"]
         if self.shard != "fsdp":
             return ["fsdp_offload needs --shard fsdp"] if self.fsdp_offload else []
-        unsupported = {"quantize": self.quantize is not None, "variant dora": self.variant != "lora",
-                       f"init {self.init}": self.init not in ("default", "gaussian")}
+        try:
+            lora = self.lora()
+        except ConfigError:
+            return []  # reported by the check of the LoRA settings
+        kind = adapter_class(lora)
+        unsupported = {"quantize": self.quantize is not None, kind.describe(lora): not kind.shardable}
         return [f"--shard fsdp with {what} is not supported yet" for what, used in unsupported.items() if used]
 
     def lora(self) -> LoraConfig:

@@ -32,12 +32,10 @@ from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
 
+from .sources import DataError, Source
+
 IGNORE = -100
 ROLES = ("system", "user", "assistant", "tool")
-
-
-class DataError(ValueError):
-    """A training file or example cannot be used; the message names the file and line."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,8 +187,6 @@ def _encode(tokenizer, items: list[tuple[dict[str, Any], str]]) -> list[tuple[li
 
 def load_dataset(path: str | os.PathLike, tokenizer, max_length: int, mask_prompt: bool = True) -> Dataset:
     """Read, check and tokenize a data file (any format training/sources.py reads)."""
-    from .sources import Source
-
     return build_dataset(Source(str(path)).records(), tokenizer, max_length, mask_prompt, source=str(path))
 
 

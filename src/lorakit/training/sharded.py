@@ -34,9 +34,10 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from ..adapter import Adapter, LayerWeights
+from ..adapter import Adapter
 from ..attach import lora_layers
 from ..config import LoraConfig
+from ..files import described
 from .checkpoint import STEP_DIR, checkpoint_dir
 
 
@@ -153,10 +154,9 @@ def fill_adapters(model: nn.Module, config: LoraConfig, name: str, seed: int) ->
     torch.manual_seed(seed)
     for _, layer in lora_layers(model):
         adapter = layer.adapters[name]
-        shapes = [tuple(p.shape) for p in adapter.parameters()]
-        fresh = type(adapter)(shapes[0], shapes[1], 1.0, 0.0, False, torch.device("cpu"), torch.float32)
-        layer.reset_adapter(fresh, config.init)
-        for param, value in zip(adapter.parameters(), fresh.parameters()):
+        fresh = {key: torch.empty(param.shape) for key, param in adapter.named_parameters()}
+        layer.draw_factors(fresh["lora_A"], fresh["lora_B"], config.init)  # shardable kinds have these two only
+        for param, value in zip(adapter.parameters(), (fresh[key] for key, _ in adapter.named_parameters())):
             if isinstance(param, DTensor):
                 value = distribute_tensor(value.to(param.dtype), param.device_mesh, param.placements,
                                           src_data_rank=None).to_local()
@@ -179,12 +179,9 @@ def full_adapter(runner: nn.Module, model: nn.Module, config: LoraConfig, name: 
     for path, layer in lora_layers(model):
         adapter = layer.adapters[name]
         key = f"{prefix}{path}.adapters.{name}"
-        magnitude = tensors.get(f"{key}.lora_magnitude_vector")
-        layers[path] = LayerWeights(tensors[f"{key}.lora_A"].clone(), tensors[f"{key}.lora_B"].clone(),
-                                    adapter.scaling, layer.layout, magnitude)
-    model_config = getattr(model, "config", None)
-    return Adapter(config, layers, {}, base_model=getattr(model_config, "name_or_path", None) or None,
-                   task_type="CAUSAL_LM" if type(model).__name__.endswith("ForCausalLM") else None)
+        gathered = {n: tensors[f"{key}.{n}"] for n, _ in adapter.named_parameters()}
+        layers[path] = adapter.value(layer, gathered).cloned()
+    return Adapter(config, layers, {}, *described(model))
 
 
 def _prefix(runner: nn.Module, model: nn.Module) -> str:

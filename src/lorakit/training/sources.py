@@ -21,10 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from .. import hub
-from .data import DataError
 
 TABLE_SUFFIXES = {".parquet": "parquet", ".csv": "csv", ".json": "json"}
 ROWS_PER_BATCH = 1024
+
+
+class DataError(ValueError):
+    """A training file or example cannot be used; the message names the file and line."""
 
 
 def parse_columns(text: str | None) -> dict[str, str]:

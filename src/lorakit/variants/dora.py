@@ -26,12 +26,20 @@ deactivating raises) and several merged adapters unmerge newest first.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor, nn
 
-from . import frozen
-from .adapter import LayerWeights, as_product
-from .layers import LoraAdapter, LoraLayer
+from .. import frozen
+from ..adapter import LayerWeights, as_product
+from ..config import LoraConfig
+from .lora import LoraAdapter
+
+if TYPE_CHECKING:
+    from ..layers import LoraLayer
+
+MAGNITUDE = "lora_magnitude_vector"  # PEFT's name, as module attribute and file key
 
 
 def magnitude_shape(layout: str, out_features: int) -> tuple[int, ...]:
@@ -44,19 +52,35 @@ class DoraAdapter(LoraAdapter):
     """LoRA's A and B plus a magnitude per output unit."""
 
     additive = False
+    plain = False  # it rescales the base output
+    servable = False  # a serving slot adds B·A·x per row; DoRA would need the base rescaled per row
+    combinable = False  # its change of W is not a sum of low-rank terms
+    shardable = False
+    extras = (MAGNITUDE,)
 
-    def __init__(self, a_shape: tuple[int, ...], b_shape: tuple[int, ...], alpha: float, dropout: float,
-                 use_rslora: bool, device: torch.device, dtype: torch.dtype) -> None:
-        super().__init__(a_shape, b_shape, alpha, dropout, use_rslora, device, dtype)
-        layout = "conv2d" if len(a_shape) == 4 else "linear"
-        self.lora_magnitude_vector = nn.Parameter(torch.ones(magnitude_shape(layout, b_shape[0]), device=device,
-                                                             dtype=dtype))
+    def __init__(self, layer: LoraLayer, rank: int, alpha: float, config: LoraConfig) -> None:
+        super().__init__(layer, rank, alpha, config)
+        out_features = layer.dims(layer.base_module)[1]
+        self.lora_magnitude_vector = nn.Parameter(torch.ones(magnitude_shape(layer.layout, out_features),
+                                                             device=self.lora_A.device, dtype=self.lora_A.dtype))
         # (the tensors and versions they were computed from, the values): ‖W‖² per row, and n
         self._row_norms: tuple[tuple, Tensor] | None = None
         self._norm: tuple[tuple, Tensor] | None = None
         self._merged_norm: Tensor | None = None
 
-    def prepare(self, layer: LoraLayer) -> None:
+    @classmethod
+    def check_layer(cls, layer_class: type[LoraLayer], base: nn.Module) -> str | None:
+        if not layer_class.rescalable:
+            return (f"DoRA is not supported on {type(base).__name__} (Linear, GPT-2 Conv1D, Embedding and Conv2d "
+                    "take it)")
+        return None
+
+    @classmethod
+    def extra_shapes(cls, layer_class: type[LoraLayer], base: nn.Module) -> dict[str, tuple[int, ...]]:
+        return {MAGNITUDE: magnitude_shape(layer_class.layout, layer_class.dims(base)[1])}
+
+    def initialise(self, layer: LoraLayer) -> None:
+        super().initialise(layer)
         with torch.no_grad():
             self.lora_magnitude_vector.copy_(self.norm(layer).reshape(self.lora_magnitude_vector.shape))
 
@@ -95,12 +119,16 @@ class DoraAdapter(LoraAdapter):
         return result + ((scale - 1) * plain + scale * update).to(result.dtype)
 
     def merged_weight(self, layer: LoraLayer, weight: Tensor) -> Tensor:
-        merged, self._merged_norm = merged_direction(weight, layer.value(self))
+        merged, self._merged_norm = merged_direction(weight, self.value(layer))
         return merged
 
     def unmerged_weight(self, layer: LoraLayer, weight: Tensor) -> Tensor:
-        value = layer.value(self)
+        value = self.value(layer)
         return weight / _per_row(value, self._merged_norm, weight) - value.delta()
+
+    @staticmethod
+    def merge_value(weight: Tensor, value: LayerWeights) -> Tensor:
+        return merged_direction(weight, value)[0]
 
 
 def merged_direction(weight: Tensor, value: LayerWeights) -> tuple[Tensor, Tensor]:
@@ -113,7 +141,7 @@ def merged_direction(weight: Tensor, value: LayerWeights) -> tuple[Tensor, Tenso
 
 def _per_row(value: LayerWeights, norm: Tensor, weight: Tensor) -> Tensor:
     """m / n shaped to multiply ``weight`` output unit by output unit."""
-    scale = value.magnitude.float().flatten().to(weight.device) / norm
+    scale = value.extras[MAGNITUDE].float().flatten().to(weight.device) / norm
     if value.layout in ("conv1d", "embedding"):  # W is (in, out): an output unit is a column
         return scale.reshape(1, -1)
     return scale.reshape(-1, *([1] * (weight.dim() - 1)))

@@ -8,7 +8,7 @@ from test_layers import single
 
 import lorakit
 from lorakit.attach import lora_layers
-from lorakit.dora import DoraAdapter
+from lorakit.variants.dora import DoraAdapter
 from lorakit.files import AdapterFileError, export_adapter
 
 DORA = dict(variant="dora")

@@ -1,4 +1,4 @@
-"""PiSSA and OLoRA (principal.py): unchanged output at init, the papers' factors, and files
+"""PiSSA and OLoRA (variants/principal.py): unchanged output at init, the papers' factors, and files
 that load in PEFT on the original base."""
 
 import json

@@ -1,0 +1,44 @@
+"""The kinds of adapter, each a module class that owns its behaviour (lora.py names the hooks).
+
+    lora       W + s·B·A                                  lora.py
+    dora       m ⊙ (W + s·B·A) / ‖W + s·B·A‖              dora.py
+    pissa/olora inits: plain LoRA that starts as part of W  principal.py
+
+``adapter_class(config)`` is the one place that maps a config to its class; the rest of
+lorakit asks that class (``additive``, ``servable``, ``combinable``, ...), never its
+name. ``register`` adds a kind (a subclass of ``LoraAdapter``) under a new name.
+"""
+
+from __future__ import annotations
+
+from .. import config as _config
+from ..config import ConfigError, LoraConfig
+from .dora import DoraAdapter
+from .lora import LoraAdapter
+from .principal import PrincipalAdapter, moves_weight
+
+__all__ = ["LoraAdapter", "DoraAdapter", "PrincipalAdapter", "VARIANTS", "adapter_class", "register", "extra_names"]
+
+# LoraConfig.variant -> the adapter class each layer gets
+VARIANTS: dict[str, type[LoraAdapter]] = {"lora": LoraAdapter, "dora": DoraAdapter}
+
+
+def register(name: str, kind: type[LoraAdapter], display: str | None = None) -> None:
+    """Make ``LoraConfig(variant=name)`` build ``kind`` adapters (``display``: its name in messages)."""
+    if not (isinstance(kind, type) and issubclass(kind, LoraAdapter)):
+        raise TypeError(f"a variant is a subclass of LoraAdapter, got {kind!r}")
+    VARIANTS[name] = kind
+    _config.VARIANTS[name] = display or name
+
+
+def adapter_class(config: LoraConfig) -> type[LoraAdapter]:
+    """The adapter class ``config`` asks for (its variant; PiSSA/OLoRA by its init)."""
+    kind = VARIANTS.get(config.variant)
+    if kind is None:  # a name LoraConfig knows but no class was registered for
+        raise ConfigError(f"variant {config.variant!r} has no adapter class; known: {', '.join(VARIANTS)}")
+    return PrincipalAdapter if moves_weight(config.init) else kind
+
+
+def extra_names() -> set[str]:
+    """The file key suffixes of every registered kind's tensors besides A and B."""
+    return {name for kind in VARIANTS.values() for name in kind.extras}
