@@ -34,6 +34,7 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLED_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 PREFIX = "base_model.model."
+LORAKIT_VARIANT = "lorakit_variant"  # the variant of an adapter PEFT's fields cannot name
 
 # PEFT options whose non-default values change the math: lorakit refuses them rather
 # than load an adapter that would compute something else.
@@ -103,6 +104,8 @@ def config_to_peft(adapter: Adapter) -> dict[str, Any]:
         "bias": "none",
         "use_dora": config.variant == "dora",  # PEFT's one switch between its LoRA variants
         "inference_mode": True,
+        # a variant PEFT has no switch for (a registered one) is named in a field of lorakit's own
+        **({LORAKIT_VARIANT: config.variant} if config.variant not in ("lora", "dora") else {}),
     }
 
 
@@ -131,7 +134,7 @@ def config_from_peft(data: Mapping[str, Any], source: Path | str) -> LoraConfig:
             alpha_pattern=data.get("alpha_pattern") or {},
             use_rslora=bool(data.get("use_rslora", False)),
             init=data["init_lora_weights"] if isinstance(data.get("init_lora_weights"), str) else "default",
-            variant="dora" if data.get("use_dora") else "lora",
+            variant=data.get(LORAKIT_VARIANT) or ("dora" if data.get("use_dora") else "lora"),
             modules_to_save=data.get("modules_to_save") or (),
         )
     except (ConfigError, TypeError) as err:
