@@ -51,6 +51,7 @@ def worker(mode: str, out: str) -> None:
     import transformers  # noqa: F401  (imported before the baseline, as every run imports it)
 
     import lorakit.training.loop as loop
+    import lorakit.training.text as text
     from lorakit.training import TrainConfig
 
     baseline = resident("VmRSS")
@@ -75,7 +76,7 @@ def worker(mode: str, out: str) -> None:
     loop.reset_peak_memory, loop.setup = record_then_reset, setup_then_touch
     config = TrainConfig(model="smollm2-135m", rank=16, alpha=32, max_steps=3, batch_size=4, micro_batch_size=2,
                          max_length=128, eval_fraction=0, save_every=100, log_every=100, shard=mode, out=out)
-    loop.train(config)
+    text.train(config)
     figures["training"] = resident("VmHWM") - baseline
     (Path(out) / f"result-{os.environ['RANK']}.json").write_text(json.dumps(figures))
 

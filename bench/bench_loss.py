@@ -29,7 +29,7 @@ def setup(batch: int, seq: int, checkpointing: bool, dtype: str):
     import lorakit
     from lorakit.pretrained import load_config
     from lorakit.training.batches import Batch
-    from lorakit.training.loop import checkpoint_activations
+    from lorakit.training.text import checkpoint_activations
 
     torch.manual_seed(0)
     config = load_config("smollm2-135m")

@@ -65,7 +65,8 @@ def _measure(config, method: str, checkpointing: bool, batch: int, seq: int, ran
     import lorakit
     from lorakit.quantize import quantize_model
     from lorakit.training.batches import Batch
-    from lorakit.training.loop import checkpoint_activations, reset_peak_memory
+    from lorakit.training.loop import reset_peak_memory
+    from lorakit.training.text import checkpoint_activations
     from lorakit.training.loss import loss_sum
 
     ids = torch.randint(0, config.vocab_size, (batch, seq))

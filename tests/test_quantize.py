@@ -11,7 +11,7 @@ import lorakit
 from lorakit import frozen
 from lorakit.attach import lora_layers
 from lorakit.quantize import QuantizeError, dequantize_model, quantize_model, quantized_bytes
-from lorakit.training.loop import checkpoint_activations
+from lorakit.training.text import checkpoint_activations
 
 METHODS = ["nf4", "int8"]
 

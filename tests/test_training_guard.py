@@ -16,7 +16,7 @@ import lorakit
 from lorakit.training import TrainConfig, TrainingError, fit
 from lorakit.training import loop
 from lorakit.training.guard import Diverged, Guard, adamw
-from lorakit.training.loop import prepare_data
+from lorakit.training.text import prepare_data
 from lorakit.training.monitor import read_metrics
 
 from test_training_loop import nan_at_forward

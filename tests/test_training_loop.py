@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 import lorakit
 from lorakit.training import TrainConfig, TrainingError, fit
 from lorakit.training.batches import collate
-from lorakit.training.loop import accumulate, learning_rate, parameter_groups, prepare_data
+from lorakit.training.loop import accumulate, learning_rate, parameter_groups
+from lorakit.training.text import prepare_data
 from lorakit.training.loss import LossModule
 
 

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from . import frozen
-from .adapter import Adapter, LayerWeights
+from .adapter import LayerWeights
 from .combine import AdapterLike, as_adapter, factored_svd, rank_for_energy
 
 ENERGIES = (0.9, 0.99)

@@ -194,7 +194,7 @@ def train(context: typer.Context, config: str | None, resume: bool, **flags: obj
     with user_errors():
         settings = load_yaml(config) if config else {}
         resolved = TrainConfig.from_dict({**settings, **given}, config or "flags")
-        from .training.loop import train as run_training
+        from .training.text import train as run_training
 
         result = run_training(resolved, resume=resume)  # checks the data before the model loads
     if not _main_process():

@@ -26,7 +26,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
 from . import hub
-from .adapter import Adapter, LayerWeights
+from .adapter import Adapter
 from .attach import (AttachError, adapters, attach, check_new_name, delete_adapter, find_saved_modules,
                      find_targets, known_adapters, lora_layers)
 from .config import LoraConfig, config_for_layers

@@ -207,7 +207,7 @@ def _layer(path: str, part: dict[str, tuple[str, Tensor]], config: LoraConfig, f
     absent = [name for name in extras if name not in part]
     if absent:
         return f"missing key {prefix}{path}.{absent[0]} (a {config.variant} adapter has one per module)", None
-    (key_a, A), (key_b, B) = part[names[0]], part[names[1]]
+    A, B = part[names[0]][1], part[names[1]][1]
     for key, tensor in part.values():
         if not tensor.is_floating_point():
             return f"{key} has dtype {tensor.dtype}, expected a floating-point tensor", None

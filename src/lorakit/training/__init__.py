@@ -2,6 +2,7 @@
 
 from .config import TrainConfig, load_yaml
 from .data import DataError
-from .loop import TrainingError, TrainResult, fit, train
+from .loop import TrainingError
+from .text import TrainResult, fit, train
 
 __all__ = ["DataError", "TrainConfig", "TrainResult", "TrainingError", "fit", "load_yaml", "train"]

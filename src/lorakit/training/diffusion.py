@@ -11,12 +11,12 @@
 prediction type is the scheduler config's.) Noise and timesteps depend only on the seed,
 the step and the image, so a resumed run, or one split over processes, draws the same
 ones. The text encoder and VAE stay frozen: captions and latents are computed once.
+``DiffusionTask`` is this loss as a task of the one training loop (loop.py).
 """
 
 from __future__ import annotations
 
 import json
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,20 +28,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import hub
-from ..quiet import no_progress_bars
-from ..attach import attach, disabled
+from ..attach import disabled
 from ..config import ConfigError, LoraConfig
-from ..files import save_adapter, save_pipeline_adapter
+from ..files import save_pipeline_adapter
+from ..quiet import no_progress_bars
 from .batches import micro_batches, split_eval, step_indices
-from .checkpoint import latest_checkpoint, load_checkpoint, run_lock, save_checkpoint, write_text
-from .config import SCHEDULES, Settings, dump_yaml, setting
-from .data import DataError
+from .checkpoint import run_lock
+from .config import SCHEDULES, Settings, setting
 from .distributed import Processes
-from .guard import Guard, adamw
 from .images import ImageExample, encode_captions, read_image_folder, sample, save_grid
-from .loop import (TrainingError, accumulate, check_batch, check_output_dir, guarded, learning_rate,
-                   parameter_groups, peak_memory, reset_peak_memory, set_learning_rate)
-from .monitor import Monitor, plot_loss
+from .loop import Run, TrainingError, check_batch, check_output_dir, fit, peak_memory
+from .sources import DataError
+from .strategy import Plain
 from .tracking import check_trackers
 
 PREDICTIONS = ("epsilon", "v_prediction")
@@ -246,12 +244,13 @@ def train_image(config: ImageTrainConfig, resume: bool = False) -> ImageTrainRes
     processes = Processes.from_env()
     try:
         check_batch(config, processes)
-        check_output_dir(config, resume, NOT_RESUMABLE_IF_CHANGED)
+        check_output_dir(config, resume, NOT_RESUMABLE_IF_CHANGED, Plain(processes))
         resolution, channels = image_shape(config)
         examples = read_image_folder(config.data, config.caption, resolution, channels)
         pipeline = load_pipeline(config.model)
         with run_lock(config.out_dir) if processes.main else nullcontext():
-            return _fit(pipeline, examples, resolution, config, processes)
+            task = DiffusionTask(pipeline, examples, resolution, config, processes)
+            return fit(task, Plain(processes), config, processes)
     finally:
         processes.close()
 
@@ -267,132 +266,88 @@ def encode_images(pipeline: Pipeline, examples: list[ImageExample], device: torc
     return pipeline.vae.encode(pixels).latent_dist.sample(generator) * pipeline.vae.config.scaling_factor
 
 
-def _fit(pipeline: Pipeline, examples: list[ImageExample], resolution: int, config: ImageTrainConfig,
-         processes: Processes) -> ImageTrainResult:
-    out = config.out_dir
-    device = processes.device(config.device)
-    kept, held_out = split_eval(examples, config.eval_fraction, config.seed) if config.eval_fraction else (examples, [])
-    if not kept:
-        raise DataError(f"{config.data}: no images left for training after holding out {config.eval_fraction}")
-    pipeline.text_encoder.to(device)
-    captions = encode_captions([e.caption for e in examples], pipeline.tokenizer, pipeline.text_encoder, device)
-    latents = encode_images(pipeline, kept, device, config.seed).cpu()
-    states = torch.stack([captions[e.caption] for e in kept]).cpu()
-    eval_latents = encode_images(pipeline, held_out, device, config.seed).cpu() if held_out else None
-    eval_states = torch.stack([captions[e.caption] for e in held_out]).cpu() if held_out else None
+class DiffusionTask:
+    """A pipeline's UNet and its images, encoded once: the denoising loss per image."""
 
-    unet = pipeline.unet.to(device)
-    torch.manual_seed(config.seed)
-    attach(unet, config.lora())
-    reset_peak_memory(device)
-    groups = parameter_groups(unet, config)
-    optimizer = adamw(groups, config.lr, config.weight_decay)
-    guard = Guard(optimizer, device)
-    parameters = [p for group in groups for p in group["params"]]
-    state: dict[str, Any] = {"images": 0, "seconds": 0.0, "eval_loss_before": None, "train_loss": None}
-    start_step = 0
-    checkpoint = latest_checkpoint(out)
-    if checkpoint is not None:
-        state.update(load_checkpoint(checkpoint, unet, optimizer))
-        start_step = state.pop("step")
-    if processes.main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_text(out / "config.yaml", dump_yaml(config))
-    monitor = Monitor(out, config.max_steps, start_step, processes.main, config.log_every, config.report_to,
-                      config.to_dict())
-    trainable = sum(p.numel() for p in parameters)
-    monitor.note(f"data: {len(kept)} training images, {len(held_out)} held out, {resolution}x{resolution}; "
-                 f"{config.max_steps} steps of {config.batch_size}; {trainable:,} trainable parameters "
-                 f"({100 * trainable / sum(p.numel() for p in unet.parameters()):.2f} % of the UNet)"
-                 + (f"; resuming after step {start_step}" if start_step else ""))
-    runner = processes.wrap(DenoisingLoss(unet, pipeline.scheduler), device)
-    timesteps = pipeline.scheduler.config.num_train_timesteps
+    counter = "images"
+    loss_label = "denoising loss (mean squared error)"
 
-    def evaluate() -> float | None:
-        if eval_latents is None:
+    def __init__(self, pipeline: Pipeline, examples: list[ImageExample], resolution: int, config: ImageTrainConfig,
+                 processes: Processes) -> None:
+        self.pipeline, self.config, self.resolution = pipeline, config, resolution
+        self.model = pipeline.unet
+        self.total_steps = config.max_steps
+        device = processes.device(config.device)
+        kept, held_out = split_eval(examples, config.eval_fraction, config.seed) if config.eval_fraction else (
+            examples, [])
+        if not kept:
+            raise DataError(f"{config.data}: no images left for training after holding out {config.eval_fraction}")
+        self.captions = [e.caption for e in kept]
+        self.kept, self.held_out = len(kept), bool(held_out)
+        pipeline.text_encoder.to(device)
+        states = encode_captions([e.caption for e in examples], pipeline.tokenizer, pipeline.text_encoder, device)
+        self.latents = encode_images(pipeline, kept, device, config.seed).cpu()
+        self.states = torch.stack([states[e.caption] for e in kept]).cpu()
+        self.eval_latents = encode_images(pipeline, held_out, device, config.seed).cpu() if held_out else None
+        self.eval_states = torch.stack([states[e.caption] for e in held_out]).cpu() if held_out else None
+        self.timesteps = pipeline.scheduler.config.num_train_timesteps
+
+    def adapted(self, model: nn.Module) -> None:
+        pass
+
+    def loss_module(self) -> nn.Module:
+        return DenoisingLoss(self.model, self.pipeline.scheduler)
+
+    def note(self, trainable: int) -> str:
+        config, size = self.config, self.resolution
+        held_out = 0 if self.eval_latents is None else len(self.eval_latents)
+        share = 100 * trainable / sum(p.numel() for p in self.model.parameters())
+        return (f"data: {self.kept} training images, {held_out} held out, {size}x{size}; {config.max_steps} steps "
+                f"of {config.batch_size}; {trainable:,} trainable parameters ({share:.2f} % of the UNet)")
+
+    def batches(self, step: int, processes: Processes, device: torch.device) -> tuple[list[ImageBatch], int, int]:
+        config = self.config
+        indices = step_indices(self.kept, config.batch_size, step, config.seed)
+        batches = [make_batch(self.latents, self.states, chunk, config.seed, step, self.timesteps).to(device)
+                   for chunk in micro_batches(indices, processes.rank, processes.world_size, config.micro_batch_size)]
+        return batches, config.batch_size, config.batch_size
+
+    @torch.no_grad()
+    def evaluate(self, loss: nn.Module, processes: Processes, device: torch.device, autocast) -> float | None:
+        """Mean denoising loss over the held-out images, with noise and timesteps fixed by the
+        seed (as a step no run reaches), so every evaluation of a run sees the same noisy inputs."""
+        if self.eval_latents is None:
             return None
-        return _evaluate(unet, pipeline.scheduler, eval_latents, eval_states, config, processes, device)
+        was_training = loss.training
+        loss.eval()
+        total = 0.0
+        for chunk in micro_batches(list(range(len(self.eval_latents))), processes.rank, processes.world_size,
+                                   self.config.micro_batch_size):
+            batch = make_batch(self.eval_latents, self.eval_states, chunk, self.config.seed, EVAL_STEP,
+                               self.timesteps).to(device)
+            total += loss(batch).item()
+        loss.train(was_training)
+        return processes.sum(total, device) / len(self.eval_latents)
 
-    if start_step == 0:
-        state["eval_loss_before"] = evaluate()
-        if state["eval_loss_before"] is not None:
-            monitor.evaluation(0, state["eval_loss_before"])
-    started = time.perf_counter() - state["seconds"]
-    try:
-        unet.train()
-        for step in range(start_step, config.max_steps):
-            lr = learning_rate(config, step, config.max_steps)
-            set_learning_rate(optimizer, lr)
-            indices = step_indices(len(kept), config.batch_size, step, config.seed)
-            batches = [make_batch(latents, states, chunk, config.seed, step, timesteps).to(device)
-                       for chunk in micro_batches(indices, processes.rank, processes.world_size,
-                                                  config.micro_batch_size)]
-            loss = processes.sum(accumulate(runner, batches, config.batch_size, processes.world_size,
-                                            nullcontext()), device) / config.batch_size
-            grad_norm = guarded(guard.step, out, parameters, config.max_grad_norm, loss, step)
-            guarded(guard.check, out)  # an image step takes seconds: its flag is read at once
-            loss, grad_norm = loss.item(), grad_norm.item()
-            done = step + 1
-            state["images"] += config.batch_size
-            state["seconds"] = time.perf_counter() - started
-            state["train_loss"] = loss
-            monitor.step({"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                          "images_per_second": state["images"] / state["seconds"], "time": time.time()})
-            if done % config.save_every == 0 or done == config.max_steps:
-                if processes.main:
-                    save_checkpoint(out, done, unet, optimizer, state, config.keep_checkpoints)
-                processes.barrier()
-        unet.eval()
-        eval_after = evaluate()
-        if eval_after is not None:
-            monitor.evaluation(config.max_steps, eval_after)
-    finally:
-        monitor.close()
-    return _finish(pipeline, config, processes, device, state, start_step, eval_after, resolution, trainable,
-                   [e.caption for e in kept])
+    def metrics(self, state: dict[str, Any]) -> dict[str, Any]:
+        return {"images_per_second": state["images"] / state["seconds"]}
 
-
-@torch.no_grad()
-def _evaluate(unet: nn.Module, scheduler, latents: Tensor, states: Tensor, config: ImageTrainConfig,
-              processes: Processes, device: torch.device) -> float:
-    """Mean denoising loss over the held-out images, with noise and timesteps fixed by the
-    seed (as a step no run reaches), so every evaluation of a run sees the same noisy inputs."""
-    was_training = unet.training
-    unet.eval()
-    total = 0.0
-    timesteps = scheduler.config.num_train_timesteps
-    for chunk in micro_batches(list(range(len(latents))), processes.rank, processes.world_size,
-                               config.micro_batch_size):
-        batch = make_batch(latents, states, chunk, config.seed, EVAL_STEP, timesteps).to(device)
-        total += denoising_loss(unet, scheduler, batch).sum().item()
-    unet.train(was_training)
-    return processes.sum(total, device) / len(latents)
-
-
-def _finish(pipeline: Pipeline, config: ImageTrainConfig, processes: Processes, device: torch.device,
-            state: dict[str, Any], start_step: int, eval_after: float | None, resolution: int, trainable: int,
-            captions: list[str]) -> ImageTrainResult:
-    """The adapter in three formats, samples.png, loss.png, and summary.json last."""
-    out, unet = config.out_dir, pipeline.unet
-    if processes.main:
-        save_adapter(unet, out / "adapter")
-        save_pipeline_adapter({"unet": unet}, out / "diffusers")
-        save_pipeline_adapter({"unet": unet}, out / "kohya.safetensors", file_format="kohya")
-        plot_loss(out / "metrics.jsonl", out / "loss.png", ylabel="denoising loss (mean squared error)")
-        prompts = (config.sample_prompts.split("|") if config.sample_prompts
-                   else sorted(set(captions))[:4])
-        before, after = sample_grid(pipeline, prompts, config, resolution, device)
-        save_grid(out / "samples.png", {"before": before, "after": after}, prompts)
-    result = ImageTrainResult(
-        out=out, adapter=out / "adapter", steps=config.max_steps, resumed_from=start_step or None,
-        train_loss=state["train_loss"], eval_loss_before=state["eval_loss_before"], eval_loss_after=eval_after,
-        images_per_second=state["images"] / max(state["seconds"], 1e-9), seconds=state["seconds"],
-        peak_memory_bytes=peak_memory(device), trainable_parameters=trainable,
-        unet_parameters=sum(p.numel() for p in unet.parameters()))
-    if processes.main:
-        write_text(out / "summary.json", json.dumps(result.to_json(), indent=2) + "\n")
-    processes.barrier()
-    return result
+    def result(self, run: Run, resumed_from: int | None, eval_after: float | None) -> ImageTrainResult:
+        """The adapter in diffusers' and kohya's formats too, and samples.png; the result."""
+        config, state, unet = self.config, run.state, self.model
+        out = config.out_dir
+        if run.processes.main:
+            save_pipeline_adapter({"unet": unet}, out / "diffusers")
+            save_pipeline_adapter({"unet": unet}, out / "kohya.safetensors", file_format="kohya")
+            prompts = config.sample_prompts.split("|") if config.sample_prompts else sorted(set(self.captions))[:4]
+            before, after = sample_grid(self.pipeline, prompts, config, self.resolution, run.device)
+            save_grid(out / "samples.png", {"before": before, "after": after}, prompts)
+        return ImageTrainResult(
+            out=out, adapter=out / "adapter", steps=config.max_steps, resumed_from=resumed_from,
+            train_loss=state["train_loss"], eval_loss_before=state["eval_loss_before"], eval_loss_after=eval_after,
+            images_per_second=state["images"] / max(state["seconds"], 1e-9), seconds=state["seconds"],
+            peak_memory_bytes=peak_memory(run.device), trainable_parameters=sum(p.numel() for p in run.parameters),
+            unet_parameters=sum(p.numel() for p in unet.parameters()))
 
 
 def sample_grid(pipeline: Pipeline, prompts: list[str], config: ImageTrainConfig, resolution: int,
