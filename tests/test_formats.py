@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 
 import lorakit
 from lorakit.cli import app
-from lorakit.files import AdapterFileError, load_pipeline_adapter
+from lorakit.files import AdapterFileError
+from lorakit.pipelines import load_pipeline_adapter
 from lorakit.pipelines import convert
 
 from conftest import assert_unchanged, randomize_adapters, snapshot, tiny_llama

@@ -13,7 +13,8 @@ from safetensors.torch import save_file
 import lorakit
 from lorakit import LoraConfig
 from lorakit.config import TARGET_SETS
-from lorakit.files import AdapterFileError, load_pipeline_adapter, save_pipeline_adapter
+from lorakit.files import AdapterFileError
+from lorakit.pipelines import load_pipeline_adapter, save_pipeline_adapter
 from lorakit.formats.diffusers import METADATA_KEY, WEIGHTS_NAME
 
 from conftest import assert_unchanged, randomize_adapters, snapshot

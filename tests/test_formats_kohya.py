@@ -12,7 +12,8 @@ import lorakit
 from lorakit import LoraConfig
 from lorakit.attach import lora_layers
 from lorakit.config import TARGET_SETS
-from lorakit.files import AdapterFileError, load_pipeline_adapter, read_pipeline_adapter, save_pipeline_adapter
+from lorakit.files import AdapterFileError
+from lorakit.pipelines import load_pipeline_adapter, read_pipeline_adapter, save_pipeline_adapter
 from lorakit.formats.kohya import name_table
 
 from conftest import assert_unchanged, randomize_adapters, snapshot

@@ -8,7 +8,8 @@ from typer.testing import CliRunner
 import lorakit
 from lorakit import LoraConfig
 from lorakit.cli import app
-from lorakit.files import AdapterFileError, load_pipeline_adapter
+from lorakit.files import AdapterFileError
+from lorakit.pipelines import load_pipeline_adapter
 from lorakit.pipelines import convert, pipeline_skeleton
 
 from conftest import randomize_adapters

@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from lorakit.config import ConfigError
-from lorakit.files import load_pipeline_adapter
+from lorakit.pipelines import load_pipeline_adapter
 from lorakit.training import TrainingError
 from lorakit.training.checkpoint import latest_checkpoint
 from lorakit.training.data import DataError

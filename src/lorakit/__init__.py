@@ -17,11 +17,12 @@ from .attach import (
 from .adapter import Adapter, LayerWeights
 from .combine import CombineError, combine, compress
 from .config import ConfigError, LoraConfig
-from .files import (AdapterFileError, export_adapter, import_adapter, install, load_adapter, load_pipeline_adapter, read_adapter,
-                    save_adapter, save_pipeline_adapter)
+from .files import (AdapterFileError, export_adapter, import_adapter, install, load_adapter, read_adapter,
+                    save_adapter)
 from .layers import LoraLayer
 from .merge import MergeError, detach, merge, merged_state_dict, unmerge
 from .variants import LoraAdapter
+from .pipelines import load_pipeline_adapter, save_pipeline_adapter
 from .pretrained import load_model, load_tokenizer
 
 

@@ -30,7 +30,7 @@ from .adapter import Adapter
 from .attach import (AttachError, adapters, attach, check_new_name, delete_adapter, find_saved_modules,
                      find_targets, known_adapters, lora_layers)
 from .config import LoraConfig, config_for_layers
-from .formats import AdapterFileError, is_flattened_text_model, read_safetensors
+from .formats import AdapterFileError, read_safetensors
 from .formats.peft import (BASE_COPY, CONFIG_NAME, PICKLED_NAMES, PREFIX, WEIGHTS_NAME, config_from_peft,
                            config_to_peft, from_tensors, tensor_key, to_tensors)
 from .layers import LoraLayer
@@ -38,8 +38,7 @@ from .variants import adapter_class
 
 KeyNamer = Callable[[str, str, str], str]  # (module path, tensor name, layout) -> what messages call it
 __all__ = ["AdapterFileError", "CONFIG_NAME", "WEIGHTS_NAME", "export_adapter", "import_adapter", "install", "read_adapter",
-           "write_adapter", "save_adapter", "load_adapter", "restore_adapter", "write_directory", "import_adapters",
-           "save_pipeline_adapter", "read_pipeline_adapter", "load_pipeline_adapter"]
+           "write_adapter", "save_adapter", "load_adapter", "restore_adapter", "write_directory", "import_adapters"]
 
 
 # -- the adapter value <-> a live model -------------------------------------------
@@ -377,61 +376,3 @@ def restore_adapter(model: nn.Module, directory: str | os.PathLike, name: str = 
                            targets=_target_paths(model, config, directory))
     check_fits(model, adapter, None, directory / WEIGHTS_NAME, tensor_key)
     _copy_in(model, adapter, name)
-
-
-# -- pipelines: one adapter over several models, in diffusers' or kohya's file -------------
-PIPELINE_FORMATS = ("diffusers", "kohya")
-
-
-def save_pipeline_adapter(models: Mapping[str, nn.Module], path: str | os.PathLike, name: str = "default",
-                          file_format: str = "diffusers") -> Path:
-    """Write adapter ``name`` of a pipeline's models (``{"unet": unet, "text_encoder": te}``;
-    components without it are skipped) as one file, atomically; return its path.
-
-    ``diffusers``: ``path`` is a directory that gets ``pytorch_lora_weights.safetensors``
-    (what ``pipe.load_lora_weights(path)`` reads); ``kohya``: ``path`` is the file."""
-    from .formats import diffusers, kohya
-
-    values = {component: export_adapter(model, name) for component, model in models.items()
-              if name in adapters(model)}
-    if not values:
-        raise AdapterFileError(f"no adapter {name!r} on any of {sorted(models)}")
-    if file_format == "diffusers":
-        return write_directory(path, {diffusers.WEIGHTS_NAME: diffusers.file_bytes(values)}) / diffusers.WEIGHTS_NAME
-    if file_format == "kohya":
-        return kohya.write_file(values, path)
-    raise AdapterFileError(f"file_format must be one of {PIPELINE_FORMATS}, got {file_format!r}")
-
-
-def read_pipeline_adapter(path: str | os.PathLike, models: Mapping[str, nn.Module]) -> dict[str, Adapter]:
-    """The adapter values of a diffusers or kohya file (told apart by its keys), by component.
-    ``models`` gives kohya's names their module paths."""
-    return _read_pipeline_file(path, models)[0]
-
-
-def _read_pipeline_file(path: str | os.PathLike, models: Mapping[str, nn.Module],
-                        ) -> tuple[dict[str, Adapter], Callable[[str], KeyNamer]]:
-    """``read_pipeline_adapter``, and how its format names a component's tensors."""
-    from .formats import diffusers, kohya
-
-    source = locate(path)
-    file = source / diffusers.WEIGHTS_NAME if source.is_dir() else source
-    if source.is_dir() and not file.exists():  # a Hub repo or folder holding one kohya/diffusers file
-        files = sorted(source.glob("*.safetensors"))
-        file = files[0] if len(files) == 1 else file
-    tensors, metadata = read_safetensors(file)
-    kohya_keys = [k for k in tensors if k.startswith("lora_")]
-    if kohya_keys and len(kohya_keys) != len(tensors):
-        other = next(k for k in tensors if not k.startswith("lora_"))
-        raise AdapterFileError(f"{file}: mixes formats: kohya key {kohya_keys[0]} and {other}")
-    if kohya_keys:
-        return kohya.parse(tensors, file, models), kohya.key_namer
-    flattened = [c for c, m in models.items() if is_flattened_text_model(c, m)]
-    return diffusers.parse(tensors, metadata, file, flattened), diffusers.key_namer
-
-
-def load_pipeline_adapter(models: Mapping[str, nn.Module], path: str | os.PathLike, name: str = "default") -> str:
-    """Load a diffusers or kohya LoRA file into a pipeline's models as ``name``: every
-    component checked before any changes, so all of it loads or none."""
-    values, keys = _read_pipeline_file(path, models)
-    return import_adapters(models, values, name, Path(path), keys)

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from .. import hub
 from ..attach import disabled
 from ..config import ConfigError, LoraConfig
-from ..files import save_pipeline_adapter
+from ..pipelines import save_pipeline_adapter
 from ..quiet import no_progress_bars
 from .batches import micro_batches, split_eval, step_indices
 from .checkpoint import run_lock
