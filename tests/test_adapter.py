@@ -10,7 +10,6 @@ from torch import nn
 
 import lorakit
 from lorakit.adapter import Adapter, LayerWeights
-from lorakit.merge import merged_state_dict
 from lorakit.files import AdapterFileError, export_adapter, import_adapter, read_adapter, write_adapter
 
 
@@ -75,33 +74,6 @@ def test_import_gives_the_exporting_models_outputs(family):
     ids = token_batch(source.config.vocab_size)
     with torch.no_grad():
         torch.testing.assert_close(target(ids).logits, source(ids).logits, rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("family", sorted(MODELS))
-def test_merged_state_dict_equals_merging_the_model(family):
-    model = MODELS[family]()
-    base = {k: v.clone() for k, v in model.state_dict().items()}
-    lorakit.attach(model, lorakit.LoraConfig(rank=4, alpha=8, modules_to_save=("lm_head",)
-                                             if family != "qwen2" else ()))
-    randomize_adapters(model)
-    adapter = export_adapter(model)
-    merged = merged_state_dict(base, adapter)
-    lorakit.detach(model)  # merged in place, original module types
-    expected = model.state_dict()
-    assert merged.keys() == base.keys() == expected.keys()
-    for key in expected:
-        torch.testing.assert_close(merged[key], expected[key], rtol=0, atol=0, msg=key)
-    changed = [k for k in base if not torch.equal(base[k], merged[k])]
-    assert changed and all(k.endswith(".weight") for k in changed)  # and base itself is untouched
-    assert all(torch.equal(base[k], v) for k, v in MODELS[family]().state_dict().items())
-
-
-def test_merged_state_dict_refuses_a_base_it_does_not_fit():
-    adapter = export_adapter(every_layout())
-    base = {"linear.weight": torch.zeros(12, 16), "conv1d.weight": torch.zeros(12, 12)}
-    with pytest.raises(ValueError, match=r"conv1d: weight \(12, 12\), the adapter's update is \(16, 12\)") as err:
-        merged_state_dict(base, adapter)
-    assert "embedding: no 'embedding.weight' in the base state dict" in str(err.value)
 
 
 def test_read_adapter_names_the_module_of_a_broken_pair(tmp_path):

@@ -5,11 +5,11 @@ import torch
 from torch import nn
 
 import lorakit
-from lorakit import AttachError, LoraConfig, MergeError
+from lorakit import AttachError, LoraConfig
 from lorakit.attach import lora_layers
 from lorakit.layers import LoraConv1D, LoraLinear
 
-from conftest import MODELS, assert_unchanged, randomize_adapters, snapshot, token_batch, tiny_gpt2
+from conftest import MODELS, assert_unchanged, randomize_adapters, snapshot, token_batch
 
 
 @pytest.mark.parametrize("kind", sorted(MODELS))
@@ -123,18 +123,6 @@ def test_bad_or_used_adapter_name_is_refused(name):
     assert_unchanged(model, before)
 
 
-def test_unsafe_merge_of_a_nan_adapter_is_refused_and_changes_nothing():
-    model = MODELS["llama"]()
-    lorakit.attach(model, LoraConfig(rank=2, alpha=4))
-    randomize_adapters(model)
-    with torch.no_grad():
-        model.model.layers[1].mlp.up_proj.adapters["default"].lora_B[0, 0] = float("nan")
-    before = snapshot(model)
-    with pytest.raises(MergeError, match=r"model\.layers\.1\.mlp\.up_proj"):
-        lorakit.merge(model)
-    assert_unchanged(model, before)
-
-
 # -- several adapters ---------------------------------------------------------------
 def test_two_adapters_switch_disable_and_delete():
     model = MODELS["qwen2"]()
@@ -177,34 +165,6 @@ def with_two_adapters(model):
     randomize_adapters(model, "a", seed=1)
     randomize_adapters(model, "b", seed=2)
     return model
-
-
-def test_merged_adapter_that_is_switched_off_no_longer_contributes():
-    """Merging changes speed, never meaning: output is always base + active adapters."""
-    model = MODELS["llama"]()
-    x = token_batch(97)
-    base = model(x).logits.detach()
-    with_two_adapters(model)
-    with torch.no_grad():
-        only_a = model(x).logits
-        lorakit.merge(model, ["a", "b"])
-        torch.testing.assert_close(model(x).logits, only_a, rtol=1e-4, atol=1e-4)
-        with lorakit.disabled(model):
-            torch.testing.assert_close(model(x).logits, base, rtol=1e-4, atol=1e-4)
-        lorakit.delete_adapter(model, "b")  # unmerges b first
-        torch.testing.assert_close(model(x).logits, only_a, rtol=1e-4, atol=1e-4)
-
-
-def test_detach_merges_only_active_adapters():
-    model = with_two_adapters(tiny_gpt2())
-    x = token_batch(89)
-    with torch.no_grad():
-        only_a = model(x).logits
-        lorakit.merge(model, ["b"])
-        plain = lorakit.detach(model)
-    assert not lora_layers(plain) and not hasattr(plain, "lorakit_configs")
-    assert type(plain.transformer.h[0].attn.c_attn).__name__ == "Conv1D"
-    torch.testing.assert_close(plain(x).logits, only_a, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("training", [False, True])

@@ -12,7 +12,6 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import lorakit
-from lorakit.attach import lora_layers
 
 from conftest import assert_close_as_sums
 
@@ -78,63 +77,6 @@ def test_forward_matches_dense_math(kind, use_rslora):
     assert adapter.scaling == pytest.approx(scaling)
     expected = dense_reference(kind, W, b, adapter.lora_A.detach(), adapter.lora_B.detach(), scaling, x)
     torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("kind", KINDS)
-def test_merge_equals_unmerged_is_idempotent_and_unmerge_restores(kind):
-    model, x = single(kind)
-    base_weight = model.layer.weight.detach().clone()
-    lorakit.attach(model, lorakit.LoraConfig(rank=3, alpha=6, targets=["layer"]))
-    set_random(model)
-    with torch.no_grad():
-        unmerged = model(x)
-        lorakit.merge(model)
-        merged_weight = model.layer.weight.detach().clone()
-        torch.testing.assert_close(model(x), unmerged, rtol=1e-5, atol=1e-5)
-        lorakit.merge(model)
-        assert torch.equal(model.layer.weight, merged_weight)
-        assert model.layer.merged == ["default"]
-        lorakit.unmerge(model)
-        lorakit.unmerge(model)
-    assert model.layer.merged == []
-    torch.testing.assert_close(model.layer.weight.detach(), base_weight, rtol=0, atol=1e-6)
-    torch.testing.assert_close(model(x), unmerged, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("kind", KINDS)
-def test_detach_gives_original_type_with_merged_weights(kind):
-    model, x = single(kind)
-    original_type = type(model.layer)
-    lorakit.attach(model, lorakit.LoraConfig(rank=3, alpha=6, targets=["layer"]))
-    set_random(model)
-    with torch.no_grad():
-        adapted = model(x)
-        plain = lorakit.detach(model, merge=True)
-    assert type(plain.layer) is original_type and not lora_layers(plain)
-    torch.testing.assert_close(plain(x), adapted, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("kind", KINDS)
-def test_detach_without_merge_restores_the_exact_base(kind):
-    model, x = single(kind)
-    base = model(x).detach()
-    lorakit.attach(model, lorakit.LoraConfig(rank=3, alpha=6, targets=["layer"]))
-    set_random(model)
-    plain = lorakit.detach(model, merge=False)
-    assert torch.equal(plain(x), base)
-
-
-def test_merge_in_bf16_computes_in_fp32_and_rounds_once():
-    model, x = single("linear", torch.bfloat16)
-    W = model.layer.weight.detach().clone()
-    lorakit.attach(model, lorakit.LoraConfig(rank=3, alpha=6, targets=["layer"]))
-    adapter = model.layer.adapters["default"]
-    assert adapter.lora_A.dtype == torch.float32  # adapters stay fp32 on half bases
-    set_random(model)
-    assert model(x).dtype == torch.bfloat16
-    lorakit.merge(model)
-    expected = (W.float() + adapter.scaling * adapter.lora_B.detach() @ adapter.lora_A.detach()).to(torch.bfloat16)
-    assert torch.equal(model.layer.weight, expected)
 
 
 def test_gaussian_init():

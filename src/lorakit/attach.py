@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .bnb import LoraBnbLinear, is_bnb_linear
-from .config import ALL_LINEAR, LoraConfig
+from .config import ALL_LINEAR, LoraConfig, names_module
 from .layers import LoraConv1D, LoraConv2d, LoraEmbedding, LoraLayer, LoraLinear
 from .variants import LoraAdapter, adapter_class
 
@@ -137,7 +137,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[Target]:
 def find_saved_modules(model: nn.Module, config: LoraConfig) -> dict[str, nn.Module]:
     """Path -> module for each of ``config.modules_to_save``; every name must match."""
     found = {path: m for path, m in model.named_modules() if path and config.saves(path)}
-    missing = [m for m in config.modules_to_save if not any(p == m or p.endswith("." + m) for p in found)]
+    missing = [m for m in config.modules_to_save if not any(names_module(m, p) for p in found)]
     if missing:
         raise AttachError(f"modules_to_save {missing} matched no module")
     return found

@@ -150,7 +150,7 @@ class LoraConfig:
 
     def saves(self, path: str) -> bool:
         """Whether ``path`` is one of ``modules_to_save``."""
-        return any(path == m or path.endswith("." + m) for m in self.modules_to_save)
+        return any(names_module(m, path) for m in self.modules_to_save)
 
     def scaling(self, alpha: float, rank: int) -> float:
         return lora_scaling(alpha, rank, self.use_rslora)
@@ -188,7 +188,12 @@ def config_for_layers(ranks: Mapping[str, int], alphas: Mapping[str, float]) -> 
 def _matches_names(names: str | tuple[str, ...], path: str) -> bool:
     if isinstance(names, str):
         return re.fullmatch(names, path) is not None
-    return any(path == n or path.endswith("." + n) for n in names)
+    return any(names_module(n, path) for n in names)
+
+
+def names_module(name: str, path: str) -> bool:
+    """PEFT's rule for a listed name: the whole path, or its last dotted parts."""
+    return path == name or path.endswith("." + name)
 
 
 def _pattern_value(patterns: Mapping[str, float], path: str, default: float):
