@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from lorakit import frozen
-from lorakit.quantize import _quantizer
+from lorakit.frozen import quantizer
 
 torch.manual_seed(0)
 
@@ -23,7 +23,7 @@ def test_quantized_linear_is_the_dense_product_of_its_dequantized_weight(method)
     """Within bfloat16 arithmetic: |y - x dense(Q)^T| <= 2^-7 (|x| |dense(Q)|^T) elementwise,
     the bound of rounding the inputs (2^-9 each) and the output (2^-9) of a bf16 product."""
     W = torch.randn(128, 256) / 16
-    Q = _quantizer(method)(W.bfloat16())
+    Q = quantizer(method)(W.bfloat16())
     x = torch.randn(4, 7, 256).bfloat16()
     y = frozen.linear(x, Q, None)
     assert y.dtype == torch.bfloat16 and frozen.quantization(Q) == method
@@ -39,7 +39,7 @@ def test_nf4_error_is_within_half_the_widest_code_gap_of_each_block():
     than 0.1519 x its block's absmax, plus at most 1 % of the absmax for the 8-bit
     second-level quantization of that absmax and the bfloat16 rounding of the result."""
     W = torch.randn(64, 512).bfloat16()
-    Q = _quantizer("nf4")(W)
+    Q = quantizer("nf4")(W)
     error = (frozen.dense(Q) - W.float()).abs().view(-1, 64)
     absmax = W.float().abs().view(-1, 64).amax(dim=1, keepdim=True)
     assert (error <= (0.1519 + 0.01) * absmax).all()
@@ -48,7 +48,7 @@ def test_nf4_error_is_within_half_the_widest_code_gap_of_each_block():
 
 def test_int8_error_is_within_half_a_step_of_each_row():
     W = torch.randn(64, 512).bfloat16()
-    Q = _quantizer("int8")(W)
+    Q = quantizer("int8")(W)
     error = (frozen.dense(Q) - W.float()).abs()
     step = W.float().abs().amax(dim=1, keepdim=True) / 127
     assert (error <= 0.5 * step * 1.01 + 1e-6).all()
@@ -56,7 +56,7 @@ def test_int8_error_is_within_half_a_step_of_each_row():
 
 def test_real_bytes_count_the_inner_tensors():
     W = torch.randn(256, 512).bfloat16()
-    nf4, int8 = _quantizer("nf4")(W), _quantizer("int8")(W)
+    nf4, int8 = quantizer("nf4")(W), quantizer("int8")(W)
     # 4 bits per weight plus 8-bit scales per 64 and a few float32 second-level scales
     assert 256 * 512 // 2 < frozen.nbytes(nf4) < 0.27 * W.numel() * 2
     # one byte per weight plus a scale (and zero point) per row
