@@ -86,9 +86,10 @@ def file_bytes(adapters: Mapping[str, Adapter]) -> bytes:
     for component, adapter in adapters.items():
         if component not in WRITTEN:
             raise AdapterFileError(f"kohya files name the components {sorted(WRITTEN)}; got {component!r}")
-        if adapter.saved or not adapter_class(adapter.config).plain:
+        kind = adapter_class(adapter.config)
+        if adapter.saved or not kind.plain:
             raise AdapterFileError(f"{component}: kohya files hold plain LoRA factors only (no "
-                                   f"{adapter_class(adapter.config).describe(adapter.config)}, no modules_to_save)")
+                                   f"{kind.describe(adapter.config)}, no modules_to_save)")
         for path, layer in adapter.layers.items():
             if layer.layout not in ("linear", "conv2d"):
                 raise AdapterFileError(f"{component}: {path}: a {layer.layout} layer has no kohya form")

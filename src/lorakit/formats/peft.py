@@ -22,7 +22,7 @@ from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..adapter import Adapter, LayerWeights
 from ..config import ALL_LINEAR, ConfigError, LoraConfig
@@ -57,11 +57,6 @@ def tensor_key(path: str, name: str, layout: str, prefix: str = PREFIX) -> str:
     if name in ("lora_A", "lora_B"):
         return peft_keys(path, layout, prefix)[name == "lora_B"]
     return f"{prefix}{path}.{name}"
-
-
-def saved_module_keys(path: str, module: nn.Module) -> dict[str, Tensor]:
-    """File key -> parameter for a module stored whole (modules_to_save)."""
-    return {f"{PREFIX}{path}.{name}": p for name, p in module.named_parameters()}
 
 
 def key_pattern(prefix: str) -> re.Pattern[str]:

@@ -156,7 +156,8 @@ def fill_adapters(model: nn.Module, config: LoraConfig, name: str, seed: int) ->
         adapter = layer.adapters[name]
         fresh = {key: torch.empty(param.shape) for key, param in adapter.named_parameters()}
         layer.draw_factors(fresh["lora_A"], fresh["lora_B"], config.init)  # shardable kinds have these two only
-        for param, value in zip(adapter.parameters(), (fresh[key] for key, _ in adapter.named_parameters())):
+        for key, param in adapter.named_parameters():
+            value = fresh[key]
             if isinstance(param, DTensor):
                 value = distribute_tensor(value.to(param.dtype), param.device_mesh, param.placements,
                                           src_data_rank=None).to_local()

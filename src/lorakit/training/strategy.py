@@ -42,6 +42,10 @@ class Plain:
     def prepare(self, task: Task, config: Any, device: torch.device) -> nn.Module:
         """A fresh adapter on ``task.model`` (seeded), and the task's loss module around it."""
         task.model.to(device)
+        return self.adapt(task, config)
+
+    def adapt(self, task: Task, config: Any) -> nn.Module:
+        """Attach the seeded adapter, let the task adjust the model, and keep its loss module."""
         torch.manual_seed(config.seed)  # the adapter's initial A, then dropout
         attach(task.model, config.lora())
         task.adapted(task.model)
@@ -80,10 +84,7 @@ class Sharded(Plain):
         if config.fsdp_offload and device.type != "cuda":
             raise TrainingError("--fsdp-offload moves the shards from GPU to CPU memory; on a CPU they are there "
                                 "already")
-        torch.manual_seed(config.seed)
-        attach(task.model, config.lora())
-        task.adapted(task.model)
-        runner = self.loss = task.loss_module()
+        runner = self.adapt(task, config)  # on the meta device: no memory yet
         sharded.shard(runner, task.model, config.bf16, config.fsdp_offload)
         sharded.materialize(runner, task.model, config.model, getattr(torch, config.dtype), config.lora(), "default",
                             config.seed, device)
