@@ -20,11 +20,12 @@ from torch import Tensor
 from .config import LoraConfig
 
 # How B·A becomes a change of ``weight``, by the base module's type:
-LAYOUTS = ("linear", "conv1d", "embedding", "conv2d")
+LAYOUTS = ("linear", "conv1d", "embedding", "conv2d", "experts")
 # linear:    W (out, in)                 ΔW = s · B A
 # conv1d:    W (in, out), GPT-2          ΔW = s · (B A)^T
 # embedding: W (num_embeddings, dim)     ΔW = s · (B A)^T, A (r, num_embeddings), B (dim, r)
 # conv2d:    W (out, in, kh, kw)         ΔW = s · B ∘ A, A (r, in, kh, kw), B (out, r, 1, 1)
+# experts:   W (E, out, in), MoE          ΔW_e = s · B_e A_e, A (E, r, in), B (E, out, r)
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ class LayerWeights:
 
     @property
     def rank(self) -> int:
-        return self.A.shape[0]
+        return self.A.shape[1] if self.layout == "experts" else self.A.shape[0]
 
     @property
     def nbytes(self) -> int:  # as float32, the way serving keeps it
@@ -62,16 +63,18 @@ class LayerWeights:
         A, B = self.A.float(), self.B.float()
         if self.layout == "conv2d":  # (out, r) x (r, in, kh, kw) -> (out, in, kh, kw)
             return torch.einsum("or,rikl->oikl", B.flatten(1), A) * self.scaling
+        if self.layout == "experts":  # (E, out, r) @ (E, r, in) -> (E, out, in)
+            return torch.bmm(B, A) * self.scaling
         delta = (B @ A) * self.scaling  # (out, r) @ (r, in) -> (out, in)
         return delta if self.layout == "linear" else delta.T
 
 
 def as_product(delta: Tensor, layout: str) -> Tensor:
     """The inverse of the layout: ΔW laid out like a weight -> the (out, in) matrix s·B·A
-    (a Conv2d's in is in · kh · kw)."""
+    (a Conv2d's in is in · kh · kw; experts give a stack of E of them)."""
     if layout == "conv2d":
         return delta.reshape(delta.shape[0], -1)
-    return delta if layout == "linear" else delta.T
+    return delta if layout in ("linear", "experts") else delta.T
 
 
 @dataclass(frozen=True)
@@ -98,5 +101,7 @@ def delta_shape(layer: LayerWeights) -> tuple[int, ...]:
     """The shape of the weight ``layer`` changes."""
     if layer.layout == "conv2d":
         return (layer.B.shape[0], *layer.A.shape[1:])
+    if layer.layout == "experts":
+        return (layer.A.shape[0], layer.B.shape[1], layer.A.shape[2])
     out_features, in_features = layer.B.shape[0], layer.A.shape[1]
     return (out_features, in_features) if layer.layout == "linear" else (in_features, out_features)

@@ -11,6 +11,7 @@ The config of each adapter is kept on the model in ``model.lorakit_configs``
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,8 +19,9 @@ from dataclasses import dataclass
 from torch import nn
 
 from .bnb import LoraBnbLinear, is_bnb_linear
-from .config import ALL_LINEAR, LoraConfig, names_module
-from .layers import LoraConv1D, LoraConv2d, LoraEmbedding, LoraLayer, LoraLinear
+from .config import ALL_LINEAR, TARGET_SETS, LoraConfig, names_module
+from .experts import ExpertWeight, LoraExpertWeight, expert_parameters, unsupported_experts
+from .layers import LoraConv1D, LoraConv2d, LoraEmbedding, LoraLayer, LoraLinear, set_module
 from .variants import LoraAdapter, adapter_class
 
 
@@ -75,8 +77,7 @@ def attach(model: nn.Module, config: LoraConfig, name: str = "default") -> list[
     for target in targets:
         layer = target.module
         if not isinstance(layer, LoraLayer):
-            layer = target.layer_class(target.module)
-            replace_module(model, target.path, layer)
+            layer = target.layer_class.wrap(model, target.path, target.module)
         layer.add_adapter(name, kind, target.rank, target.alpha, config)
         if first:
             layer.active = [name]
@@ -95,22 +96,16 @@ def _freeze_base(model: nn.Module) -> None:
 
 
 def find_targets(model: nn.Module, config: LoraConfig) -> list[Target]:
-    """The modules ``config`` selects, each checked; raises AttachError listing all problems."""
-    linear_only = config.targets == ALL_LINEAR
-    head = output_head(model) if linear_only else None
+    """The modules (and expert tensors) ``config`` selects, each checked; raises AttachError
+    listing all problems."""
     kind = adapter_class(config)
-    inside_layer = tuple(path + "." for path, _ in lora_layers(model))
     targets: list[Target] = []
     problems: list[str] = []
-    for path, module in model.named_modules():
-        if not path or module is head or path.startswith(inside_layer) or not config.is_target(path):
-            continue
-        layer_class = layer_class_for(module)
-        if linear_only and not (layer_class and issubclass(layer_class, LoraLinear)):
-            continue
+    for path, module, layer_class in _candidates(model, config):
         if layer_class is None:
-            problems.append(f"{path}: {type(module).__name__} is not supported "
-                            "(supported: Linear, GPT-2 Conv1D, Embedding, Conv2d)")
+            why = unsupported_experts(module) or (f"{type(module).__name__} is not supported (supported: Linear, "
+                                                  "GPT-2 Conv1D, Embedding, Conv2d, fused MoE experts)")
+            problems.append(f"{path}: {why}")
             continue
         base = module.base_module if isinstance(module, LoraLayer) else module
         if isinstance(base, nn.Conv2d) and base.groups != 1:
@@ -126,12 +121,58 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[Target]:
             problems.append(f"{path}: rank {rank} > min(in={in_features}, out={out_features})")
             continue
         targets.append(Target(path, module, layer_class, rank, alpha))
+    problems += _unmatched_names(model, config)
     if problems:
         raise AttachError("cannot attach LoRA:\n  " + "\n  ".join(problems))
     if not targets:
         raise AttachError(f"targets {config.targets!r} matched no module. "
                           f"Candidate module names: {', '.join(candidate_names(model)) or '(none)'}")
     return targets
+
+
+def _candidates(model: nn.Module, config: LoraConfig) -> Iterator[tuple[str, nn.Module, type[LoraLayer] | None]]:
+    """(path, module, layer type or None if unsupported) of every module, or expert tensor,
+    that ``config`` names. A fused-experts module named as a whole gives all its tensors;
+    "all-linear" takes Linear-like layers and expert tensors and leaves the output head."""
+    linear_only = config.targets == ALL_LINEAR
+    head = output_head(model) if linear_only else None
+    inside_layer = tuple(path + "." for path, _ in lora_layers(model))
+    for path, module in model.named_modules():
+        if not path or module is head or path.startswith(inside_layer) or isinstance(module, LoraExpertWeight):
+            continue
+        experts = expert_parameters(module)
+        if experts is not None:
+            whole = config.is_target(path)
+            for name, weight in experts.items():
+                tensor_path = f"{path}.{name}"
+                if whole or (config.is_target(tensor_path) and not config.excludes(path)):
+                    member = getattr(module, name)
+                    yield (tensor_path, member if isinstance(member, LoraLayer) else ExpertWeight(weight),
+                           LoraExpertWeight)
+            continue
+        if not config.is_target(path):
+            continue
+        layer_class = layer_class_for(module)
+        if linear_only and not (layer_class and issubclass(layer_class, LoraLinear)):
+            if unsupported_experts(module):
+                warnings.warn(f"all-linear leaves {path} untrained: {unsupported_experts(module)}", stacklevel=3)
+            continue
+        yield path, module, layer_class
+
+
+def _unmatched_names(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Each name of a list of targets must name something in the model (a module or an expert
+    tensor), or the adapter would silently miss it; target sets are exempt, as they name the
+    modules of several model families at once."""
+    if isinstance(config.targets, str) or config.targets in TARGET_SETS.values():
+        return []
+    paths = [path for path, _ in model.named_modules() if path]
+    paths += [f"{path}.{name}" for path, m in model.named_modules() for name in (expert_parameters(m) or ())]
+    missing = [name for name in config.targets if not any(names_module(name, path) for path in paths)]
+    if not missing:
+        return []
+    return [f"target {name!r} matches no module or expert tensor of this model; candidates: "
+            f"{', '.join(candidate_names(model)) or '(none)'}" for name in missing]
 
 
 def find_saved_modules(model: nn.Module, config: LoraConfig) -> dict[str, nn.Module]:
@@ -146,6 +187,7 @@ def find_saved_modules(model: nn.Module, config: LoraConfig) -> dict[str, nn.Mod
 def candidate_names(model: nn.Module) -> list[str]:
     """Distinct last path components of the modules an adapter could go on."""
     names = {path.rsplit(".", 1)[-1] for path, m in model.named_modules() if path and layer_class_for(m)}
+    names |= {name for _, m in model.named_modules() for name in (expert_parameters(m) or ())}
     return sorted(names)
 
 
@@ -206,7 +248,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
             continue
         layer.remove_adapter(name)
         if not layer.adapters:
-            replace_module(model, path, layer.to_base())
+            layer.unwrap(model, path)
     model.lorakit_configs = {k: v for k, v in model.lorakit_configs.items() if k != name}
 
 
@@ -268,7 +310,4 @@ def output_head(model: nn.Module) -> nn.Module | None:
     return get() if callable(get) else None
 
 
-def replace_module(model: nn.Module, path: str, module: nn.Module) -> None:
-    """Put ``module`` at ``path`` in ``model`` (the root itself cannot be replaced)."""
-    parent_path, _, leaf = path.rpartition(".")
-    setattr(model.get_submodule(parent_path), leaf, module)
+

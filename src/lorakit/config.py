@@ -148,6 +148,10 @@ class LoraConfig:
             found = _matches_names(self.targets, path)
         return found and self._in_layers(path)
 
+    def excludes(self, path: str) -> bool:
+        """Whether ``exclude`` names the module at ``path``."""
+        return _matches_names(self.exclude, path)
+
     def saves(self, path: str) -> bool:
         """Whether ``path`` is one of ``modules_to_save``."""
         return any(names_module(m, path) for m in self.modules_to_save)

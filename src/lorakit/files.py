@@ -284,7 +284,8 @@ def read_adapter(directory: str | os.PathLike) -> Adapter:
 def _parsed(data: dict[str, Any], config: LoraConfig, tensors: dict[str, Tensor], directory: Path,
             targets: list[str] | None = None) -> Adapter:
     return from_tensors(config, tensors, directory / WEIGHTS_NAME, fan_in_fan_out=bool(data.get("fan_in_fan_out")),
-                        base_model=_base_model(data), task_type=data.get("task_type"), targets=targets)
+                        base_model=_base_model(data), task_type=data.get("task_type"), targets=targets,
+                        parameters=data.get("target_parameters") or ())
 
 
 def _base_model(data: dict[str, Any]) -> str | None:
@@ -372,7 +373,9 @@ def restore_adapter(model: nn.Module, directory: str | os.PathLike, name: str = 
     known_adapters(model, name)
     config = model.lorakit_configs[name]
     directory = Path(directory)
-    adapter = from_tensors(config, read_tensors(directory), directory / WEIGHTS_NAME,
-                           targets=_target_paths(model, config, directory))
+    targets = _target_paths(model, config, directory)
+    experts = [path for path, layer in lora_layers(model) if name in layer.adapters and layer.layout == "experts"]
+    adapter = from_tensors(config, read_tensors(directory), directory / WEIGHTS_NAME, targets=targets,
+                           parameters=experts)
     check_fits(model, adapter, None, directory / WEIGHTS_NAME, tensor_key)
     _copy_in(model, adapter, name)

@@ -215,6 +215,17 @@ class LoraLayer(nn.Module):
         else:
             self.weight.copy_(weight.to(self.weight.dtype))
 
+    @classmethod
+    def wrap(cls, model: nn.Module, path: str, base: nn.Module) -> LoraLayer:
+        """A new layer of this type over ``base``, put at ``path`` in ``model``."""
+        layer = cls(base)
+        set_module(model, path, layer)
+        return layer
+
+    def unwrap(self, model: nn.Module, path: str) -> None:
+        """Put the original module back at ``path`` (this layer holds no adapter any more)."""
+        set_module(model, path, self.to_base())
+
     def to_base(self) -> nn.Module:
         """The original module type holding this layer's (possibly merged) weight and bias."""
         base = self.base_module
@@ -228,6 +239,12 @@ class LoraLayer(nn.Module):
         in_features, out_features = self.dims(self.base_module)
         return (f"{type(self.base_module).__name__}(in={in_features}, out={out_features}), "
                 f"active={self.active}, merged={self.merged}")
+
+
+def set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    """Put ``module`` at ``path`` in ``model`` (the root itself cannot be replaced)."""
+    parent_path, _, leaf = path.rpartition(".")
+    setattr(model.get_submodule(parent_path), leaf, module)
 
 
 class _DownProjection(torch.autograd.Function):

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from . import frozen
 from .adapter import Adapter, delta_shape
-from .attach import active_adapters, adapters, known_adapters, lora_layers, replace_module
+from .attach import active_adapters, adapters, known_adapters, lora_layers
 from .variants import adapter_class
 
 
@@ -80,7 +80,7 @@ def detach(model: nn.Module, merge: bool = True, safe: bool = True) -> nn.Module
     for path, layer in lora_layers(model):
         for name in list(layer.adapters):
             layer.release(name)  # an adapter left unmerged gives back what it took from W (PiSSA/OLoRA)
-        replace_module(model, path, layer.to_base())
+        layer.unwrap(model, path)
     model.__dict__.pop("lorakit_configs", None)
     return model
 

@@ -6,6 +6,10 @@ An adapter is a directory with two files:
   ``target_modules``, ``rank_pattern``, ``alpha_pattern``, ``use_rslora``, ...
 - ``adapter_model.safetensors``: for a module at path P,
   ``base_model.model.P.lora_A.weight`` (r x in) and ``...lora_B.weight`` (out x r);
+  fused MoE expert tensors (``target_parameters``, experts.py) keep E adapters in one
+  pair, A (E·r, in) expert-major and B (out, r·E) expert-minor, under their module's path
+  with one ``.base_layer`` for each adapted tensor of that module registered after them
+  (PEFT nests one wrapper per tensor);
   embeddings use ``...P.lora_embedding_A`` / ``lora_embedding_B``; a variant's own
   tensors sit under their names (DoRA's ``...P.lora_magnitude_vector``); modules_to_save
   are stored whole as
@@ -18,14 +22,15 @@ so every rule here takes the prefix as an argument.
 from __future__ import annotations
 
 import re
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 
 from ..adapter import Adapter, LayerWeights
-from ..config import ALL_LINEAR, ConfigError, LoraConfig
+from ..config import ALL_LINEAR, ConfigError, LoraConfig, names_module
+from ..experts import PROJECTIONS
 from ..hub import split_revision
 from ..variants import adapter_class, extra_names
 from . import AdapterFileError
@@ -40,7 +45,7 @@ LORAKIT_VARIANT = "lorakit_variant"  # the variant of an adapter PEFT's fields c
 # than load an adapter that would compute something else.
 UNSUPPORTED = {
     "bias": ("none", None), "lora_bias": (False, None),
-    "target_parameters": (None, []), "trainable_token_indices": (None,), "layer_replication": (None,),
+    "trainable_token_indices": (None,), "layer_replication": (None,),
     "use_qalora": (False, None), "alora_invocation_tokens": (None,),
 }
 
@@ -54,9 +59,67 @@ def peft_keys(path: str, layout: str, prefix: str = PREFIX) -> tuple[str, str]:
 
 def tensor_key(path: str, name: str, layout: str, prefix: str = PREFIX) -> str:
     """The file key of tensor ``name`` (lora_A, lora_B or a variant's extra) of the module at ``path``."""
+    if layout == "experts":  # named after its module; which .base_layer depth depends on its neighbours
+        module, _, tensor = path.rpartition(".")
+        return f"{prefix}{module}[.base_layer].{name}.weight ({tensor})"
     if name in ("lora_A", "lora_B"):
         return peft_keys(path, layout, prefix)[name == "lora_B"]
     return f"{prefix}{path}.{name}"
+
+
+BASE_LAYER = ".base_layer"
+
+
+def _registered_order(name: str) -> tuple[int, str]:
+    return (PROJECTIONS.index(name) if name in PROJECTIONS else len(PROJECTIONS), name)
+
+
+def expert_key_paths(paths: Iterable[str]) -> dict[str, str]:
+    """Expert tensor path -> the module path its factors are stored under: PEFT wraps the
+    adapted tensors of a module one inside the other in the order the module registers
+    them, so the last is outermost and each earlier one sits one ``.base_layer`` deeper."""
+    by_module: dict[str, list[str]] = {}
+    for path in paths:
+        module, _, name = path.rpartition(".")
+        by_module.setdefault(module, []).append(name)
+    keys = {}
+    for module, names in by_module.items():
+        names.sort(key=_registered_order)
+        for depth, name in enumerate(reversed(names)):
+            keys[f"{module}.{name}"] = module + BASE_LAYER * depth
+    return keys
+
+
+def _expert_tensor(path: str, parameters: Collection[str]) -> tuple[str | None, str | None]:
+    """The expert tensor path a parsed key path (``P[.base_layer]*``) stands for, given the
+    file's ``target_parameters``: (tensor path, None), (None, a problem), or (None, None)
+    for a key of an ordinary module."""
+    depth = 0
+    while path.endswith(BASE_LAYER):
+        path, depth = path[:-len(BASE_LAYER)], depth + 1
+    names = sorted({t.rpartition(".")[2] for t in parameters if names_module(t, f"{path}.{t.rpartition('.')[2]}")},
+                   key=_registered_order)
+    if not names:
+        return None, (f"nested .base_layer keys but no target_parameters names a tensor of {path}" if depth else None)
+    if depth >= len(names):
+        return None, f"{depth} .base_layer levels, but target_parameters names only {names} on this module"
+    return f"{path}.{names[len(names) - 1 - depth]}", None
+
+
+def experts_to_peft(layer: LayerWeights) -> tuple[Tensor, Tensor]:
+    """A (E, r, in), B (E, out, r) -> PEFT's A (E·r, in) and B (out, r·E), column j·E + e of
+    B being expert e's column j."""
+    experts, rank, _ = layer.A.shape
+    return layer.A.reshape(experts * rank, -1), layer.B.permute(1, 2, 0).reshape(layer.B.shape[1], rank * experts)
+
+
+def experts_from_peft(A: Tensor, B: Tensor, rank: int) -> tuple[Tensor, Tensor] | str:
+    """The inverse of ``experts_to_peft`` (``rank``: r per expert), or what does not fit."""
+    if A.dim() != 2 or B.dim() != 2 or A.shape[0] % rank or B.shape[1] != A.shape[0]:
+        return (f"A {tuple(A.shape)}, B {tuple(B.shape)} are not E experts of rank {rank} "
+                "(expected A (E·r, in), B (out, r·E))")
+    experts = A.shape[0] // rank
+    return A.reshape(experts, rank, A.shape[1]), B.reshape(B.shape[0], rank, experts).permute(2, 0, 1)
 
 
 def key_pattern(prefix: str) -> re.Pattern[str]:
@@ -75,9 +138,9 @@ def config_to_peft(adapter: Adapter) -> dict[str, Any]:
     """The adapter_config.json contents for ``adapter``."""
     config = adapter.config
     base_model, revision = split_revision(adapter.base_model)
-    targets = config.targets
-    if targets == ALL_LINEAR:
-        targets = sorted(adapter.layers)  # PEFT also stores all-linear expanded
+    targets, parameters = config.targets, sorted(p for p, v in adapter.layers.items() if v.layout == "experts")
+    if targets == ALL_LINEAR or parameters:  # PEFT also stores all-linear expanded; it names tensors apart
+        targets = sorted(p for p, v in adapter.layers.items() if v.layout != "experts")
     return {
         "peft_type": "LORA",
         "task_type": adapter.task_type,
@@ -87,6 +150,7 @@ def config_to_peft(adapter: Adapter) -> dict[str, Any]:
         "lora_alpha": config.alpha,
         "lora_dropout": config.dropout,
         "target_modules": targets if isinstance(targets, str) else list(targets),
+        "target_parameters": parameters or None,
         "exclude_modules": (config.exclude if isinstance(config.exclude, str) else list(config.exclude)) or None,
         "layers_to_transform": list(config.layers) if config.layers is not None else None,
         "layers_pattern": config.layers_pattern,
@@ -116,12 +180,17 @@ def config_from_peft(data: Mapping[str, Any], source: Path | str) -> LoraConfig:
             raise AdapterFileError(f"{source}: missing required field {key!r}")
     layers = data.get("layers_to_transform")
     layers_pattern = data.get("layers_pattern")
+    targets, parameters = data["target_modules"], data.get("target_parameters") or []
+    if parameters and isinstance(targets, str):  # one pattern: PEFT's suffix rule for each tensor name
+        targets = "|".join([f"(?:{targets})"] + [rf"(?:.*\.)?{re.escape(p)}" for p in parameters])
+    elif parameters:
+        targets = [*targets, *parameters]
     try:
         return LoraConfig(
             rank=data["r"],
             alpha=data["lora_alpha"],
             dropout=data.get("lora_dropout") or 0.0,
-            targets=data["target_modules"],
+            targets=targets,
             exclude=data.get("exclude_modules") or (),
             layers=[layers] if isinstance(layers, int) else layers,
             layers_pattern=layers_pattern[0] if isinstance(layers_pattern, list) else layers_pattern,
@@ -139,9 +208,11 @@ def config_from_peft(data: Mapping[str, Any], source: Path | str) -> LoraConfig:
 def to_tensors(adapter: Adapter, prefix: str = PREFIX) -> dict[str, Tensor]:
     """File key -> tensor: A and B of every layer, a variant's extras, the modules stored whole."""
     tensors: dict[str, Tensor] = {}
+    experts = expert_key_paths(p for p, v in adapter.layers.items() if v.layout == "experts")
     for path, layer in adapter.layers.items():
-        key_a, key_b = peft_keys(path, layer.layout, prefix)
-        tensors[key_a], tensors[key_b] = layer.A, layer.B
+        key_a, key_b = peft_keys(experts.get(path, path), layer.layout, prefix)
+        A, B = experts_to_peft(layer) if path in experts else (layer.A, layer.B)
+        tensors[key_a], tensors[key_b] = A, B
         tensors.update({tensor_key(path, name, layer.layout, prefix): t for name, t in layer.extras.items()})
     tensors.update({prefix + key: tensor for key, tensor in adapter.saved.items()})
     return tensors
@@ -149,15 +220,16 @@ def to_tensors(adapter: Adapter, prefix: str = PREFIX) -> dict[str, Tensor]:
 
 def from_tensors(config: LoraConfig, tensors: Mapping[str, Tensor], source: Path | str, fan_in_fan_out: bool = False,
                  prefix: str = PREFIX, base_model: str | None = None, task_type: str | None = None,
-                 targets: Collection[str] | None = None) -> Adapter:
+                 targets: Collection[str] | None = None, parameters: Collection[str] = ()) -> Adapter:
     """The adapter value of a file's tensors: every key parsed, every module's factors
     checked (all present, floating point, ranks as the config says). A 4-D A is a
     Conv2d's; a 2-D pair is a GPT-2 Conv1D's when ``fan_in_fan_out``, an ``nn.Linear``'s
     otherwise. ``targets``: the module paths of the model it will load into; a key of
-    another module is then unexpected, and shapes are left to ``install``'s check."""
+    another module is then unexpected, and shapes are left to ``install``'s check.
+    ``parameters``: the file's ``target_parameters``, which say whose keys hold experts."""
     pattern = key_pattern(prefix)
     parts: dict[str, dict[str, tuple[str, Tensor]]] = {}
-    saved, problems = {}, []
+    saved, problems, expert_paths = {}, [], set()
     for key, tensor in tensors.items():
         match = pattern.match(key)
         if match is None:
@@ -168,15 +240,23 @@ def from_tensors(config: LoraConfig, tensors: Mapping[str, Tensor], source: Path
             else:
                 problems.append(f"unexpected key {key}")
             continue
-        if targets is not None and match["path"] not in targets:
+        expert, problem = _expert_tensor(match["path"], parameters)
+        if problem:
+            problems.append(f"{key}: {problem}")
+            continue
+        path = expert or match["path"]
+        if expert:
+            expert_paths.add(path)
+        if targets is not None and path not in targets:
             problems.append(f"unexpected key {key} (no such target in this model)")
             continue
         factor = match["x"] or ("lora_embedding_" + match["e"] if match["e"] else "lora_" + match["l"])
-        parts.setdefault(match["path"], {})[factor] = (key, tensor)
+        parts.setdefault(path, {})[factor] = (key, tensor)
     extras = adapter_class(config).extras
     layers = {}
     for path, part in sorted(parts.items()):
-        problem, layer = _layer(path, part, config, fan_in_fan_out, extras, prefix, checked=targets is None)
+        problem, layer = _layer(path, part, config, fan_in_fan_out, extras, prefix, checked=targets is None,
+                                experts=path in expert_paths)
         if problem:
             problems.append(f"{path}: {problem}")
         else:
@@ -187,7 +267,8 @@ def from_tensors(config: LoraConfig, tensors: Mapping[str, Tensor], source: Path
 
 
 def _layer(path: str, part: dict[str, tuple[str, Tensor]], config: LoraConfig, fan_in_fan_out: bool,
-           extras: tuple[str, ...], prefix: str, checked: bool) -> tuple[str | None, LayerWeights | None]:
+           extras: tuple[str, ...], prefix: str, checked: bool,
+           experts: bool = False) -> tuple[str | None, LayerWeights | None]:
     """One module's tensors made a LayerWeights; or what is wrong with them (``checked``:
     also the ranks, which a model's check covers otherwise)."""
     embedding = any(name.startswith("lora_embedding_") for name in part)
@@ -207,6 +288,11 @@ def _layer(path: str, part: dict[str, tuple[str, Tensor]], config: LoraConfig, f
         if not tensor.is_floating_point():
             return f"{key} has dtype {tensor.dtype}, expected a floating-point tensor", None
     rank = config.rank_for(path)
+    if experts:
+        factors = experts_from_peft(A, B, rank)
+        if isinstance(factors, str):
+            return factors, None
+        return None, LayerWeights(*factors, config.scaling_for(path), "experts")
     if checked and (A.shape[0] != rank or B.shape[1] != rank):
         return f"A {tuple(A.shape)}, B {tuple(B.shape)}; expected rank {rank} (config)", None
     layout = ("embedding" if embedding else "conv2d" if A.dim() == 4 else "conv1d" if fan_in_fan_out else "linear")

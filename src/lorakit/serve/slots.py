@@ -198,7 +198,8 @@ def enable_slots(model: nn.Module, capacity: int, stack_tokens: int = STACK_TOKE
     """Replace every linear layer except the output head by a SlotLinear with ``capacity`` slots.
 
     ``stack_tokens``: see ``Router``; 0 adds adapters by segments only."""
-    from ..attach import layer_class_for, output_head, replace_module
+    from ..attach import layer_class_for, output_head
+    from ..layers import set_module
     from ..layers import LoraConv1D, LoraLinear
 
     router = Router(capacity, stack_tokens)
@@ -206,7 +207,7 @@ def enable_slots(model: nn.Module, capacity: int, stack_tokens: int = STACK_TOKE
     targets = [(path, m) for path, m in model.named_modules()
                if path and m is not head and layer_class_for(m) in (LoraLinear, LoraConv1D)]
     for path, module in targets:
-        replace_module(model, path, SlotLinear(module, router))
+        set_module(model, path, SlotLinear(module, router))
     model.requires_grad_(False)
     model.lorakit_router = router
     return router

@@ -1,0 +1,216 @@
+"""LoRA on fused mixture-of-experts weights: one low-rank update per expert.
+
+    W_e <- W_e + s · B_e A_e,   e = 0 .. E-1,   W (E, out, in), A (E, r, in), B (E, out, r)
+
+transformers 5 keeps the experts of Mixtral, Qwen2-MoE, Qwen3-MoE and their kin as 3-D
+parameters of one module (``experts.gate_up_proj`` (E, 2I, H), ``experts.down_proj``
+(E, H, I)) that its forward indexes per expert, so there is no ``nn.Linear`` to wrap. Here a
+parameter is a target like a module: its path (``...mlp.experts.gate_up_proj``) is matched
+by ``targets`` as PEFT's ``target_parameters`` matches it, and "all-linear" includes it.
+
+``LoraExperts`` takes the experts module's place and runs its forward (route, gate·up,
+down, weighted sum); each adapted parameter becomes a ``LoraExpertWeight`` layer, which is
+an ordinary ``LoraLayer`` (adapters, merge, the variant seam) over one expert at a time: on
+expert e's tokens it computes x W_e^T + s (x A_e^T) B_e^T, so no dense ΔW is ever built in
+the forward. ``state_dict`` keeps the base keys (``...experts.gate_up_proj``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .layers import LoraLayer, set_module
+
+if TYPE_CHECKING:
+    from .variants import LoraAdapter
+
+PROJECTIONS = ("gate_up_proj", "down_proj")  # (E, 2I, H) and (E, H, I), as transformers 5 stores them
+
+
+def expert_parameters(module: nn.Module) -> dict[str, nn.Parameter] | None:
+    """The 3-D expert tensors of a fused-experts module of the Mixtral / Qwen-MoE form (a
+    ``gate_up_proj`` and a ``down_proj``, each (E, out, in), an ``act_fn``); None for any
+    other module."""
+    if isinstance(module, LoraExperts):
+        return {name: module.weight_of(name) for name in PROJECTIONS}
+    params = {name: getattr(module, name, None) for name in PROJECTIONS}
+    if not all(isinstance(p, nn.Parameter) and p.dim() == 3 for p in params.values()):
+        return None
+    if not hasattr(module, "act_fn") or getattr(module, "is_transposed", False) or getattr(module, "has_bias", False):
+        return None
+    return params
+
+
+def unsupported_experts(module: nn.Module) -> str | None:
+    """Why a module holding 3-D expert tensors cannot be adapted (None: it can, or it holds none)."""
+    if expert_parameters(module) is not None:
+        return None
+    three_d = [n for n, p in module.named_parameters(recurse=False) if p.dim() == 3]
+    if not three_d:
+        return None
+    return (f"{type(module).__name__} holds expert tensors {three_d} in a form lorakit does not adapt "
+            "(it adapts gate_up_proj (E, 2I, H) and down_proj (E, H, I) without biases: Mixtral, Qwen-MoE)")
+
+
+class ExpertWeight(nn.Module):
+    """One 3-D expert tensor as the base of a ``LoraExpertWeight`` (what ``nn.Linear`` is to
+    ``LoraLinear``): ``weight`` (E, out, in) and its sizes."""
+
+    def __init__(self, weight: nn.Parameter) -> None:
+        super().__init__()
+        self.num_experts, self.out_features, self.in_features = weight.shape
+        self.weight = weight
+
+
+class LoraExpertWeight(LoraLayer):
+    """A fused expert tensor with adapters, computed one expert at a time: ``forward(x, e)``
+    is x W_e^T plus each adapter's s·B_e·A_e·x (``self.expert`` is e during that call, so the
+    layer's shared forward and the variant seam work unchanged)."""
+
+    layout = "experts"
+    rescalable = False
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__(base)
+        self.expert = 0
+
+    @staticmethod
+    def dims(base: nn.Module) -> tuple[int, int]:
+        return base.in_features, base.out_features
+
+    @staticmethod
+    def shapes(base: nn.Module, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return (base.num_experts, rank, base.in_features), (base.num_experts, base.out_features, rank)
+
+    @staticmethod
+    def draw_factors(A: Tensor, B: Tensor, init: str) -> None:
+        """Each expert's A as an nn.Linear(in, r) weight would start (PEFT draws the (E·r, in)
+        stack at once, which has the same fan-in); B zero."""
+        stacked = A.view(-1, A.shape[-1])  # (E * r, in)
+        if init == "gaussian":
+            nn.init.normal_(stacked, std=1 / A.shape[1])
+        else:
+            nn.init.kaiming_uniform_(stacked, a=math.sqrt(5))
+        nn.init.zeros_(B)
+
+    def forward(self, x: Tensor, expert: int = 0) -> Tensor:
+        self.expert = expert
+        return super().forward(x)
+
+    def base_forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight[self.expert])  # (n, in) @ (in, out)
+
+    def adapter_forward(self, adapter: LoraAdapter, x: Tensor, dropout: bool = True) -> Tensor:
+        A, B = adapter.lora_A[self.expert], adapter.lora_B[self.expert]  # (r, in), (out, r)
+        x = x.to(A.dtype)
+        hidden = F.linear(adapter.dropout(x) if dropout else x, A) * adapter.scaling  # (n, r)
+        return F.linear(hidden, B).to(self.weight.dtype)
+
+    def add_update(self, result: Tensor, adapter: LoraAdapter, x: Tensor, sign: float) -> Tensor:
+        """The second matmul accumulates into ``result`` when the dtypes agree (as for Linear)."""
+        A, B = adapter.lora_A[self.expert], adapter.lora_B[self.expert]
+        if not result.dtype == x.dtype == A.dtype or torch.is_autocast_enabled(result.device.type):
+            return LoraLayer.add_update(self, result, adapter, x, sign)
+        hidden = F.linear(adapter.dropout(x), A)  # (n, in) @ (in, r)
+        return result.addmm_(hidden, B.T, alpha=sign * adapter.scaling)  # += s (n, r) @ (r, out)
+
+    @classmethod
+    def wrap(cls, model: nn.Module, path: str, base: nn.Module) -> LoraLayer:
+        """The layer for expert tensor ``path`` (``base``: an ``ExpertWeight`` over it), put in
+        its experts module, which becomes a ``LoraExperts`` on its first adapted tensor."""
+        owner_path, _, name = path.rpartition(".")
+        owner = model.get_submodule(owner_path)
+        if not isinstance(owner, LoraExperts):
+            owner = LoraExperts(owner)
+            set_module(model, owner_path, owner)
+        layer = cls(base)
+        delattr(owner, name)  # the tensor now lives in the layer
+        setattr(owner, name, layer)
+        return layer
+
+    def unwrap(self, model: nn.Module, path: str) -> None:
+        """Put the tensor back in its experts module, and that module back once none is adapted."""
+        owner_path, _, name = path.rpartition(".")
+        owner: LoraExperts = model.get_submodule(owner_path)
+        setattr(owner, name, self.to_base().weight)
+        if not any(isinstance(getattr(owner, n), LoraLayer) for n in owner.projections):
+            set_module(model, owner_path, owner.to_base())
+
+
+class LoraExperts(nn.Module):
+    """A fused-experts module whose expert tensors may carry adapters.
+
+    It holds the module's tensors under their own names, a ``Parameter`` or, once adapted,
+    a ``LoraExpertWeight`` (whose ``weight`` state-dict hooks keep under the tensor's key), and
+    runs the experts as transformers' eager forward does, one expert's tokens at a time."""
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.num_experts = base.num_experts
+        self.act_fn = base.act_fn
+        self.projections = PROJECTIONS
+        for name in self.projections:
+            self.register_parameter(name, getattr(base, name))
+            base.register_parameter(name, None)
+        self.train(base.training)
+        object.__setattr__(self, "base_module", base)  # out of the tree, as a LoraLayer keeps its base
+        self._register_state_dict_hook(_base_keys)
+        self._register_load_state_dict_pre_hook(_layer_keys, with_module=True)
+
+    def weight_of(self, name: str) -> Tensor:
+        member = getattr(self, name)
+        return member.weight if isinstance(member, LoraLayer) else member
+
+    def project(self, name: str, x: Tensor, expert: int) -> Tensor:
+        member = getattr(self, name)
+        if isinstance(member, LoraExpertWeight):
+            return member(x, expert)
+        return F.linear(x, member[expert])
+
+    def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+        """hidden_states (T, H); top_k_index, top_k_weights (T, k): each token's experts and weights."""
+        tokens, top_k = top_k_index.shape
+        order = top_k_index.reshape(-1).argsort(stable=True)  # (T k,) token-expert pairs grouped by expert
+        counts = torch.bincount(top_k_index.reshape(-1), minlength=self.num_experts).tolist()  # one host read
+        token_of = order // top_k
+        weights = top_k_weights.reshape(-1)[order]
+        output = torch.zeros_like(hidden_states)
+        start = 0
+        for expert, count in enumerate(counts[:self.num_experts]):
+            if count == 0:
+                continue
+            rows = token_of[start:start + count]
+            gate, up = self.project("gate_up_proj", hidden_states[rows], expert).chunk(2, dim=-1)
+            out = self.project("down_proj", self.act_fn(gate) * up, expert)  # (n, H)
+            output.index_add_(0, rows, (out * weights[start:start + count, None]).to(output.dtype))
+            start += count
+        return output
+
+    def to_base(self) -> nn.Module:
+        """The original experts module, holding the (possibly merged) tensors."""
+        base = self.base_module
+        for name in self.projections:
+            base.register_parameter(name, self.weight_of(name))
+        object.__setattr__(self, "base_module", None)
+        return base
+
+
+def _base_keys(module: LoraExperts, state_dict: dict[str, Any], prefix: str, metadata: Any) -> None:
+    """An adapted tensor's ``<name>.weight`` saved as ``<name>``, its key in the base model."""
+    for name in module.projections:
+        key = f"{prefix}{name}.weight"
+        if key in state_dict:
+            state_dict[f"{prefix}{name}"] = state_dict.pop(key)
+
+
+def _layer_keys(module: LoraExperts, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
+    """The inverse of ``_base_keys`` on load: a base checkpoint loads straight in."""
+    for name in module.projections:
+        if isinstance(getattr(module, name), LoraLayer) and f"{prefix}{name}" in state_dict:
+            state_dict[f"{prefix}{name}.weight"] = state_dict.pop(f"{prefix}{name}")
