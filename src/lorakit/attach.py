@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .bnb import LoraBnbLinear, is_bnb_linear
-from .config import ALL_LINEAR, TARGET_SETS, LoraConfig, names_module
+from .config import ALL_LINEAR, LoraConfig, names_module
 from .experts import ExpertWeight, LoraExpertWeight, expert_parameters, unsupported_experts
 from .layers import LoraConv1D, LoraConv2d, LoraEmbedding, LoraLayer, LoraLinear, set_module
 from .variants import LoraAdapter, adapter_class
@@ -161,18 +161,17 @@ def _candidates(model: nn.Module, config: LoraConfig) -> Iterator[tuple[str, nn.
 
 
 def _unmatched_names(model: nn.Module, config: LoraConfig) -> list[str]:
-    """Each name of a list of targets must name something in the model (a module or an expert
-    tensor), or the adapter would silently miss it; target sets are exempt, as they name the
-    modules of several model families at once."""
-    if isinstance(config.targets, str) or config.targets in TARGET_SETS.values():
+    """On a model with fused experts, each name of a list of targets must name something (a
+    module or an expert tensor): a name that misses there most often means experts left
+    untrained without a word. Elsewhere, as in PEFT, one match among the names suffices
+    (one list can then serve several model families)."""
+    tensors = [f"{path}.{name}" for path, m in model.named_modules() for name in (expert_parameters(m) or ())]
+    if isinstance(config.targets, str) or not tensors:
         return []
-    paths = [path for path, _ in model.named_modules() if path]
-    paths += [f"{path}.{name}" for path, m in model.named_modules() for name in (expert_parameters(m) or ())]
+    paths = [path for path, _ in model.named_modules() if path] + tensors
     missing = [name for name in config.targets if not any(names_module(name, path) for path in paths)]
-    if not missing:
-        return []
     return [f"target {name!r} matches no module or expert tensor of this model; candidates: "
-            f"{', '.join(candidate_names(model)) or '(none)'}" for name in missing]
+            f"{', '.join(candidate_names(model))}" for name in missing]
 
 
 def find_saved_modules(model: nn.Module, config: LoraConfig) -> dict[str, nn.Module]:

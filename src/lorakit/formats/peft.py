@@ -106,6 +106,19 @@ def _expert_tensor(path: str, parameters: Collection[str]) -> tuple[str | None, 
     return f"{path}.{names[len(names) - 1 - depth]}", None
 
 
+def _holds_experts(path: str, tensor_path: str, tensors: Mapping[str, Tensor], prefix: str, config: LoraConfig,
+                   targets: Collection[str] | None) -> bool:
+    """Whether the keys under module ``path`` are expert tensor ``tensor_path``'s: always when
+    nested (``.base_layer``); else when the model targets that tensor or, without a model,
+    when A holds more rows than the module's rank (E·r)."""
+    if path.endswith(BASE_LAYER):
+        return True
+    if targets is not None:
+        return tensor_path in targets
+    A = tensors.get(f"{prefix}{path}.lora_A.weight")
+    return A is not None and A.shape[0] != config.rank_for(path)
+
+
 def experts_to_peft(layer: LayerWeights) -> tuple[Tensor, Tensor]:
     """A (E, r, in), B (E, out, r) -> PEFT's A (E·r, in) and B (out, r·E), column j·E + e of
     B being expert e's column j."""
@@ -241,6 +254,8 @@ def from_tensors(config: LoraConfig, tensors: Mapping[str, Tensor], source: Path
                 problems.append(f"unexpected key {key}")
             continue
         expert, problem = _expert_tensor(match["path"], parameters)
+        if expert and not _holds_experts(match["path"], expert, tensors, prefix, config, targets):
+            expert = None  # a module's own key that a bare tensor name in target_parameters also fits
         if problem:
             problems.append(f"{key}: {problem}")
             continue

@@ -1,0 +1,255 @@
+"""LoRA on fused mixture-of-experts tensors (experts.py): per-expert math, PEFT's
+target_parameters files both ways, merge, bad input."""
+
+import copy
+
+import peft
+import pytest
+import torch
+from torch import nn
+
+import lorakit
+from lorakit import LoraConfig
+from lorakit.attach import AttachError, lora_layers, trainable_parameters
+from lorakit.experts import LoraExperts, LoraExpertWeight
+from lorakit.files import AdapterFileError, read_adapter
+
+from conftest import assert_unchanged, randomize_adapters, snapshot, token_batch
+
+
+def tiny_qwen3_moe(seed: int = 0) -> nn.Module:
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen3MoeConfig(vocab_size=67, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                            num_experts=4, num_experts_per_tok=2, max_position_embeddings=64)
+    return Qwen3MoeForCausalLM(config).eval()
+
+
+def tiny_mixtral(seed: int = 0) -> nn.Module:
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(seed)
+    config = MixtralConfig(vocab_size=71, hidden_size=32, intermediate_size=24, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=4,
+                           num_experts_per_tok=2, max_position_embeddings=64)
+    return MixtralForCausalLM(config).eval()
+
+
+MOE = {"qwen3_moe": tiny_qwen3_moe, "mixtral": tiny_mixtral}
+EXPERTS = ("experts.gate_up_proj", "experts.down_proj")
+
+
+def logits(model, x):
+    with torch.no_grad():
+        return model(x).logits
+
+
+def assert_relative(actual, expected, tolerance=1e-5):
+    """|a - e| <= tolerance * max|e|: what the issue asks of logits computed two ways."""
+    torch.testing.assert_close(actual, expected, rtol=0, atol=tolerance * expected.abs().max().item())
+
+
+def expert_forward(experts: nn.Module, x: torch.Tensor, e: int, deltas: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The dense reference: expert e with W_e + ΔW_e, as a formula."""
+    gate_up, down = (experts.weight_of(name)[e] + deltas[name][e] for name in ("gate_up_proj", "down_proj"))
+    gate, up = (x @ gate_up.T).chunk(2, dim=-1)
+    return (experts.act_fn(gate) * up) @ down.T
+
+
+@pytest.mark.parametrize("kind", sorted(MOE))
+def test_all_linear_adapts_every_expert_tensor_and_keeps_base_keys(kind):
+    model = MOE[kind]()
+    keys = set(model.state_dict())
+    x = token_batch(model.config.vocab_size)
+    before = logits(model, x)
+    paths = lorakit.attach(model, LoraConfig(rank=4, alpha=8))
+    tensors = [p for p in paths if p.endswith(("gate_up_proj", "down_proj"))]
+    assert tensors == [f"model.layers.{i}.mlp.{name}" for i in range(2) for name in EXPERTS]
+    assert {k for k in model.state_dict() if ".adapters." not in k} == keys
+    assert_relative(logits(model, x), before, 1e-6)  # B = 0: the base, whatever kernel runs the experts
+    count = trainable_parameters(model).by_type
+    E, H, I = 4, 32, model.model.layers[0].mlp.experts.down_proj.weight.shape[-1]
+    assert count["gate_up_proj"] == (2, 2 * E * 4 * (H + 2 * I))
+    assert count["down_proj"] == (2, 2 * E * 4 * (I + H))
+
+
+def test_each_expert_gets_its_own_low_rank_update():
+    model = tiny_qwen3_moe()
+    lorakit.attach(model, LoraConfig(rank=3, alpha=6, targets=list(EXPERTS)))
+    randomize_adapters(model)
+    experts = model.model.layers[0].mlp.experts
+    assert isinstance(experts, LoraExperts)
+    deltas = {name: getattr(experts, name).delta_weight("default") for name in ("gate_up_proj", "down_proj")}
+    for name, delta in deltas.items():
+        adapter = getattr(experts, name).adapters["default"]
+        for e in range(4):  # ΔW_e = s B_e A_e, expert by expert
+            torch.testing.assert_close(delta[e], 2.0 * adapter.lora_B[e].detach() @ adapter.lora_A[e].detach())
+    hidden = torch.randn(9, 32, generator=torch.Generator().manual_seed(4))
+    top_k = torch.tensor([[0, 1], [2, 3], [1, 0], [3, 3], [0, 2], [1, 2], [2, 0], [3, 1], [0, 3]])
+    weights = torch.rand(9, 2, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        got = experts(hidden, top_k, weights)
+        expected = torch.zeros_like(hidden)
+        for t in range(9):
+            for k in range(2):
+                e = int(top_k[t, k])
+                expected[t] += weights[t, k] * expert_forward(experts, hidden[t:t + 1], e, deltas)[0]
+    assert_relative(got, expected, 1e-6)
+
+
+@pytest.mark.parametrize("kind", sorted(MOE))
+def test_merge_unmerge_and_detach_are_exact(kind):
+    model = MOE[kind]()
+    base = copy.deepcopy(model)
+    x = token_batch(model.config.vocab_size)
+    lorakit.attach(model, LoraConfig(rank=4, alpha=8, targets=["q_proj", *EXPERTS]))
+    randomize_adapters(model)
+    unmerged = logits(model, x)
+    weights = {k: v.clone() for k, v in model.state_dict().items() if ".adapters." not in k}
+    lorakit.merge(model)
+    lorakit.merge(model)  # a second merge is a no-op
+    assert_relative(logits(model, x), unmerged)
+    lorakit.unmerge(model)
+    for key, value in model.state_dict().items():
+        if ".adapters." not in key:
+            torch.testing.assert_close(value, weights[key], rtol=0, atol=1e-6 * value.abs().max().item())
+    lorakit.detach(model, merge=False)
+    assert type(model.model.layers[0].mlp.experts) is type(base.model.layers[0].mlp.experts)
+    assert_relative(logits(model, x), logits(base, x), 1e-6)
+
+
+@pytest.mark.parametrize("kind", sorted(MOE))
+def test_peft_loads_lorakit_expert_adapters_with_the_same_logits(kind, tmp_path):
+    model = MOE[kind]()
+    lorakit.attach(model, LoraConfig(rank=4, alpha=8, rank_pattern={"down_proj": 2}))
+    randomize_adapters(model)
+    x = token_batch(model.config.vocab_size)
+    expected = logits(model, x)
+    lorakit.save_adapter(model, tmp_path / "a")
+    theirs = peft.PeftModel.from_pretrained(MOE[kind](), tmp_path / "a").eval()
+    assert_relative(logits(theirs, x), expected)
+
+
+@pytest.mark.parametrize("parameters", [EXPERTS, ("experts.down_proj",), ("gate_up_proj",)])
+@pytest.mark.parametrize("kind", sorted(MOE))
+def test_lorakit_loads_peft_target_parameters_with_the_same_logits(kind, parameters, tmp_path):
+    torch.manual_seed(3)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], target_parameters=list(parameters),
+                             rank_pattern={"gate_up_proj": 3}, init_lora_weights=False)
+    theirs = peft.get_peft_model(MOE[kind](), config).eval()
+    x = token_batch(theirs.config.vocab_size)
+    expected = logits(theirs, x)
+    theirs.save_pretrained(tmp_path / "a")
+    ours = MOE[kind]()
+    lorakit.load_adapter(ours, tmp_path / "a")
+    adapted = sorted(path for path, layer in lora_layers(ours) if isinstance(layer, LoraExpertWeight))
+    assert len(adapted) == 2 * len(parameters)
+    assert_relative(logits(ours, x), expected)
+    # and the value read without a model knows its experts
+    value = read_adapter(tmp_path / "a")
+    assert {p for p, v in value.layers.items() if v.layout == "experts"} == set(adapted)
+
+
+def test_a_second_adapter_on_experts_switches_and_deletes_cleanly():
+    model = tiny_mixtral()
+    x = token_batch(model.config.vocab_size)
+    base = logits(model, x)
+    lorakit.attach(model, LoraConfig(rank=2, alpha=4, targets=list(EXPERTS)), name="a")
+    lorakit.attach(model, LoraConfig(rank=3, alpha=3, targets=["down_proj"]), name="b")
+    randomize_adapters(model, "a", seed=1)
+    randomize_adapters(model, "b", seed=2)
+    lorakit.set_active(model, ["b"])
+    only_b = logits(model, x)
+    lorakit.set_active(model, ["a", "b"])
+    both = logits(model, x)
+    lorakit.delete_adapter(model, "a")
+    lorakit.set_active(model, ["b"])
+    assert_relative(logits(model, x), only_b, 1e-6)
+    assert not torch.allclose(both, only_b)
+    lorakit.delete_adapter(model, "b")
+    assert not isinstance(model.model.layers[0].mlp.experts, LoraExperts)
+    assert_relative(logits(model, x), base, 1e-6)
+
+
+def test_a_base_checkpoint_loads_into_an_adapted_model():
+    model = tiny_qwen3_moe()
+    fresh = tiny_qwen3_moe(seed=5).state_dict()
+    lorakit.attach(model, LoraConfig(rank=2, alpha=4))
+    missing, unexpected = model.load_state_dict(fresh, strict=False)
+    assert not unexpected and all(".adapters." in key for key in missing)
+    torch.testing.assert_close(model.model.layers[1].mlp.experts.down_proj.weight, fresh["model.layers.1.mlp.experts.down_proj"])
+
+
+def test_training_moves_every_experts_factors():
+    model = tiny_qwen3_moe()
+    lorakit.attach(model, LoraConfig(rank=2, alpha=4, targets=list(EXPERTS)))
+    x = token_batch(model.config.vocab_size, shape=(4, 16))
+    model.train()
+    loss = model(x, labels=x).loss
+    loss.backward()
+    for path, layer in lora_layers(model):
+        grad = layer.adapters["default"].lora_B.grad
+        assert grad is not None and torch.isfinite(grad).all(), path
+        assert grad.abs().amax(dim=(1, 2)).gt(0).sum() >= 2, path  # experts that got tokens learn
+
+
+def test_a_target_that_matches_nothing_on_a_moe_model_is_refused_with_candidates():
+    model = tiny_qwen3_moe()
+    before = snapshot(model)
+    with pytest.raises(AttachError, match=r"'experts.w1' matches no module or expert tensor.*down_proj.*gate_up_proj"):
+        lorakit.attach(model, LoraConfig(rank=2, alpha=4, targets=["q_proj", "experts.w1"]))
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("config, message", [
+    (LoraConfig(rank=2, alpha=4, targets=list(EXPERTS), variant="dora"), "DoRA is not supported"),
+    (LoraConfig(rank=2, alpha=4, targets=list(EXPERTS), init="pissa"), "needs a Linear or GPT-2 Conv1D weight"),
+    (LoraConfig(rank=40, alpha=4, targets=["down_proj"]), r"rank 40 > min\(in=16, out=32\)"),
+])
+def test_expert_tensors_refuse_what_they_cannot_do(config, message):
+    model = tiny_qwen3_moe()
+    before = snapshot(model)
+    with pytest.raises(AttachError, match=message):
+        lorakit.attach(model, config)
+    assert_unchanged(model, before)
+
+
+def _saved_with(tmp_path, change):
+    model = tiny_qwen3_moe()
+    lorakit.attach(model, LoraConfig(rank=2, alpha=4, targets=list(EXPERTS)))
+    randomize_adapters(model)
+    lorakit.save_adapter(model, tmp_path / "a")
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    change(tensors)
+    save_file(tensors, tmp_path / "a" / "adapter_model.safetensors")
+    return tmp_path / "a"
+
+
+def _more_experts(tensors):
+    key = "base_model.model.model.layers.0.mlp.experts.lora_A.weight"  # down_proj's: outermost
+    tensors[key] = torch.cat([tensors[key], tensors[key]])  # 8 experts' A
+    b_key = key.replace("lora_A", "lora_B")
+    tensors[b_key] = torch.cat([tensors[b_key], tensors[b_key]], dim=1)
+
+
+def _nan(tensors):
+    tensors["base_model.model.model.layers.1.mlp.experts.base_layer.lora_B.weight"][0, 0] = float("nan")
+
+
+@pytest.mark.parametrize("change, message", [
+    (_more_experts, r"model.layers.0.mlp.experts.down_proj: .*lora_A.weight \(down_proj\) has shape \(8, 2, 16\), "
+                    r"expected \(4, 2, 16\)"),
+    (_nan, r"experts.base_layer.lora_B.weight has NaN"),
+])
+def test_a_bad_expert_file_is_refused_naming_the_tensor_and_changes_nothing(tmp_path, change, message):
+    directory = _saved_with(tmp_path, change)
+    model = tiny_qwen3_moe()
+    lorakit.attach(model, LoraConfig(rank=2, alpha=4, targets=["q_proj"]), name="other")
+    before = snapshot(model)
+    with pytest.raises(AdapterFileError, match=message):
+        lorakit.load_adapter(model, directory)
+    assert_unchanged(model, before)
