@@ -253,3 +253,72 @@ def test_a_bad_expert_file_is_refused_naming_the_tensor_and_changes_nothing(tmp_
     with pytest.raises(AdapterFileError, match=message):
         lorakit.load_adapter(model, directory)
     assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("shuffled", [False, True], ids=["grouped rows", "shuffled rows"])
+def test_mixed_batches_give_every_row_its_own_experts(tmp_path, shuffled):
+    from lorakit.serve.slots import BASE, enable_slots, mixed_forward, routing
+    from lorakit.serve.store import AdapterStore
+
+    base = tiny_qwen3_moe()
+    singles = {}
+    for i, config in enumerate([LoraConfig(rank=4, alpha=8), LoraConfig(rank=2, alpha=2, targets=["down_proj"]),
+                                LoraConfig(rank=3, alpha=6, targets=["q_proj", "experts"])]):
+        model = copy.deepcopy(base)
+        lorakit.attach(model, config)
+        randomize_adapters(model, seed=i, scale=0.2)
+        lorakit.save_adapter(model, tmp_path / f"a{i}")
+        singles[f"a{i}"] = model
+    served = copy.deepcopy(base)
+    enable_slots(served, 3)
+    store = AdapterStore(served, tmp_path, 3)
+    names = ["a2", None, "a0", "a1", "a0", None, "a2", "a1"]
+    slots = [store.acquire(n) if n else BASE for n in names]
+    ids = torch.randint(0, base.config.vocab_size, (len(names), 5), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        if shuffled:
+            with routing(served, slots, ids.shape[1]):
+                mixed = served(ids).logits
+        else:
+            mixed = mixed_forward(served, ids, slots)
+        for row, name in enumerate(names):
+            expected = (singles[name] if name else base)(ids[row:row + 1]).logits[0]
+            assert_relative(mixed[row], expected)
+
+
+def test_combine_and_compress_keep_each_experts_update(tmp_path):
+    model = tiny_qwen3_moe()
+    lorakit.attach(model, LoraConfig(rank=3, alpha=6, targets=list(EXPERTS)), name="a")
+    lorakit.attach(model, LoraConfig(rank=2, alpha=2, targets=list(EXPERTS)), name="b")
+    randomize_adapters(model, "a", seed=1)
+    randomize_adapters(model, "b", seed=2)
+    a, b = lorakit.export_adapter(model, "a"), lorakit.export_adapter(model, "b")
+    path = "model.layers.1.mlp.experts.down_proj"
+    expected = 0.5 * a.layers[path].delta() + 2.0 * b.layers[path].delta()
+    combined = lorakit.combine([a, b], [0.5, 2.0]).adapter
+    assert combined.layers[path].rank == 5
+    torch.testing.assert_close(combined.layers[path].delta(), expected, rtol=0, atol=1e-6)
+    svd = lorakit.combine([a, b], [0.5, 2.0], method="svd", rank=5).adapter  # rank 5 holds all of it
+    torch.testing.assert_close(svd.layers[path].delta(), expected, rtol=0, atol=1e-5)
+    ties = lorakit.combine([a, b], method="ties", rank=4, density=0.5).adapter
+    assert ties.layers[path].A.shape == (4, 4, 16) and ties.layers[path].B.shape == (4, 32, 4)
+    best = lorakit.compress(a, rank=1).adapter.layers[path]
+    for e in range(4):  # each expert's own best rank-1 approximation
+        U, S, Vh = torch.linalg.svd(a.layers[path].delta()[e].double())
+        torch.testing.assert_close(best.delta()[e].double(), S[0] * U[:, :1] @ Vh[:1], rtol=0, atol=1e-6)
+    lorakit.save_adapter(combined, tmp_path / "c")
+    fresh = tiny_qwen3_moe()
+    lorakit.load_adapter(fresh, tmp_path / "c")  # a combination is an ordinary expert adapter file
+
+
+def test_analyze_reports_expert_tensors_per_expert():
+    from lorakit.analyze import analyze
+
+    model = tiny_qwen3_moe()
+    lorakit.attach(model, LoraConfig(rank=3, alpha=6))
+    randomize_adapters(model)
+    report = analyze(lorakit.export_adapter(model), base=tiny_qwen3_moe())
+    stats = report["modules"]["model.layers.0.mlp.experts.gate_up_proj"]
+    assert stats["experts"] == 4 and stats["rank"] == 3 and len(stats["singular_values"]) == 3
+    assert 1.0 <= stats["effective_rank"] <= 3.0 and stats["rank_99"] <= 3 and stats["relative_norm"] > 0
+    assert "experts" not in report["modules"]["model.layers.0.self_attn.q_proj"]

@@ -38,24 +38,41 @@ BLOCK = re.compile(r"^(.*?)\.(\d+)\.(.+)$")  # "model.layers.11.self_attn.q_proj
 
 
 def module_stats(layer: LayerWeights, weight: Tensor | None = None) -> dict[str, Any]:
-    """The numbers above for one module (``weight``: the base weight it changes, any layout)."""
+    """The numbers above for one module (``weight``: the base weight it changes, any layout).
+    A fused-experts tensor has one spectrum per expert: its singular values are their root
+    mean square, its effective and stable ranks their means, its rank_90/99 the most any
+    expert needs."""
     S = factored_svd(layer)[1]
+    spectra = S if S.dim() > 1 else S[None]  # (E, R); one row for an ordinary module
     energy = float((S**2).sum())
-    stats: dict[str, Any] = {"rank": layer.rank, "singular_values": S.tolist(), "energy": energy}
-    if energy == 0:  # an untrained adapter (B = 0): no direction at all
+    shown = S.square().mean(0).sqrt() if S.dim() > 1 else S
+    stats: dict[str, Any] = {"rank": layer.rank, "singular_values": shown.tolist(), "energy": energy}
+    if S.dim() > 1:
+        stats["experts"] = S.shape[0]
+    trained = [row for row in spectra if float(row.sum()) > 0]
+    if not trained:  # an untrained adapter (B = 0): no direction at all
         stats.update(effective_rank=0.0, stable_rank=0.0, **{f"rank_{round(e * 100)}": 0 for e in ENERGIES})
     else:
-        p = S / S.sum()
-        p = p[p > 0]
-        stats.update(effective_rank=math.exp(float(-(p * p.log()).sum())), stable_rank=energy / float(S[0]) ** 2,
+        stats.update(effective_rank=sum(map(_effective_rank, trained)) / len(trained),
+                     stable_rank=sum(float((row**2).sum()) / float(row[0]) ** 2 for row in trained) / len(trained),
                      **{f"rank_{round(e * 100)}": rank_for_energy(S, e) for e in ENERGIES})
     if weight is not None:
         stats["relative_norm"] = math.sqrt(energy) / float(frozen.dense(weight).norm())
     return stats
 
 
-def subspace_similarity(A1: Tensor, A2: Tensor) -> Tensor:
-    """φ(i, j) for i = 1..r_1, j = 1..r_2 (row i-1, column j-1)."""
+def _effective_rank(S: Tensor) -> float:
+    """exp of the entropy of the normalised singular values (Roy & Vetterli, 2007)."""
+    p = S / S.sum()
+    p = p[p > 0]
+    return math.exp(float(-(p * p.log()).sum()))
+
+
+def subspace_similarity(A1: Tensor, A2: Tensor, experts: bool = False) -> Tensor:
+    """φ(i, j) for i = 1..r_1, j = 1..r_2 (row i-1, column j-1); for ``experts`` (A (E, r, in))
+    the mean over experts of each expert's own."""
+    if experts:
+        return torch.stack([subspace_similarity(a1, a2) for a1, a2 in zip(A1, A2)]).mean(0)
     V1 = torch.linalg.svd(A1.reshape(A1.shape[0], -1).double(), full_matrices=False)[2]
     V2 = torch.linalg.svd(A2.reshape(A2.shape[0], -1).double(), full_matrices=False)[2]
     overlap = (V1 @ V2.T) ** 2  # (r_1, r_2); its (i, j) prefix sums are ‖V_1[:i] V_2[:j]^T‖²_F
@@ -69,11 +86,11 @@ def analyze(adapter: AdapterLike, other: AdapterLike | None = None, base: nn.Mod
     first = as_adapter(adapter)
     weights = {}
     if base is not None:
-        missing = [p for p in first.layers if not _has_weight(base, p)]
+        missing = [p for p in first.layers if _base_weight(base, p) is None]
         if missing:
             raise ValueError(f"the base model has no weight for {missing[0]} (and {len(missing) - 1} more): "
                              "is it the model this adapter was trained on?")
-        weights = {path: base.get_submodule(path).weight for path in first.layers}
+        weights = {path: _base_weight(base, path) for path in first.layers}
     modules = {path: module_stats(first.layers[path], weights.get(path)) for path in sorted(first.layers, key=_order)}
     report: dict[str, Any] = {"modules": modules, "summary": summary(modules)}
     if other is not None:
@@ -81,7 +98,8 @@ def analyze(adapter: AdapterLike, other: AdapterLike | None = None, base: nn.Mod
         common = [p for p in modules if p in second.layers]
         if not common:
             raise ValueError("the two adapters share no module: nothing to compare")
-        report["similarity"] = {path: subspace_similarity(first.layers[path].A, second.layers[path].A).tolist()
+        report["similarity"] = {path: subspace_similarity(first.layers[path].A, second.layers[path].A,
+                                                          first.layers[path].layout == "experts").tolist()
                                 for path in common}
     return report
 
@@ -209,8 +227,13 @@ def _order(path: str) -> tuple:
     return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in path.split("."))
 
 
-def _has_weight(model: nn.Module, path: str) -> bool:
+def _base_weight(model: nn.Module, path: str) -> Tensor | None:
+    """The weight of the module at ``path``, or the expert tensor ``path`` itself."""
     try:
-        return isinstance(getattr(model.get_submodule(path), "weight", None), Tensor)
+        module = model.get_submodule(path)
     except AttributeError:
-        return False
+        try:
+            return model.get_parameter(path)
+        except AttributeError:
+            return None
+    return getattr(module, "weight", None) if isinstance(getattr(module, "weight", None), Tensor) else None

@@ -127,18 +127,26 @@ def _stack(adapters: Sequence[Adapter], weights: Sequence[float]) -> dict[str, L
                  if path in adapter.layers]
         first = parts[0][1]
         misfits = [(i, layer) for i, layer, _ in parts[1:] if layer.layout != first.layout
-                   or layer.A.shape[1:] != first.A.shape[1:] or layer.B.shape[0] != first.B.shape[0]]
+                   or _without_rank(layer.A, layer, 0) != _without_rank(first.A, first, 0)
+                   or _without_rank(layer.B, layer, 1) != _without_rank(first.B, first, 1)]
         problems += [f"{path}: adapter {i} has A {tuple(layer.A.shape)}, B {tuple(layer.B.shape)} ({layer.layout}); "
                      f"adapter {parts[0][0]} has A {tuple(first.A.shape)}, B {tuple(first.B.shape)} "
                      f"({first.layout}): not the same base model" for i, layer in misfits]
         if misfits:
             continue
-        A = torch.cat([layer.A.float() for _, layer, _ in parts])
-        B = torch.cat([layer.B.float() * (w * layer.scaling) for _, layer, w in parts], dim=1)
+        expert = first.layout == "experts"  # A (E, r, in), B (E, out, r): the rank one axis further in
+        A = torch.cat([layer.A.float() for _, layer, _ in parts], dim=int(expert))
+        B = torch.cat([layer.B.float() * (w * layer.scaling) for _, layer, w in parts], dim=1 + int(expert))
         stacked[path] = LayerWeights(A, B, 1.0, first.layout)
     if problems:
         raise CombineError("adapters do not fit together:\n  " + "\n  ".join(problems[:10]))
     return stacked
+
+
+def _without_rank(factor: Tensor, layer: LayerWeights, axis: int) -> tuple[int, ...]:
+    """``factor``'s shape without its rank axis (``axis`` for one matrix, one further in for experts)."""
+    axis += layer.layout == "experts"
+    return tuple(factor.shape[:axis]) + tuple(factor.shape[axis + 1:])
 
 
 def task_vectors(adapters: Sequence[Adapter], weights: Sequence[float], path: str) -> list[Tensor]:
@@ -188,7 +196,10 @@ def _truncate(layer: LayerWeights, rank: int | None, energy: float | None = None
 
 
 def rank_for_energy(S: Tensor, energy: float) -> int:
-    """The fewest leading singular values whose squares hold ``energy`` of the total."""
+    """The fewest leading singular values whose squares hold ``energy`` of the total (for a
+    stack of experts' values, the most any of them needs: they share one rank)."""
+    if S.dim() > 1:
+        return max(rank_for_energy(row, energy) for row in S)
     cumulative = torch.cumsum(S**2, 0) / max(float((S**2).sum()), 1e-300)
     return min(len(S), int((cumulative < energy - 1e-12).sum()) + 1)
 
@@ -197,12 +208,15 @@ def factored_svd(layer: LayerWeights) -> tuple[Tensor, Tensor, Tensor]:
     """The thin SVD U S Vh of s·B·A (out x in; a Conv2d's in is in·kh·kw), in float64, with
     U (out, R), S (R,), Vh (R, in): a QR of each factor and an SVD of the (R x R) core
     R_B R_A^T, never the out x in matrix."""
-    A = layer.A.reshape(layer.A.shape[0], -1)  # (R, in)
-    B = layer.B.reshape(layer.B.shape[0], -1) * layer.scaling  # (out, R)
+    if layer.layout == "experts":  # a stack of E of them: every step below is batched
+        A, B = layer.A, layer.B * layer.scaling  # (E, R, in), (E, out, R)
+    else:
+        A = layer.A.reshape(layer.A.shape[0], -1)  # (R, in)
+        B = layer.B.reshape(layer.B.shape[0], -1) * layer.scaling  # (out, R)
     Q_B, R_B = torch.linalg.qr(B.double())  # (out, R), (R, R)
-    Q_A, R_A = torch.linalg.qr(A.double().T)  # (in, R), (R, R)
-    U, S, Vh = torch.linalg.svd(R_B @ R_A.T)
-    return Q_B @ U, S, Vh @ Q_A.T
+    Q_A, R_A = torch.linalg.qr(A.double().mT)  # (in, R), (R, R)
+    U, S, Vh = torch.linalg.svd(R_B @ R_A.mT)
+    return Q_B @ U, S, Vh @ Q_A.mT
 
 
 def _factors(U: Tensor, S: Tensor, Vh: Tensor, rank: int, layout: str,
@@ -210,12 +224,12 @@ def _factors(U: Tensor, S: Tensor, Vh: Tensor, rank: int, layout: str,
     """B = U_k sqrt(S_k), A = sqrt(S_k) Vh_k from an SVD U S Vh of s·B·A (out, in), the top
     k = ``rank`` values kept; and the fraction of ‖ΔW‖²_F they keep. ``kernel``: a Conv2d's
     (in, kh, kw), which A takes back."""
-    keep = max(1, min(rank, len(S)))
-    root = S[:keep].sqrt()
+    keep = max(1, min(rank, S.shape[-1]))
+    root = S[..., :keep].sqrt()  # (k,), or (E, k) for experts
     total = float((S**2).sum())
-    kept = float((S[:keep] ** 2).sum()) / total if total > 0 else 1.0
-    B = (U[:, :keep] * root).float()  # (out, k)
-    A = (root[:, None] * Vh[:keep]).float()  # (k, in)
+    kept = float((S[..., :keep] ** 2).sum()) / total if total > 0 else 1.0
+    B = (U[..., :keep] * root[..., None, :]).float()  # (out, k)
+    A = (root[..., :, None] * Vh[..., :keep, :]).float()  # (k, in)
     if kernel is not None:
         A, B = A.reshape(keep, *kernel), B.reshape(B.shape[0], keep, 1, 1)
     return LayerWeights(A, B, 1.0, layout), kept

@@ -195,12 +195,12 @@ class SlotLinear(nn.Module):
 
 
 def enable_slots(model: nn.Module, capacity: int, stack_tokens: int = STACK_TOKENS) -> Router:
-    """Replace every linear layer except the output head by a SlotLinear with ``capacity`` slots.
+    """Replace every linear layer except the output head by a SlotLinear with ``capacity`` slots
+    (and every fused-experts module by a SlotExperts: slot_experts.py).
 
     ``stack_tokens``: see ``Router``; 0 adds adapters by segments only."""
     from ..attach import layer_class_for, output_head
-    from ..layers import set_module
-    from ..layers import LoraConv1D, LoraLinear
+    from ..layers import LoraConv1D, LoraLinear, set_module
 
     router = Router(capacity, stack_tokens)
     head = output_head(model)
@@ -208,13 +208,20 @@ def enable_slots(model: nn.Module, capacity: int, stack_tokens: int = STACK_TOKE
                if path and m is not head and layer_class_for(m) in (LoraLinear, LoraConv1D)]
     for path, module in targets:
         set_module(model, path, SlotLinear(module, router))
+    from .slot_experts import enable_expert_slots
+
+    enable_expert_slots(model, router)
     model.requires_grad_(False)
     model.lorakit_router = router
     return router
 
 
-def slot_layers(model: nn.Module) -> dict[str, SlotLinear]:
-    return {path: m for path, m in model.named_modules() if isinstance(m, SlotLinear)}
+def slot_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Path -> every module that takes adapter slots: SlotLinear, and the expert tensors of
+    SlotExperts (at the tensor's path)."""
+    from .slot_experts import SlotExpertWeight
+
+    return {path: m for path, m in model.named_modules() if isinstance(m, (SlotLinear, SlotExpertWeight))}
 
 
 @contextmanager

@@ -161,7 +161,7 @@ class AdapterStore:
         if self.checked.get(name, (None,))[0] != stamp:  # new, or its files changed
             try:
                 prepared = self.prepare(name, directory)
-                rank = max(w.A.shape[0] for w in prepared.weights.values())
+                rank = max(w.rank for w in prepared.weights.values())
                 shown = str(directory.relative_to(self.root)) if self.root and self.root in directory.parents \
                     else str(directory)
                 self.checked[name] = (stamp, AdapterInfo(name, shown, rank))
@@ -183,14 +183,16 @@ class AdapterStore:
         problems = []
         for layer_path, given in adapter.layers.items():
             layer = self.layers.get(layer_path)
-            if layer is None or given.layout not in ("linear", "conv1d"):
-                problems.append(f"{layer_path}: no such linear layer in this model (only linear layers are served)")
+            if layer is None or given.layout not in ("linear", "conv1d", "experts"):
+                problems.append(f"{layer_path}: no such linear layer or expert tensor in this model (only those "
+                                "are served)")
                 continue
             A, B = given.A.float(), given.B.float()  # read_adapter refused NaN and infinity
-            rank = given.rank
-            if tuple(A.shape) != (rank, layer.in_features) or tuple(B.shape) != (layer.out_features, rank):
-                problems.append(f"{layer_path}: A {tuple(A.shape)}, B {tuple(B.shape)}; expected A "
-                                f"{(rank, layer.in_features)}, B {(layer.out_features, rank)}")
+            rank, experts = given.rank, (layer.num_experts,) if given.layout == "experts" else ()
+            want_A, want_B = (*experts, rank, layer.in_features), (*experts, layer.out_features, rank)
+            if tuple(A.shape) != want_A or tuple(B.shape) != want_B:
+                problems.append(f"{layer_path}: A {tuple(A.shape)}, B {tuple(B.shape)}; expected A {want_A}, "
+                                f"B {want_B}")
                 continue
             device = layer.weight.device
             weights[layer_path] = LayerWeights(A.to(device), B.to(device), given.scaling, given.layout)
