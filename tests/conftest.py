@@ -154,3 +154,19 @@ def logged_step(out) -> int:
     from lorakit.training.monitor import read_metrics
 
     return max((record.get("step", 0) for record in read_metrics(out / "metrics.jsonl")), default=0)
+
+
+def save_tiny_moe_lm(directory, language: str = "swedish", seed: int = 0):
+    """A random Qwen3-MoE model (4 experts, 2 per token) and a corpus tokenizer saved as a local
+    HF model directory."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    tokenizer = corpus_tokenizer(language)
+    torch.manual_seed(seed)
+    config = Qwen3MoeConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                            num_experts=4, num_experts_per_tok=2, max_position_embeddings=1024, initializer_range=0.1,
+                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    Qwen3MoeForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory

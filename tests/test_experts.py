@@ -322,3 +322,53 @@ def test_analyze_reports_expert_tensors_per_expert():
     assert stats["experts"] == 4 and stats["rank"] == 3 and len(stats["singular_values"]) == 3
     assert 1.0 <= stats["effective_rank"] <= 3.0 and stats["rank_99"] <= 3 and stats["relative_norm"] > 0
     assert "experts" not in report["modules"]["model.layers.0.self_attn.q_proj"]
+
+
+def test_lorakit_train_on_a_moe_model_trains_the_experts_and_peft_reads_the_result(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from lorakit.cli import app
+
+    from conftest import save_tiny_moe_lm
+
+    model_dir = save_tiny_moe_lm(tmp_path / "moe")
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train", "--model", str(model_dir), "--rank", "2", "--max-steps", "4",
+                                      "--batch-size", "4", "--micro-batch-size", "2", "--lr", "1e-2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "4 MoE expert tensors adapted (4 experts each)" in " ".join(result.output.split())
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["target_parameters"] == [f"model.layers.{i}.mlp.experts.{n}" for i in range(2)
+                                           for n in ("down_proj", "gate_up_proj")]
+    trained = read_adapter(out / "adapter")
+    assert all(v.B.abs().amax(dim=(1, 2)).gt(0).sum() >= 2 for v in trained.layers.values() if v.layout == "experts")
+    from transformers import AutoModelForCausalLM
+
+    ours = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    lorakit.load_adapter(ours, out / "adapter")
+    theirs = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), out / "adapter").eval()
+    x = token_batch(ours.config.vocab_size)
+    assert_relative(logits(theirs, x), logits(ours, x))
+
+
+def test_inspect_counts_expert_tensors(tmp_path):
+    from lorakit.report import inspect_model
+
+    model_dir = tmp_path / "m"
+    tiny_qwen3_moe().save_pretrained(model_dir)
+    report = inspect_model(str(model_dir), LoraConfig(rank=4, alpha=8))
+    assert (report.expert_tensors, report.experts) == (4, 4)
+    assert report.by_type["gate_up_proj"] == (2, 2 * 4 * 4 * (32 + 32))
+
+
+def test_plan_counts_expert_adapters_and_runs_the_experts_on_fake_tensors(tmp_path):
+    from lorakit.plan import plan
+    from lorakit.report import inspect_model
+
+    model_dir = tmp_path / "m"
+    tiny_qwen3_moe().save_pretrained(model_dir)
+    lora = plan(str(model_dir), method="lora", rank=4, batch=2, seq=16)
+    assert lora.trainable_params == inspect_model(str(model_dir), LoraConfig(rank=4, alpha=8)).trainable_params
+    assert lora.activations_bytes > 0

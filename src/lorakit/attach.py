@@ -263,6 +263,8 @@ class ParameterCount:
     base: int
     adapter: int
     trainable: int
+    expert_tensors: int = 0  # fused MoE expert tensors with adapters (each holds ``experts`` updates)
+    experts: int = 0
 
     @property
     def total(self) -> int:
@@ -288,11 +290,14 @@ def trainable_parameters(model: nn.Module) -> ParameterCount:
     adapter_ids = {id(p) for m in model.modules() if isinstance(m, LoraAdapter) for p in m.parameters()}
     params = list(model.parameters())
     adapter = sum(p.numel() for p in params if id(p) in adapter_ids)
+    experts = [layer.base_module.num_experts for _, layer in lora_layers(model) if isinstance(layer, LoraExpertWeight)]
     return ParameterCount(
         by_type=by_type,
         base=sum(p.numel() for p in params) - adapter,
         adapter=adapter,
         trainable=sum(p.numel() for p in params if p.requires_grad),
+        expert_tensors=len(experts),
+        experts=max(experts, default=0),
     )
 
 

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import is_fake
 
 from .layers import LoraLayer, set_module
 
@@ -177,7 +178,7 @@ class LoraExperts(nn.Module):
         """hidden_states (T, H); top_k_index, top_k_weights (T, k): each token's experts and weights."""
         tokens, top_k = top_k_index.shape
         order = top_k_index.reshape(-1).argsort(stable=True)  # (T k,) token-expert pairs grouped by expert
-        counts = torch.bincount(top_k_index.reshape(-1), minlength=self.num_experts).tolist()  # one host read
+        counts = expert_counts(top_k_index, self.num_experts)
         token_of = order // top_k
         weights = top_k_weights.reshape(-1)[order]
         output = torch.zeros_like(hidden_states)
@@ -199,6 +200,15 @@ class LoraExperts(nn.Module):
             base.register_parameter(name, self.weight_of(name))
         object.__setattr__(self, "base_module", None)
         return base
+
+
+def expert_counts(top_k_index: Tensor, num_experts: int) -> list[int]:
+    """How many token-expert pairs each expert gets (one host read). In the memory planner's
+    run on fake tensors there is nothing to read: it gets balanced routing, the expected load."""
+    if is_fake(top_k_index):
+        pairs = top_k_index.numel()
+        return [pairs // num_experts + (e < pairs % num_experts) for e in range(num_experts)]
+    return torch.bincount(top_k_index.reshape(-1), minlength=num_experts).tolist()
 
 
 def _base_keys(module: LoraExperts, state_dict: dict[str, Any], prefix: str, metadata: Any) -> None:

@@ -38,6 +38,8 @@ class Report:
     weight_dtype: str
     memory_lora_bytes: int
     memory_full_bytes: int
+    expert_tensors: int = 0  # fused MoE expert tensors adapted, each with ``experts`` low-rank updates
+    experts: int = 0
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -64,4 +66,6 @@ def inspect_model(spec: str, config: LoraConfig, weight_dtype: torch.dtype = tor
         weight_dtype=str(weight_dtype).removeprefix("torch."),
         memory_lora_bytes=counts.base * weight_bytes + counts.trainable * (2 * ADAPTER_BYTES + ADAM_STATE_BYTES),
         memory_full_bytes=counts.base * (2 * weight_bytes + ADAM_STATE_BYTES),
+        expert_tensors=counts.expert_tensors,
+        experts=counts.experts,
     )

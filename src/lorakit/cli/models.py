@@ -48,6 +48,9 @@ def inspect(
     console.print(f"base parameters       {report.base_params:,}")
     console.print(f"trainable parameters  {report.trainable_params:,} "
                   f"({report.trainable_percent:.2f} % of {report.base_params + report.trainable_params:,})")
+    if report.expert_tensors:
+        console.print(f"expert tensors        {report.expert_tensors} adapted, {report.experts} experts each "
+                      "(one low-rank update per expert)")
     console.print(f"adapter file          {_size(report.adapter_bytes_fp32)} fp32, {_size(report.adapter_bytes_bf16)} bf16")
     console.print(f"training memory       LoRA {_size(report.memory_lora_bytes)} vs full fine-tuning "
                   f"{_size(report.memory_full_bytes)} ({report.weight_dtype} weights; weights + gradients + "

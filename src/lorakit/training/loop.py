@@ -202,7 +202,9 @@ def setup(task: Task, strategy: Plain, config: Settings, processes: Processes) -
         write_text(out / "config.yaml", dump_yaml(config))
     monitor = Monitor(out, task.total_steps, start_step, processes.main, config.log_every, config.report_to,
                       config.to_dict())
+    experts = [layer.weight.shape[0] for _, layer in lora_layers(task.model) if layer.layout == "experts"]
     monitor.note(task.note(sum(p.numel() for p in parameters))
+                 + (f"; {len(experts)} MoE expert tensors adapted ({max(experts)} experts each)" if experts else "")
                  + (f"; resuming after step {start_step}" if start_step else ""))
     runner = strategy.wrap(runner, device)  # DDP when there are several processes
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=getattr(config, "bf16", False))
