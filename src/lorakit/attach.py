@@ -21,7 +21,7 @@ from torch import nn
 from .bnb import LoraBnbLinear, is_bnb_linear
 from .config import ALL_LINEAR, LoraConfig, names_module
 from .experts import ExpertWeight, LoraExpertWeight, expert_parameters, unsupported_experts
-from .layers import LoraConv1D, LoraConv2d, LoraEmbedding, LoraLayer, LoraLinear, set_module
+from .layers import LoraConv1D, LoraConv2d, LoraEmbedding, LoraLayer, LoraLinear
 from .variants import LoraAdapter, adapter_class
 
 

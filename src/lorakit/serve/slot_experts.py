@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ..adapter import LayerWeights
 from ..experts import PROJECTIONS, expert_parameters
-from .slots import BASE, Route, Router
+from .route import Route, Router
 
 
 class SlotExpertWeight(nn.Module):
