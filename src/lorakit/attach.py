@@ -100,7 +100,8 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[Target]:
     listing all problems."""
     kind = adapter_class(config)
     targets: list[Target] = []
-    problems: list[str] = []
+    refused = kind.check_config(config)
+    problems: list[str] = [f"{kind.describe(config)}: {refused}"] if refused else []
     for path, module, layer_class in _candidates(model, config):
         if layer_class is None:
             why = unsupported_experts(module) or (f"{type(module).__name__} is not supported (supported: Linear, "

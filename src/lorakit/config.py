@@ -24,7 +24,7 @@ ALL_LINEAR = "all-linear"
 INITS = ("default", "gaussian", "pissa", "olora")  # and pissa_niter_K:
 PISSA_NITER = re.compile(r"pissa_niter_([1-9]\d*)")  # PiSSA by a randomized SVD of K iterations
 # LoraConfig.variant -> how messages name it; variants/ registers a class under each name
-VARIANTS = {"lora": "LoRA", "dora": "DoRA"}
+VARIANTS = {"lora": "LoRA", "dora": "DoRA", "loha": "LoHa", "lokr": "LoKr"}
 
 # Named target sets for image models. "attention" is what diffusers' DreamBooth-LoRA
 # scripts train: a UNet's or DiT's attention projections (to_q/k/v, to_out.0, and the
@@ -73,7 +73,8 @@ class LoraConfig:
         use_rslora: scale by alpha / sqrt(rank) instead of alpha / rank.
         init: "default" (A Kaiming-uniform, B zero), "gaussian" (A ~ N(0, 1/r)), or
             "pissa" / "pissa_niter_K" / "olora" (A and B from W's SVD / QR, moved out of W).
-        variant: "lora", or "dora" (a learned magnitude per output unit; dora.py).
+        variant: "lora", "dora" (a learned magnitude per output unit; dora.py), or the
+            LyCORIS kinds "loha" / "lokr" (Hadamard / Kronecker products; lycoris.py).
         modules_to_save: modules trained in full and stored in the adapter file
             (e.g. a classification head).
     """

@@ -55,7 +55,8 @@ def export_adapter(model: nn.Module, name: str = "default", portable: bool = Fal
             layers[path] = (adapter.exported(layer) if portable else adapter.value(layer)).cloned()
     saved = {f"{path}.{key}": p.detach().clone()
              for path, module in find_saved_modules(model, config).items() for key, p in module.named_parameters()}
-    if portable and any(v.rank != config.rank_for(p) or v.scaling != config.scaling_for(p) for p, v in layers.items()):
+    if portable and any(v.A is not None and (v.rank != config.rank_for(p) or v.scaling != config.scaling_for(p))
+                        for p, v in layers.items()):
         refit = config_for_layers({p: v.rank for p, v in layers.items()},
                                   {p: v.scaling * v.rank for p, v in layers.items()})
         config = dataclasses.replace(refit, modules_to_save=config.modules_to_save)
@@ -110,18 +111,18 @@ def check_fits(model: nn.Module, adapter: Adapter, name: str | None, source: str
     for target in targets:
         base = target.module.base_module if isinstance(target.module, LoraLayer) else target.module
         value, layout = adapter.layers.get(target.path), target.layer_class.layout
-        shapes = dict(zip(("lora_A", "lora_B"), target.layer_class.shapes(base, target.rank)))
-        shapes.update(kind.extra_shapes(target.layer_class, base))
+        shapes = kind.tensor_shapes(target.layer_class, base, target.rank)
         if value is None:
-            problems.append(f"{target.path}: missing key {keys(target.path, 'lora_A', layout)}")
+            problems.append(f"{target.path}: missing key {keys(target.path, next(iter(shapes)), layout)}")
             continue
-        tensors = {"lora_A": value.A, "lora_B": value.B, **value.extras}
+        tensors = {name: t for name, t in (("lora_A", value.A), ("lora_B", value.B)) if t is not None}
+        tensors.update(value.extras)
         problems += [_tensor_problem(target.path, keys(target.path, n, layout), tensors.get(n), shape)
                      for n, shape in shapes.items()]
         problems += [f"{target.path}: unexpected tensor {n}" for n in tensors if n not in shapes]
     found = {t.path for t in targets}
-    problems += [f"unexpected key {keys(path, 'lora_A', value.layout)} (no such target in this model)"
-                 for path, value in adapter.layers.items() if path not in found]
+    problems += [f"unexpected key {keys(path, 'lora_A' if value.A is not None else next(iter(value.extras)), value.layout)} "
+                 "(no such target in this model)" for path, value in adapter.layers.items() if path not in found]
     expected = {f"{path}.{key}": (path, p) for path, m in saved_modules.items() for key, p in m.named_parameters()}
     problems += [_tensor_problem(path, f"{PREFIX}{key}", adapter.saved.get(key), tuple(p.shape))
                  for key, (path, p) in expected.items()]

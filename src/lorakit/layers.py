@@ -98,6 +98,11 @@ class LoraLayer(nn.Module):
         """s·B·A·dropout(x) (without dropout when the caller applied it)."""
         raise NotImplementedError
 
+    def weight_forward(self, x: Tensor, weight: Tensor) -> Tensor:
+        """The base operation with ``weight`` (laid out like ``self.weight``) and no bias: how
+        a dense ΔW (LoHa, LoKr) acts on the input."""
+        raise NotImplementedError(f"{type(self).__name__} cannot apply a dense update")
+
     def base_forward_onto(self, adapter: LoraAdapter, x: Tensor) -> Tensor:
         """The output with ``adapter`` alone: s·B·A·dropout(x) + b written first, the base
         product accumulated onto it (layers with ``accumulates``)."""
@@ -337,6 +342,9 @@ class LoraLinear(LoraLayer):
     def base_forward_without_bias(self, x: Tensor) -> Tensor:
         return frozen.linear(x, self.weight, None, transposed=self.transposed)
 
+    def weight_forward(self, x: Tensor, weight: Tensor) -> Tensor:
+        return x @ weight if self.transposed else F.linear(x, weight)
+
     def adapter_forward(self, adapter: LoraAdapter, x: Tensor, dropout: bool = True) -> Tensor:
         return _linear_adapter(adapter, x, frozen.compute_dtype(self.weight), dropout)
 
@@ -406,6 +414,9 @@ class LoraConv2d(LoraLayer):
 
     def base_forward_without_bias(self, x: Tensor) -> Tensor:
         return self.base_module._conv_forward(x, self.weight, None)
+
+    def weight_forward(self, x: Tensor, weight: Tensor) -> Tensor:
+        return self.base_module._conv_forward(x, weight, None)
 
     def adapter_forward(self, adapter: LoraAdapter, x: Tensor, dropout: bool = True) -> Tensor:
         base = self.base_module

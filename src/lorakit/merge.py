@@ -97,7 +97,8 @@ def merged_state_dict(base: Mapping[str, Tensor], adapter: Adapter) -> dict[str,
             problems.append(f"{path}: no {key!r} in the base state dict")
             continue
         shape = delta_shape(layer)
-        if tuple(base[key].shape) != shape:
+        flat = layer.A is None and layer.shape is None  # LoHa / LoKr factors of a Conv2d: (out, in·kh·kw)
+        if tuple(base[key].shape) != shape and not (flat and base[key].reshape(shape[0], -1).shape == shape):
             problems.append(f"{path}: weight {tuple(base[key].shape)}, the adapter's update is {shape}")
     for key, tensor in adapter.saved.items():
         if key in base and base[key].shape != tensor.shape:

@@ -28,7 +28,7 @@ from typing import Any
 
 from torch import Tensor
 
-from ..adapter import Adapter, LayerWeights
+from ..adapter import Adapter, LayerWeights, product_delta
 from ..config import ALL_LINEAR, ConfigError, LoraConfig, names_module
 from ..experts import PROJECTIONS
 from ..hub import split_revision
@@ -147,6 +147,13 @@ def key_pattern(prefix: str) -> re.Pattern[str]:
 BASE_COPY = re.compile(rf"^{re.escape(PREFIX)}(?P<path>.+)\.base_layer\.weight$")
 
 
+# lorakit's LyCORIS kinds and PEFT's peft_type for each; their settings PEFT has and lorakit
+# keeps at PEFT's defaults (other values would build other shapes or another training)
+LYCORIS = {"loha": "LOHA", "lokr": "LOKR"}
+LYCORIS_DEFAULTS = {"rank_dropout": 0.0, "module_dropout": 0.0, "use_effective_conv2d": False}
+LOKR_DEFAULTS = {"decompose_both": False, "decompose_factor": -1, "rank_dropout_scale": False}
+
+
 def config_to_peft(adapter: Adapter) -> dict[str, Any]:
     """The adapter_config.json contents for ``adapter``."""
     config = adapter.config
@@ -154,28 +161,35 @@ def config_to_peft(adapter: Adapter) -> dict[str, Any]:
     targets, parameters = config.targets, sorted(p for p, v in adapter.layers.items() if v.layout == "experts")
     if targets == ALL_LINEAR or parameters:  # PEFT also stores all-linear expanded; it names tensors apart
         targets = sorted(p for p, v in adapter.layers.items() if v.layout != "experts")
-    return {
-        "peft_type": "LORA",
+    common = {
         "task_type": adapter.task_type,
         "base_model_name_or_path": base_model,
         "revision": revision,
         "r": config.rank,
-        "lora_alpha": config.alpha,
-        "lora_dropout": config.dropout,
         "target_modules": targets if isinstance(targets, str) else list(targets),
-        "target_parameters": parameters or None,
         "exclude_modules": (config.exclude if isinstance(config.exclude, str) else list(config.exclude)) or None,
         "layers_to_transform": list(config.layers) if config.layers is not None else None,
         "layers_pattern": config.layers_pattern,
         "rank_pattern": dict(config.rank_pattern),
         "alpha_pattern": dict(config.alpha_pattern),
+        "modules_to_save": list(config.modules_to_save) or None,
+        "inference_mode": True,
+    }
+    if config.variant in LYCORIS:
+        extra = LOKR_DEFAULTS if config.variant == "lokr" else {}
+        return {"peft_type": LYCORIS[config.variant], **common, "alpha": config.alpha, **LYCORIS_DEFAULTS, **extra,
+                "init_weights": True}
+    return {
+        "peft_type": "LORA",
+        **common,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        "target_parameters": parameters or None,
         "use_rslora": config.use_rslora,
         "init_lora_weights": True if config.init == "default" else config.init,
-        "modules_to_save": list(config.modules_to_save) or None,
         "fan_in_fan_out": any(layer.layout == "conv1d" for layer in adapter.layers.values()),
         "bias": "none",
         "use_dora": config.variant == "dora",  # PEFT's one switch between its LoRA variants
-        "inference_mode": True,
         # a variant PEFT has no switch for (a registered one) is named in a field of lorakit's own
         **({LORAKIT_VARIANT: config.variant} if config.variant not in ("lora", "dora") else {}),
     }
@@ -183,12 +197,21 @@ def config_to_peft(adapter: Adapter) -> dict[str, Any]:
 
 def config_from_peft(data: Mapping[str, Any], source: Path | str) -> LoraConfig:
     """A LoraConfig from adapter_config.json contents; refuses options lorakit cannot honour."""
-    if data.get("peft_type") != "LORA":
-        raise AdapterFileError(f"{source}: peft_type is {data.get('peft_type')!r}, lorakit reads only 'LORA' adapters")
-    for key, fine in UNSUPPORTED.items():
+    kinds = {"LORA": None, **{peft_type: name for name, peft_type in LYCORIS.items()}}
+    peft_type = data.get("peft_type")
+    if peft_type not in kinds:
+        raise AdapterFileError(f"{source}: peft_type is {peft_type!r}, lorakit reads {', '.join(map(repr, kinds))} "
+                               "adapters")
+    lycoris = kinds[peft_type]
+    checks = UNSUPPORTED
+    if lycoris:
+        defaults = {**LYCORIS_DEFAULTS, **(LOKR_DEFAULTS if lycoris == "lokr" else {})}
+        checks = {key: (value, None) for key, value in defaults.items()}
+    for key, fine in checks.items():
         if data.get(key, fine[0]) not in fine:
             raise AdapterFileError(f"{source}: {key}={data[key]!r} is not supported by lorakit")
-    for key in ("r", "lora_alpha", "target_modules"):
+    alpha_key = "alpha" if lycoris else "lora_alpha"
+    for key in ("r", alpha_key, "target_modules"):
         if data.get(key) is None:
             raise AdapterFileError(f"{source}: missing required field {key!r}")
     layers = data.get("layers_to_transform")
@@ -201,17 +224,17 @@ def config_from_peft(data: Mapping[str, Any], source: Path | str) -> LoraConfig:
     try:
         return LoraConfig(
             rank=data["r"],
-            alpha=data["lora_alpha"],
-            dropout=data.get("lora_dropout") or 0.0,
+            alpha=data[alpha_key],
+            dropout=0.0 if lycoris else data.get("lora_dropout") or 0.0,
             targets=targets,
             exclude=data.get("exclude_modules") or (),
             layers=[layers] if isinstance(layers, int) else layers,
             layers_pattern=layers_pattern[0] if isinstance(layers_pattern, list) else layers_pattern,
             rank_pattern=data.get("rank_pattern") or {},
             alpha_pattern=data.get("alpha_pattern") or {},
-            use_rslora=bool(data.get("use_rslora", False)),
+            use_rslora=bool(data.get("use_rslora", False)) and not lycoris,
             init=data["init_lora_weights"] if isinstance(data.get("init_lora_weights"), str) else "default",
-            variant=data.get(LORAKIT_VARIANT) or ("dora" if data.get("use_dora") else "lora"),
+            variant=lycoris or data.get(LORAKIT_VARIANT) or ("dora" if data.get("use_dora") else "lora"),
             modules_to_save=data.get("modules_to_save") or (),
         )
     except (ConfigError, TypeError) as err:
@@ -223,9 +246,9 @@ def to_tensors(adapter: Adapter, prefix: str = PREFIX) -> dict[str, Tensor]:
     tensors: dict[str, Tensor] = {}
     experts = expert_key_paths(p for p, v in adapter.layers.items() if v.layout == "experts")
     for path, layer in adapter.layers.items():
-        key_a, key_b = peft_keys(experts.get(path, path), layer.layout, prefix)
-        A, B = experts_to_peft(layer) if path in experts else (layer.A, layer.B)
-        tensors[key_a], tensors[key_b] = A, B
+        if layer.A is not None:  # LoHa / LoKr have factors (extras) only
+            key_a, key_b = peft_keys(experts.get(path, path), layer.layout, prefix)
+            tensors[key_a], tensors[key_b] = experts_to_peft(layer) if path in experts else (layer.A, layer.B)
         tensors.update({tensor_key(path, name, layer.layout, prefix): t for name, t in layer.extras.items()})
     tensors.update({prefix + key: tensor for key, tensor in adapter.saved.items()})
     return tensors
@@ -286,6 +309,9 @@ def _layer(path: str, part: dict[str, tuple[str, Tensor]], config: LoraConfig, f
            experts: bool = False) -> tuple[str | None, LayerWeights | None]:
     """One module's tensors made a LayerWeights; or what is wrong with them (``checked``:
     also the ranks, which a model's check covers otherwise)."""
+    kind = adapter_class(config)
+    if hasattr(kind, "factor_problem"):  # LoHa / LoKr: no A and B, a set of factors
+        return _product_layer(path, part, config, kind)
     embedding = any(name.startswith("lora_embedding_") for name in part)
     names = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A", "lora_B")
     missing = [n for n in names if n not in part]
@@ -312,3 +338,23 @@ def _layer(path: str, part: dict[str, tuple[str, Tensor]], config: LoraConfig, f
         return f"A {tuple(A.shape)}, B {tuple(B.shape)}; expected rank {rank} (config)", None
     layout = ("embedding" if embedding else "conv2d" if A.dim() == 4 else "conv1d" if fan_in_fan_out else "linear")
     return None, LayerWeights(A, B, config.scaling_for(path), layout, {name: part[name][1] for name in extras})
+
+
+def _product_layer(path: str, part: dict[str, tuple[str, Tensor]], config: LoraConfig,
+                   kind: type) -> tuple[str | None, LayerWeights | None]:
+    """A LoHa's or LoKr's factors made a LayerWeights (shapes are left to ``install``'s check
+    against the model, or to the product itself)."""
+    problem = kind.factor_problem(set(part))
+    if problem:
+        return problem, None
+    for key, tensor in part.values():
+        if not tensor.is_floating_point():
+            return f"{key} has dtype {tensor.dtype}, expected a floating-point tensor", None
+    factors = {name: tensor for name, (_, tensor) in part.items()}
+    try:
+        product_delta(factors)
+    except RuntimeError as err:  # factors that cannot be multiplied
+        shapes = ", ".join(f"{name} {tuple(t.shape)}" for name, t in factors.items())
+        return f"factors {shapes} do not multiply ({str(err).splitlines()[0]})", None
+    layout = "conv2d" if any(t.dim() == 4 for t in factors.values()) else "linear"
+    return None, LayerWeights(None, None, config.scaling_for(path), layout, factors)

@@ -3,6 +3,8 @@
     lora       W + s·B·A                                  lora.py
     dora       m ⊙ (W + s·B·A) / ‖W + s·B·A‖              dora.py
     pissa/olora inits: plain LoRA that starts as part of W  principal.py
+    loha       W + s·(W1a W1b) ⊙ (W2a W2b)                lycoris.py
+    lokr       W + s·W1 ⊗ (W2a W2b)                       lycoris.py
 
 ``adapter_class(config)`` is the one place that maps a config to its class; the rest of
 lorakit asks that class (``additive``, ``servable``, ``combinable``, ...), never its
@@ -15,12 +17,15 @@ from .. import config as _config
 from ..config import ConfigError, LoraConfig
 from .dora import DoraAdapter
 from .lora import LoraAdapter
+from .lycoris import LohaAdapter, LokrAdapter, ProductAdapter
 from .principal import PrincipalAdapter, moves_weight
 
-__all__ = ["LoraAdapter", "DoraAdapter", "PrincipalAdapter", "VARIANTS", "adapter_class", "register", "extra_names"]
+__all__ = ["LoraAdapter", "DoraAdapter", "PrincipalAdapter", "LohaAdapter", "LokrAdapter", "ProductAdapter", "VARIANTS",
+           "adapter_class", "register", "extra_names"]
 
 # LoraConfig.variant -> the adapter class each layer gets
-VARIANTS: dict[str, type[LoraAdapter]] = {"lora": LoraAdapter, "dora": DoraAdapter}
+VARIANTS: dict[str, type[LoraAdapter]] = {"lora": LoraAdapter, "dora": DoraAdapter, "loha": LohaAdapter,
+                                          "lokr": LokrAdapter}
 
 
 def register(name: str, kind: type[LoraAdapter], display: str | None = None) -> None:

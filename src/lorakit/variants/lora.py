@@ -15,7 +15,8 @@ kind, and the rest of lorakit asks it, never its type:
 - ``release(layer)``: give back what it moved into W, before it goes;
 - ``value(layer)`` / ``exported(layer)``: its weights as a ``LayerWeights`` (as it is, and
   as a file others can load);
-- ``extras``: tensors besides A and B, under their module attribute = file key suffix;
+- ``extras``: tensors besides A and B, under their module attribute = file key suffix
+  (``tensor_shapes``: all of them on a given layer);
 - and what it supports: ``additive``, ``plain``, ``servable``, ``combinable``, ``shardable``.
 """
 
@@ -64,6 +65,11 @@ class LoraAdapter(nn.Module):
     def describe(cls, config: LoraConfig) -> str:
         """How messages name this kind of adapter."""
         return f"variant {config.variant}"
+
+    @classmethod
+    def check_config(cls, config: LoraConfig) -> str | None:
+        """Why this kind cannot take ``config``'s settings, or None."""
+        return None
 
     @classmethod
     def check_layer(cls, layer_class: type[LoraLayer], base: nn.Module) -> str | None:
@@ -128,6 +134,11 @@ class LoraAdapter(nn.Module):
     def extra_shapes(cls, layer_class: type[LoraLayer], base: nn.Module) -> dict[str, tuple[int, ...]]:
         """The shape each of ``extras`` has on ``base`` (wrapped by ``layer_class``)."""
         return {}
+
+    @classmethod
+    def tensor_shapes(cls, layer_class: type[LoraLayer], base: nn.Module, rank: int) -> dict[str, tuple[int, ...]]:
+        """Every tensor of this kind of adapter on ``base`` at ``rank``, by its file key suffix."""
+        return {**dict(zip(("lora_A", "lora_B"), layer_class.shapes(base, rank))), **cls.extra_shapes(layer_class, base)}
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha:g}, scaling={self.scaling:g}"
