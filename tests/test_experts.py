@@ -372,3 +372,24 @@ def test_plan_counts_expert_adapters_and_runs_the_experts_on_fake_tensors(tmp_pa
     lora = plan(str(model_dir), method="lora", rank=4, batch=2, seq=16)
     assert lora.trainable_params == inspect_model(str(model_dir), LoraConfig(rank=4, alpha=8)).trainable_params
     assert lora.activations_bytes > 0
+
+
+def test_the_per_expert_loop_and_the_grouped_gemm_agree_forward_and_backward(monkeypatch):
+    """Where F.grouped_mm does not run (older torch, some GPUs) the experts loop: same numbers."""
+    from lorakit import experts as module
+
+    model = tiny_qwen3_moe()
+    lorakit.attach(model, LoraConfig(rank=2, alpha=4, targets=list(EXPERTS)))
+    randomize_adapters(model)
+    x = token_batch(model.config.vocab_size, shape=(3, 9))
+    results = []
+    for grouped in (True, False):
+        monkeypatch.setattr(module, "grouped_mm_works", lambda device, dtype, grouped=grouped: grouped)
+        model.zero_grad()
+        loss = model(x, labels=x).loss
+        loss.backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        results.append((loss.detach(), grads))
+    assert_relative(results[1][0], results[0][0], 1e-6)
+    for looped, grouped in zip(results[1][1], results[0][1]):
+        assert_relative(looped, grouped, 1e-5)

@@ -8,11 +8,12 @@ parameters of one module (``experts.gate_up_proj`` (E, 2I, H), ``experts.down_pr
 parameter is a target like a module: its path (``...mlp.experts.gate_up_proj``) is matched
 by ``targets`` as PEFT's ``target_parameters`` matches it, and "all-linear" includes it.
 
-``LoraExperts`` takes the experts module's place and runs its forward (route, gate·up,
-down, weighted sum); each adapted parameter becomes a ``LoraExpertWeight`` layer, which is
-an ordinary ``LoraLayer`` (adapters, merge, the variant seam) over one expert at a time: on
-expert e's tokens it computes x W_e^T + s (x A_e^T) B_e^T, so no dense ΔW is ever built in
-the forward. ``state_dict`` keeps the base keys (``...experts.gate_up_proj``).
+``LoraExperts`` takes the experts module's place and runs its forward (token-expert pairs
+sorted by expert, gate·up, down, weighted sum); each adapted parameter becomes a
+``LoraExpertWeight`` layer, an ordinary ``LoraLayer`` (adapters, merge, the variant seam)
+over the sorted rows: on expert e's block it computes x W_e^T + s (x A_e^T) B_e^T, so no
+dense ΔW is ever built in the forward. Each of the three products is one grouped GEMM
+(``F.grouped_mm``) where the device runs it, else a loop over the experts. ``state_dict`` keeps the base keys (``...experts.gate_up_proj``).
 """
 
 from __future__ import annotations
@@ -69,17 +70,84 @@ class ExpertWeight(nn.Module):
         self.weight = weight
 
 
+class Groups:
+    """Token-expert pairs sorted by expert: ``offsets`` (E,) ends each expert's block of rows;
+    ``counts`` the block sizes on the host, read only where the per-expert loop runs."""
+
+    def __init__(self, expert_of_pair: Tensor, num_experts: int, grouped: bool) -> None:
+        self.grouped = grouped
+        self.expert_of_pair, self.num_experts = expert_of_pair, num_experts
+        self.offsets: Tensor | None = None
+        self._counts: list[int] | None = None
+        if grouped:  # stays on the device: no host read
+            self.offsets = torch.bincount(expert_of_pair, minlength=num_experts).cumsum(0).to(torch.int32)
+
+    @property
+    def counts(self) -> list[int]:
+        if self._counts is None:
+            self._counts = expert_counts(self.expert_of_pair, self.num_experts)
+        return self._counts
+
+
+def grouped_linear(x: Tensor, weight: Tensor, groups: Groups) -> Tensor:
+    """Rows of ``x`` (S, in), grouped by expert, each times its expert's ``weight`` (E, out, in)
+    transposed -> (S, out): one grouped GEMM where the device has one, else a loop."""
+    aligned = all(n * x.element_size() % 16 == 0 for n in weight.shape[1:])  # grouped_mm's stride rule
+    if groups.grouped and aligned:  # (S, in) x (E, in, out) by blocks
+        return _ContiguousGrad.apply(F.grouped_mm(x, weight.transpose(-2, -1), offs=groups.offsets))
+    blocks, start = [], 0
+    for expert, count in enumerate(groups.counts):
+        blocks.append(F.linear(x[start:start + count], weight[expert]))  # (n, in) @ (in, out)
+        start += count
+    return torch.cat(blocks)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous: grouped_mm's backward
+    refuses the expanded (stride 0) gradients a ``sum`` hands back."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad.contiguous()
+
+
+_GROUPED: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``F.grouped_mm`` runs forward and backward here (torch >= 2.10 on CPU; on CUDA it
+    depends on the card and dtype): tried once per device type and dtype on tiny tensors."""
+    key = (device.type, dtype)
+    if key not in _GROUPED:
+        _GROUPED[key] = False
+        if hasattr(F, "grouped_mm"):
+            try:
+                x = torch.ones(4, 16, device=device, dtype=dtype, requires_grad=True)
+                w = torch.ones(2, 16, 16, device=device, dtype=dtype, requires_grad=True)
+                offsets = torch.tensor([1, 4], device=device, dtype=torch.int32)
+                F.grouped_mm(x, w.transpose(-2, -1), offs=offsets).sum().backward()
+                _GROUPED[key] = True
+            except (RuntimeError, NotImplementedError, TypeError):
+                pass
+    return _GROUPED[key]
+
+
 class LoraExpertWeight(LoraLayer):
-    """A fused expert tensor with adapters, computed one expert at a time: ``forward(x, e)``
-    is x W_e^T plus each adapter's s·B_e·A_e·x (``self.expert`` is e during that call, so the
-    layer's shared forward and the variant seam work unchanged)."""
+    """A fused expert tensor with adapters, over all experts' tokens at once: ``forward(x,
+    groups)`` takes the rows grouped by expert and computes x W_e^T plus each adapter's
+    s·B_e·A_e·x on expert e's block (``self.groups`` holds the grouping during that call, so
+    the layer's shared forward and the variant seam work unchanged)."""
 
     layout = "experts"
     rescalable = False
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__(base)
-        self.expert = 0
+        self.groups: Groups | None = None
 
     @staticmethod
     def dims(base: nn.Module) -> tuple[int, int]:
@@ -100,26 +168,28 @@ class LoraExpertWeight(LoraLayer):
             nn.init.kaiming_uniform_(stacked, a=math.sqrt(5))
         nn.init.zeros_(B)
 
-    def forward(self, x: Tensor, expert: int = 0) -> Tensor:
-        self.expert = expert
-        return super().forward(x)
+    def forward(self, x: Tensor, groups: Groups) -> Tensor:
+        self.groups = groups
+        try:
+            return super().forward(x)
+        finally:
+            self.groups = None
 
     def base_forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight[self.expert])  # (n, in) @ (in, out)
+        return grouped_linear(x, self.weight, self.groups)  # (S, in) -> (S, out)
 
     def adapter_forward(self, adapter: LoraAdapter, x: Tensor, dropout: bool = True) -> Tensor:
-        A, B = adapter.lora_A[self.expert], adapter.lora_B[self.expert]  # (r, in), (out, r)
-        x = x.to(A.dtype)
-        hidden = F.linear(adapter.dropout(x) if dropout else x, A) * adapter.scaling  # (n, r)
-        return F.linear(hidden, B).to(self.weight.dtype)
+        x = x.to(adapter.lora_A.dtype)
+        hidden = grouped_linear(adapter.dropout(x) if dropout else x, adapter.lora_A, self.groups)  # (S, r)
+        return grouped_linear(hidden * adapter.scaling, adapter.lora_B, self.groups).to(self.weight.dtype)
 
     def add_update(self, result: Tensor, adapter: LoraAdapter, x: Tensor, sign: float) -> Tensor:
-        """The second matmul accumulates into ``result`` when the dtypes agree (as for Linear)."""
-        A, B = adapter.lora_A[self.expert], adapter.lora_B[self.expert]
-        if not result.dtype == x.dtype == A.dtype or torch.is_autocast_enabled(result.device.type):
-            return LoraLayer.add_update(self, result, adapter, x, sign)
-        hidden = F.linear(adapter.dropout(x), A)  # (n, in) @ (in, r)
-        return result.addmm_(hidden, B.T, alpha=sign * adapter.scaling)  # += s (n, r) @ (r, out)
+        """The update added into ``result``, in place when no gradient is recorded (one pass over
+        the (S, out) output, not two)."""
+        update = self.adapter_forward(adapter, x)
+        if update.dtype != result.dtype or torch.is_grad_enabled():  # autograd keeps the two apart
+            return result + sign * update.to(result.dtype)
+        return result.add_(update, alpha=sign)
 
     @classmethod
     def wrap(cls, model: nn.Module, path: str, base: nn.Module) -> LoraLayer:
@@ -149,7 +219,8 @@ class LoraExperts(nn.Module):
 
     It holds the module's tensors under their own names, a ``Parameter`` or, once adapted,
     a ``LoraExpertWeight`` (whose ``weight`` state-dict hooks keep under the tensor's key), and
-    runs the experts as transformers' eager forward does, one expert's tokens at a time."""
+    runs the experts over the token-expert pairs sorted by expert (the ``grouped_mm`` form of
+    transformers' experts)."""
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__()
@@ -168,30 +239,24 @@ class LoraExperts(nn.Module):
         member = getattr(self, name)
         return member.weight if isinstance(member, LoraLayer) else member
 
-    def project(self, name: str, x: Tensor, expert: int) -> Tensor:
+    def project(self, name: str, x: Tensor, groups: Groups) -> Tensor:
         member = getattr(self, name)
         if isinstance(member, LoraExpertWeight):
-            return member(x, expert)
-        return F.linear(x, member[expert])
+            return member(x, groups)
+        return grouped_linear(x, member, groups)
 
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         """hidden_states (T, H); top_k_index, top_k_weights (T, k): each token's experts and weights."""
         tokens, top_k = top_k_index.shape
-        order = top_k_index.reshape(-1).argsort(stable=True)  # (T k,) token-expert pairs grouped by expert
-        counts = expert_counts(top_k_index, self.num_experts)
-        token_of = order // top_k
-        weights = top_k_weights.reshape(-1)[order]
-        output = torch.zeros_like(hidden_states)
-        start = 0
-        for expert, count in enumerate(counts[:self.num_experts]):
-            if count == 0:
-                continue
-            rows = token_of[start:start + count]
-            gate, up = self.project("gate_up_proj", hidden_states[rows], expert).chunk(2, dim=-1)
-            out = self.project("down_proj", self.act_fn(gate) * up, expert)  # (n, H)
-            output.index_add_(0, rows, (out * weights[start:start + count, None]).to(output.dtype))
-            start += count
-        return output
+        experts = top_k_index.reshape(-1)
+        order = experts.argsort(stable=True)  # (T k,) token-expert pairs grouped by expert
+        grouped = not is_fake(hidden_states) and grouped_mm_works(hidden_states.device, hidden_states.dtype)
+        groups = Groups(experts, self.num_experts, grouped)
+        rows = order // top_k  # the token of each pair
+        gate, up = self.project("gate_up_proj", hidden_states[rows], groups).chunk(2, dim=-1)
+        out = self.project("down_proj", self.act_fn(gate) * up, groups)  # (T k, H)
+        weighted = out * top_k_weights.reshape(-1)[order, None]
+        return torch.zeros_like(hidden_states).index_add_(0, rows, weighted.to(hidden_states.dtype))
 
     def to_base(self) -> nn.Module:
         """The original experts module, holding the (possibly merged) tensors."""
