@@ -1,0 +1,235 @@
+"""LoHa and LoKr (variants/lycoris.py): the dense formulas, PEFT's files both ways on Llama and
+on a UNet, merge, what they refuse, bad files."""
+
+import copy
+import math
+
+import peft
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import lorakit
+from lorakit import LoraConfig
+from lorakit.adapter import product_delta
+from lorakit.attach import AttachError, lora_layers
+from lorakit.config import TARGET_SETS
+from lorakit.files import AdapterFileError
+from lorakit.variants.lycoris import kronecker_split
+
+from conftest import assert_unchanged, randomize_adapters, snapshot, tiny_llama, token_batch
+from image_models import tiny_unet, unet_inputs
+
+PEFT_CONFIGS = {"loha": peft.LoHaConfig, "lokr": peft.LoKrConfig}
+
+
+def logits(model, x):
+    with torch.no_grad():
+        return model(x).logits
+
+
+def run_unet(model):
+    with torch.no_grad():
+        return model(*unet_inputs()).sample
+
+
+def assert_relative(actual, expected, tolerance=1e-5):
+    torch.testing.assert_close(actual, expected, rtol=0, atol=tolerance * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("dimension, split", [(256, (16, 16)), (128, (8, 16)), (127, (1, 127)), (48, (6, 8)),
+                                              (12, (3, 4)), (1, (1, 1))])
+def test_kronecker_split_is_the_divisor_pair_nearest_the_square_root(dimension, split):
+    from peft.tuners.lokr.layer import factorization
+
+    assert kronecker_split(dimension) == split == factorization(dimension)
+
+
+@pytest.mark.parametrize("variant", ["loha", "lokr"])
+def test_a_fresh_adapter_is_the_base_and_a_trained_one_is_its_dense_formula(variant):
+    model = tiny_llama()
+    x = token_batch(model.config.vocab_size)
+    base = logits(model, x)
+    lorakit.attach(model, LoraConfig(rank=4, alpha=6, variant=variant, targets=["q_proj", "up_proj"]))
+    torch.testing.assert_close(logits(model, x), base, rtol=0, atol=0)
+    randomize_adapters(model, scale=0.3)
+    layer = model.model.layers[0].self_attn.q_proj
+    adapter = layer.adapters["default"]
+    factors = {name: p.detach() for name, p in adapter.named_parameters()}
+    if variant == "loha":  # ΔW = s (W1a W1b) ⊙ (W2a W2b)
+        expected = (factors["hada_w1_a"] @ factors["hada_w1_b"]) * (factors["hada_w2_a"] @ factors["hada_w2_b"])
+    else:  # ΔW = s W1 ⊗ (W2a W2b), entry by entry
+        W1 = factors["lokr_w1"]
+        W2 = factors["lokr_w2"] if "lokr_w2" in factors else factors["lokr_w2_a"] @ factors["lokr_w2_b"]
+        b, d = W2.shape
+        expected = torch.empty(layer.weight.shape)
+        for i in range(W1.shape[0]):
+            for j in range(W1.shape[1]):
+                expected[i * b:(i + 1) * b, j * d:(j + 1) * d] = W1[i, j] * W2
+    torch.testing.assert_close(layer.delta_weight("default"), 1.5 * expected, rtol=1e-6, atol=1e-7)
+    h = torch.randn(3, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(layer(h), h @ (layer.weight + 1.5 * expected).T, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["loha", "lokr"])
+def test_merge_is_exact_and_unmerge_restores(variant):
+    model = tiny_llama()
+    lorakit.attach(model, LoraConfig(rank=4, alpha=8, variant=variant))
+    randomize_adapters(model, scale=0.3)
+    x = token_batch(model.config.vocab_size)
+    unmerged = logits(model, x)
+    weights = {k: v.clone() for k, v in model.state_dict().items() if ".adapters." not in k}
+    lorakit.merge(model)
+    lorakit.merge(model)
+    assert_relative(logits(model, x), unmerged)
+    lorakit.unmerge(model)
+    for key, value in model.state_dict().items():
+        if ".adapters." not in key:
+            torch.testing.assert_close(value, weights[key], rtol=0, atol=2 * torch.finfo(torch.float32).eps
+                                       * max(value.abs().max().item(), 1.0))
+    fresh = tiny_llama()  # and into a state dict, with no model
+    fresh.load_state_dict(lorakit.merged_state_dict(tiny_llama().state_dict(), lorakit.export_adapter(model)))
+    assert_relative(logits(fresh, x), unmerged)
+
+
+@pytest.mark.parametrize("rank", [2, 8])  # LoKr: W2 a rank-2 pair, or whole (8 >= max(b, d) / 2)
+@pytest.mark.parametrize("variant", ["loha", "lokr"])
+def test_peft_files_both_ways_on_llama(variant, rank, tmp_path):
+    ours = tiny_llama()
+    lorakit.attach(ours, LoraConfig(rank=rank, alpha=3, variant=variant, rank_pattern={"v_proj": 2}))
+    randomize_adapters(ours, scale=0.3)
+    x = token_batch(ours.config.vocab_size)
+    lorakit.save_adapter(ours, tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "ours").eval()
+    assert_relative(logits(theirs, x), logits(ours, x))
+
+    torch.manual_seed(3)
+    theirs = peft.get_peft_model(tiny_llama(), PEFT_CONFIGS[variant](
+        r=rank, alpha=5, target_modules="all-linear", init_weights=False)).eval()
+    theirs.save_pretrained(tmp_path / "theirs")
+    back = tiny_llama()
+    lorakit.load_adapter(back, tmp_path / "theirs")
+    assert_relative(logits(back, x), logits(theirs, x))
+
+
+@pytest.mark.parametrize("variant", ["loha", "lokr"])
+def test_peft_files_both_ways_on_a_unet_with_convolutions(variant, tmp_path):
+    ours = tiny_unet()
+    lorakit.attach(ours, LoraConfig(rank=4, alpha=8, variant=variant, targets=TARGET_SETS["attention-conv"]))
+    assert any(isinstance(layer.base_module, torch.nn.Conv2d) and layer.base_module.kernel_size == (3, 3)
+               for _, layer in lora_layers(ours))
+    randomize_adapters(ours, scale=0.2)
+    base = run_unet(tiny_unet())
+    assert (run_unet(ours) - base).abs().max() > 1e-3
+    lorakit.save_adapter(ours, tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(tiny_unet(), tmp_path / "ours").eval()
+    assert_relative(run_unet(theirs.base_model.model), run_unet(ours))
+
+    torch.manual_seed(5)
+    theirs = peft.get_peft_model(tiny_unet(), PEFT_CONFIGS[variant](
+        r=3, alpha=5, init_weights=False, target_modules=list(TARGET_SETS["attention-conv"])))
+    theirs.save_pretrained(tmp_path / "theirs")
+    back = tiny_unet()
+    lorakit.load_adapter(back, tmp_path / "theirs")
+    assert_relative(run_unet(back), run_unet(theirs.base_model.model))
+    merged = copy.deepcopy(back)
+    lorakit.merge(merged)
+    assert_relative(run_unet(merged), run_unet(back))
+
+
+@pytest.mark.parametrize("variant", ["loha", "lokr"])
+def test_training_moves_every_factor_and_the_loss(variant):
+    model = tiny_llama()
+    lorakit.attach(model, LoraConfig(rank=4, alpha=8, variant=variant, targets=["q_proj", "v_proj"]))
+    x = token_batch(model.config.vocab_size, shape=(4, 12))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(5):
+        loss = model(x, labels=x).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    zero = [name for name, p in model.named_parameters() if p.requires_grad and not p.abs().sum() > 0]
+    assert not zero
+
+
+@pytest.mark.parametrize("config, message", [
+    (LoraConfig(rank=2, alpha=4, variant="loha", targets=["embed_tokens"]), "LoHa: not supported on Embedding"),
+    (LoraConfig(rank=2, alpha=4, variant="lokr", dropout=0.1, targets=["q_proj"]), "LoKr: dropout is not defined"),
+])
+def test_what_they_cannot_do_is_refused_and_changes_nothing(config, message):
+    model = tiny_llama()
+    before = snapshot(model)
+    with pytest.raises(AttachError, match=message):
+        lorakit.attach(model, config)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("variant", ["loha", "lokr"])
+def test_combine_and_serving_refuse_them_by_name(variant, tmp_path):
+    from lorakit.combine import CombineError
+    from lorakit.serve.slots import enable_slots
+    from lorakit.serve.store import AdapterStore, StoreError
+
+    model = tiny_llama()
+    lorakit.attach(model, LoraConfig(rank=2, alpha=4, variant=variant, targets=["q_proj"]))
+    lorakit.save_adapter(model, tmp_path / "a")
+    with pytest.raises(CombineError, match=variant.upper()):
+        lorakit.combine([lorakit.export_adapter(model)] * 2)
+    served = tiny_llama()
+    enable_slots(served, 2)
+    with pytest.raises(StoreError, match={"loha": "LoHa", "lokr": "LoKr"}[variant]):
+        AdapterStore(served, tmp_path, 2).acquire("a")
+
+
+def _rewritten(tmp_path, variant, change):
+    model = tiny_llama()
+    lorakit.attach(model, LoraConfig(rank=2, alpha=4, variant=variant, targets=["q_proj"]))
+    randomize_adapters(model)
+    lorakit.save_adapter(model, tmp_path / "a")
+    tensors = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    change(tensors)
+    save_file(tensors, tmp_path / "a" / "adapter_model.safetensors")
+    return tmp_path / "a"
+
+
+def _kronecker_misfit(tensors):  # W1 (4, 4) ⊗ W2 (8, 8) is 32 x 32; a (4, 2) W1 gives 32 x 16
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lokr_w1"
+    tensors[key] = tensors[key][:, :2].contiguous()
+
+
+def _nan(tensors):
+    tensors["base_model.model.model.layers.1.self_attn.q_proj.hada_w2_b"][0, 0] = float("nan")
+
+
+def _missing_pair(tensors):
+    del tensors["base_model.model.model.layers.1.self_attn.q_proj.lokr_w2_b"]
+
+
+@pytest.mark.parametrize("variant, change, message", [
+    ("lokr", _kronecker_misfit, r"layers.0.self_attn.q_proj: .*lokr_w1 has shape \(4, 2\), expected \(4, 4\)"),
+    ("loha", _nan, r"q_proj.hada_w2_b has NaN"),
+    ("lokr", _missing_pair, r"layers.1.self_attn.q_proj: needs lokr_w2 or both lokr_w2_a and lokr_w2_b"),
+])
+def test_a_bad_file_is_refused_naming_the_tensor_and_changes_nothing(tmp_path, variant, change, message):
+    directory = _rewritten(tmp_path, variant, change)
+    model = tiny_llama()
+    lorakit.attach(model, LoraConfig(rank=2, alpha=4, targets=["v_proj"]), name="other")
+    before = snapshot(model)
+    with pytest.raises(AdapterFileError, match=message):
+        lorakit.load_adapter(model, directory)
+    assert_unchanged(model, before)
+
+
+def test_lokr_factors_that_do_not_give_the_weight_are_refused_without_a_model(tmp_path):
+    directory = _rewritten(tmp_path, "lokr", _kronecker_misfit)
+    value = lorakit.read_adapter(directory)  # read alone, the product is (32, 16): a valid LoKr of another weight
+    from lorakit.merge import merged_state_dict
+
+    with pytest.raises(ValueError, match=r"q_proj: weight \(32, 32\), the adapter's update is \(32, 16\)"):
+        merged_state_dict(tiny_llama().state_dict(), value)
+    assert math.prod(product_delta(value.layers["model.layers.0.self_attn.q_proj"].extras).shape) == 32 * 16
