@@ -233,3 +233,146 @@ def test_lokr_factors_that_do_not_give_the_weight_are_refused_without_a_model(tm
     with pytest.raises(ValueError, match=r"q_proj: weight \(32, 32\), the adapter's update is \(32, 16\)"):
         merged_state_dict(tiny_llama().state_dict(), value)
     assert math.prod(product_delta(value.layers["model.layers.0.self_attn.q_proj"].extras).shape) == 32 * 16
+
+
+# -- kohya / LyCORIS files -------------------------------------------------------------
+def _pipeline_models(pipe):
+    return {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+
+
+@pytest.mark.parametrize("variant, rank", [("loha", 4), ("lokr", 2), ("lokr", 8)])
+def test_lycoris_kohya_files_round_trip_on_unet_and_text_encoder(variant, rank, tmp_path):
+    from safetensors import safe_open
+
+    from image_models import pipeline_outputs, tiny_pipeline
+    from lorakit.pipelines import load_pipeline_adapter, save_pipeline_adapter
+
+    ours = tiny_pipeline(tmp_path / "tokenizer")
+    lorakit.attach(ours.unet, LoraConfig(rank=rank, alpha=3, variant=variant, targets=TARGET_SETS["attention-conv"]))
+    lorakit.attach(ours.text_encoder, LoraConfig(rank=rank, alpha=5, variant=variant, targets=TARGET_SETS["attention"]))
+    randomize_adapters(ours.unet, scale=0.2)
+    randomize_adapters(ours.text_encoder, seed=5, scale=0.2)
+    expected = pipeline_outputs(ours)
+    path = save_pipeline_adapter(_pipeline_models(ours), tmp_path / "ours.safetensors", file_format="kohya")
+    with safe_open(path, framework="pt") as handle:
+        keys = set(handle.keys())
+    prefix = "hada_w1_a" if variant == "loha" else "lokr_w1"
+    assert f"lora_unet_down_blocks_0_resnets_0_conv1.{prefix}" in keys
+    assert f"lora_te_text_model_encoder_layers_0_self_attn_q_proj.{prefix}" in keys
+    back = tiny_pipeline(tmp_path / "tokenizer")
+    load_pipeline_adapter(_pipeline_models(back), path)
+    for component, value in pipeline_outputs(back).items():
+        assert_relative(value, expected[component], 1e-6)
+
+
+def _lycoris_file(path, variant):
+    """A file as LyCORIS writes it, by hand: random factors and an alpha per module."""
+    generator = torch.Generator().manual_seed(7)
+    modules = {  # kohya name -> (weight shape (out, in, kh, kw) or (out, in), rank, alpha)
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q": ((32, 32), 3, 2.0),
+        "lora_unet_down_blocks_0_resnets_0_conv1": ((32, 32, 3, 3), 2, 8.0),
+        "lora_te_text_model_encoder_layers_1_self_attn_v_proj": ((32, 32), 3, 1.5),
+    }
+    tensors, dense = {}, {}
+    for name, (shape, rank, alpha) in modules.items():
+        out, columns = shape[0], math.prod(shape[1:])
+        def draw(*size):
+            return torch.randn(size, generator=generator) * 0.3
+        if variant == "loha":
+            factors = {"hada_w1_a": draw(out, rank), "hada_w1_b": draw(rank, columns),
+                       "hada_w2_a": draw(out, rank), "hada_w2_b": draw(rank, columns)}
+            delta = (factors["hada_w1_a"] @ factors["hada_w1_b"]) * (factors["hada_w2_a"] @ factors["hada_w2_b"])
+            scale = alpha / rank
+        else:
+            (a, b), (c, d) = kronecker_split(out), kronecker_split(shape[1])
+            kernel = shape[2:]
+            if name.endswith("v_proj"):  # whole W1 and W2: LyCORIS ignores alpha, scale 1
+                factors = {"lokr_w1": draw(a, c), "lokr_w2": draw(b, d, *kernel)}
+                scale = 1.0
+            else:
+                factors = {"lokr_w1": draw(a, c), "lokr_w2_a": draw(b, rank), "lokr_w2_b": draw(rank, d * math.prod(kernel))}
+                scale = alpha / rank
+            delta = product_delta(factors)
+        tensors.update({f"{name}.{n}": t for n, t in factors.items()})
+        tensors[f"{name}.alpha"] = torch.tensor(alpha)
+        dense[name] = (scale * delta).reshape(shape)
+    save_file(tensors, path)
+    return tensors, dense
+
+
+@pytest.mark.parametrize("variant", ["loha", "lokr"])
+def test_a_lycoris_file_loads_as_its_dense_formula_and_matches_the_lycoris_package(variant, tmp_path):
+    from image_models import tiny_pipeline
+    from lorakit.pipelines import load_pipeline_adapter
+
+    tensors, dense = _lycoris_file(tmp_path / "style.safetensors", variant)
+    pipe = tiny_pipeline(tmp_path / "tokenizer")
+    models = _pipeline_models(pipe)
+    base = {name: m.state_dict() for name, m in models.items()}
+    load_pipeline_adapter(models, tmp_path / "style.safetensors")
+    paths = {"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q":
+             ("unet", "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"),
+             "lora_unet_down_blocks_0_resnets_0_conv1": ("unet", "down_blocks.0.resnets.0.conv1"),
+             "lora_te_text_model_encoder_layers_1_self_attn_v_proj":
+             ("text_encoder", "encoder.layers.1.self_attn.v_proj")}
+    for name, (component, path) in paths.items():
+        layer = models[component].get_submodule(path)
+        torch.testing.assert_close(layer.merged_weight("default"), base[component][f"{path}.weight"] + dense[name],
+                                   rtol=0, atol=1e-6)
+    # the lycoris package's own modules, built from the same file, on the UNet
+    lycoris = pytest.importorskip("lycoris")
+    unet = tiny_pipeline(tmp_path / "tokenizer").unet
+    weights = {key.replace("lora_unet_", "lycoris_", 1): t for key, t in tensors.items() if key.startswith("lora_unet_")}
+    network, _ = lycoris.create_lycoris_from_weights(1.0, None, unet, weights_sd=weights)
+    network.apply_to()
+    from image_models import unet_inputs
+
+    with torch.no_grad():
+        assert_relative(pipe.unet(*unet_inputs()).sample, unet(*unet_inputs()).sample)
+
+
+def test_kohya_lycoris_files_refuse_what_lorakit_does_not_build(tmp_path):
+    from image_models import tiny_pipeline
+    from lorakit.pipelines import load_pipeline_adapter
+
+    tensors, _ = _lycoris_file(tmp_path / "a.safetensors", "loha")
+    name = "lora_unet_down_blocks_0_resnets_0_conv1"
+    save_file({**tensors, f"{name}.hada_t1": torch.zeros(2, 2, 3, 3)}, tmp_path / "tucker.safetensors")
+    lokr, _ = _lycoris_file(tmp_path / "b.safetensors", "lokr")
+    save_file({**tensors, **{k.replace(name, name.replace("conv1", "conv2")): v for k, v in lokr.items()
+                             if k.startswith(name)}}, tmp_path / "mixed.safetensors")
+    bad_shape = dict(lokr)
+    bad_shape[f"{name}.lokr_w1"] = torch.zeros(3, 4)
+    save_file(bad_shape, tmp_path / "shape.safetensors")
+    pipe = tiny_pipeline(tmp_path / "tokenizer")
+    models = _pipeline_models(pipe)
+    before = {component: snapshot(m) for component, m in models.items()}
+    for file, message in [("tucker", r"hada_t1: LoHa Tucker factors are not supported"),
+                          ("mixed", r"holds modules of several kinds \(loha, lokr\)"),
+                          ("shape", r"conv1.lokr_w1 \(3, 4\), expected \(4, 4\)")]:
+        with pytest.raises(AdapterFileError, match=message):
+            load_pipeline_adapter(models, tmp_path / f"{file}.safetensors")
+    for component, m in models.items():
+        assert_unchanged(m, before[component])
+
+
+def test_lorakit_convert_takes_a_lycoris_file_to_peft_which_peft_loads(tmp_path):
+    from typer.testing import CliRunner
+
+    from image_models import pipeline_folder, tiny_pipeline, unet_inputs
+    from lorakit.cli import app
+    from lorakit.pipelines import load_pipeline_adapter
+
+    folder = tmp_path / "pipe"
+    tiny_pipeline(tmp_path / "tokenizer").save_pretrained(folder)
+    tensors, _ = _lycoris_file(tmp_path / "style.safetensors", "loha")
+    save_file({k: v for k, v in tensors.items() if k.startswith("lora_unet_")}, tmp_path / "unet.safetensors")
+    result = CliRunner().invoke(app, ["convert", str(tmp_path / "unet.safetensors"), str(tmp_path / "peft"),
+                                      "--to", "peft", "--pipeline", str(folder)])
+    assert result.exit_code == 0, result.output
+    ours = tiny_pipeline(tmp_path / "tokenizer")
+    load_pipeline_adapter({"unet": ours.unet}, tmp_path / "unet.safetensors")
+    theirs = peft.PeftModel.from_pretrained(tiny_pipeline(tmp_path / "tokenizer").unet, tmp_path / "peft").eval()
+    with torch.no_grad():
+        assert_relative(theirs.base_model.model(*unet_inputs()).sample, ours.unet(*unet_inputs()).sample)
+    del pipeline_folder
