@@ -376,3 +376,23 @@ def test_lorakit_convert_takes_a_lycoris_file_to_peft_which_peft_loads(tmp_path)
     with torch.no_grad():
         assert_relative(theirs.base_model.model(*unet_inputs()).sample, ours.unet(*unet_inputs()).sample)
     del pipeline_folder
+
+
+@pytest.mark.parametrize("variant", ["loha", "lokr"])
+def test_lorakit_train_takes_them_and_peft_reads_the_result(variant, tiny_lm_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+    from typer.testing import CliRunner
+
+    from lorakit.cli import app
+
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train", "--model", str(tiny_lm_dir), "--variant", variant, "--rank", "4",
+                                      "--targets", "q_proj,v_proj", "--max-steps", "3", "--batch-size", "4",
+                                      "--micro-batch-size", "2", "--lr", "1e-2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    ours = AutoModelForCausalLM.from_pretrained(tiny_lm_dir).eval()
+    lorakit.load_adapter(ours, out / "adapter")
+    theirs = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_lm_dir), out / "adapter").eval()
+    x = token_batch(ours.config.vocab_size)
+    assert (logits(ours, x) - logits(AutoModelForCausalLM.from_pretrained(tiny_lm_dir).eval(), x)).abs().max() > 0
+    assert_relative(logits(theirs, x), logits(ours, x))

@@ -84,7 +84,8 @@ class TrainConfig(Settings):
     dropout: float = setting(0.0, "Dropout on the adapter's input while training.")
     targets: str | tuple[str, ...] = setting(ALL_LINEAR, "'all-linear', comma-separated module names, "
                                                          "or re:<regex> (a list in YAML).")
-    variant: str = setting("lora", "lora, or dora (a learned magnitude per output unit).")
+    variant: str = setting("lora", "lora, dora (a learned magnitude per output unit), or the LyCORIS kinds loha "
+                                   "(Hadamard product) and lokr (Kronecker product).")
     init: str = setting("default", "Initialisation: default (A Kaiming-uniform), gaussian, or pissa / olora "
                                    "(A and B from W's SVD / QR).")
     # -- data

@@ -125,8 +125,10 @@ def learning_rate(config: Settings, step: int, total_steps: int) -> float:
 
 
 def parameter_groups(model: nn.Module, config: Settings) -> list[dict[str, Any]]:
-    """A, modules_to_save: lr. B: lr * loraplus_ratio with LoRA+. ``lr_scale`` is kept per group."""
-    b_ids = {id(adapter.lora_B) for _, layer in lora_layers(model) for adapter in layer.adapters.values()}
+    """A, modules_to_save: lr. B: lr * loraplus_ratio with LoRA+ (LoHa / LoKr, which have no B,
+    train at lr). ``lr_scale`` is kept per group."""
+    b_ids = {id(adapter.lora_B) for _, layer in lora_layers(model) for adapter in layer.adapters.values()
+             if hasattr(adapter, "lora_B")}
     trainable = [p for p in model.parameters() if p.requires_grad]
     if config.loraplus_ratio is None:
         return [{"params": trainable, "lr_scale": 1.0}]
