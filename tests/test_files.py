@@ -121,7 +121,7 @@ BAD_FILES = {
                      r"adapter_config\.json: invalid JSON at line 2, column 16"),
     "missing config": (lambda d: (d / "adapter_config.json").unlink(), r"adapter_config\.json: missing"),
     "dora": (lambda d: _rewrite_config(d, lambda c: c.update(use_dora=True)), r"lora_magnitude_vector"),
-    "not lora": (lambda d: _rewrite_config(d, lambda c: c.update(peft_type="IA3")), r"lorakit reads only 'LORA'"),
+    "not lora": (lambda d: _rewrite_config(d, lambda c: c.update(peft_type="IA3")), r"peft_type is 'IA3', lorakit reads 'LORA', 'LOHA', 'LOKR' adapters"),
     "bad rank": (lambda d: _rewrite_config(d, lambda c: c.update(r=0)), r"invalid LoRA config: rank must be"),
     "pickled weights": (lambda d: (d / "adapter_model.safetensors").rename(d / "adapter_model.bin"),
                         r"adapter_model\.bin: pickled weights are never loaded"),

@@ -396,3 +396,24 @@ def test_lorakit_train_takes_them_and_peft_reads_the_result(variant, tiny_lm_dir
     x = token_batch(ours.config.vocab_size)
     assert (logits(ours, x) - logits(AutoModelForCausalLM.from_pretrained(tiny_lm_dir).eval(), x)).abs().max() > 0
     assert_relative(logits(theirs, x), logits(ours, x))
+
+
+@pytest.mark.parametrize("variant", ["loha", "lokr"])
+def test_alone_it_joins_the_base_product_and_gives_what_the_separate_sum_gives(variant):
+    model = tiny_llama()
+    lorakit.attach(model, LoraConfig(rank=4, alpha=8, variant=variant, targets=["q_proj"]), name="a")
+    lorakit.attach(model, LoraConfig(rank=2, alpha=2, variant=variant, targets=["q_proj"]), name="fresh")  # ΔW = 0
+    randomize_adapters(model, "a", scale=0.3)
+    layer = model.model.layers[0].self_attn.q_proj
+    h = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    lorakit.set_active(model, ["a"])
+    assert layer.sole_plain_adapter(h) is layer.adapters["a"]  # one GEMM with W + ΔW
+    fused = layer(h)
+    grad_fused = torch.autograd.grad(fused.square().sum(), [h, *layer.adapters["a"].parameters()])
+    lorakit.set_active(model, ["a", "fresh"])  # two in use: x Wᵀ and x ΔWᵀ apart
+    assert layer.sole_plain_adapter(h) is None
+    apart = layer(h)
+    grad_apart = torch.autograd.grad(apart.square().sum(), [h, *layer.adapters["a"].parameters()])
+    assert_relative(fused, apart, 1e-6)
+    for one, other in zip(grad_fused, grad_apart):
+        assert_relative(one, other, 1e-5)

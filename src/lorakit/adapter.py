@@ -71,7 +71,7 @@ class LayerWeights:
         """s·B·A in float32, laid out like the module's weight (a variant may use it otherwise:
         DoRA's is the update of the direction); for LoHa / LoKr the product of their factors."""
         if self.A is None:
-            delta = product_delta({name: t.float() for name, t in self.extras.items()}) * self.scaling
+            delta = product_delta({name: t.float() for name, t in self.extras.items()}, self.scaling)
             return delta.reshape(self.shape) if self.shape is not None else delta
         A, B = self.A.float(), self.B.float()
         if self.layout == "conv2d":  # (out, r) x (r, in, kh, kw) -> (out, in, kh, kw)
@@ -82,12 +82,14 @@ class LayerWeights:
         return delta if self.layout == "linear" else delta.T
 
 
-def product_delta(factors: Mapping[str, Tensor]) -> Tensor:
-    """ΔW / s of a LoHa or LoKr adapter from its factors (PEFT's and LyCORIS's names), as
-    (out, in) or, on a Conv2d, (out, in·kh·kw) or (out, in, kh, kw) when W2 is whole."""
+def product_delta(factors: Mapping[str, Tensor], scaling: float = 1.0) -> Tensor:
+    """ΔW of a LoHa or LoKr adapter from its factors (PEFT's and LyCORIS's names), as (out, in)
+    or, on a Conv2d, (out, in·kh·kw) or (out, in, kh, kw) when W2 is whole; ``scaling`` is
+    applied to the smallest factor, not to ΔW (one pass over ΔW fewer)."""
     if "hada_w1_a" in factors:  # (out, r) @ (r, in), twice, multiplied entrywise
-        return (factors["hada_w1_a"] @ factors["hada_w1_b"]) * (factors["hada_w2_a"] @ factors["hada_w2_b"])
+        return ((factors["hada_w1_a"] * scaling) @ factors["hada_w1_b"]) * (factors["hada_w2_a"] @ factors["hada_w2_b"])
     W1 = factors["lokr_w1"] if "lokr_w1" in factors else factors["lokr_w1_a"] @ factors["lokr_w1_b"]  # (a, c)
+    W1 = W1 * scaling
     W2 = factors["lokr_w2"] if "lokr_w2" in factors else factors["lokr_w2_a"] @ factors["lokr_w2_b"]  # (b, d[, kh, kw])
     if W2.dim() == 4:
         W1 = W1[:, :, None, None]

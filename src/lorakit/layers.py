@@ -98,9 +98,9 @@ class LoraLayer(nn.Module):
         """s·B·A·dropout(x) (without dropout when the caller applied it)."""
         raise NotImplementedError
 
-    def weight_forward(self, x: Tensor, weight: Tensor) -> Tensor:
-        """The base operation with ``weight`` (laid out like ``self.weight``) and no bias: how
-        a dense ΔW (LoHa, LoKr) acts on the input."""
+    def weight_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        """The base operation with ``weight`` (laid out like ``self.weight``): how a dense ΔW
+        (LoHa, LoKr) acts on the input."""
         raise NotImplementedError(f"{type(self).__name__} cannot apply a dense update")
 
     def base_forward_onto(self, adapter: LoraAdapter, x: Tensor) -> Tensor:
@@ -167,15 +167,15 @@ class LoraLayer(nn.Module):
         """The adapter whose update can be written before the base output, for the base
         product to accumulate into it (``base_forward_onto``, layers whose base is a
         plain matrix product): the only adapter in use, nothing merged, every adapter
-        ``plain`` (its update alone: no rescaling, no part of W to add back), one dtype
-        throughout, no autocast."""
+        ``plain`` (its update alone: no rescaling, no part of W to add back) or ``fusable``
+        (LoHa / LoKr: one product with W + ΔW), one dtype throughout, no autocast."""
         if not self.accumulates or self.disabled or self.merged or len(self.active) != 1:
             return None
         adapter = self.adapters[self.active[0]]
-        if not all(a.plain for a in self.adapters.values()):
+        if not all(a.plain or a.fusable for a in self.adapters.values()):
             return None
         if (frozen.is_quantized(self.weight) or torch.is_autocast_enabled(x.device.type)
-                or not x.dtype == self.weight.dtype == adapter.lora_A.dtype == adapter.lora_B.dtype):
+                or not all(x.dtype == self.weight.dtype == p.dtype for p in adapter.parameters())):
             return None
         return adapter
 
@@ -342,8 +342,9 @@ class LoraLinear(LoraLayer):
     def base_forward_without_bias(self, x: Tensor) -> Tensor:
         return frozen.linear(x, self.weight, None, transposed=self.transposed)
 
-    def weight_forward(self, x: Tensor, weight: Tensor) -> Tensor:
-        return x @ weight if self.transposed else F.linear(x, weight)
+    def weight_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        return frozen.linear(x, weight, bias, transposed=self.transposed) if bias is not None or not self.transposed \
+            else x @ weight
 
     def adapter_forward(self, adapter: LoraAdapter, x: Tensor, dropout: bool = True) -> Tensor:
         return _linear_adapter(adapter, x, frozen.compute_dtype(self.weight), dropout)
@@ -415,8 +416,8 @@ class LoraConv2d(LoraLayer):
     def base_forward_without_bias(self, x: Tensor) -> Tensor:
         return self.base_module._conv_forward(x, self.weight, None)
 
-    def weight_forward(self, x: Tensor, weight: Tensor) -> Tensor:
-        return self.base_module._conv_forward(x, weight, None)
+    def weight_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        return self.base_module._conv_forward(x, weight, bias)
 
     def adapter_forward(self, adapter: LoraAdapter, x: Tensor, dropout: bool = True) -> Tensor:
         base = self.base_module

@@ -17,7 +17,8 @@ kind, and the rest of lorakit asks it, never its type:
   as a file others can load);
 - ``extras``: tensors besides A and B, under their module attribute = file key suffix
   (``tensor_shapes``: all of them on a given layer);
-- and what it supports: ``additive``, ``plain``, ``servable``, ``combinable``, ``shardable``.
+- and what it supports: ``additive``, ``plain``, ``fusable``, ``servable``, ``combinable``,
+  ``shardable``.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class LoraAdapter(nn.Module):
 
     additive = True  # its merge adds ΔW: it can be subtracted on the fly and unmerged exactly
     plain = True  # its update is s·B·A·x and nothing else (the sole-adapter path; kohya files)
+    fusable = False  # not plain, yet as a layer's only adapter it computes the whole output itself
     servable = True  # a serving slot (plain A and B per row) computes it in a mixed batch
     combinable = True  # its ΔW is a low-rank product that combine/compress can add and re-factor
     shardable = True  # trains under FSDP2 (its initial values need no base weight)

@@ -15,9 +15,11 @@ divisor pair nearest the square root (a ≤ b, c ≤ d), W1 (a, c) is whole and 
 rank-r pair unless r ≥ max(b, d) / 2. A fresh adapter is zero (LoHa's W2b, LoKr's W1 start
 at zero).
 
-ΔW is formed from the factors in each forward and applied as the base operation with ΔW as
-its weight (x ΔWᵀ, or the base's convolution), as PEFT and LyCORIS do: there is no cheaper
-route through a Hadamard or Kronecker product. Merging adds the same ΔW.
+ΔW is formed from the factors in each forward (there is no cheaper route through a Hadamard
+or Kronecker product). As a Linear's only adapter in use it joins the base product,
+x (W + ΔW)ᵀ + b: one GEMM forward and one per gradient, where PEFT computes x Wᵀ and x ΔWᵀ
+apart; otherwise it is applied as the base operation with ΔW as its weight (x ΔWᵀ, or the
+base's convolution). Merging adds the same ΔW.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ class ProductAdapter(LoraAdapter):
     """What LoHa and LoKr share: factors named as in PEFT's files, ΔW formed from them."""
 
     plain = False  # its update is not s·B·A·x
+    fusable = True  # alone on a Linear: one product with W + ΔW instead of two
     servable = False  # a serving slot holds A and B
     combinable = False  # its ΔW is not a low-rank product
     shardable = False  # not tried under FSDP2
@@ -90,9 +93,11 @@ class ProductAdapter(LoraAdapter):
 
     def forward(self, layer: LoraLayer, x: Tensor, base: Tensor | None, result: Tensor | None,
                 sign: float = 1.0) -> Tensor:
-        delta = (product_delta(self.factors()) * self.scaling).reshape(layer.weight.shape)
-        update = layer.weight_forward(x.to(delta.dtype), delta)  # x ΔWᵀ, or the base's convolution with ΔW
-        return result + sign * update.to(result.dtype)
+        delta = product_delta(self.factors(), self.scaling).reshape(layer.weight.shape)
+        if result is None:  # the layer's only adapter (sole_plain_adapter): x (W + ΔW)ᵀ + b, one GEMM
+            return layer.weight_forward(x, layer.weight + delta, layer.bias)
+        update = layer.weight_forward(x.to(delta.dtype), delta).to(result.dtype)  # x ΔWᵀ, or the base's conv
+        return result + update if sign == 1.0 else result - update
 
     @staticmethod
     def merge_value(weight: Tensor, value: LayerWeights) -> Tensor:
