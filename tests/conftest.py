@@ -170,3 +170,14 @@ def save_tiny_moe_lm(directory, language: str = "swedish", seed: int = 0):
     Qwen3MoeForCausalLM(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def rewrite_weights(directory, change) -> None:
+    """Apply ``change`` (a function editing a dict of tensors in place) to the adapter file in
+    ``directory``: how tests make a bad file from a good one."""
+    from safetensors.torch import load_file, save_file
+
+    path = directory / "adapter_model.safetensors"
+    tensors = load_file(path)
+    change(tensors)
+    save_file(tensors, path)

@@ -14,7 +14,7 @@ from lorakit.attach import AttachError, lora_layers, trainable_parameters
 from lorakit.experts import LoraExperts, LoraExpertWeight
 from lorakit.files import AdapterFileError, read_adapter
 
-from conftest import assert_unchanged, randomize_adapters, snapshot, token_batch
+from conftest import assert_unchanged, randomize_adapters, rewrite_weights, snapshot, token_batch
 
 
 def tiny_qwen3_moe(seed: int = 0) -> nn.Module:
@@ -221,11 +221,7 @@ def _saved_with(tmp_path, change):
     lorakit.attach(model, LoraConfig(rank=2, alpha=4, targets=list(EXPERTS)))
     randomize_adapters(model)
     lorakit.save_adapter(model, tmp_path / "a")
-    from safetensors.torch import load_file, save_file
-
-    tensors = load_file(tmp_path / "a" / "adapter_model.safetensors")
-    change(tensors)
-    save_file(tensors, tmp_path / "a" / "adapter_model.safetensors")
+    rewrite_weights(tmp_path / "a", change)
     return tmp_path / "a"
 
 

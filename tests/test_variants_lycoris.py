@@ -7,7 +7,7 @@ import math
 import peft
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import lorakit
 from lorakit import LoraConfig
@@ -17,7 +17,7 @@ from lorakit.config import TARGET_SETS
 from lorakit.files import AdapterFileError
 from lorakit.variants.lycoris import kronecker_split
 
-from conftest import assert_unchanged, randomize_adapters, snapshot, tiny_llama, token_batch
+from conftest import assert_unchanged, randomize_adapters, rewrite_weights, snapshot, tiny_llama, token_batch
 from image_models import tiny_unet, unet_inputs
 
 PEFT_CONFIGS = {"loha": peft.LoHaConfig, "lokr": peft.LoKrConfig}
@@ -191,9 +191,7 @@ def _rewritten(tmp_path, variant, change):
     lorakit.attach(model, LoraConfig(rank=2, alpha=4, variant=variant, targets=["q_proj"]))
     randomize_adapters(model)
     lorakit.save_adapter(model, tmp_path / "a")
-    tensors = load_file(tmp_path / "a" / "adapter_model.safetensors")
-    change(tensors)
-    save_file(tensors, tmp_path / "a" / "adapter_model.safetensors")
+    rewrite_weights(tmp_path / "a", change)
     return tmp_path / "a"
 
 
