@@ -247,7 +247,7 @@ class LoraExperts(nn.Module):
 
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         """hidden_states (T, H); top_k_index, top_k_weights (T, k): each token's experts and weights."""
-        tokens, top_k = top_k_index.shape
+        top_k = top_k_index.shape[1]
         experts = top_k_index.reshape(-1)
         order = experts.argsort(stable=True)  # (T k,) token-expert pairs grouped by expert
         grouped = not is_fake(hidden_states) and grouped_mm_works(hidden_states.device, hidden_states.dtype)
