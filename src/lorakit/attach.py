@@ -155,8 +155,9 @@ def _candidates(model: nn.Module, config: LoraConfig) -> Iterator[tuple[str, nn.
             continue
         layer_class = layer_class_for(module)
         if linear_only and not (layer_class and issubclass(layer_class, LoraLinear)):
-            if unsupported_experts(module):
-                warnings.warn(f"all-linear leaves {path} untrained: {unsupported_experts(module)}", stacklevel=3)
+            why = unsupported_experts(module)
+            if why:
+                warnings.warn(f"all-linear leaves {path} untrained: {why}", stacklevel=3)
             continue
         yield path, module, layer_class
 

@@ -343,8 +343,7 @@ class LoraLinear(LoraLayer):
         return frozen.linear(x, self.weight, None, transposed=self.transposed)
 
     def weight_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-        return frozen.linear(x, weight, bias, transposed=self.transposed) if bias is not None or not self.transposed \
-            else x @ weight
+        return F.linear(x, weight.T if self.transposed else weight, bias)
 
     def adapter_forward(self, adapter: LoraAdapter, x: Tensor, dropout: bool = True) -> Tensor:
         return _linear_adapter(adapter, x, frozen.compute_dtype(self.weight), dropout)

@@ -232,12 +232,8 @@ def _product_layer(name: str, part: dict[str, Tensor], kind: str, alpha: float, 
     if problem:
         return problem, None
     rank = product_rank(part)
-    if rank == 0:  # a LoKr of whole W1 and W2: the smallest rank for which lorakit keeps W2 whole
-        W2 = part["lokr_w2"]
-        rank = max(1, math.ceil(max(W2.shape[0], W2.shape[1]) / 2))
-        scaling = 1.0
-    else:
-        scaling = alpha / rank
+    scaling = alpha / rank if rank else 1.0  # LyCORIS ignores alpha for a LoKr of whole W1 and W2
+    rank = rank or _whole_rank(part["lokr_w2"])
     expected = adapter.tensor_shapes(layer_class, base, rank)
     misfits = [f"{name}.{n} {tuple(part[n].shape) if n in part else 'missing'}, expected {s}"
                for n, s in expected.items() if n not in part or tuple(part[n].shape) != tuple(s)]
@@ -249,7 +245,7 @@ def _product_layer(name: str, part: dict[str, Tensor], kind: str, alpha: float, 
 
 def _config(layers: Mapping[str, LayerWeights], variant: str = "lora") -> LoraConfig:
     """The LoraConfig that reproduces these layers (targets: the exact module paths)."""
-    ranks = {path: layer.rank or _whole_rank(layer) for path, layer in layers.items()}
+    ranks = {path: layer.rank or _whole_rank(layer.extras["lokr_w2"]) for path, layer in layers.items()}
     try:
         config = config_for_layers(ranks, {path: layers[path].scaling * rank for path, rank in ranks.items()})
         return dataclasses.replace(config, variant=variant)
@@ -257,7 +253,7 @@ def _config(layers: Mapping[str, LayerWeights], variant: str = "lora") -> LoraCo
         raise AdapterFileError(f"kohya file: {err}") from None
 
 
-def _whole_rank(layer: LayerWeights) -> int:
-    """The rank a LoKr of whole W1 and W2 is given (see ``_product_layer``)."""
-    W2 = layer.extras["lokr_w2"]
+def _whole_rank(W2: Tensor) -> int:
+    """The rank a LoKr of whole W1 and W2 is given: the smallest at which lorakit keeps W2
+    (b, d) whole, r >= max(b, d) / 2."""
     return max(1, math.ceil(max(W2.shape[0], W2.shape[1]) / 2))

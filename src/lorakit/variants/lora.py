@@ -36,6 +36,14 @@ if TYPE_CHECKING:
     from ..layers import LoraLayer
 
 
+def factor_dtype(layer: LoraLayer) -> torch.dtype:
+    """The dtype of an adapter's tensors on ``layer``: the base's, or float32 for a
+    half-precision base, whose bf16/fp16 would lose most of the small update's bits (PEFT
+    does the same)."""
+    base_dtype = frozen.compute_dtype(layer.weight)
+    return torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
+
+
 class LoraAdapter(nn.Module):
     """One adapter on one layer: A, B, its dropout and its scaling. Merged, it is W + ΔW."""
 
@@ -49,11 +57,7 @@ class LoraAdapter(nn.Module):
 
     def __init__(self, layer: LoraLayer, rank: int, alpha: float, config: LoraConfig) -> None:
         super().__init__()
-        base_dtype = frozen.compute_dtype(layer.weight)
-        # Half-precision bases get float32 adapters: low-rank updates are small and would
-        # lose most of their bits in bf16/fp16 (PEFT does the same).
-        dtype = torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
-        device = layer.weight.device
+        dtype, device = factor_dtype(layer), layer.weight.device
         a_shape, b_shape = layer.shapes(layer.base_module, rank)
         self.rank = rank
         self.alpha = alpha

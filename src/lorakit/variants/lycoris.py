@@ -30,10 +30,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from .. import frozen
 from ..adapter import LayerWeights, product_delta
-from ..config import LoraConfig
-from .lora import LoraAdapter
+from ..config import VARIANTS as NAMES, LoraConfig
+from .lora import LoraAdapter, factor_dtype
 
 if TYPE_CHECKING:
     from ..layers import LoraLayer
@@ -66,13 +65,16 @@ class ProductAdapter(LoraAdapter):
 
     def __init__(self, layer: LoraLayer, rank: int, alpha: float, config: LoraConfig) -> None:
         nn.Module.__init__(self)
-        base_dtype = frozen.compute_dtype(layer.weight)
-        dtype = torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
+        dtype = factor_dtype(layer)
         self.rank, self.alpha, self.init = rank, alpha, config.init
         self.scaling = config.scaling(alpha, rank)
         for name, shape in self.tensor_shapes(type(layer), layer.base_module, rank).items():
             self.register_parameter(name, nn.Parameter(torch.zeros(shape, device=layer.weight.device, dtype=dtype)))
         self.dropout = nn.Identity()
+
+    @classmethod
+    def describe(cls, config: LoraConfig) -> str:
+        return NAMES[config.variant]  # "LoHa", "LoKr"
 
     @classmethod
     def check_config(cls, config: LoraConfig) -> str | None:
@@ -103,9 +105,6 @@ class ProductAdapter(LoraAdapter):
     def merge_value(weight: Tensor, value: LayerWeights) -> Tensor:
         return weight + value.delta().reshape(weight.shape).to(weight.device)
 
-    def unmerged_weight(self, layer: LoraLayer, weight: Tensor) -> Tensor:
-        return weight - self.value(layer).delta()
-
     def value(self, layer: LoraLayer, tensors: dict[str, Tensor] | None = None) -> LayerWeights:
         tensors = tensors if tensors is not None else {n: p.detach() for n, p in self.named_parameters()}
         return LayerWeights(None, None, self.scaling, layer.layout, tensors, tuple(layer.weight.shape))
@@ -131,10 +130,6 @@ class LohaAdapter(ProductAdapter):
     extras = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 
     @classmethod
-    def describe(cls, config: LoraConfig) -> str:
-        return "LoHa"
-
-    @classmethod
     def tensor_shapes(cls, layer_class: type[LoraLayer], base: nn.Module, rank: int) -> dict[str, tuple[int, ...]]:
         out, in_, kernel = _matrix(layer_class, base)
         columns = in_ * math.prod(kernel)
@@ -156,10 +151,6 @@ class LokrAdapter(ProductAdapter):
     """LoKr: ΔW = s · W1 ⊗ W2; W1 zero, W2 (or W2a, W2b) Kaiming-uniform (PEFT)."""
 
     extras = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
-
-    @classmethod
-    def describe(cls, config: LoraConfig) -> str:
-        return "LoKr"
 
     @classmethod
     def tensor_shapes(cls, layer_class: type[LoraLayer], base: nn.Module, rank: int) -> dict[str, tuple[int, ...]]:
