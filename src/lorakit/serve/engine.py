@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .kvcache import KVCache
-from .request import Request, SamplingParams, choose_tokens, token_logprobs
+from .request import Request, SamplingParams, choose_tokens, sampled_logprobs, token_logprobs
 from .slots import routing
 from .store import AdapterStore, Lease, StoreError
 
@@ -32,7 +32,9 @@ __all__ = ["Engine", "Request", "SamplingParams", "build_engine", "complete", "l
 
 
 class Engine:
-    def __init__(self, model: nn.Module, tokenizer, store: AdapterStore, max_batch: int = 32) -> None:
+    def __init__(self, model: nn.Module, tokenizer, store: AdapterStore | None, max_batch: int = 32) -> None:
+        """``store``: the adapters served by slot (None: the model runs with the adapters it has
+        attached, as a training run's rollouts do)."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.store = store
@@ -238,6 +240,11 @@ class Engine:
                 except Exception as err:
                     rows[i].close(error=err)
                     tokens.append(None)
+        scored = [(i, t) for i, t in zip(live, tokens) if t is not None and rows[i].params.sample_logprobs]
+        if scored:
+            values = sampled_logprobs(logits[[i for i, _ in scored]], [t for _, t in scored], [rows[i] for i, _ in scored])
+            for (i, _), value in zip(scored, values):
+                rows[i].sampled_logprobs.append(value)
         for i, token in zip(live, tokens):
             request = rows[i]
             if token is None or request.done.is_set():
@@ -260,7 +267,7 @@ class Engine:
             return
         reason, cut = None, False
         if token in self.eos and not params.ignore_eos:
-            reason = "stop"
+            reason, request.stop_token = "stop", token
         else:
             request.generated.append(token)
             self.tokens_generated += 1

@@ -44,6 +44,9 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # OpenAI's: minus penalty x count of the token in the output so far
     presence_penalty: float = 0.0  # minus penalty once a token has appeared in the output
     ignore_eos: bool = False  # vLLM's: an end-of-sequence token is text like any other; max_tokens ends it
+    # record each chosen token's log-probability under the distribution it was drawn from
+    # (temperature applied, before top-p), as a trainer recomputes it (GRPO's rollouts)
+    sample_logprobs: bool = False
 
 
 @dataclass(frozen=True)
@@ -68,8 +71,10 @@ class Request:
     text: str = ""
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
+    sampled_logprobs: list[float] = field(default_factory=list)  # with params.sample_logprobs, EOS included
     sent: int = 0  # characters of text already passed to on_text
     finish_reason: str | None = None
+    stop_token: int | None = None  # the end-of-sequence token that ended it, if one did
     cancelled: bool = False  # set by another thread (a client went away): dropped at the next step
     error: Exception | None = None
     done: threading.Event = field(default_factory=threading.Event)
@@ -159,6 +164,14 @@ def token_logprobs(logits: Tensor, tokens: list[int], top: int) -> list[TokenLog
         alternatives = tuple(zip(best.indices[i].tolist(), best.values[i].tolist())) if best is not None else ()
         result.append(TokenLogprob(token, value, alternatives))
     return result
+
+
+def sampled_logprobs(logits: Tensor, tokens: list[int], rows: list[Request]) -> list[float]:
+    """log p(token) under each row's sampling distribution: softmax(logits / temperature)
+    (temperature 1 for greedy rows), the quantity a policy-gradient trainer recomputes."""
+    temperatures = torch.tensor([r.params.temperature or 1.0 for r in rows], device=logits.device)
+    logp = torch.log_softmax(logits.float() / temperatures[:, None], dim=-1)
+    return logp.gather(1, torch.tensor(tokens, device=logp.device)[:, None])[:, 0].tolist()
 
 
 def _sample_top_p(logits: Tensor, top_p: float, generator: torch.Generator | None) -> int:

@@ -163,8 +163,14 @@ def slot_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 @contextmanager
 def routing(model: nn.Module, row_slots: Sequence[int], seq_len: int) -> Iterator[None]:
-    """Run the model's forward passes inside the block with row i on slot ``row_slots[i]``."""
-    router: Router = model.lorakit_router
+    """Run the model's forward passes inside the block with row i on slot ``row_slots[i]``.
+
+    A model without slots (one being trained: its adapters attached, not slotted) runs as
+    it is, every row on its active adapters."""
+    router: Router | None = getattr(model, "lorakit_router", None)
+    if router is None:
+        yield
+        return
     router.current = make_route(row_slots, seq_len, next(model.parameters()).device, router.stack_tokens)
     try:
         yield

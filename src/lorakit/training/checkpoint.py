@@ -136,6 +136,11 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
 
 def write_text(path: Path, text: str) -> None:
     """Replace ``path`` atomically (temporary file + rename)."""
+    write_bytes(path, text.encode())
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """Replace ``path`` atomically (temporary file + rename)."""
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temporary.write_text(text)
+    temporary.write_bytes(data)
     os.replace(temporary, path)

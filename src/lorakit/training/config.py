@@ -19,6 +19,19 @@ from ..variants import adapter_class
 from .tracking import check_trackers
 
 SCHEDULES = ("cosine", "linear", "constant")
+METHODS = ("sft", "dpo", "grpo")
+# TRL's names and defaults (DPOConfig, GRPOConfig) for what a method reads.
+LOSS_TYPES = {"dpo": ("sigmoid", "ipo", "hinge"), "grpo": ("dapo", "grpo", "dr_grpo")}
+SCALE_REWARDS = ("group", "batch", "none")
+METHOD_DEFAULTS = {
+    "dpo": {"beta": 0.1, "loss_type": "sigmoid"},
+    "grpo": {"beta": 0.0, "loss_type": "dapo", "num_generations": 8, "temperature": 1.0, "top_p": 1.0,
+             "max_completion_length": 256, "epsilon": 0.2, "scale_rewards": "group", "max_logprob_diff": 0.1},
+}
+METHOD_SETTINGS = {"dpo": ("beta", "loss_type", "precompute_ref"),
+                   "grpo": ("beta", "loss_type", "num_generations", "temperature", "top_p", "max_completion_length",
+                            "reward", "reward_weights", "epsilon", "scale_rewards", "max_logprob_diff")}
+SMALL_LR = 1e-5  # below this a LoRA run barely moves (see TrainConfig.warnings)
 SHARDS = ("auto", "none", "ddp", "fsdp")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -60,6 +73,10 @@ class Settings:
                     raise ConfigError(f"{source}: {f.name} must be a number, got {values[f.name]!r}") from None
         if isinstance(values.get("targets"), list):
             values["targets"] = tuple(values["targets"])
+        if isinstance(values.get("reward"), (str, list)):  # YAML: one spec or a list
+            values["reward"] = (values["reward"],) if isinstance(values["reward"], str) else tuple(values["reward"])
+        if isinstance(values.get("reward_weights"), list):
+            values["reward_weights"] = ",".join(str(w) for w in values["reward_weights"])
         if isinstance(values.get("report_to"), (str, list)):  # YAML: a name, "a,b", or a list
             given = values["report_to"]
             values["report_to"] = tuple(n.strip() for n in given.split(",")) if isinstance(given, str) else tuple(given)
@@ -88,6 +105,29 @@ class TrainConfig(Settings):
                                    "(Hadamard product) and lokr (Kronecker product).")
     init: str = setting("default", "Initialisation: default (A Kaiming-uniform), gaussian, or pissa / olora "
                                    "(A and B from W's SVD / QR).")
+    # -- method: what the loss is (training/text.py, preference.py, grpo.py)
+    method: str = setting("sft", "sft (next-token loss on the completions), dpo (preference pairs: prompt, chosen, "
+                                 "rejected) or grpo (prompts, sampled completions scored by --reward).")
+    beta: float | None = setting(None, "dpo: the DPO temperature (default 0.1); grpo: the KL weight (default 0: no "
+                                       "reference). The reference is the model with the adapter switched off.")
+    loss_type: str | None = setting(None, "dpo: sigmoid (default), ipo or hinge; grpo: dapo (default), grpo or "
+                                          "dr_grpo (TRL's names).")
+    precompute_ref: bool = setting(False, "dpo: compute the reference log-probabilities once over the data "
+                                          "(stored with the run) instead of at every step.")
+    num_generations: int | None = setting(None, "grpo: completions sampled per prompt (default 8); batch_size "
+                                                "counts completions and must be a multiple.")
+    temperature: float | None = setting(None, "grpo: sampling temperature of the rollouts (default 1.0).")
+    top_p: float | None = setting(None, "grpo: nucleus sampling of the rollouts (default 1.0: off).")
+    max_completion_length: int | None = setting(None, "grpo: tokens per sampled completion at most (default 256).")
+    reward: tuple[str, ...] = setting((), "grpo: reward function, path/to/file.py:function or module:function, or "
+                                          "a built-in: match:COLUMN, normalized_match:COLUMN, format:REGEX, "
+                                          "length:TOKENS (repeatable).")
+    reward_weights: str | None = setting(None, "grpo: one weight per --reward, comma-separated (default: all 1).")
+    epsilon: float | None = setting(None, "grpo: clipping of the probability ratio (default 0.2).")
+    scale_rewards: str | None = setting(None, "grpo: divide advantages by the std of the group (default), of the "
+                                              "batch, or none.")
+    max_logprob_diff: float | None = setting(None, "grpo: stop when the mean |log-prob the rollout sampled with - "
+                                                   "the trainer's| exceeds this (default 0.1).")
     # -- data
     data: str | None = setting(None, "Training data: a JSONL, parquet, CSV or JSON file, a save_to_disk folder, or "
                                      "a Hub dataset id; none: chatterbot-corpus dialogs in --language.")
@@ -164,7 +204,7 @@ class TrainConfig(Settings):
         if self.batch_size % self.micro_batch_size:
             problems.append(f"batch_size {self.batch_size} is not a multiple of micro_batch_size "
                             f"{self.micro_batch_size}")
-        problems += self._shard_problems()
+        problems += self._shard_problems() + self._method_problems()
         if problems:
             raise ConfigError("invalid training config:\n  " + "\n  ".join(problems))
         self.lora()  # rank, alpha, dropout and targets are checked by LoraConfig
@@ -181,6 +221,76 @@ class TrainConfig(Settings):
         kind = adapter_class(lora)
         unsupported = {"quantize": self.quantize is not None, kind.describe(lora): not kind.shardable}
         return [f"--shard fsdp with {what} is not supported yet" for what, used in unsupported.items() if used]
+
+    def _method_problems(self) -> list[str]:
+        if self.method not in METHODS:
+            return [f"method must be one of {', '.join(METHODS)}, got {self.method!r}"]
+        own = METHOD_SETTINGS.get(self.method, ())
+        problems = [f"--{name.replace('_', '-')} belongs to --method {', '.join(m for m, names in METHOD_SETTINGS.items() if name in names)}, not {self.method}"
+                    for name in dict.fromkeys(n for names in METHOD_SETTINGS.values() for n in names)
+                    if name not in own and getattr(self, name) not in (None, False, ())]
+        if problems:
+            return problems
+        if self.method == "sft":
+            return []
+        loss_type = self.get("loss_type")
+        if loss_type not in LOSS_TYPES[self.method]:
+            problems.append(f"loss_type must be one of {', '.join(LOSS_TYPES[self.method])} with --method "
+                            f"{self.method}, got {loss_type!r}")
+        if self.beta is not None and self.beta < 0 or self.method == "dpo" and self.get("beta") == 0:
+            problems.append(f"beta must be > 0 with --method dpo and >= 0 with grpo, got {self.beta}")
+        if self.method == "grpo":
+            problems += self._grpo_problems()
+        return problems
+
+    def _grpo_problems(self) -> list[str]:
+        problems = []
+        generations = self.get("num_generations")
+        if generations < 2:
+            problems.append(f"num_generations must be >= 2 (advantages compare completions of one prompt), got "
+                            f"{generations}")
+        elif self.batch_size % generations:
+            problems.append(f"batch_size {self.batch_size} counts completions: it must be a multiple of "
+                            f"num_generations {generations}")
+        if not self.reward:
+            problems.append("--method grpo needs at least one --reward (a function, or a built-in such as "
+                            "match:answer)")
+        weights = self.weights()
+        if weights is None:
+            problems.append(f"reward_weights must be comma-separated numbers, got {self.reward_weights!r}")
+        elif len(weights) != len(self.reward):
+            problems.append(f"reward_weights has {len(weights)} weight(s) for {len(self.reward)} --reward(s)")
+        if self.get("temperature") <= 0 or not 0 < self.get("top_p") <= 1:
+            problems.append(f"temperature must be > 0 and top_p in (0, 1], got {self.get('temperature')} and "
+                            f"{self.get('top_p')}")
+        if self.get("max_completion_length") < 1 or self.get("epsilon") <= 0 or self.get("max_logprob_diff") <= 0:
+            problems.append("max_completion_length, epsilon and max_logprob_diff must be > 0")
+        if self.get("scale_rewards") not in SCALE_REWARDS:
+            problems.append(f"scale_rewards must be one of {', '.join(SCALE_REWARDS)}, got "
+                            f"{self.get('scale_rewards')!r}")
+        return problems
+
+    def get(self, name: str) -> Any:
+        """A method setting's value: as given, else the method's default (TRL's)."""
+        value = getattr(self, name)
+        return METHOD_DEFAULTS.get(self.method, {}).get(name) if value is None else value
+
+    def weights(self) -> list[float] | None:
+        """One weight per reward (1 each when not given); None when they are not numbers."""
+        if self.reward_weights is None:
+            return [1.0] * len(self.reward)
+        try:
+            return [float(w) for w in self.reward_weights.split(",")]
+        except ValueError:
+            return None
+
+    def warnings(self) -> list[str]:
+        """What is legal but likely a mistake."""
+        if self.lr < SMALL_LR:
+            return [f"lr {self.lr:g} is a full fine-tuning rate: LoRA needs about 10x more (\"LoRA Without Regret\", "
+                    f"2025: the best LoRA rate is ~10x the full one), so below {SMALL_LR:g} a run often learns "
+                    "nothing; lorakit's recipes use 1e-5 to 2e-4 (README, Preference and RL training)"]
+        return []
 
     def lora(self) -> LoraConfig:
         return LoraConfig(rank=self.rank, alpha=self.alpha, dropout=self.dropout, targets=self.targets,

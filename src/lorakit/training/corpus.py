@@ -41,3 +41,31 @@ def conversations(language: str) -> list[dict[str, Any]]:
             roles = ["user", "assistant"] * len(turns)
             records.append({"messages": [{"role": r, "content": t} for r, t in zip(roles, turns)]})
     return records
+
+
+def preference_pairs(language: str) -> list[dict[str, Any]]:
+    """Preference pairs from the dialogs of ``language``: the question, its own answer
+    (chosen) and the answer of a dialog from another topic file (rejected), so a model
+    learns to answer the question it was asked."""
+    import yaml
+
+    folder = corpus_root() / language
+    if not folder.is_dir():
+        raise DataError(f"chatterbot-corpus has no language {language!r}; it has {', '.join(languages())}")
+    firsts = []  # (topic, question, answer)
+    for topic, path in enumerate(sorted(folder.glob("*.yml"))):
+        for dialog in (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("conversations", []):
+            turns = [str(turn).strip() for turn in dialog if turn is not None and str(turn).strip()]
+            if len(turns) >= 2:
+                firsts.append((topic, turns[0], turns[1]))
+    pairs = []
+    for i, (topic, question, answer) in enumerate(firsts):
+        # the first dialog half-way round the list that is from another topic
+        other = next((firsts[(i + len(firsts) // 2 + k) % len(firsts)] for k in range(len(firsts))
+                      if firsts[(i + len(firsts) // 2 + k) % len(firsts)][0] != topic), None)
+        if other is None:
+            break
+        pairs.append({"prompt": [{"role": "user", "content": question}],
+                      "chosen": [{"role": "assistant", "content": answer}],
+                      "rejected": [{"role": "assistant", "content": other[2]}]})
+    return pairs

@@ -37,7 +37,7 @@ from .checkpoint import run_lock
 from .config import SCHEDULES, Settings, setting
 from .distributed import Processes
 from .images import ImageExample, encode_captions, read_image_folder, sample, save_grid
-from .loop import Run, TrainingError, check_batch, check_output_dir, fit, peak_memory
+from .loop import Run, TrainingError, check_batch, check_output_dir, fit, held_out, peak_memory
 from .sources import DataError
 from .strategy import Plain
 from .tracking import check_trackers
@@ -313,7 +313,8 @@ class DiffusionTask:
         return batches, config.batch_size, config.batch_size
 
     @torch.no_grad()
-    def evaluate(self, loss: nn.Module, processes: Processes, device: torch.device, autocast) -> float | None:
+    def evaluate(self, loss: nn.Module, processes: Processes, device: torch.device,
+                 autocast) -> dict[str, float] | None:
         """Mean denoising loss over the held-out images, with noise and timesteps fixed by the
         seed (as a step no run reaches), so every evaluation of a run sees the same noisy inputs."""
         if self.eval_latents is None:
@@ -327,12 +328,12 @@ class DiffusionTask:
                                self.timesteps).to(device)
             total += loss(batch).item()
         loss.train(was_training)
-        return processes.sum(total, device) / len(self.eval_latents)
+        return {"eval_loss": processes.sum(total, device) / len(self.eval_latents)}
 
     def metrics(self, state: dict[str, Any]) -> dict[str, Any]:
         return {"images_per_second": state["images"] / state["seconds"]}
 
-    def result(self, run: Run, resumed_from: int | None, eval_after: float | None) -> ImageTrainResult:
+    def result(self, run: Run, resumed_from: int | None, eval_after: dict[str, float] | None) -> ImageTrainResult:
         """The adapter in diffusers' and kohya's formats too, and samples.png; the result."""
         config, state, unet = self.config, run.state, self.model
         out = config.out_dir
@@ -344,7 +345,8 @@ class DiffusionTask:
             save_grid(out / "samples.png", {"before": before, "after": after}, prompts)
         return ImageTrainResult(
             out=out, adapter=out / "adapter", steps=config.max_steps, resumed_from=resumed_from,
-            train_loss=state["train_loss"], eval_loss_before=state["eval_loss_before"], eval_loss_after=eval_after,
+            train_loss=state["train_loss"], eval_loss_before=held_out(state["eval_before"]),
+            eval_loss_after=held_out(eval_after),
             images_per_second=state["images"] / max(state["seconds"], 1e-9), seconds=state["seconds"],
             peak_memory_bytes=peak_memory(run.device), trainable_parameters=sum(p.numel() for p in run.parameters),
             unet_parameters=sum(p.numel() for p in unet.parameters()))

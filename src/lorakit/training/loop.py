@@ -72,13 +72,14 @@ class Task(Protocol):
         """Step ``step``'s micro-batches of this process (on ``device``), the units the step's loss
         is divided by and the units it counts for throughput (both over every process)."""
 
-    def evaluate(self, loss: nn.Module, processes: Processes, device: torch.device, autocast) -> float | None:
-        """The held-out loss (None without held-out data)."""
+    def evaluate(self, loss: nn.Module, processes: Processes, device: torch.device,
+                 autocast) -> dict[str, float] | None:
+        """The held-out metrics, ``eval_loss`` first (None without held-out data)."""
 
     def metrics(self, state: dict[str, Any]) -> dict[str, Any]:
         """The throughput entries of a log line."""
 
-    def result(self, run: Run, resumed_from: int | None, eval_after: float | None) -> Any:
+    def result(self, run: Run, resumed_from: int | None, eval_after: dict[str, float] | None) -> Any:
         """The run's result, after any files of its own (main process: samples, other formats)."""
 
 
@@ -152,7 +153,7 @@ class Run:
     autocast: Any
     monitor: Monitor
     # what the checkpoints carry besides weights, so that a resumed run reports what an
-    # uninterrupted one does: the counter, seconds, eval_loss_before, train_loss
+    # uninterrupted one does: the counter, seconds, eval_before (the held-out metrics), train_loss
     state: dict[str, Any]
 
     @property
@@ -163,7 +164,7 @@ class Run:
     def total_steps(self) -> int:
         return self.task.total_steps
 
-    def evaluate(self) -> float | None:
+    def evaluate(self) -> dict[str, float] | None:
         return self.task.evaluate(self.strategy.evaluator(self.runner), self.processes, self.device, self.autocast)
 
 
@@ -171,9 +172,9 @@ def fit(task: Task, strategy: Plain, config: Settings, processes: Processes) -> 
     """Attach a fresh adapter to ``task.model`` (or restore the newest checkpoint) and train it."""
     run, start_step = setup(task, strategy, config, processes)
     if start_step == 0:
-        run.state["eval_loss_before"] = run.evaluate()
-        if run.state["eval_loss_before"] is not None:
-            run.monitor.evaluation(0, run.state["eval_loss_before"])
+        run.state["eval_before"] = run.evaluate()
+        if run.state["eval_before"] is not None:
+            run.monitor.evaluation(0, run.state["eval_before"])
     started = time.perf_counter() - run.state["seconds"]
     try:
         run.model.train()
@@ -196,7 +197,7 @@ def setup(task: Task, strategy: Plain, config: Settings, processes: Processes) -
     groups = parameter_groups(task.model, config)
     optimizer = adamw(groups, config.lr, config.weight_decay)
     parameters = [p for group in groups for p in group["params"]]
-    state: dict[str, Any] = {task.counter: 0, "seconds": 0.0, "eval_loss_before": None, "train_loss": None}
+    state: dict[str, Any] = {task.counter: 0, "seconds": 0.0, "eval_before": None, "train_loss": None}
     start_step = restore(config, strategy, runner, task.model, optimizer, state)
     out = config.out_dir
     if processes.main:
@@ -282,7 +283,7 @@ def guarded(call: Callable[..., Any], out: Path, *args: Any) -> Any:
         raise TrainingError(_diverged(bad.step, bad.loss, bad.grad_norm, out)) from None
 
 
-def finish(run: Run, resumed_from: int | None, eval_after: float | None) -> Any:
+def finish(run: Run, resumed_from: int | None, eval_after: dict[str, float] | None) -> Any:
     """The final adapter, loss.png, the task's own files and summary.json (written last: its
     presence marks a finished run)."""
     out, processes = run.config.out_dir, run.processes
@@ -324,6 +325,11 @@ def _diverged(step: int, loss: float, grad_norm: float, out: Path) -> str:
     kept = f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint was written yet"
     return (f"training diverged at step {step}: loss {loss}, gradient norm {grad_norm}; the step was not "
             f"applied and the run stopped; {kept}. Lower lr (or set max_grad_norm) and run again.")
+
+
+def held_out(metrics: dict[str, float] | None, key: str = "eval_loss") -> float | None:
+    """One held-out metric of an evaluation (None: no held-out data)."""
+    return None if metrics is None else metrics.get(key)
 
 
 def reset_peak_memory(device: torch.device) -> None:

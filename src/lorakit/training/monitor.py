@@ -36,10 +36,10 @@ class Monitor:
         # those steps run again. So does the final evaluation, which follows the
         # last checkpoint.
         logged = read_metrics(self.path)
-        kept = [r for r in logged if r["step"] <= start_step and not ("eval_loss" in r and r["step"] == total_steps)]
+        kept = [r for r in logged if r["step"] <= start_step and not (is_evaluation(r) and r["step"] == total_steps)]
         write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         # The trackers already hold what the killed run logged: they get only later steps.
-        self.sent = {kind: max((r["step"] for r in logged if ("eval_loss" in r) == (kind == "eval")), default=-1)
+        self.sent = {kind: max((r["step"] for r in logged if is_evaluation(r) == (kind == "eval")), default=-1)
                      for kind in ("train", "eval")}
         self.trackers = open_trackers(report_to, out, settings or {}, fresh=not logged)
         self.file = self.path.open("a")
@@ -56,7 +56,7 @@ class Monitor:
             return
         self.file.write(json.dumps(entry) + "\n")
         self.file.flush()
-        if entry["step"] > self.sent["eval" if "eval_loss" in entry else "train"]:
+        if entry["step"] > self.sent["eval" if is_evaluation(entry) else "train"]:
             for tracker in self.trackers:
                 tracker.log(metrics_of(entry), entry["step"])
 
@@ -66,7 +66,8 @@ class Monitor:
             return
         self.record(entry)
         rate = (f"{entry['tokens_per_second']:,.0f} tok/s" if "tokens_per_second" in entry
-                else f"{entry['images_per_second']:,.1f} img/s")
+                else f"{entry['images_per_second']:,.1f} img/s" if "images_per_second" in entry
+                else f"{entry['pairs_per_second']:,.1f} pairs/s")
         info = f"loss {entry['loss']:.4f}  lr {entry['lr']:.2e}  {rate}"
         if self.progress is not None:
             self.progress.update(self.task, completed=step, info=info)
@@ -77,9 +78,11 @@ class Monitor:
         if self.enabled:
             (self.progress.console.print if self.progress else print)(text)
 
-    def evaluation(self, step: int, loss: float) -> None:
-        self.record({"step": step, "eval_loss": loss, "time": time.time()})
-        self.note(f"eval at step {step}: loss {loss:.4f}")
+    def evaluation(self, step: int, metrics: dict[str, float]) -> None:
+        """Held-out metrics (``eval_loss``, ``eval_rewards/accuracies``, ...) at ``step``."""
+        self.record({"step": step, **metrics, "time": time.time()})
+        shown = ", ".join(f"{key.removeprefix('eval_')} {value:.4f}" for key, value in metrics.items())
+        self.note(f"eval at step {step}: {shown}")
 
     def close(self) -> None:
         if self.progress is not None:
@@ -88,6 +91,11 @@ class Monitor:
             self.file.close()
             for tracker in self.trackers:
                 tracker.close()
+
+
+def is_evaluation(entry: dict[str, Any]) -> bool:
+    """Whether a metrics.jsonl record holds held-out metrics (its keys start with ``eval_``)."""
+    return any(key.startswith("eval_") for key in entry)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

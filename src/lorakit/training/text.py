@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from .checkpoint import latest_checkpoint, run_lock
 from .config import TrainConfig
 from .data import Dataset, build_dataset, check_records
 from .distributed import Processes
-from .loop import Run, check_output_dir, fit as fit_task, peak_memory
+from .loop import Run, check_output_dir, fit as fit_task, held_out, peak_memory
 from .loss import LossModule
 from .sources import Source, parse_columns
 from .strategy import strategy_for
@@ -36,7 +37,9 @@ from .strategy import strategy_for
 NOT_RESUMABLE_IF_CHANGED = ("model", "dtype", "quantize", "rank", "alpha", "dropout", "targets", "data", "data_split",
                             "data_config", "columns", "eval_split", "language",
                             "eval_data", "eval_fraction", "max_length", "packing", "mask_prompt", "epochs",
-                            "max_steps", "batch_size", "micro_batch_size", "lr", "loraplus_ratio", "weight_decay",
+                            "max_steps", "batch_size", "method", "beta", "loss_type", "precompute_ref",
+                            "num_generations", "temperature", "top_p", "max_completion_length", "reward",
+                            "reward_weights", "epsilon", "scale_rewards", "micro_batch_size", "lr", "loraplus_ratio", "weight_decay",
                             "warmup_steps", "schedule", "min_lr_ratio", "max_grad_norm", "bf16", "seed")
 
 
@@ -64,8 +67,12 @@ class TrainResult:
         return cls(**{**data, "out": Path(data["out"]), "adapter": Path(data["adapter"])})
 
 
+RESULT = TrainResult  # what this method's run returns (see method_module)
+
+
 def train(config: TrainConfig, resume: bool = False) -> TrainResult:
-    """Fine-tune ``config.model`` with a LoRA adapter; files go to ``config.out``.
+    """Fine-tune ``config.model`` with a LoRA adapter by ``config.method`` (sft, dpo, grpo);
+    files go to ``config.out``.
 
     A run that finds checkpoints of the same config in ``config.out`` continues from
     the newest; ``resume=True`` additionally requires one to exist.
@@ -73,23 +80,42 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
     from ..pretrained import load_model, load_tokenizer
     from .sharded import build_meta_model
 
+    method = method_module(config.method)
     processes = Processes.from_env(config.shard)
     try:
         check_output_dir(config, resume, NOT_RESUMABLE_IF_CHANGED, strategy_for(config, processes))
-        sources = read_data(config)
-        done = finished_run(config.out_dir)
+        sources = read_data(config, method.check_records)
+        done = finished_run(config.out_dir, method.RESULT)
         if done is not None:
             return done
+        for warning in config.warnings():
+            warnings.warn(warning, stacklevel=2)
         tokenizer = load_tokenizer(config.model)
-        train_set, eval_set = prepare_data(config, tokenizer, sources)
+        data = method.prepare_data(config, tokenizer, sources)
         with run_lock(config.out_dir) if processes.main else nullcontext():
             if config.shard == "fsdp":  # never whole on one process: built empty, filled shard by shard
                 model = build_meta_model(config.model, getattr(torch, config.dtype))
             else:
                 model = load_model(config.model, dtype=getattr(torch, config.dtype), quantize=config.quantize)
-            return fit(model, train_set, eval_set, config, processes)
+            task = method.make_task(model, tokenizer, data, config, processes)
+            return fit_task(task, strategy_for(config, processes), config, processes)
     finally:
         processes.close()
+
+
+def method_module(method: str):
+    """The module that reads the data of ``method`` and builds its task: check_records,
+    prepare_data, make_task and RESULT."""
+    import importlib
+    import sys
+
+    name = {"sft": __name__, "dpo": ".preference", "grpo": ".grpo"}[method]
+    return sys.modules[name] if name == __name__ else importlib.import_module(name, __package__)
+
+
+def make_task(model: nn.Module, tokenizer, data: tuple[Dataset, Dataset | None], config: TrainConfig,
+              processes: Processes) -> TextTask:
+    return TextTask(model, *data, config)
 
 
 def fit(model: nn.Module, train_set: Dataset, eval_set: Dataset | None, config: TrainConfig,
@@ -138,7 +164,8 @@ class TextTask:
         return [b.to(device) for b in batches], tokens, length
 
     @torch.no_grad()
-    def evaluate(self, loss: nn.Module, processes: Processes, device: torch.device, autocast) -> float | None:
+    def evaluate(self, loss: nn.Module, processes: Processes, device: torch.device,
+                 autocast) -> dict[str, float] | None:
         """Mean loss per trained token over the held-out rows (``loss``: a LossModule, or the
         sharded root), computed in shards over the processes."""
         if not self.held_out:
@@ -154,30 +181,31 @@ class TextTask:
                 total += loss(batch).item()
             tokens += batch.tokens
         loss.train(was_training)
-        return processes.sum(total, device) / processes.sum(tokens, device)
+        return {"eval_loss": processes.sum(total, device) / processes.sum(tokens, device)}
 
     def metrics(self, state: dict[str, Any]) -> dict[str, Any]:
         return {"tokens": state["tokens"], "tokens_per_second": state["tokens"] / state["seconds"]}
 
-    def result(self, run: Run, resumed_from: int | None, eval_after: float | None) -> TrainResult:
+    def result(self, run: Run, resumed_from: int | None, eval_after: dict[str, float] | None) -> TrainResult:
         out, state = run.config.out_dir, run.state
         return TrainResult(
             out=out, adapter=out / "adapter", steps=self.total_steps, resumed_from=resumed_from,
-            train_loss=state["train_loss"], eval_loss_before=state["eval_loss_before"], eval_loss_after=eval_after,
+            train_loss=state["train_loss"], eval_loss_before=held_out(state["eval_before"]),
+            eval_loss_after=held_out(eval_after),
             tokens_per_second=state["tokens"] / max(state["seconds"], 1e-9), seconds=state["seconds"],
-            peak_memory_bytes=peak_memory(run.device), adapter_bytes=_adapter_bytes(out / "adapter"),
+            peak_memory_bytes=peak_memory(run.device), adapter_bytes=directory_bytes(out / "adapter"),
             truncated=self.truncated)
 
 
-def read_data(config: TrainConfig) -> dict[str, Source]:
-    """The data sources (training, held out), every record's shape checked before anything
-    slow loads (tokenizer, model); nothing is kept but where to read them again."""
+def read_data(config: TrainConfig, check=check_records) -> dict[str, Source]:
+    """The data sources (training, held out), every record's shape checked (by ``check``)
+    before anything slow loads (tokenizer, model); nothing is kept but where to read them again."""
     columns = tuple(parse_columns(config.columns).items())
     sources = {}
     for spec, split in ((config.data, config.data_split), (config.eval_data, config.eval_split)):
         if spec is not None:
             sources[spec] = Source(spec, split, config.data_config, columns)
-            check_records(sources[spec].records(), spec)
+            check(sources[spec].records(), spec)
     return sources
 
 
@@ -209,7 +237,7 @@ def prepare_data(config: TrainConfig, tokenizer, sources: dict[str, Source] | No
     return dataset, evaluation
 
 
-def finished_run(out: Path) -> TrainResult | None:
+def finished_run(out: Path, result_class: type[TrainResult] | None = None) -> TrainResult | None:
     """The result of a run in ``out`` that already finished, or None.
 
     ``summary.json`` is the last file a run writes, after its final checkpoint and
@@ -224,7 +252,7 @@ def finished_run(out: Path) -> TrainResult | None:
     if checkpoint is None or int(checkpoint.name.removeprefix("step-")) != summary.get("steps"):
         return None
     try:
-        result = TrainResult.from_json(summary)
+        result = (result_class or TrainResult).from_json(summary)
     except TypeError:  # a summary from another version of lorakit: train again
         return None
     result.finished_before = True
@@ -242,5 +270,5 @@ def checkpoint_activations(model: nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def _adapter_bytes(adapter: Path) -> int:
+def directory_bytes(adapter: Path) -> int:
     return sum(p.stat().st_size for p in adapter.iterdir()) if adapter.is_dir() else 0

@@ -52,10 +52,13 @@ def check_trackers(names: tuple[str, ...]) -> list[str]:
 
 
 def metrics_of(entry: dict[str, Any]) -> dict[str, float]:
-    """A metrics.jsonl record as tracker metrics: train values under ``train/``, the held-out
-    loss as ``eval/loss``; the step and wall-clock time are the trackers' own axes."""
-    if "eval_loss" in entry:
-        return {"eval/loss": float(entry["eval_loss"])}
+    """A metrics.jsonl record as tracker metrics: train values under ``train/``, held-out ones
+    under ``eval/`` (``eval_loss`` as ``eval/loss``); the step and wall-clock time are the
+    trackers' own axes."""
+    held_out = {f"eval/{key.removeprefix('eval_')}": float(value) for key, value in entry.items()
+                if key.startswith("eval_")}
+    if held_out:
+        return held_out
     return {f"train/{key}": float(value) for key, value in entry.items()
             if key not in ("step", "time") and isinstance(value, (int, float))}
 
