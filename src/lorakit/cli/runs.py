@@ -14,11 +14,16 @@ from .base import _size, app, console, parse_targets, user_errors
 
 
 def train(context: typer.Context, config: str | None, resume: bool, **flags: object) -> None:
-    """Fine-tune a causal LM with LoRA; resumable, and under torchrun, distributed.
+    """Fine-tune a causal LM with LoRA: SFT, DPO or GRPO (--method); resumable, and under
+    torchrun, distributed.
 
     Every setting is a flag and a YAML key (--config); flags override the file.
 
     Example: lorakit train --model smollm2-135m --data chat.jsonl --out runs/chat --rank 16 --epochs 2
+
+    Example: lorakit train --method dpo --data pairs.jsonl --out runs/dpo --beta 0.1
+
+    Example: lorakit train --method grpo --data prompts.jsonl --reward match:answer --num-generations 8 --out runs/rl
     """
     from ..training.config import TrainConfig, load_yaml
 
@@ -36,8 +41,14 @@ def train(context: typer.Context, config: str | None, resume: bool, **flags: obj
                       "Use another --out to train again.")
     if result.eval_loss_before is not None and result.eval_loss_after is not None:
         console.print(f"held-out loss  {result.eval_loss_before:.4f} -> {result.eval_loss_after:.4f}")
-    console.print(f"trained        {result.steps} steps in {result.seconds:.1f} s, "
-                  f"{result.tokens_per_second:,.0f} tokens/s, peak memory {_size(result.peak_memory_bytes)}")
+    for label, key in (("held-out reward accuracy", "eval_accuracy"), ("held-out reward", "eval_reward")):
+        before, after = getattr(result, f"{key}_before", None), getattr(result, f"{key}_after", None)
+        if before is not None and after is not None:
+            console.print(f"{label}  {before:.4f} -> {after:.4f}")
+    rate = (f"{result.pairs_per_second:,.1f} pairs/s" if resolved.method == "dpo"
+            else f"{result.tokens_per_second:,.0f} tokens/s")
+    console.print(f"trained        {result.steps} steps in {result.seconds:.1f} s, {rate}, "
+                  f"peak memory {_size(result.peak_memory_bytes)}")
     console.print(f"adapter        {result.adapter} ({_size(result.adapter_bytes)})")
     console.print(f"run files      {result.out}/: config.yaml, metrics.jsonl, loss.png, summary.json, checkpoints/")
 
