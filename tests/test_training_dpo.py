@@ -46,7 +46,7 @@ def trl_trainer(theirs, tokenizer, records, tmp_path, **settings):
     import datasets
     from trl import DPOConfig, DPOTrainer
 
-    args = DPOConfig(output_dir=str(tmp_path / "trl"), report_to=[], use_cpu=True,
+    args = DPOConfig(output_dir=str(tmp_path / "trl"), report_to=[], use_cpu=True, bf16=False,
                      per_device_train_batch_size=len(records), **settings)
     trainer = DPOTrainer(model=theirs, args=args, processing_class=tokenizer,
                          train_dataset=datasets.Dataset.from_list(records))
@@ -97,7 +97,8 @@ def test_loss_gradients_and_metrics_equal_trl(tiny_lm_dir, tmp_path, loss_type, 
     assert sorted(theirs_grads) == sorted(ours_grads)
     for name, grad in ours_grads.items():
         scale = theirs_grads[name].abs().max().item()
-        torch.testing.assert_close(grad, theirs_grads[name], rtol=0, atol=1e-5 * max(scale, 1e-3), msg=name)
+        torch.testing.assert_close(grad, theirs_grads[name], rtol=0, atol=1e-5 * max(scale, 1e-3),
+                                   msg=lambda text, name=name: f"{name}: {text}")
     for name in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
                  "logps/rejected"):  # TRL's metric names and values
         ours_value = loss.sums[name].item() / len(records)

@@ -219,16 +219,19 @@ class TrainConfig(Settings):
         except ConfigError:
             return []  # reported by the check of the LoRA settings
         kind = adapter_class(lora)
-        unsupported = {"quantize": self.quantize is not None, kind.describe(lora): not kind.shardable}
+        unsupported = {"quantize": self.quantize is not None, kind.describe(lora): not kind.shardable,
+                       f"--method {self.method}": self.method != "sft"}
         return [f"--shard fsdp with {what} is not supported yet" for what, used in unsupported.items() if used]
 
     def _method_problems(self) -> list[str]:
         if self.method not in METHODS:
             return [f"method must be one of {', '.join(METHODS)}, got {self.method!r}"]
         own = METHOD_SETTINGS.get(self.method, ())
-        problems = [f"--{name.replace('_', '-')} belongs to --method {', '.join(m for m, names in METHOD_SETTINGS.items() if name in names)}, not {self.method}"
-                    for name in dict.fromkeys(n for names in METHOD_SETTINGS.values() for n in names)
-                    if name not in own and getattr(self, name) not in (None, False, ())]
+        given = [name for name in dict.fromkeys(n for names in METHOD_SETTINGS.values() for n in names)
+                 if name not in own and getattr(self, name) not in (None, False, ())]
+        problems = [f"--{name.replace('_', '-')} belongs to --method "
+                    f"{', '.join(m for m, names in METHOD_SETTINGS.items() if name in names)}, not {self.method}"
+                    for name in given]
         if problems:
             return problems
         if self.method == "sft":

@@ -5,11 +5,12 @@ Every step samples G completions of each of its prompts, scores them, and trains
     A_i   = (r_i - mean(r_group)) / (std(r_group) + 1e-4)          group-normalised advantage
     ρ_t   = π(y_t | x, y_<t) / π_old(y_t | x, y_<t)
     loss  = Σ_t -min(ρ_t A, clip(ρ_t, 1 - ε, 1 + ε) A) + β KL_t      over completion tokens
-    KL_t  = π_ref/π - log(π_ref/π) - 1                              (only when β > 0)
+    KL_t  = ρ_t (π_ref/π - log(π_ref/π) - 1)                        (only when β > 0)
 
 (Shao et al., arXiv:2402.03300; DAPO's token-level sum over the step's completion tokens,
 Yu et al., arXiv:2503.14476; TRL's defaults). With one optimizer step per rollout π_old is
-π itself (ρ = 1, the gradient is A ∇log π). π_ref is the model with its adapter switched off.
+π itself (ρ = 1 in value; its gradient is ∇log π, which also makes the KL gradient that of
+the unbiased reverse-KL estimator, DeepSeek-V3.2's correction and TRL's default). π_ref is the model with its adapter switched off.
 
 The rollouts come from lorakit's serving engine (serve/engine.py: batched decode, KV
 cache) running the very model being trained, its adapter live: nothing is merged, copied
@@ -202,16 +203,18 @@ class GrpoLoss(nn.Module):
 
     def forward(self, batch: RolloutBatch) -> Tensor:
         rows, mask = batch.rows, batch.rows.mask
+        if self.beta:
+            with torch.no_grad(), disabled(self.model):
+                reference = token_logps(self.model, rows, self.temperature)
         logps = token_logps(self.model, rows, self.temperature)  # (B, T)
         ratio = torch.exp(logps - logps.detach())  # π / π_old, with π_old = π: 1, gradient ∇log π
         clipped = ratio.clamp(1 - self.epsilon, 1 + self.epsilon)
         advantage = batch.advantages[:, None]
         per_token = -torch.min(ratio * advantage, clipped * advantage)
         if self.beta:
-            with torch.no_grad(), disabled(self.model):
-                reference = token_logps(self.model, rows, self.temperature)
             kl = torch.exp(reference - logps) - (reference - logps) - 1
-            per_token = per_token + self.beta * kl
+            # times ρ (1 in value): the gradient of the unbiased reverse-KL estimator, TRL's default
+            per_token = per_token + self.beta * kl * ratio
             self._add("kl", (kl.detach() * mask).sum())
         if self.loss_type == "grpo":  # each completion's mean over its tokens
             loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).sum()
@@ -340,8 +343,9 @@ class GrpoTask:
         except RewardError as err:
             checkpoint = latest_checkpoint(self.config.out_dir)
             kept = f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint was written yet"
-            where = prompts[0].where
-            raise TrainingError(f"{err} [{where}]; the step was not applied and the run stopped; {kept}") from None
+            where = ", ".join(f"{i}: {p.where}" for i, p in zip(indices, prompts))
+            raise TrainingError(f"{err} [prompt {where}]; the step was not applied and the run stopped; {kept}") \
+                from None
         return torch.tensor(table, dtype=torch.float32).view(len(completions), len(self.rewards))
 
     def batches(self, step: int, processes: Processes, device: torch.device) -> tuple[list[RolloutBatch], Tensor, Tensor]:

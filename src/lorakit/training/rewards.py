@@ -116,17 +116,17 @@ def score(rewards: list[Reward], prompts: list, completions: list, completion_id
     """rewards[k](...) for every completion: (completions x rewards), None as NaN. A function
     that raises or answers with the wrong length raises RewardError naming it and the prompt."""
     table = []
+    named = ", ".join(str(i) for i in dict.fromkeys(prompt_index))
     for reward in rewards:
         try:
             values = list(reward.function(prompts=prompts, completions=completions, completion_ids=completion_ids,
                                           **columns))
         except Exception as err:
-            raise RewardError(f"reward {reward.name} raised {type(err).__name__}: {err} (on the completions of "
-                              f"prompt {prompt_index[0]} and after)") from err
+            raise RewardError(f"reward {reward.name} raised {type(err).__name__}: {err} (scoring the completions of "
+                              f"prompt {named})") from err
         if len(values) != len(completions):
             raise RewardError(f"reward {reward.name} returned {len(values)} values for {len(completions)} "
-                              f"completions (prompts {prompt_index[0]}..{prompt_index[-1]}): one value per "
-                              "completion is expected")
+                              f"completions (of prompt {named}): one value per completion is expected")
         for i, value in enumerate(values):
             if value is not None and not isinstance(value, (int, float)):
                 raise RewardError(f"reward {reward.name} returned {value!r} for a completion of prompt "
