@@ -111,3 +111,16 @@ def test_sizes_read_as_gpu_memory_is_sold():
     assert parse_size("512MiB") == 512 * 2**20
     with pytest.raises(ValueError):
         parse_size("24")
+
+
+def test_dpo_plans_two_sequences_per_pair_and_grpo_the_rollout_cache():
+    from lorakit.plan import plan
+
+    lora, dpo = plan("smollm2-135m", "lora", batch=4, seq=64), plan("smollm2-135m", "dpo", batch=2, seq=64)
+    assert dpo.activations_bytes == lora.activations_bytes  # 2 pairs = 4 sequences
+    grpo = plan("smollm2-135m", "grpo", batch=4, seq=64, rollouts=512)
+    # SmolLM2-135M: 30 layers, 3 key/value heads of 64, bfloat16
+    assert grpo.kv_cache_bytes == 2 * 30 * 512 * 64 * 3 * 64 * 2
+    fixed = grpo.weights_bytes + grpo.adapter_bytes + grpo.gradients_bytes + grpo.optimizer_bytes
+    assert grpo.peak_bytes == fixed + max(grpo.activations_bytes + grpo.logits_bytes, grpo.kv_cache_bytes)
+    assert plan("smollm2-135m", "grpo", batch=4, seq=64).peak_bytes == lora.peak_bytes  # a small cache hides

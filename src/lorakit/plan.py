@@ -2,8 +2,8 @@
 
     peak = weights + adapter + gradients + optimizer state + activations + logits
 
-For a method (full fine-tuning, LoRA, or QLoRA: LoRA on an NF4 base) and a batch of
-B x L tokens:
+For a method (full fine-tuning, LoRA, or QLoRA: LoRA on an NF4 base; DPO and GRPO train a
+LoRA adapter too) and a batch of B x L tokens:
 
 - weights: every base parameter in ``dtype``; QLoRA stores the linear layers (all but
   the output head) in NF4 at 0.516 bytes per weight (4 bits, an 8-bit scale per 64
@@ -20,6 +20,13 @@ B x L tokens:
   recomputed during backward.
 - logits: the chunked loss (training/loss.py) holds one chunk's float32 logits (then
   their softmax) at a time, plus the (tokens x hidden) gradient.
+
+- DPO: B pairs are 2B sequences (chosen and rejected) in one forward pass; the reference
+  (the adapter switched off) runs without gradients, so it adds nothing that lasts.
+- GRPO: B completions of L tokens (prompt + completion) are trained per forward pass; the
+  rollouts of a step decode ``rollouts`` rows at once with a KV cache of
+  2 x layers x rows x L x kv_heads x head_dim values. Decoding and training alternate, so
+  the peak holds the larger of the two.
 
 Not counted in the peak: allocator fragmentation and caching, the CUDA context (0.3 -
 1 GiB), and kernels' own workspaces. So a model fits a GPU when the peak leaves
@@ -38,7 +45,8 @@ from torch import nn
 from .config import ALL_LINEAR, LoraConfig
 from .pretrained import chunk_tokens, load_config, split_head
 
-METHODS = ("full", "lora", "qlora")
+METHODS = ("full", "lora", "qlora", "dpo", "grpo")
+DEFAULT_METHODS = ("full", "lora", "qlora")  # what ``lorakit plan`` shows unless asked
 GPU_OVERHEAD_BYTES = 2**30  # the CUDA context, workspaces and allocator slack: left free when judging a fit
 NF4_BYTES_PER_WEIGHT = 0.516  # torchao's NF4: 0.5 + 1/64 + 2/(64 * 256); pinned by tests/test_plan.py
 
@@ -64,6 +72,7 @@ class Plan:
     trainable_params: int
     gpu_bytes: int | None = None
     fits: bool | None = None
+    kv_cache_bytes: int = 0  # GRPO's rollouts
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -71,8 +80,10 @@ class Plan:
 
 def plan(spec: str, method: str = "lora", rank: int = 16, batch: int = 1, seq: int = 512,
          dtype: torch.dtype = torch.bfloat16, checkpointing: bool = False, gpu_bytes: int | None = None,
-         targets: str | tuple[str, ...] = ALL_LINEAR) -> Plan:
-    """The peak training memory of ``spec`` (a preset, a model directory or config.json)."""
+         targets: str | tuple[str, ...] = ALL_LINEAR, rollouts: int | None = None) -> Plan:
+    """The peak training memory of ``spec`` (a preset, a model directory or config.json).
+
+    ``rollouts``: rows GRPO decodes at once (default ``batch``)."""
 
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -81,11 +92,12 @@ def plan(spec: str, method: str = "lora", rank: int = 16, batch: int = 1, seq: i
     config = load_config(spec)
     compute = torch.bfloat16 if method == "qlora" else dtype
     lora = None if method == "full" else LoraConfig(rank=rank, alpha=2 * rank, targets=targets)
-    tokens = batch * seq
+    rows = 2 * batch if method == "dpo" else batch  # a DPO pair is two sequences
+    tokens = rows * seq
     width = compute.itemsize
 
     counts = _count(config, compute, lora)
-    one, two = (_saved_bytes(config, layers, compute, lora, batch, seq) for layers in (1, 2))
+    one, two = (_saved_bytes(config, layers, compute, lora, rows, seq) for layers in (1, 2))
     per_block = two - one
     rest = one - per_block
     blocks = config.num_hidden_layers
@@ -105,7 +117,8 @@ def plan(spec: str, method: str = "lora", rank: int = 16, batch: int = 1, seq: i
     # own output before its float32 copy; and the (tokens x hidden) gradient kept
     logits = chunk * config.vocab_size * (4 + (width if width != 4 else 0)) + tokens * config.hidden_size * width
     activations = with_ if checkpointing else without
-    peak = weights + adapter + gradients + optimizer + activations + logits
+    kv_cache = _kv_cache_bytes(config, rollouts or batch, seq, width) if method == "grpo" else 0
+    peak = weights + adapter + gradients + optimizer + max(activations + logits, kv_cache)
     return Plan(
         model=spec, method=method, rank=None if method == "full" else rank, batch=batch, seq=seq,
         dtype=str(compute).removeprefix("torch."), checkpointing=checkpointing,
@@ -113,8 +126,15 @@ def plan(spec: str, method: str = "lora", rank: int = 16, batch: int = 1, seq: i
         optimizer_bytes=optimizer, activations_bytes=activations,
         activations_without_checkpointing_bytes=without, activations_with_checkpointing_bytes=with_,
         logits_bytes=logits, peak_bytes=peak, trainable_params=trained, gpu_bytes=gpu_bytes,
-        fits=None if gpu_bytes is None else peak + GPU_OVERHEAD_BYTES <= gpu_bytes,
+        fits=None if gpu_bytes is None else peak + GPU_OVERHEAD_BYTES <= gpu_bytes, kv_cache_bytes=kv_cache,
     )
+
+
+def _kv_cache_bytes(config, rows: int, seq: int, width: int) -> int:
+    """Keys and values of every layer for ``rows`` sequences of ``seq`` tokens."""
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * rows * seq * heads * head_dim * width
 
 
 def parse_size(text: str) -> int:

@@ -61,9 +61,10 @@ def inspect(
 def plan(
     model: Annotated[str, typer.Argument(help="Preset (qwen2-0.5b, llama-3.2-1b, llama-2-7b, smollm2-135m), "
                                               "model dir, Hub id or config.json.")],
-    method: Annotated[list[str] | None, typer.Option(help="full, lora or qlora; repeatable (default: all three).")] = None,
+    method: Annotated[list[str] | None, typer.Option(help="full, lora, qlora, dpo or grpo (LoRA trained by DPO / "
+                                                          "GRPO); repeatable (default: full, lora, qlora).")] = None,
     rank: Annotated[int, typer.Option(help="LoRA rank r.")] = 16,
-    batch: Annotated[int, typer.Option(help="Sequences per forward pass (micro-batch).")] = 1,
+    batch: Annotated[int, typer.Option(help="Sequences per forward pass (micro-batch); DPO: pairs.")] = 1,
     seq: Annotated[int, typer.Option(help="Tokens per sequence.")] = 512,
     gpu: Annotated[str | None, typer.Option(help="Memory to fit in, e.g. 24GiB: adds a fits column "
                                                  "(the peak plus 1 GiB for the CUDA context).")] = None,
@@ -73,6 +74,7 @@ def plan(
         "--gradient-checkpointing", help="Plan with activations recomputed in backward.")] = False,
     targets: Annotated[str, typer.Option(help="'all-linear', comma-separated names, or re:<regex>.")] = ALL_LINEAR,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list, one object per method.")] = False,
+    rollouts: Annotated[int | None, typer.Option(help="GRPO: rows decoded at once (default: --batch).")] = None,
 ) -> None:
     """Estimate peak training memory (weights, adapter, gradients, optimizer, activations, logits).
 
@@ -80,7 +82,7 @@ def plan(
     """
     import torch
 
-    from ..plan import METHODS, parse_size
+    from ..plan import DEFAULT_METHODS, METHODS, parse_size
     from ..plan import plan as make_plan
 
     if dtype not in DTYPES:
@@ -91,7 +93,7 @@ def plan(
             raise ValueError(f"--method {unknown[0]!r}: choose among {', '.join(METHODS)}")
         gpu_bytes = parse_size(gpu) if gpu else None
         plans = [make_plan(model, m, rank, batch, seq, getattr(torch, DTYPES[dtype]), gradient_checkpointing,
-                           gpu_bytes, parse_targets(targets)) for m in (method or METHODS)]
+                           gpu_bytes, parse_targets(targets), rollouts) for m in (method or DEFAULT_METHODS)]
     if as_json:
         print(json.dumps([p.to_json() for p in plans], indent=2))
         return
@@ -103,11 +105,16 @@ def plan(
     columns = ("weights", "adapter", "gradients", "optimizer", "activations", "logits", "peak")
     headers = ("weights", "adapter", "grads", "AdamW", "activ.", "logits", "peak")
     table.add_column("method", no_wrap=True)
+    rollout_column = any(p.kv_cache_bytes for p in plans)
+    if rollout_column:
+        headers = (*headers[:-1], "KV", headers[-1])
     for header in (*headers, *(("fits",) if gpu else ())):
         table.add_column(header, justify="right", min_width=len(header))
     for p in plans:
         sizes = [f"{getattr(p, f'{c}_bytes') / 2**30:.2f}" for c in columns]
         label = p.method + ("" if p.method == "full" else f" r={p.rank}")
+        if rollout_column:  # GRPO: the rollouts' KV cache, held while decoding instead of activations
+            sizes.insert(len(columns) - 1, f"{p.kv_cache_bytes / 2**30:.2f}" if p.kv_cache_bytes else "-")
         table.add_row(label, *sizes, *((("yes" if p.fits else "no"),) if gpu else ()))
     console.print(table)
     console.print(f"dtype {DTYPES[dtype]}"
