@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-image test test-slow bench bench-train bench-serve clean
+.PHONY: demo demo-image demo-rl test test-slow bench bench-train bench-serve clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,9 @@ demo: $(STAMP)
 
 demo-image: $(STAMP)
 	$(BIN)/python examples/demo_image.py
+
+demo-rl: $(STAMP)
+	$(BIN)/python examples/demo_rl.py
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -181,3 +181,29 @@ def rewrite_weights(directory, change) -> None:
     tensors = load_file(path)
     change(tensors)
     save_file(tensors, path)
+
+
+def resume_copy(finished, partial, step: int) -> None:
+    """Lay out in ``partial`` what a run killed after its checkpoint of ``step`` leaves: the
+    settings and that checkpoint of the ``finished`` run."""
+    import shutil
+
+    partial.mkdir()
+    shutil.copy(finished / "config.yaml", partial / "config.yaml")
+    name = f"step-{step:06d}"
+    shutil.copytree(finished / "checkpoints" / name, partial / "checkpoints" / name)
+
+
+def assert_resumes_bit_identical(make_config, tmp_path, step: int = 2):
+    """A run stopped after its checkpoint of ``step`` and resumed ends with the adapter, bit
+    for bit, of a run that was never stopped; ``make_config(out)`` gives the settings."""
+    from lorakit.training import train
+
+    full = train(make_config(tmp_path / "full"))
+    partial = tmp_path / "partial"
+    resume_copy(full.out, partial, step)
+    resumed = train(make_config(partial), resume=True)
+    assert resumed.resumed_from == step
+    assert ((resumed.adapter / "adapter_model.safetensors").read_bytes()
+            == (full.adapter / "adapter_model.safetensors").read_bytes())
+    return full.out, partial

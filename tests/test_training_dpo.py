@@ -18,7 +18,7 @@ from lorakit.training import TrainConfig, train
 from lorakit.training.preference import DpoLoss, build_pairs, collate_pairs, reference_logps
 from lorakit.training.sources import DataError
 
-from conftest import randomize_adapters
+from conftest import assert_resumes_bit_identical, randomize_adapters
 
 STANDARD = [{"prompt": f"Säg {w}", "chosen": f" {w} {w}", "rejected": " nej tack"} for w in ("hej", "tack", "bra")]
 CONVERSATIONAL = [{"prompt": [{"role": "user", "content": f"Vad heter {w}?"}],
@@ -67,6 +67,17 @@ def lorakit_grads(model) -> dict[str, torch.Tensor]:
     return grads
 
 
+def assert_same_gradients(ours, theirs) -> None:
+    """Every adapter gradient of lorakit's model equals PEFT's, to float32 summation error
+    relative to the gradient's own scale."""
+    theirs_grads, ours_grads = peft_grads(theirs), lorakit_grads(ours)
+    assert sorted(theirs_grads) == sorted(ours_grads)
+    for name, grad in ours_grads.items():
+        scale = theirs_grads[name].abs().max().item()
+        torch.testing.assert_close(grad, theirs_grads[name], rtol=0, atol=1e-5 * max(scale, 1e-3),
+                                   msg=lambda text, name=name: f"{name}: {text}")
+
+
 def peft_grads(model) -> dict[str, torch.Tensor]:
     return {name.removeprefix("base_model.model.").replace(".default.weight", ""): p.grad
             for name, p in model.named_parameters() if p.requires_grad}
@@ -93,12 +104,7 @@ def test_loss_gradients_and_metrics_equal_trl(tiny_lm_dir, tmp_path, loss_type, 
     actual.backward()
 
     torch.testing.assert_close(actual, expected.detach(), rtol=1e-5, atol=1e-6)
-    theirs_grads, ours_grads = peft_grads(theirs), lorakit_grads(ours)
-    assert sorted(theirs_grads) == sorted(ours_grads)
-    for name, grad in ours_grads.items():
-        scale = theirs_grads[name].abs().max().item()
-        torch.testing.assert_close(grad, theirs_grads[name], rtol=0, atol=1e-5 * max(scale, 1e-3),
-                                   msg=lambda text, name=name: f"{name}: {text}")
+    assert_same_gradients(ours, theirs)
     for name in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
                  "logps/rejected"):  # TRL's metric names and values
         ours_value = loss.sums[name].item() / len(records)
@@ -177,15 +183,7 @@ def test_precomputed_references_are_stored_and_resume_reads_them(tiny_lm_dir, tm
 
 def test_resume_is_bit_identical(tiny_lm_dir, tmp_path):
     data = write_jsonl(tmp_path / "pairs.jsonl", STANDARD * 4)
-    full = train(dpo(tiny_lm_dir, tmp_path / "full", data, keep_checkpoints=3, dropout=0.1))
-    partial = tmp_path / "partial"
-    partial.mkdir()
-    shutil.copy(full.out / "config.yaml", partial / "config.yaml")
-    shutil.copytree(full.out / "checkpoints" / "step-000002", partial / "checkpoints" / "step-000002")
-    resumed = train(dpo(tiny_lm_dir, partial, data, keep_checkpoints=3, dropout=0.1), resume=True)
-    assert resumed.resumed_from == 2
-    assert ((resumed.adapter / "adapter_model.safetensors").read_bytes()
-            == (full.adapter / "adapter_model.safetensors").read_bytes())
+    assert_resumes_bit_identical(lambda out: dpo(tiny_lm_dir, out, data, keep_checkpoints=3, dropout=0.1), tmp_path)
 
 
 def test_a_pair_cut_to_nothing_is_dropped_and_counted(tiny_lm_dir):
@@ -253,3 +251,14 @@ def test_bad_data_error_keeps_file_and_line_for_hub_style_tables(tmp_path):
 
     with pytest.raises(DataError, match=r"x row 0: a preference record needs"):
         check_pairs([("x row 0", {"prompt": "a"})], "x")
+
+
+@pytest.mark.parametrize("variant", ["dora", "loha"])
+def test_dpo_trains_every_kind_of_adapter(tiny_lm_dir, tmp_path, variant):
+    """The reference is the adapter switched off whatever its kind: the first step's
+    rewards are 0 (policy = reference) and later ones are not."""
+    data = write_jsonl(tmp_path / "pairs.jsonl", STANDARD * 4)
+    train(dpo(tiny_lm_dir, tmp_path / "run", data, variant=variant, max_steps=3, eval_fraction=0, lr=2e-2))
+    steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert abs(steps[0]["rewards/margins"]) < 1e-5
+    assert abs(steps[-1]["rewards/margins"]) > 1e-4

@@ -5,7 +5,6 @@ resume is bit-identical; rewards and bad input fail loudly."""
 
 import json
 import re
-import shutil
 
 import pytest
 import torch
@@ -19,8 +18,8 @@ from lorakit.training import TrainConfig, TrainingError, train
 from lorakit.training.grpo import Completion, GrpoLoss, GrpoTask, Prompt, advantages, collate_rollouts
 from lorakit.training.rewards import load_reward, score
 
-from conftest import randomize_adapters
-from test_training_dpo import lorakit_grads, peft_grads, write_jsonl
+from conftest import assert_resumes_bit_identical, randomize_adapters
+from test_training_dpo import assert_same_gradients, write_jsonl
 
 G = 4
 TEMP = 0.7
@@ -112,12 +111,7 @@ def test_advantages_loss_and_gradients_equal_trl(tiny_lm_dir, tmp_path, beta, lo
     actual = loss(batch) / units
     actual.backward()
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
-    theirs_grads, ours_grads = peft_grads(theirs), lorakit_grads(ours)
-    assert sorted(theirs_grads) == sorted(ours_grads)
-    for name, grad in ours_grads.items():
-        scale = theirs_grads[name].abs().max().item()
-        torch.testing.assert_close(grad, theirs_grads[name], rtol=0, atol=1e-5 * max(scale, 1e-3),
-                                   msg=lambda text, name=name: f"{name}: {text}")
+    assert_same_gradients(ours, theirs)
     if beta:
         assert loss.sums["kl"].item() / tokens == pytest.approx(logged["kl"], rel=1e-4, abs=1e-7)
         assert logged["kl"] > 1e-4  # the reference (adapter off) differs from the policy
@@ -152,9 +146,8 @@ def test_a_run_logs_trl_metrics_and_the_rollouts_match_the_trainer(tiny_lm_dir, 
     assert {"eval_reward", "eval_rewards/length/mean"} <= set(lines[0])
 
 
-def test_the_next_rollout_reflects_an_optimizer_step(tiny_lm_dir, tmp_path):
-    """Rollouts read the live tensors: after changing the adapter in place, the engine's
-    sampling log-probabilities are those of the new weights (a stale copy would keep the old)."""
+def live_task(tiny_lm_dir, tmp_path):
+    """A model with a fresh adapter and the GRPO task around it, on one prompt."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_lm_dir)
@@ -162,7 +155,13 @@ def test_the_next_rollout_reflects_an_optimizer_step(tiny_lm_dir, tmp_path):
     lorakit.attach(model, LoraConfig(rank=4, alpha=8))
     config = grpo(tiny_lm_dir, tmp_path / "run", "unused")
     prompt = Prompt(tokenizer("Säg hej")["input_ids"], "Säg hej", {"answer": "hej"}, "p:1")
-    task = GrpoTask(model, tokenizer, [prompt], [], config)
+    return model, tokenizer, config, prompt, GrpoTask(model, tokenizer, [prompt], [], config)
+
+
+def test_the_next_rollout_reflects_an_optimizer_step(tiny_lm_dir, tmp_path):
+    """Rollouts read the live tensors: after changing the adapter in place, the engine's
+    sampling log-probabilities are those of the new weights (a stale copy would keep the old)."""
+    model, tokenizer, config, prompt, task = live_task(tiny_lm_dir, tmp_path)
     task.loss_module()
     first = task.generate([prompt], [1, 2], 2)
     randomize_adapters(model, scale=0.5)  # what an optimizer step does: the same tensors, new values
@@ -178,14 +177,7 @@ def test_the_next_rollout_reflects_an_optimizer_step(tiny_lm_dir, tmp_path):
 
 
 def test_a_rollout_from_stale_weights_stops_the_run(tiny_lm_dir, tmp_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_lm_dir)
-    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
-    lorakit.attach(model, LoraConfig(rank=4, alpha=8))
-    config = grpo(tiny_lm_dir, tmp_path / "run", "unused")
-    prompt = Prompt(tokenizer("Säg hej")["input_ids"], "Säg hej", {"answer": "hej"}, "p:1")
-    task = GrpoTask(model, tokenizer, [prompt], [], config)
+    model, tokenizer, config, prompt, task = live_task(tiny_lm_dir, tmp_path)
     loss = task.loss_module().train()
     completions = task.generate([prompt], [1, 2, 3, 4], 4)
     randomize_adapters(model, scale=1.0)  # the weights move after sampling, as with a stale generator
@@ -197,21 +189,14 @@ def test_a_rollout_from_stale_weights_stops_the_run(tiny_lm_dir, tmp_path):
 
 def test_killed_and_resumed_runs_are_bit_identical_sampling_included(tiny_lm_dir, tmp_path):
     data = prompts_file(tmp_path)
-    full = train(grpo(tiny_lm_dir, tmp_path / "full", data, keep_checkpoints=3, temperature=1.2))
-    partial = tmp_path / "partial"
-    partial.mkdir()
-    shutil.copy(full.out / "config.yaml", partial / "config.yaml")
-    shutil.copytree(full.out / "checkpoints" / "step-000002", partial / "checkpoints" / "step-000002")
-    resumed = train(grpo(tiny_lm_dir, partial, data, keep_checkpoints=3, temperature=1.2), resume=True)
-    assert resumed.resumed_from == 2
-    assert ((resumed.adapter / "adapter_model.safetensors").read_bytes()
-            == (full.adapter / "adapter_model.safetensors").read_bytes())
+    full, partial = assert_resumes_bit_identical(
+        lambda out: grpo(tiny_lm_dir, out, data, keep_checkpoints=3, temperature=1.2), tmp_path)
     rewards = {}
-    for run in (full.out, partial):
+    for run in (full, partial):
         lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         rewards[run] = [(line["step"], line["loss"], line["reward"], line["completions/mean_length"])
                         for line in lines if "reward" in line and line["step"] > 2]
-    assert rewards[full.out] == rewards[partial]  # the same completions were sampled after the restart
+    assert rewards[full] == rewards[partial]  # the same completions were sampled after the restart
 
 
 def broken(completions, **columns):

@@ -190,12 +190,13 @@ def load_dataset(path: str | os.PathLike, tokenizer, max_length: int, mask_promp
     return build_dataset(Source(str(path)).records(), tokenizer, max_length, mask_prompt, source=str(path))
 
 
-def check_records(records: Iterable[tuple[str, dict[str, Any]]], source: str) -> dict[str, int]:
-    """Every record's shape checked (no tokenizer, no model: cheap, so a bad file is
-    reported at once); the number of records of each shape."""
+def check_records(records: Iterable[tuple[str, dict[str, Any]]], source: str,
+                  shape=example_format) -> dict[str, int]:
+    """Every record's shape checked by ``shape`` (no tokenizer, no model: cheap, so a bad
+    file is reported at once); the number of records of each shape."""
     formats: dict[str, int] = {}
     for where, record in records:
-        kind = _located(where, example_format, record)
+        kind = _located(where, shape, record)
         formats[kind] = formats.get(kind, 0) + 1
     if not formats:
         raise DataError(f"{source}: no examples (the file is empty)")

@@ -38,7 +38,7 @@ from ..attach import disabled
 from .batches import micro_batches, split_eval, step_indices
 from .checkpoint import latest_checkpoint
 from .config import TrainConfig
-from .data import _check_messages, _located
+from .data import _check_messages, _located, check_records as check_shapes
 from .distributed import Processes
 from .loop import Run, TrainingError, peak_memory
 from .rewards import Reward, RewardError, load_reward, score
@@ -82,13 +82,8 @@ def prompt_format(record: dict[str, Any]) -> str:
 
 
 def check_records(records: Iterable[tuple[str, dict[str, Any]]], source: str) -> dict[str, int]:
-    formats: dict[str, int] = {}
-    for where, record in records:
-        kind = _located(where, prompt_format, record)
-        formats[kind] = formats.get(kind, 0) + 1
-    if not formats:
-        raise DataError(f"{source}: no examples (the file is empty)")
-    return formats
+    """Every prompt record's shape checked (no tokenizer); the count of each format."""
+    return check_shapes(records, source, prompt_format)
 
 
 RESULT = GrpoResult

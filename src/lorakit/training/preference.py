@@ -37,7 +37,7 @@ from ..attach import disabled
 from .batches import micro_batches, split_eval, step_indices
 from .checkpoint import write_bytes
 from .config import TrainConfig
-from .data import _check_messages, _located
+from .data import _check_messages, _located, check_records as check_shapes
 from .distributed import Processes
 from .loop import Run, peak_memory
 from .sequences import Rows, make_rows, sequence_logps
@@ -106,13 +106,7 @@ def _implicit_prompt(record: dict[str, Any]) -> tuple[list, list, list]:
 
 def check_pairs(records: Iterable[tuple[str, dict[str, Any]]], source: str) -> dict[str, int]:
     """Every preference record's shape checked (no tokenizer); the count of each format."""
-    formats: dict[str, int] = {}
-    for where, record in records:
-        kind = _located(where, pair_format, record)
-        formats[kind] = formats.get(kind, 0) + 1
-    if not formats:
-        raise DataError(f"{source}: no examples (the file is empty)")
-    return formats
+    return check_shapes(records, source, pair_format)
 
 
 def tokenize_pair(record: dict[str, Any], tokenizer) -> tuple[list[int], list[int], list[int]]:
