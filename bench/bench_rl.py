@@ -142,7 +142,8 @@ def grpo_sides(out: str):
 
     import lorakit
     from lorakit.training import TrainConfig
-    from lorakit.training.grpo import GrpoTask, Prompt
+    from lorakit.training.grpo import GrpoTask
+    from lorakit.training.policy import Prompt
     from lorakit.training.loop import accumulate
 
     tokenizer = lorakit.load_tokenizer("smollm2-135m")

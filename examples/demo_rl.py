@@ -51,7 +51,7 @@ def grpo(out: Path) -> None:
     config = TrainConfig(model=MODEL, method="grpo", data=str(data), out=str(out), rank=16, alpha=32,
                          max_steps=24, batch_size=16, micro_batch_size=16, num_generations=4, lr=2e-4,
                          max_completion_length=40, temperature=1.0, beta=0.0, reward=(f"format:{FORMAT}", "length:24"),
-                         reward_weights="1,0.5", eval_data=None, eval_fraction=0.02, save_every=12, log_every=1,
+                         reward_weights="1,0.5", eval_fraction=0.02, eval_every=8, save_every=12, log_every=1,
                          schedule="constant")
     started = time.perf_counter()
     result = lorakit.train(config)
@@ -105,8 +105,8 @@ def dpo(out: Path) -> None:
     from lorakit.training.preference import build_pairs, split_pairs
 
     config = TrainConfig(model=MODEL, method="dpo", language="english", out=str(out), rank=16, alpha=32,
-                         max_steps=30, batch_size=8, micro_batch_size=8, lr=2e-4, beta=0.1, eval_fraction=0.03,
-                         save_every=15, log_every=5, max_length=128)
+                         max_steps=20, batch_size=8, micro_batch_size=8, lr=2e-4, beta=0.1, eval_fraction=0.03,
+                         save_every=10, log_every=5, max_length=128)
     tokenizer = lorakit.load_tokenizer(MODEL)
     where = "chatterbot-corpus/english"
     pairs = build_pairs([(f"{where}[{i}]", r) for i, r in enumerate(preference_pairs("english"))], tokenizer,

@@ -239,7 +239,8 @@ def test_cli_dpo_run_reports_accuracy(tiny_lm_dir, tmp_path):
     data = write_jsonl(tmp_path / "pairs.jsonl", STANDARD * 4)
     out = tmp_path / "run"
     result = runner.invoke(app, ["train", "--method", "dpo", "--model", str(tiny_lm_dir), "--data", str(data),
-                                 "--out", str(out), "--max-steps", "2", "--batch-size", "4", "--micro-batch-size", "2", "--rank", "2",
+                                 "--out", str(out), "--max-steps", "2", "--batch-size", "4",
+                                 "--micro-batch-size", "2", "--rank", "2",
                                  "--eval-fraction", "0.25", "--beta", "0.2"])
     assert result.exit_code == 0, result.output
     assert "held-out reward accuracy" in result.output
@@ -262,3 +263,12 @@ def test_dpo_trains_every_kind_of_adapter(tiny_lm_dir, tmp_path, variant):
     steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert abs(steps[0]["rewards/margins"]) < 1e-5
     assert abs(steps[-1]["rewards/margins"]) > 1e-4
+
+
+def test_other_column_names_map_onto_a_preference_record(tiny_lm_dir, tmp_path):
+    rows = [{"question": r["prompt"], "good": r["chosen"], "bad": r["rejected"], "id": i}
+            for i, r in enumerate(STANDARD * 4)]
+    data = write_jsonl(tmp_path / "table.jsonl", rows)
+    result = train(dpo(tiny_lm_dir, tmp_path / "run", data, columns="prompt=question,chosen=good,rejected=bad",
+                       max_steps=2))
+    assert result.steps == 2 and (result.adapter / "adapter_model.safetensors").exists()

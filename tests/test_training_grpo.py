@@ -15,7 +15,8 @@ from lorakit import LoraConfig
 from lorakit.cli import app
 from lorakit.config import ConfigError
 from lorakit.training import TrainConfig, TrainingError, train
-from lorakit.training.grpo import Completion, GrpoLoss, GrpoTask, Prompt, advantages, collate_rollouts
+from lorakit.training.grpo import GrpoTask
+from lorakit.training.policy import Completion, GrpoLoss, Prompt, advantages, collate_rollouts
 from lorakit.training.rewards import load_reward, score
 
 from conftest import assert_resumes_bit_identical, randomize_adapters

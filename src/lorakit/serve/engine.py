@@ -242,7 +242,8 @@ class Engine:
                     tokens.append(None)
         scored = [(i, t) for i, t in zip(live, tokens) if t is not None and rows[i].params.sample_logprobs]
         if scored:
-            values = sampled_logprobs(logits[[i for i, _ in scored]], [t for _, t in scored], [rows[i] for i, _ in scored])
+            rows_scored = [i for i, _ in scored]
+            values = sampled_logprobs(logits[rows_scored], [t for _, t in scored], [rows[i] for i in rows_scored])
             for (i, _), value in zip(scored, values):
                 rows[i].sampled_logprobs.append(value)
         for i, token in zip(live, tokens):

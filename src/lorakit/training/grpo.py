@@ -1,16 +1,10 @@
 """Group Relative Policy Optimization: the RL task of the training loop (loop.py).
 
-Every step samples G completions of each of its prompts, scores them, and trains on
-
-    A_i   = (r_i - mean(r_group)) / (std(r_group) + 1e-4)          group-normalised advantage
-    ρ_t   = π(y_t | x, y_<t) / π_old(y_t | x, y_<t)
-    loss  = Σ_t -min(ρ_t A, clip(ρ_t, 1 - ε, 1 + ε) A) + β KL_t      over completion tokens
-    KL_t  = ρ_t (π_ref/π - log(π_ref/π) - 1)                        (only when β > 0)
-
-(Shao et al., arXiv:2402.03300; DAPO's token-level sum over the step's completion tokens,
-Yu et al., arXiv:2503.14476; TRL's defaults). With one optimizer step per rollout π_old is
-π itself (ρ = 1 in value; its gradient is ∇log π, which also makes the KL gradient that of
-the unbiased reverse-KL estimator, DeepSeek-V3.2's correction and TRL's default). π_ref is the model with its adapter switched off.
+Every step samples G completions of each of its prompts, scores them with the reward
+functions (rewards.py), and trains on the clipped policy-gradient loss of their
+group-normalised advantages (policy.py; Shao et al., arXiv:2402.03300, with DAPO's
+token-level sum, Yu et al., arXiv:2503.14476: TRL's defaults). π_ref, when β > 0, is the
+model with its adapter switched off.
 
 The rollouts come from lorakit's serving engine (serve/engine.py: batched decode, KV
 cache) running the very model being trained, its adapter live: nothing is merged, copied
@@ -34,32 +28,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..attach import disabled
 from .batches import micro_batches, split_eval, step_indices
 from .checkpoint import latest_checkpoint
 from .config import TrainConfig
 from .data import _check_messages, _located, check_records as check_shapes
 from .distributed import Processes
 from .loop import Run, TrainingError, peak_memory
+from .policy import Completion, GrpoLoss, Prompt, RolloutBatch, advantages, collate_rollouts, nanstd
 from .rewards import Reward, RewardError, load_reward, score
-from .sequences import Rows, make_rows, token_logps
 from .sources import DataError, Source
 from .text import TrainResult, checkpoint_activations, directory_bytes
-
-
-@dataclass(frozen=True)
-class Prompt:
-    ids: array
-    prompt: str | list[dict[str, str]]  # as the record gave it: what the reward functions see
-    columns: dict[str, Any]  # the record's other keys
-    where: str
-
-
-@dataclass
-class Completion:
-    ids: list[int]  # the end-of-sequence token included when the model stopped
-    sampled: list[float]  # log-probability of each token as the engine sampled it
-    clipped: bool  # cut at max_completion_length
 
 
 @dataclass
@@ -136,112 +114,6 @@ def prepare_data(config: TrainConfig, tokenizer, sources: dict[str, Source]) -> 
 def make_task(model: nn.Module, tokenizer, data: tuple[list[Prompt], list[Prompt]], config: TrainConfig,
               processes: Processes) -> GrpoTask:
     return GrpoTask(model, tokenizer, *data, config, processes)
-
-
-def advantages(rewards: Tensor, weights: Tensor, generations: int, scale: str) -> tuple[Tensor, Tensor]:
-    """(total reward, advantage) of every completion from the (N, F) rewards (NaN: not
-    scored), completions grouped by prompt: TRL's sum_then_normalize."""
-    unscorable = torch.isnan(rewards).all(dim=1)
-    total = (rewards * weights).nansum(dim=1)
-    total[unscorable] = torch.nan
-    groups = total.view(-1, generations)
-    mean = torch.nanmean(groups, dim=1).repeat_interleave(generations)
-    if scale == "batch":
-        std = _nanstd(total).expand_as(total)
-    else:
-        std = _nanstd(groups, dim=1).repeat_interleave(generations)
-    advantage = total - mean
-    if scale != "none":
-        advantage = advantage / (std + 1e-4)
-    return total, torch.nan_to_num(advantage, nan=0.0)  # an unscorable completion teaches nothing
-
-
-def _nanstd(values: Tensor, dim: int | None = None) -> Tensor:
-    """The standard deviation with Bessel's correction, ignoring NaN."""
-    if dim is None:
-        values, dim = values.reshape(-1), 0
-    mean = torch.nanmean(values, dim=dim, keepdim=True)
-    count = (~torch.isnan(values)).sum(dim=dim)
-    variance = torch.nanmean((values - mean) ** 2, dim=dim) * count / (count - 1)
-    return variance.sqrt()
-
-
-@dataclass
-class RolloutBatch:
-    rows: Rows
-    advantages: Tensor  # (B,)
-    sampled: Tensor  # (B, T): the engine's log-probabilities at the completion positions
-
-    def to(self, device: torch.device) -> RolloutBatch:
-        return RolloutBatch(self.rows.to(device), self.advantages.to(device), self.sampled.to(device))
-
-
-def collate_rollouts(pairs: list[tuple[Prompt, Completion]], advantage: Tensor, pad_id: int) -> RolloutBatch:
-    rows = make_rows([(p.ids, c.ids) for p, c in pairs], pad_id)
-    sampled = torch.zeros(rows.targets.shape)
-    for row, (prompt, completion) in enumerate(pairs):
-        start = len(prompt.ids) - 1
-        sampled[row, start:start + len(completion.ids)] = torch.tensor(completion.sampled)
-    return RolloutBatch(rows, advantage, sampled)
-
-
-class GrpoLoss(nn.Module):
-    """The summed GRPO loss of a batch of rollouts; the step's diagnostics accumulate in
-    ``sums`` (device tensors)."""
-
-    def __init__(self, model: nn.Module, config: TrainConfig) -> None:
-        super().__init__()
-        self.model, self.config = model, config
-        self.beta, self.epsilon = config.get("beta"), config.get("epsilon")
-        self.temperature, self.loss_type = config.get("temperature"), config.get("loss_type")
-        self.sums: dict[str, Tensor] = {}
-
-    def forward(self, batch: RolloutBatch) -> Tensor:
-        rows, mask = batch.rows, batch.rows.mask
-        if self.beta:
-            with torch.no_grad(), disabled(self.model):
-                reference = token_logps(self.model, rows, self.temperature)
-        logps = token_logps(self.model, rows, self.temperature)  # (B, T)
-        ratio = torch.exp(logps - logps.detach())  # π / π_old, with π_old = π: 1, gradient ∇log π
-        clipped = ratio.clamp(1 - self.epsilon, 1 + self.epsilon)
-        advantage = batch.advantages[:, None]
-        per_token = -torch.min(ratio * advantage, clipped * advantage)
-        if self.beta:
-            kl = torch.exp(reference - logps) - (reference - logps) - 1
-            # times ρ (1 in value): the gradient of the unbiased reverse-KL estimator, TRL's default
-            per_token = per_token + self.beta * kl * ratio
-            self._add("kl", (kl.detach() * mask).sum())
-        if self.loss_type == "grpo":  # each completion's mean over its tokens
-            loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).sum()
-        else:  # dapo, dr_grpo: the sum, divided by the step's units by the loop
-            loss = (per_token * mask).sum()
-        self._check(logps.detach(), batch.sampled, mask)
-        low = ((ratio < 1 - self.epsilon) & (advantage < 0)).float() * mask
-        high = ((ratio > 1 + self.epsilon) & (advantage > 0)).float() * mask
-        for name, value in (("clip_ratio/low_mean", low), ("clip_ratio/high_mean", high),
-                            ("clip_ratio/region_mean", low + high)):
-            self._add(name, value.sum().detach())
-        self._add("tokens", mask.sum())
-        return loss
-
-    def _check(self, logps: Tensor, sampled: Tensor, mask: Tensor) -> None:
-        """The engine's log-probabilities against the trainer's: logged, and fatal past the threshold."""
-        if not self.training:
-            return
-        difference = (logps - sampled).abs() * mask
-        self._add("rollout/logprob_diff", difference.sum())
-        largest = difference.max()
-        self.sums["rollout/logprob_diff_max"] = torch.maximum(self.sums.get("rollout/logprob_diff_max", largest),
-                                                              largest)
-        mean = float(difference.sum() / mask.sum().clamp(min=1))
-        if mean > self.config.get("max_logprob_diff"):
-            raise TrainingError(f"the rollouts' log-probabilities differ from the trainer's by {mean:.4f} per token on "
-                                f"average (max {float(largest):.4f}), past max_logprob_diff="
-                                f"{self.config.get('max_logprob_diff')}: the generator is not sampling from the "
-                                "weights being trained (or the precision differs: --bf16); the step was not applied")
-
-    def _add(self, name: str, value: Tensor) -> None:
-        self.sums[name] = self.sums.get(name, 0) + value.double()
 
 
 class GrpoTask:
@@ -343,7 +215,8 @@ class GrpoTask:
                 from None
         return torch.tensor(table, dtype=torch.float32).view(len(completions), len(self.rewards))
 
-    def batches(self, step: int, processes: Processes, device: torch.device) -> tuple[list[RolloutBatch], Tensor, Tensor]:
+    def batches(self, step: int, processes: Processes,
+                device: torch.device) -> tuple[list[RolloutBatch], Tensor, Tensor]:
         config = self.config
         self.loss.sums.clear()
         order = step_indices(len(self.prompts), self.per_step, step, config.seed)
@@ -364,14 +237,14 @@ class GrpoTask:
     def _rollout_metrics(self, rewards: Tensor, total: Tensor, completions: list[Completion]) -> None:
         lengths = torch.tensor([float(len(c.ids)) for c in completions])
         groups = total.view(-1, self.generations)
-        metrics = {"reward": float(torch.nanmean(total)), "reward_std": float(_nanstd(total)),
-                   "frac_reward_zero_std": float((_nanstd(groups, dim=1).nan_to_num(0) < 1e-8).float().mean()),
+        metrics = {"reward": float(torch.nanmean(total)), "reward_std": float(nanstd(total)),
+                   "frac_reward_zero_std": float((nanstd(groups, dim=1).nan_to_num(0) < 1e-8).float().mean()),
                    "completions/mean_length": float(lengths.mean()), "completions/min_length": float(lengths.min()),
                    "completions/max_length": float(lengths.max()),
                    "completions/clipped_ratio": sum(c.clipped for c in completions) / len(completions)}
         for k, reward in enumerate(self.rewards):
             metrics[f"rewards/{reward.name}/mean"] = float(torch.nanmean(rewards[:, k]))
-            metrics[f"rewards/{reward.name}/std"] = float(_nanstd(rewards[:, k]))
+            metrics[f"rewards/{reward.name}/std"] = float(nanstd(rewards[:, k]))
         self.step_metrics = metrics
 
     @torch.no_grad()

@@ -121,7 +121,8 @@ def tokenize_pair(record: dict[str, Any], tokenizer) -> tuple[list[int], list[in
                                                     return_dict=True)
             return list(encoded["input_ids"])
 
-        prompt_ids, with_chosen, with_rejected = render(prompt, True), render(prompt + chosen), render(prompt + rejected)
+        prompt_ids = render(prompt, True)
+        with_chosen, with_rejected = render(prompt + chosen), render(prompt + rejected)
     else:
         eos = tokenizer.eos_token or ""
         chosen, rejected = (c if c.endswith(eos) else c + eos for c in (record["chosen"], record["rejected"]))
@@ -221,7 +222,8 @@ class DpoLoss(nn.Module):
     def _count(self, chosen: Tensor, rejected: Tensor, chosen_reward: Tensor, rejected_reward: Tensor) -> None:
         values = {"rewards/chosen": chosen_reward, "rewards/rejected": rejected_reward,
                   "rewards/accuracies": (chosen_reward > rejected_reward).float(),
-                  "rewards/margins": chosen_reward - rejected_reward, "logps/chosen": chosen, "logps/rejected": rejected}
+                  "rewards/margins": chosen_reward - rejected_reward, "logps/chosen": chosen,
+                  "logps/rejected": rejected}
         for name, value in values.items():
             self.sums[name] = self.sums.get(name, 0) + value.sum().double()
 
@@ -332,7 +334,8 @@ class DpoTask:
 
     def metrics(self, state: dict[str, Any]) -> dict[str, Any]:
         pairs = self.config.batch_size
-        values = {name: float(self.processes.sum(total, total.device)) / pairs for name, total in self.loss.sums.items()}
+        values = {name: float(self.processes.sum(total, total.device)) / pairs
+                  for name, total in self.loss.sums.items()}
         return {**values, "pairs": state["pairs"], "pairs_per_second": state["pairs"] / state["seconds"]}
 
     def result(self, run: Run, resumed_from: int | None, eval_after: dict[str, float] | None) -> PreferenceResult:

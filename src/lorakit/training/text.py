@@ -39,7 +39,8 @@ NOT_RESUMABLE_IF_CHANGED = ("model", "dtype", "quantize", "rank", "alpha", "drop
                             "eval_data", "eval_fraction", "max_length", "packing", "mask_prompt", "epochs",
                             "max_steps", "batch_size", "method", "beta", "loss_type", "precompute_ref",
                             "num_generations", "temperature", "top_p", "max_completion_length", "reward",
-                            "reward_weights", "epsilon", "scale_rewards", "micro_batch_size", "lr", "loraplus_ratio", "weight_decay",
+                            "reward_weights", "epsilon", "scale_rewards",
+                            "micro_batch_size", "lr", "loraplus_ratio", "weight_decay",
                             "warmup_steps", "schedule", "min_lr_ratio", "max_grad_norm", "bf16", "seed")
 
 
