@@ -289,3 +289,12 @@ def test_cli_grpo_run_reports_rewards(tiny_lm_dir, tmp_path):
     assert result.exit_code == 0, result.output
     assert "held-out reward" in result.output
     assert (out / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_prompts_per_step_must_split_over_the_processes(tiny_lm_dir, tmp_path):
+    from lorakit.training.distributed import Processes
+
+    model, tokenizer, config, prompt, _ = live_task(tiny_lm_dir, tmp_path)  # 8 completions, 4 each: 2 prompts
+    GrpoTask(model, tokenizer, [prompt], [], config, Processes(0, 2, 0))
+    with pytest.raises(TrainingError, match=r"2 prompts per step cannot be split over 3 processes"):
+        GrpoTask(model, tokenizer, [prompt], [], config, Processes(0, 3, 0))

@@ -129,6 +129,10 @@ class GrpoTask:
         self.held_out = bool(held_out)
         self.generations = config.get("num_generations")
         self.per_step = config.batch_size // self.generations  # prompts per optimizer step
+        if self.per_step % processes.world_size:  # each process samples whole groups, as many as the others
+            raise TrainingError(f"batch_size {config.batch_size} / num_generations {self.generations} = "
+                                f"{self.per_step} prompts per step cannot be split over {processes.world_size} "
+                                "processes: make it a multiple of the process count")
         self.total_steps = config.max_steps or math.ceil(config.epochs * len(train) / self.per_step)
         self.rewards = [load_reward(spec) for spec in config.reward]
         self.weights = torch.tensor(config.weights(), dtype=torch.float32)
