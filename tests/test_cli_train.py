@@ -164,3 +164,17 @@ def test_a_finished_run_says_so(tiny_lm_dir, tmp_path):
     assert again.exit_code == 0
     text = " ".join(again.output.split())
     assert "holds a finished run (2 steps); nothing was changed" in text and "held-out loss" in text
+
+
+def test_a_run_refused_after_the_data_check_leaves_no_output_directory(tiny_lm_dir, tmp_path):
+    """Targets that match no module are found once the model is loaded, after the run
+    directory is locked: the directory the run made is removed again."""
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["train", "--model", str(tiny_lm_dir), "--out", str(out), "--targets",
+                                 "no_such_module", "--max-steps", "1"])
+    assert result.exit_code != 0
+    assert not out.exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()  # a directory the user made stays, even empty
+    runner.invoke(app, ["train", "--model", str(tiny_lm_dir), "--out", str(kept), "--targets", "no_such_module"])
+    assert kept.exists()

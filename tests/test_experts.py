@@ -121,6 +121,23 @@ def test_merge_unmerge_and_detach_are_exact(kind):
 
 
 @pytest.mark.parametrize("kind", sorted(MOE))
+def test_merged_state_dict_merges_expert_tensors_as_the_model_does(kind):
+    """An expert tensor's base key is its own path (not path.weight): merging the adapter
+    value into a plain state dict gives exactly what merging the model gives."""
+    base = {k: v.clone() for k, v in MOE[kind]().state_dict().items()}
+    model = MOE[kind]()
+    lorakit.attach(model, LoraConfig(rank=2, alpha=4))
+    randomize_adapters(model)
+    merged = lorakit.merged_state_dict(base, lorakit.export_adapter(model))
+    lorakit.merge(model)
+    expected = {k: v for k, v in model.state_dict().items() if ".adapters." not in k}
+    assert merged.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(merged[key], value, rtol=0, atol=0, msg=key)
+    assert any(not torch.equal(merged[k], base[k]) for k in base if k.endswith("experts.down_proj"))
+
+
+@pytest.mark.parametrize("kind", sorted(MOE))
 def test_peft_loads_lorakit_expert_adapters_with_the_same_logits(kind, tmp_path):
     model = MOE[kind]()
     lorakit.attach(model, LoraConfig(rank=4, alpha=8, rank_pattern={"down_proj": 2}))

@@ -342,12 +342,17 @@ def test_kohya_lycoris_files_refuse_what_lorakit_does_not_build(tmp_path):
     bad_shape = dict(lokr)
     bad_shape[f"{name}.lokr_w1"] = torch.zeros(3, 4)
     save_file(bad_shape, tmp_path / "shape.safetensors")
+    both = {k: v for k, v in lokr.items() if k != f"{name}.lokr_w1"}  # W1 as two factors (decompose_both)
+    both.update({f"{name}.lokr_w1_a": torch.zeros(4, 1), f"{name}.lokr_w1_b": torch.zeros(1, 4)})
+    save_file(both, tmp_path / "both.safetensors")
     pipe = tiny_pipeline(tmp_path / "tokenizer")
     models = _pipeline_models(pipe)
     before = {component: snapshot(m) for component, m in models.items()}
     for file, message in [("tucker", r"hada_t1: LoHa Tucker factors are not supported"),
                           ("mixed", r"holds modules of several kinds \(loha, lokr\)"),
-                          ("shape", r"conv1.lokr_w1 \(3, 4\), expected \(4, 4\)")]:
+                          ("shape", r"conv1.lokr_w1 \(3, 4\), expected \(4, 4\)"),
+                          ("both", r"conv1: a LoKr W1 in two factors, lokr_w1_a / lokr_w1_b \(decompose_both\), is "
+                                   r"not supported")]:
         with pytest.raises(AdapterFileError, match=message):
             load_pipeline_adapter(models, tmp_path / f"{file}.safetensors")
     for component, m in models.items():
@@ -415,3 +420,17 @@ def test_alone_it_joins_the_base_product_and_gives_what_the_separate_sum_gives(v
     assert_relative(fused, apart, 1e-6)
     for one, other in zip(grad_fused, grad_apart):
         assert_relative(one, other, 1e-5)
+
+
+@pytest.mark.parametrize("variant, name", [("loha", "LoHa"), ("lokr", "LoKr")])
+def test_a_diffusers_file_is_refused_for_kinds_without_lora_factors(variant, name, tmp_path):
+    from image_models import tiny_pipeline
+    from lorakit.formats import AdapterFileError
+    from lorakit.pipelines import save_pipeline_adapter
+
+    ours = tiny_pipeline(tmp_path / "tokenizer")
+    lorakit.attach(ours.unet, LoraConfig(rank=4, alpha=3, variant=variant, targets=TARGET_SETS["attention"]))
+    with pytest.raises(AdapterFileError, match=rf"unet: a diffusers LoRA file holds lora_A / lora_B factors, which "
+                                               rf"a {name} adapter does not have; write it as kohya"):
+        save_pipeline_adapter(_pipeline_models(ours), tmp_path / "diffusers")
+    assert not (tmp_path / "diffusers").exists()

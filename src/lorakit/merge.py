@@ -85,6 +85,12 @@ def detach(model: nn.Module, merge: bool = True, safe: bool = True) -> nn.Module
     return model
 
 
+def weight_key(base: Mapping[str, Tensor], path: str) -> str:
+    """The state-dict key of the weight an adapter at ``path`` updates: a module's
+    ``path.weight``, or the tensor at ``path`` itself (a fused experts tensor)."""
+    return path if f"{path}.weight" not in base and path in base else f"{path}.weight"
+
+
 def merged_state_dict(base: Mapping[str, Tensor], adapter: Adapter) -> dict[str, Tensor]:
     """A new state dict: ``base`` with every ΔW of ``adapter`` merged in (float32, rounded
     once, as torchtune's ``get_merged_lora_ckpt``) and its saved modules in place, with no
@@ -92,7 +98,7 @@ def merged_state_dict(base: Mapping[str, Tensor], adapter: Adapter) -> dict[str,
     is computed."""
     problems = []
     for path, layer in adapter.layers.items():
-        key = f"{path}.weight"
+        key = weight_key(base, path)
         if key not in base:
             problems.append(f"{path}: no {key!r} in the base state dict")
             continue
@@ -108,7 +114,7 @@ def merged_state_dict(base: Mapping[str, Tensor], adapter: Adapter) -> dict[str,
     kind = adapter_class(adapter.config)
     merged = dict(base)
     for path, layer in adapter.layers.items():
-        weight = base[f"{path}.weight"]
-        merged[f"{path}.weight"] = kind.merge_value(weight.float(), layer).to(weight.dtype)
+        key = weight_key(base, path)
+        merged[key] = kind.merge_value(base[key].float(), layer).to(base[key].dtype)
     merged.update({key: tensor.detach().clone() for key, tensor in adapter.saved.items()})
     return merged

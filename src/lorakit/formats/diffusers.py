@@ -24,6 +24,7 @@ from torch import Tensor
 
 from ..adapter import Adapter
 from ..config import ConfigError, LoraConfig, config_for_layers
+from ..variants import adapter_class
 from . import LEGACY_TEXT_PREFIX, AdapterFileError
 from .peft import config_from_peft, config_to_peft, from_tensors, tensor_key, to_tensors
 
@@ -42,6 +43,11 @@ def file_bytes(adapters: Mapping[str, Adapter]) -> bytes:
     for component, adapter in adapters.items():
         if adapter.saved:
             raise AdapterFileError(f"{component}: modules_to_save have no place in a diffusers LoRA file")
+        if any(layer.A is None for layer in adapter.layers.values()):  # neither diffusers nor lorakit reads them
+            kind = adapter_class(adapter.config).describe(adapter.config)
+            raise AdapterFileError(f"{component}: a diffusers LoRA file holds lora_A / lora_B factors, which a "
+                                   f"{kind} adapter does not have; write it as kohya (LyCORIS keys, read by "
+                                   "diffusers' load_lora_weights and A1111) or as a PEFT directory")
         tensors.update(to_tensors(adapter, prefix=f"{component}."))
         config = {k: v for k, v in config_to_peft(adapter).items() if v is not None}
         metadata.update({f"{component}.{key}": value for key, value in config.items()})

@@ -172,8 +172,6 @@ def _unknown_key(key: str) -> str:
     part = key.rsplit(".", 1)[-1]
     if part in UNSUPPORTED_PARTS:
         return f"{key}: {UNSUPPORTED_PARTS[part]} are not supported by lorakit"
-    if part in ("lokr_w1_a", "lokr_w1_b"):
-        return f"{key}: a LoKr W1 in two factors (decompose_both) is not supported by lorakit"
     mixed = " (a PEFT/diffusers key: this file mixes formats)" if ".lora_A." in key or ".lora_B." in key else ""
     return (f"{key}: not a kohya LoRA key{mixed} (expected lora_unet_/lora_te_... with .lora_down.weight, "
             ".lora_up.weight, .alpha, or LyCORIS' .hada_*/.lokr_* factors)")

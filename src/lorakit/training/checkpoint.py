@@ -51,7 +51,11 @@ def run_lock(out: Path) -> Iterator[None]:
     process dies, even by SIGKILL) makes two runs into one directory an error rather
     than a silent mix. While it is held, every hidden temporary that an atomic write
     left there is stale, so they are removed first.
+
+    A run refused before it wrote anything (a model that does not load, targets that match
+    no module) leaves no empty directory behind: one this call made is removed again.
     """
+    made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     handle = os.open(out, os.O_RDONLY)
     try:
@@ -61,6 +65,10 @@ def run_lock(out: Path) -> Iterator[None]:
             raise OutputInUse(f"{out} is being written by another lorakit train run") from None
         remove_stale_temporaries(out)
         yield
+    except BaseException:
+        if made and not any(out.iterdir()):
+            out.rmdir()
+        raise
     finally:
         os.close(handle)
 

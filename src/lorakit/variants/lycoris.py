@@ -171,6 +171,8 @@ class LokrAdapter(ProductAdapter):
 
     @classmethod
     def factor_problem(cls, names: set[str]) -> str | None:
+        if {"lokr_w1_a", "lokr_w1_b"} & names:  # LyCORIS' decompose_both; PEFT's default keeps W1 whole
+            return "a LoKr W1 in two factors, lokr_w1_a / lokr_w1_b (decompose_both), is not supported by lorakit"
         for side in ("lokr_w1", "lokr_w2"):
             whole, pair = side in names, {f"{side}_a", f"{side}_b"} & names
             if whole == bool(pair) or len(pair) == 1:
