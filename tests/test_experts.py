@@ -75,6 +75,23 @@ def test_all_linear_adapts_every_expert_tensor_and_keeps_base_keys(kind):
     assert count["down_proj"] == (2, 2 * E * 4 * (I + H))
 
 
+@pytest.mark.parametrize("kind", sorted(MOE))
+def test_all_linear_differs_from_peft_by_the_routers_alone(kind):
+    """PEFT's all-linear on a transformers-5 MoE model also adapts each router (mlp.gate);
+    lorakit's leaves the routers to the base. Everything else is the same set."""
+    import peft
+
+    theirs = peft.get_peft_model(MOE[kind](), peft.LoraConfig(r=2, target_modules="all-linear"))
+    adapted = {name.removeprefix("base_model.model.").split(".lora_A")[0] for name, _ in theirs.named_parameters()
+               if ".lora_A" in name}
+    ours = set(lorakit.attach(MOE[kind](), LoraConfig(rank=2, alpha=4)))
+    routers = {f"model.layers.{i}.mlp.gate" for i in range(2)}
+    outside_experts = {p for p in adapted if ".experts" not in p}
+    assert routers <= outside_experts and not routers & ours
+    assert {p for p in ours if ".experts" not in p} == outside_experts - routers
+    assert {p for p in ours if ".experts" in p} == {f"model.layers.{i}.mlp.{n}" for i in range(2) for n in EXPERTS}
+
+
 def test_each_expert_gets_its_own_low_rank_update():
     model = tiny_qwen3_moe()
     lorakit.attach(model, LoraConfig(rank=3, alpha=6, targets=list(EXPERTS)))
