@@ -64,8 +64,9 @@ class LoraConfig:
         targets: "all-linear" (every Linear / GPT-2 Conv1D except the output head, and
             the fused expert tensors of MoE blocks; PEFT's set, except that PEFT 0.21 also
             adapts a transformers-5 MoE router's weight, ``mlp.gate``, which lorakit leaves
-            to the base so an adapted model routes tokens as its base does), a target set ("attention", "attention-conv": ``TARGET_SETS``), a list of
-            module names or path suffixes, or one regular expression.
+            to the base so an adapted model routes tokens as its base does), a target
+            set ("attention", "attention-conv": ``TARGET_SETS``), a list of module names
+            or path suffixes, or one regular expression.
         exclude: names / suffixes (or one regex) never adapted, even if targeted.
         layers: only adapt modules inside these transformer block indices.
         layers_pattern: the name of the block list ("layers", "h") used with
