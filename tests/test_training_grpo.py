@@ -298,3 +298,17 @@ def test_prompts_per_step_must_split_over_the_processes(tiny_lm_dir, tmp_path):
     GrpoTask(model, tokenizer, [prompt], [], config, Processes(0, 2, 0))
     with pytest.raises(TrainingError, match=r"2 prompts per step cannot be split over 3 processes"):
         GrpoTask(model, tokenizer, [prompt], [], config, Processes(0, 3, 0))
+
+
+def test_a_qlora_base_trains_by_dpo_and_grpo(tiny_lm_dir, tmp_path):
+    """An NF4 base (bfloat16 compute): the engine samples with the very same quantized
+    weights the trainer differentiates, so the rollout check holds there too."""
+    pytest.importorskip("torchao")
+    data = prompts_file(tmp_path, count=8)
+    train(grpo(tiny_lm_dir, tmp_path / "grpo", data, quantize="nf4", max_steps=2, eval_fraction=0, beta=0.1))
+    lines = [json.loads(line) for line in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    assert all(line["rollout/logprob_diff"] < 0.1 for line in lines if "loss" in line)
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "Säg hej", "chosen": " hej", "rejected": " nej"}] * 4)
+    result = train(TrainConfig(model=str(tiny_lm_dir), out=str(tmp_path / "dpo"), method="dpo", data=str(pairs),
+                               quantize="nf4", max_steps=2, batch_size=4, micro_batch_size=2, eval_fraction=0))
+    assert result.steps == 2 and (result.adapter / "adapter_model.safetensors").exists()
