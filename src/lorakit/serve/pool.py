@@ -125,16 +125,17 @@ class Pool:
     def _rebuilt(self, size: int, width: int, device: torch.device) -> tuple[Pool, int]:
         """A pool in new buffers of ``size`` blocks of ``width`` rows, the live blocks copied
         to 1, 2, ...; and its first free block."""
-        A = torch.empty((size, width, self.A.shape[2]), device=device)  # free blocks are zeroed when filled
-        scaled_Bt = torch.empty((size, width, self.scaled_Bt.shape[2]), device=device)
-        A[0], scaled_Bt[0] = 0, 0
+        # Zeros, not torch.empty: block 0 serves BASE, and a free block never holds leftover
+        # memory (a NaN there would make two equal snapshots compare unequal)
+        A = torch.zeros((size, width, self.A.shape[2]), device=device)
+        scaled_Bt = torch.zeros((size, width, self.scaled_Bt.shape[2]), device=device)
         spans: list[tuple[int, int] | None] = [None] * len(self.spans)
         new = 0
         for slot, span in enumerate(self.spans):
             if span is not None:
                 new += 1
                 block, rank = span
-                A[new, :rank], A[new, rank:] = self.A[block, :rank], 0
-                scaled_Bt[new, :rank], scaled_Bt[new, rank:] = self.scaled_Bt[block, :rank], 0
+                A[new, :rank] = self.A[block, :rank]
+                scaled_Bt[new, :rank] = self.scaled_Bt[block, :rank]
                 spans[slot] = (new, rank)
         return self._make(A, scaled_Bt, tuple(spans)), new + 1
