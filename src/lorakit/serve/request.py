@@ -184,5 +184,7 @@ def _sample_top_p(logits: Tensor, top_p: float, generator: torch.Generator | Non
     # exact like torch.multinomial and about 20x cheaper over a 50k-word vocabulary on a CPU.
     cumulative = probs.cpu().double().cumsum(0)
     draw = torch.rand((), generator=generator, dtype=torch.float64) * cumulative[-1]
-    token = int(torch.searchsorted(cumulative, draw, right=True))
-    return min(token, int((probs > 0).nonzero()[-1]))  # a draw at the very top lands on the last possible token
+    token = int(torch.searchsorted(cumulative, draw, right=True))  # the first token whose share holds the draw
+    if token == len(cumulative):  # a draw rounded up to the very total: the last token that has a share
+        token = int((probs > 0).nonzero()[-1])
+    return token

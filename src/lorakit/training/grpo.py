@@ -95,7 +95,9 @@ def read_prompts(records: Iterable[tuple[str, dict[str, Any]]], tokenizer, confi
     return prompts
 
 
-def prepare_data(config: TrainConfig, tokenizer, sources: dict[str, Source]) -> tuple[list[Prompt], list[Prompt]]:
+def prepare_data(config: TrainConfig, tokenizer,
+                 sources: dict[str, Source]) -> tuple[list[Prompt], list[Prompt], list[Reward]]:
+    """Training and held-out prompts, and the reward functions (loaded once, here)."""
     from ..pretrained import load_config
 
     if config.data is None:
@@ -105,15 +107,16 @@ def prepare_data(config: TrainConfig, tokenizer, sources: dict[str, Source]) -> 
     context = getattr(model_config, "max_position_embeddings", None)
     train = read_prompts(sources[config.data].records(), tokenizer, config, context, rewards)
     if config.eval_data is not None:
-        return train, read_prompts(sources[config.eval_data].records(), tokenizer, config, context, rewards)
+        return train, read_prompts(sources[config.eval_data].records(), tokenizer, config, context, rewards), rewards
     if config.eval_fraction == 0:
-        return train, []
-    return split_eval(train, config.eval_fraction, config.seed)
+        return train, [], rewards
+    return *split_eval(train, config.eval_fraction, config.seed), rewards
 
 
-def make_task(model: nn.Module, tokenizer, data: tuple[list[Prompt], list[Prompt]], config: TrainConfig,
-              processes: Processes) -> GrpoTask:
-    return GrpoTask(model, tokenizer, *data, config, processes)
+def make_task(model: nn.Module, tokenizer, data: tuple[list[Prompt], list[Prompt], list[Reward]],
+              config: TrainConfig, processes: Processes) -> GrpoTask:
+    train, held_out, rewards = data
+    return GrpoTask(model, tokenizer, train, held_out, config, processes, rewards)
 
 
 class GrpoTask:
@@ -123,7 +126,8 @@ class GrpoTask:
     loss_label = "GRPO loss per completion token"
 
     def __init__(self, model: nn.Module, tokenizer, train: list[Prompt], held_out: list[Prompt], config: TrainConfig,
-                 processes: Processes = Processes()) -> None:
+                 processes: Processes = Processes(), rewards: list[Reward] | None = None) -> None:
+        """``rewards``: ``config.reward`` loaded (None: loaded here)."""
         self.model, self.tokenizer, self.config, self.processes = model, tokenizer, config, processes
         self.prompts, self.held_out_prompts = train, held_out
         self.held_out = bool(held_out)
@@ -134,7 +138,7 @@ class GrpoTask:
                                 f"{self.per_step} prompts per step cannot be split over {processes.world_size} "
                                 "processes: make it a multiple of the process count")
         self.total_steps = config.max_steps or math.ceil(config.epochs * len(train) / self.per_step)
-        self.rewards = [load_reward(spec) for spec in config.reward]
+        self.rewards = rewards if rewards is not None else [load_reward(spec) for spec in config.reward]
         self.weights = torch.tensor(config.weights(), dtype=torch.float32)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
         self.loss: GrpoLoss | None = None
@@ -166,8 +170,8 @@ class GrpoTask:
 
         config, model = self.config, self.model
         if self.engine is None:
-            self.engine = Engine(model, self.tokenizer, None, max_batch=max(1, count * len(prompts)))
-        self.engine.max_batch = max(1, count * len(prompts))
+            self.engine = Engine(model, self.tokenizer, None)
+        self.engine.max_batch = max(1, count * len(prompts))  # every completion of the step in one batch
         requests = []
         for i, prompt in enumerate(prompts):
             for g in range(count):

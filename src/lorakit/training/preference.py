@@ -109,9 +109,10 @@ def check_pairs(records: Iterable[tuple[str, dict[str, Any]]], source: str) -> d
     return check_shapes(records, source, pair_format)
 
 
-def tokenize_pair(record: dict[str, Any], tokenizer) -> tuple[list[int], list[int], list[int]]:
-    """(prompt, chosen, rejected) token ids, as TRL's DPOTrainer tokenizes them."""
-    if pair_format(record) == "conversational":
+def tokenize_pair(record: dict[str, Any], kind: str, tokenizer) -> tuple[list[int], list[int], list[int]]:
+    """(prompt, chosen, rejected) token ids of a record of format ``kind`` (``pair_format``),
+    as TRL's DPOTrainer tokenizes them."""
+    if kind == "conversational":
         if getattr(tokenizer, "chat_template", None) is None:
             raise DataError("conversational preference records need a tokenizer with a chat template")
         prompt, chosen, rejected = _implicit_prompt(record)
@@ -145,7 +146,7 @@ def build_pairs(records: Iterable[tuple[str, dict[str, Any]]], tokenizer, max_le
     result = Pairs([], source)
     for where, record in records:
         kind = _located(where, pair_format, record)
-        prompt, chosen, rejected = _located(where, tokenize_pair, record, tokenizer)
+        prompt, chosen, rejected = _located(where, tokenize_pair, record, kind, tokenizer)
         if not prompt:
             raise DataError(f"{where}: the prompt renders to no token")
         room = max_length - len(prompt)
@@ -357,7 +358,6 @@ def split_pairs(pairs: Pairs, fraction: float, seed: int) -> tuple[Pairs, Pairs 
     kept, held = split_eval(pairs.pairs, fraction, seed)
     return (Pairs(kept, pairs.source, pairs.truncated, pairs.dropped, pairs.formats),
             Pairs(held, f"{pairs.source} (held out)"))
-
 
 
 RESULT = PreferenceResult

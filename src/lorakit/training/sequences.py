@@ -64,8 +64,7 @@ def token_logps(model: nn.Module, rows: Rows, temperature: float = 1.0, chunk_lo
     inputs = dict(input_ids=rows.input_ids, position_ids=rows.position_ids, use_cache=False)
     parts = split_head(model)
     if parts is None:
-        logits = model(**inputs).logits[keep].float() / temperature
-        values = logits.gather(1, rows.targets[keep][:, None])[:, 0] - logits.logsumexp(-1)
+        values = _picked(model(**inputs).logits[keep], rows.targets[keep], temperature)
     else:
         backbone, head = parts
         hidden = backbone(**inputs)[0][keep]  # (B, T, H) -> (N, H)
@@ -81,7 +80,12 @@ def token_logps(model: nn.Module, rows: Rows, temperature: float = 1.0, chunk_lo
 
 
 def _chunk_logps(hidden: Tensor, head: nn.Module, targets: Tensor, temperature: float) -> Tensor:
-    logits = head(hidden).float() / temperature  # (n, V)
+    return _picked(head(hidden), targets, temperature)
+
+
+def _picked(logits: Tensor, targets: Tensor, temperature: float) -> Tensor:
+    """log softmax(z / T)[target] of every row of ``logits`` (n, V), in float32."""
+    logits = logits.float() / temperature
     return logits.gather(1, targets[:, None])[:, 0] - logits.logsumexp(-1)
 
 

@@ -108,10 +108,8 @@ def method_module(method: str):
     """The module that reads the data of ``method`` and builds its task: check_records,
     prepare_data, make_task and RESULT."""
     import importlib
-    import sys
 
-    name = {"sft": __name__, "dpo": ".preference", "grpo": ".grpo"}[method]
-    return sys.modules[name] if name == __name__ else importlib.import_module(name, __package__)
+    return importlib.import_module({"sft": ".text", "dpo": ".preference", "grpo": ".grpo"}[method], __package__)
 
 
 def make_task(model: nn.Module, tokenizer, data: tuple[Dataset, Dataset | None], config: TrainConfig,
