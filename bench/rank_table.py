@@ -1,4 +1,4 @@
-"""The README's rank table: LoRA parameters of one 4096 x 4096 linear layer per rank.
+"""The rank table of docs/cli.md: LoRA parameters of one 4096 x 4096 linear layer per rank.
 
     python bench/rank_table.py
 """

@@ -292,7 +292,7 @@ class TrainConfig(Settings):
         if self.lr < SMALL_LR:
             return [f"lr {self.lr:g} is a full fine-tuning rate: LoRA needs about 10x more (\"LoRA Without Regret\", "
                     f"2025: the best LoRA rate is ~10x the full one), so below {SMALL_LR:g} a run often learns "
-                    "nothing; lorakit's recipes use 1e-5 to 2e-4 (README, Preference and RL training)"]
+                    "nothing; lorakit's recipes use 1e-5 to 2e-4 (docs/rl.md)"]
         return []
 
     def lora(self) -> LoraConfig:
