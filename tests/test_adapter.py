@@ -10,6 +10,7 @@ from torch import nn
 
 import lorakit
 from lorakit.adapter import Adapter, LayerWeights
+from lorakit.variants import LoraAdapter, lora_value
 from lorakit.files import AdapterFileError, export_adapter, import_adapter, read_adapter, write_adapter
 
 
@@ -62,7 +63,7 @@ def test_the_value_is_a_copy_and_cannot_be_changed():
     with pytest.raises(TypeError):
         adapter.layers["new"] = adapter.layers["linear"]
     with pytest.raises(ValueError, match="layout must be one of"):
-        LayerWeights(before, before, 1.0, "conv3d")
+        LayerWeights(LoraAdapter, {"lora_A": before, "lora_B": before}, 1.0, "conv3d")
 
 
 @pytest.mark.parametrize("family", sorted(MODELS))
@@ -79,7 +80,7 @@ def test_import_gives_the_exporting_models_outputs(family):
 def test_read_adapter_names_the_module_of_a_broken_pair(tmp_path):
     adapter = export_adapter(every_layout())
     layers = dict(adapter.layers)
-    layers["linear"] = LayerWeights(layers["linear"].A[:2], layers["linear"].B[:, :2], 1.0)
+    layers["linear"] = lora_value(layers["linear"].A[:2], layers["linear"].B[:, :2], 1.0)
     write_adapter(Adapter(adapter.config, layers), tmp_path / "a")
     with pytest.raises(AdapterFileError, match=r"linear: A \(2, 16\), B \(12, 2\); expected rank 3"):
         read_adapter(tmp_path / "a")

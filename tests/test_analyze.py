@@ -9,7 +9,9 @@ from test_adapter import every_layout
 from test_training_loop import run
 
 import lorakit
-from lorakit.adapter import Adapter, LayerWeights, as_product
+from lorakit.adapter import Adapter
+from lorakit.layouts import LAYOUTS
+from lorakit.variants import lora_value
 from lorakit.analyze import analyze, subspace_similarity, summary
 from lorakit.cli import app
 from lorakit.files import export_adapter, read_adapter, write_adapter
@@ -25,7 +27,7 @@ def trained(tiny_lm_dir, tmp_path_factory):
 
 def dense_figures(delta: torch.Tensor, layout: str, weight: torch.Tensor | None = None) -> dict:
     """The same figures from the out x in matrix, the slow way."""
-    S = torch.linalg.svdvals(as_product(delta, layout).double())
+    S = torch.linalg.svdvals(LAYOUTS[str(layout)].matrix(delta).double())
     energy = float((S**2).sum())
     p = S / S.sum()
     p = p[p > 0]
@@ -94,7 +96,7 @@ def test_verdict_finds_the_rank_the_update_really_has():
         A = torch.randn(8, 16, generator=generator)
         B = torch.randn(12, 8, generator=generator)
         B[:, 2:] = 0
-        layers[f"model.layers.{block}.mlp.up_proj"] = LayerWeights(A, B, 0.5)
+        layers[f"model.layers.{block}.mlp.up_proj"] = lora_value(A, B, 0.5)
     report = analyze(Adapter(lorakit.LoraConfig(rank=8, alpha=8), layers))
     assert all(m["rank_99"] <= 2 for m in report["modules"].values())
     assert report["summary"]["verdict"].startswith("rank 2 would keep >= 99 % of the update in 4 of 4 modules")
@@ -109,7 +111,7 @@ def test_cli_writes_json_and_pictures_that_open(trained, tiny_lm_dir, tmp_path):
     directory, _ = trained
     # the trained adapter's modules with other A's: a full similarity grid
     other = read_adapter(directory)
-    other = Adapter(other.config, {p: LayerWeights(torch.randn_like(l.A), l.B, l.scaling, l.layout)
+    other = Adapter(other.config, {p: lora_value(torch.randn_like(l.A), l.B, l.scaling, l.layout)
                                    for p, l in other.layers.items()})
     write_adapter(other, tmp_path / "other")
     out = tmp_path / "analysis"

@@ -7,12 +7,13 @@ import pytest
 import torch
 
 from lorakit.adapter import LayerWeights
+from lorakit.variants import lora_value
 from lorakit.serve.pool import Pool
 
 
 def weights(rank: int, seed: int) -> LayerWeights:
     generator = torch.Generator().manual_seed(seed)
-    return LayerWeights(torch.randn(rank, 6, generator=generator), torch.randn(5, rank, generator=generator), 0.5)
+    return lora_value(torch.randn(rank, 6, generator=generator), torch.randn(5, rank, generator=generator), 0.5)
 
 
 def check(pool: Pool, expected: dict[int, LayerWeights]) -> None:

@@ -38,11 +38,11 @@ class GatedAdapter(LoraAdapter):
 
     def unmerged_weight(self, layer, weight: Tensor) -> Tensor:
         value = self.value(layer)
-        return weight - value.extras["lora_gate"].float() * value.delta()
+        return weight - value.tensors["lora_gate"].float() * value.delta()
 
     @staticmethod
     def merge_value(weight: Tensor, value: LayerWeights) -> Tensor:
-        return weight + value.extras["lora_gate"].float().to(weight.device) * value.delta().to(weight.device)
+        return weight + value.tensors["lora_gate"].float().to(weight.device) * value.delta().to(weight.device)
 
 
 @pytest.fixture
@@ -105,5 +105,5 @@ def test_what_a_variant_does_not_support_is_refused_by_what_it_declares(gated, t
 def test_an_unregistered_variant_is_refused():
     with pytest.raises(lorakit.ConfigError, match="variant must be one of"):
         lorakit.LoraConfig(rank=2, alpha=4, variant="gated")
-    with pytest.raises(TypeError, match="subclass of LoraAdapter"):
+    with pytest.raises(TypeError, match="subclass of lorakit.variants.Kind"):
         variants.register("bad", nn.Linear)

@@ -11,11 +11,10 @@ from safetensors.torch import save_file
 
 import lorakit
 from lorakit import LoraConfig
-from lorakit.adapter import product_delta
 from lorakit.attach import AttachError, lora_layers
 from lorakit.config import TARGET_SETS
 from lorakit.files import AdapterFileError
-from lorakit.variants.lycoris import kronecker_split
+from lorakit.variants.lycoris import LokrAdapter, kronecker_split
 
 from conftest import assert_unchanged, randomize_adapters, rewrite_weights, snapshot, tiny_llama, token_batch
 from image_models import tiny_unet, unet_inputs
@@ -230,7 +229,7 @@ def test_lokr_factors_that_do_not_give_the_weight_are_refused_without_a_model(tm
 
     with pytest.raises(ValueError, match=r"q_proj: weight \(32, 32\), the adapter's update is \(32, 16\)"):
         merged_state_dict(tiny_llama().state_dict(), value)
-    assert math.prod(product_delta(value.layers["model.layers.0.self_attn.q_proj"].extras).shape) == 32 * 16
+    assert math.prod(value.layers["model.layers.0.self_attn.q_proj"].delta().shape) == 32 * 16
 
 
 # -- kohya / LyCORIS files -------------------------------------------------------------
@@ -290,7 +289,7 @@ def _lycoris_file(path, variant):
             else:
                 factors = {"lokr_w1": draw(a, c), "lokr_w2_a": draw(b, rank), "lokr_w2_b": draw(rank, d * math.prod(kernel))}
                 scale = alpha / rank
-            delta = product_delta(factors)
+            delta = LokrAdapter.product(factors, 1.0)
         tensors.update({f"{name}.{n}": t for n, t in factors.items()})
         tensors[f"{name}.alpha"] = torch.tensor(alpha)
         dense[name] = (scale * delta).reshape(shape)

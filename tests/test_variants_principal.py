@@ -10,7 +10,7 @@ from test_layers import single
 from test_training_loop import run
 
 import lorakit
-from lorakit.adapter import as_product
+from lorakit.layouts import LINEAR
 from lorakit.attach import AttachError, lora_layers
 
 VOCAB = {"llama": 97, "qwen2": 101, "gpt2": 89}
@@ -100,7 +100,7 @@ def test_pissa_and_olora_need_a_linear_weight_and_change_nothing_otherwise():
         lorakit.attach(model, lorakit.LoraConfig(rank=2, alpha=2, targets=["layer"], init="pissa"))
     assert_unchanged(model, before)
     model, _ = single("linear")
-    W = as_product(model.layer.weight.detach().clone(), "linear")
+    W = LINEAR.matrix(model.layer.weight.detach().clone())
     with pytest.raises(lorakit.ConfigError, match="with DoRA is not supported"):
         lorakit.LoraConfig(rank=2, alpha=2, init="olora", variant="dora")
     torch.testing.assert_close(model.layer.weight.detach(), W)

@@ -99,7 +99,7 @@ def analyze(adapter: AdapterLike, other: AdapterLike | None = None, base: nn.Mod
         if not common:
             raise ValueError("the two adapters share no module: nothing to compare")
         report["similarity"] = {path: subspace_similarity(first.layers[path].A, second.layers[path].A,
-                                                          first.layers[path].layout == "experts").tolist()
+                                                          first.layers[path].layout.batch_dims > 0).tolist()
                                 for path in common}
     return report
 

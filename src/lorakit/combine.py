@@ -33,10 +33,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .adapter import Adapter, LayerWeights, as_product
+from .adapter import Adapter, LayerWeights
 from .config import config_for_layers
 from .files import read_adapter
-from .variants import adapter_class
+from .layouts import Layout
+from .variants import adapter_class, lora_value
 
 AdapterLike = Adapter | str | os.PathLike
 
@@ -134,10 +135,10 @@ def _stack(adapters: Sequence[Adapter], weights: Sequence[float]) -> dict[str, L
                      f"({first.layout}): not the same base model" for i, layer in misfits]
         if misfits:
             continue
-        expert = first.layout == "experts"  # A (E, r, in), B (E, out, r): the rank one axis further in
-        A = torch.cat([layer.A.float() for _, layer, _ in parts], dim=int(expert))
-        B = torch.cat([layer.B.float() * (w * layer.scaling) for _, layer, w in parts], dim=1 + int(expert))
-        stacked[path] = LayerWeights(A, B, 1.0, first.layout)
+        batch = first.layout.batch_dims  # experts: A (E, r, in), B (E, out, r), the rank one axis further in
+        A = torch.cat([layer.A.float() for _, layer, _ in parts], dim=batch)
+        B = torch.cat([layer.B.float() * (w * layer.scaling) for _, layer, w in parts], dim=1 + batch)
+        stacked[path] = lora_value(A, B, 1.0, first.layout)
     if problems:
         raise CombineError("adapters do not fit together:\n  " + "\n  ".join(problems[:10]))
     return stacked
@@ -145,7 +146,7 @@ def _stack(adapters: Sequence[Adapter], weights: Sequence[float]) -> dict[str, L
 
 def _without_rank(factor: Tensor, layer: LayerWeights, axis: int) -> tuple[int, ...]:
     """``factor``'s shape without its rank axis (``axis`` for one matrix, one further in for experts)."""
-    axis += layer.layout == "experts"
+    axis += layer.layout.batch_dims
     return tuple(factor.shape[:axis]) + tuple(factor.shape[axis + 1:])
 
 
@@ -175,14 +176,14 @@ def elect_and_merge(taus: Tensor, majority_sign: str) -> Tensor:
     return (taus * agree).sum(dim=0) / agree.sum(dim=0).clamp(min=1)
 
 
-def _dense_merge(adapters: Sequence[Adapter], weights: Sequence[float], path: str, layout: str, method: str,
+def _dense_merge(adapters: Sequence[Adapter], weights: Sequence[float], path: str, layout: Layout, method: str,
                  rank: int, density: float, majority_sign: str,
                  generator: torch.Generator) -> tuple[LayerWeights, float]:
     """A pruning method's ΔW of module ``path``, factored to rank ``rank`` by a dense SVD."""
     taus = [prune(tau, method, density, generator) for tau in task_vectors(adapters, weights, path)]
     merged = elect_and_merge(torch.stack(taus), majority_sign) if method.endswith("ties") else sum(taus)
-    U, S, Vh = torch.linalg.svd(as_product(merged, layout).double(), full_matrices=False)  # (out, in)
-    return _factors(U, S, Vh, rank, layout, merged.shape[1:] if layout == "conv2d" else None)
+    U, S, Vh = torch.linalg.svd(layout.matrix(merged).double(), full_matrices=False)  # (out, in)
+    return _factors(U, S, Vh, rank, layout, tuple(merged.shape))
 
 
 def _truncate(layer: LayerWeights, rank: int | None, energy: float | None = None) -> tuple[LayerWeights, float]:
@@ -191,8 +192,7 @@ def _truncate(layer: LayerWeights, rank: int | None, energy: float | None = None
     U, S, Vh = factored_svd(layer)
     if energy is not None:
         rank = rank_for_energy(S, energy)
-    kernel = layer.A.shape[1:] if layer.layout == "conv2d" else None
-    return _factors(U, S, Vh, rank, layer.layout, kernel)
+    return _factors(U, S, Vh, rank, layer.layout, layer.update_shape())
 
 
 def rank_for_energy(S: Tensor, energy: float) -> int:
@@ -208,31 +208,28 @@ def factored_svd(layer: LayerWeights) -> tuple[Tensor, Tensor, Tensor]:
     """The thin SVD U S Vh of s·B·A (out x in; a Conv2d's in is in·kh·kw), in float64, with
     U (out, R), S (R,), Vh (R, in): a QR of each factor and an SVD of the (R x R) core
     R_B R_A^T, never the out x in matrix."""
-    if layer.layout == "experts":  # a stack of E of them: every step below is batched
-        A, B = layer.A, layer.B * layer.scaling  # (E, R, in), (E, out, R)
-    else:
-        A = layer.A.reshape(layer.A.shape[0], -1)  # (R, in)
-        B = layer.B.reshape(layer.B.shape[0], -1) * layer.scaling  # (out, R)
+    batch = layer.layout.batch_dims  # a stack of E of them (experts): every step below is batched
+    A = layer.A.reshape(*layer.A.shape[:batch + 1], -1)  # (R, in), a Conv2d's in being in·kh·kw
+    B = layer.B.reshape(*layer.B.shape[:batch + 2]) * layer.scaling  # (out, R)
     Q_B, R_B = torch.linalg.qr(B.double())  # (out, R), (R, R)
     Q_A, R_A = torch.linalg.qr(A.double().mT)  # (in, R), (R, R)
     U, S, Vh = torch.linalg.svd(R_B @ R_A.mT)
     return Q_B @ U, S, Vh @ Q_A.mT
 
 
-def _factors(U: Tensor, S: Tensor, Vh: Tensor, rank: int, layout: str,
-             kernel: tuple[int, ...] | None) -> tuple[LayerWeights, float]:
+def _factors(U: Tensor, S: Tensor, Vh: Tensor, rank: int, layout: Layout,
+             weight_shape: tuple[int, ...]) -> tuple[LayerWeights, float]:
     """B = U_k sqrt(S_k), A = sqrt(S_k) Vh_k from an SVD U S Vh of s·B·A (out, in), the top
-    k = ``rank`` values kept; and the fraction of ‖ΔW‖²_F they keep. ``kernel``: a Conv2d's
-    (in, kh, kw), which A takes back."""
+    k = ``rank`` values kept, shaped as ``layout``'s pair for a weight of ``weight_shape``;
+    and the fraction of ‖ΔW‖²_F they keep."""
     keep = max(1, min(rank, S.shape[-1]))
     root = S[..., :keep].sqrt()  # (k,), or (E, k) for experts
     total = float((S**2).sum())
     kept = float((S[..., :keep] ** 2).sum()) / total if total > 0 else 1.0
     B = (U[..., :keep] * root[..., None, :]).float()  # (out, k)
     A = (root[..., :, None] * Vh[..., :keep, :]).float()  # (k, in)
-    if kernel is not None:
-        A, B = A.reshape(keep, *kernel), B.reshape(B.shape[0], keep, 1, 1)
-    return LayerWeights(A, B, 1.0, layout), kept
+    A, B = layout.pair(A, B, weight_shape)
+    return lora_value(A, B, 1.0, layout), kept
 
 
 def with_unit_scaling(layers: dict[str, LayerWeights]) -> Adapter:

@@ -28,11 +28,50 @@ from torch import Tensor, nn
 from torch._subclasses.fake_tensor import is_fake
 
 from .layers import LoraLayer, set_module
+from .layouts import Layout, register_layout
 
 if TYPE_CHECKING:
     from .variants import LoraAdapter
 
 PROJECTIONS = ("gate_up_proj", "down_proj")  # (E, 2I, H) and (E, H, I), as transformers 5 stores them
+
+
+class Stacked(Layout):
+    """E experts' weights in one tensor, W (E, out, in); A (E, r, in), B (E, out, r),
+    ΔW_e = s · B_e A_e. PEFT names such a tensor in ``target_parameters`` and keeps the E
+    pairs as one, A (E·r, in) expert-major and B (out, r·E) expert-minor."""
+
+    name = "experts"
+    peft_parameter = True
+    kohya = False
+    batch_dims = 1
+
+    def product(self, A: Tensor, B: Tensor) -> Tensor:
+        return torch.bmm(B, A)  # (E, out, r) @ (E, r, in) -> (E, out, in)
+
+    def update_shape(self, A: Tensor, B: Tensor) -> tuple[int, ...]:
+        return (A.shape[0], B.shape[1], A.shape[2])
+
+    def matches_peft(self, names, A: Tensor, fan_in_fan_out: bool) -> bool:
+        return False  # told by target_parameters, never by the factors
+
+    def to_peft(self, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        A, B = tensors["lora_A"], tensors["lora_B"]
+        experts, rank, _ = A.shape  # column j·E + e of B is expert e's column j
+        return {**tensors, "lora_A": A.reshape(experts * rank, -1),
+                "lora_B": B.permute(1, 2, 0).reshape(B.shape[1], rank * experts)}
+
+    def from_peft(self, tensors: Mapping[str, Tensor], rank: int) -> dict[str, Tensor] | str:
+        A, B = tensors["lora_A"], tensors["lora_B"]
+        if A.dim() != 2 or B.dim() != 2 or A.shape[0] % rank or B.shape[1] != A.shape[0]:
+            return (f"A {tuple(A.shape)}, B {tuple(B.shape)} are not E experts of rank {rank} "
+                    "(expected A (E·r, in), B (out, r·E))")
+        experts = A.shape[0] // rank
+        return {**tensors, "lora_A": A.reshape(experts, rank, A.shape[1]),
+                "lora_B": B.reshape(B.shape[0], rank, experts).permute(2, 0, 1)}
+
+
+EXPERTS = register_layout(Stacked())
 
 
 def expert_parameters(module: nn.Module) -> dict[str, nn.Parameter] | None:
@@ -143,7 +182,7 @@ class LoraExpertWeight(LoraLayer):
     s·B_e·A_e·x on expert e's block (``self.groups`` holds the grouping during that call, so
     the layer's shared forward and the variant seam work unchanged)."""
 
-    layout = "experts"
+    layout = EXPERTS
     rescalable = False
 
     def __init__(self, base: nn.Module) -> None:

@@ -34,9 +34,10 @@ from .formats import AdapterFileError, read_safetensors
 from .formats.peft import (BASE_COPY, CONFIG_NAME, PICKLED_NAMES, PREFIX, WEIGHTS_NAME, config_from_peft,
                            config_to_peft, from_tensors, tensor_key, to_tensors)
 from .layers import LoraLayer
+from .layouts import Layout
 from .variants import adapter_class
 
-KeyNamer = Callable[[str, str, str], str]  # (module path, tensor name, layout) -> what messages call it
+KeyNamer = Callable[[str, str, Layout], str]  # (module path, tensor name, layout) -> what messages call it
 __all__ = ["AdapterFileError", "CONFIG_NAME", "WEIGHTS_NAME", "export_adapter", "import_adapter", "install", "read_adapter",
            "write_adapter", "save_adapter", "load_adapter", "restore_adapter", "write_directory", "import_adapters"]
 
@@ -55,8 +56,7 @@ def export_adapter(model: nn.Module, name: str = "default", portable: bool = Fal
             layers[path] = (adapter.exported(layer) if portable else adapter.value(layer)).cloned()
     saved = {f"{path}.{key}": p.detach().clone()
              for path, module in find_saved_modules(model, config).items() for key, p in module.named_parameters()}
-    if portable and any(v.A is not None and (v.rank != config.rank_for(p) or v.scaling != config.scaling_for(p))
-                        for p, v in layers.items()):
+    if portable and any(v.kind is not adapter_class(config) for v in layers.values()):  # exported as another kind
         refit = config_for_layers({p: v.rank for p, v in layers.items()},
                                   {p: v.scaling * v.rank for p, v in layers.items()})
         config = dataclasses.replace(refit, modules_to_save=config.modules_to_save)
@@ -90,7 +90,7 @@ def import_adapter(model: nn.Module, adapter: Adapter, name: str = "default") ->
     return install(model, adapter, name)
 
 
-def _plain_names(path: str, name: str, layout: str) -> str:
+def _plain_names(path: str, name: str, layout: Layout) -> str:
     return f"{path}.{name}"
 
 
@@ -115,14 +115,13 @@ def check_fits(model: nn.Module, adapter: Adapter, name: str | None, source: str
         if value is None:
             problems.append(f"{target.path}: missing key {keys(target.path, next(iter(shapes)), layout)}")
             continue
-        tensors = {name: t for name, t in (("lora_A", value.A), ("lora_B", value.B)) if t is not None}
-        tensors.update(value.extras)
+        tensors = value.tensors
         problems += [_tensor_problem(target.path, keys(target.path, n, layout), tensors.get(n), shape)
                      for n, shape in shapes.items()]
         problems += [f"{target.path}: unexpected tensor {n}" for n in tensors if n not in shapes]
     found = {t.path for t in targets}
-    problems += [f"unexpected key {keys(path, 'lora_A' if value.A is not None else next(iter(value.extras)), value.layout)} "
-                 "(no such target in this model)" for path, value in adapter.layers.items() if path not in found]
+    problems += [f"unexpected key {keys(path, next(iter(value.tensors)), value.layout)} (no such target in this model)"
+                 for path, value in adapter.layers.items() if path not in found]
     expected = {f"{path}.{key}": (path, p) for path, m in saved_modules.items() for key, p in m.named_parameters()}
     problems += [_tensor_problem(path, f"{PREFIX}{key}", adapter.saved.get(key), tuple(p.shape))
                  for key, (path, p) in expected.items()]
@@ -375,7 +374,7 @@ def restore_adapter(model: nn.Module, directory: str | os.PathLike, name: str = 
     config = model.lorakit_configs[name]
     directory = Path(directory)
     targets = _target_paths(model, config, directory)
-    experts = [path for path, layer in lora_layers(model) if name in layer.adapters and layer.layout == "experts"]
+    experts = [path for path, layer in lora_layers(model) if name in layer.adapters and layer.layout.peft_parameter]
     adapter = from_tensors(config, read_tensors(directory), directory / WEIGHTS_NAME, targets=targets,
                            parameters=experts)
     check_fits(model, adapter, None, directory / WEIGHTS_NAME, tensor_key)

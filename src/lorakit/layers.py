@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from . import frozen
 from .adapter import LayerWeights
 from .config import LoraConfig
+from .layouts import CONV1D, CONV2D, EMBEDDING, LINEAR, Layout
 
 if TYPE_CHECKING:
     from .variants import LoraAdapter
@@ -55,8 +56,9 @@ class LoraLayer(nn.Module):
     change of ``weight``; see adapter.py, where that math lives).
     """
 
-    layout: str
+    layout: Layout  # how an update in (out, in) form lies in ``weight`` (layouts.py)
     accumulates = False  # whether base_forward_onto exists (the base is a matrix product)
+    dense_update = False  # whether weight_forward exists (a dense ΔW can act on the input)
     factorable = False  # its weight is one matrix that PiSSA/OLoRA can factor
     rescalable = True  # its base output can be rescaled per output unit (DoRA)
 
@@ -319,9 +321,10 @@ class LoraLinear(LoraLayer):
     """nn.Linear: y = x W^T + b, W (out, in); or, ``transposed``, transformers' GPT-2
     Conv1D: y = x W + b, W stored as (in, out)."""
 
-    layout = "linear"
+    layout = LINEAR
     transposed = False
     accumulates = True
+    dense_update = True
     factorable = True
 
     @classmethod
@@ -354,7 +357,7 @@ class LoraLinear(LoraLayer):
 class LoraConv1D(LoraLinear):
     """transformers' GPT-2 Conv1D: LoraLinear over a weight stored transposed."""
 
-    layout = "conv1d"
+    layout = CONV1D
     transposed = True
 
 
@@ -366,7 +369,7 @@ class LoraEmbedding(LoraLayer):
     case, so a fresh adapter is still exactly zero.
     """
 
-    layout = "embedding"
+    layout = EMBEDDING
 
     @staticmethod
     def dims(base: nn.Module) -> tuple[int, int]:
@@ -398,7 +401,8 @@ class LoraConv2d(LoraLayer):
     """nn.Conv2d (image models): A is a conv with the base kernel, stride and padding,
     B a 1x1 conv, so B∘A is a conv with the base's geometry and can be merged."""
 
-    layout = "conv2d"
+    layout = CONV2D
+    dense_update = True
 
     @staticmethod
     def dims(base: nn.Module) -> tuple[int, int]:

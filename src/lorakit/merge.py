@@ -22,9 +22,8 @@ import torch
 from torch import Tensor, nn
 
 from . import frozen
-from .adapter import Adapter, delta_shape
+from .adapter import Adapter
 from .attach import active_adapters, adapters, known_adapters, lora_layers
-from .variants import adapter_class
 
 
 class MergeError(ValueError):
@@ -102,8 +101,8 @@ def merged_state_dict(base: Mapping[str, Tensor], adapter: Adapter) -> dict[str,
         if key not in base:
             problems.append(f"{path}: no {key!r} in the base state dict")
             continue
-        shape = delta_shape(layer)
-        flat = layer.A is None and layer.shape is None  # LoHa / LoKr factors of a Conv2d: (out, in·kh·kw)
+        shape = layer.update_shape()
+        flat = layer.shape is None and len(shape) == 2  # an update of unknown layout as (out, in·kh·kw)
         if tuple(base[key].shape) != shape and not (flat and base[key].reshape(shape[0], -1).shape == shape):
             problems.append(f"{path}: weight {tuple(base[key].shape)}, the adapter's update is {shape}")
     for key, tensor in adapter.saved.items():
@@ -111,10 +110,9 @@ def merged_state_dict(base: Mapping[str, Tensor], adapter: Adapter) -> dict[str,
             problems.append(f"{key}: base {tuple(base[key].shape)}, saved module {tuple(tensor.shape)}")
     if problems:
         raise ValueError("the adapter does not fit the base state dict:\n  " + "\n  ".join(problems[:10]))
-    kind = adapter_class(adapter.config)
     merged = dict(base)
     for path, layer in adapter.layers.items():
         key = weight_key(base, path)
-        merged[key] = kind.merge_value(base[key].float(), layer).to(base[key].dtype)
+        merged[key] = layer.kind.merge_value(base[key].float(), layer).to(base[key].dtype)
     merged.update({key: tensor.detach().clone() for key, tensor in adapter.saved.items()})
     return merged

@@ -28,11 +28,12 @@ from typing import Any
 
 from torch import Tensor
 
-from ..adapter import Adapter, LayerWeights, product_delta
+from ..adapter import Adapter, LayerWeights
 from ..config import ALL_LINEAR, ConfigError, LoraConfig, names_module
 from ..experts import PROJECTIONS
 from ..hub import split_revision
-from ..variants import adapter_class, extra_names
+from ..layouts import Layout, parameter_layout
+from ..variants import VARIANTS, Kind, adapter_class, kind_name, tensor_names
 from . import AdapterFileError
 
 CONFIG_NAME = "adapter_config.json"
@@ -50,16 +51,14 @@ UNSUPPORTED = {
 }
 
 
-def peft_keys(path: str, layout: str, prefix: str = PREFIX) -> tuple[str, str]:
-    """The file keys of A and B for the module at ``path`` (its ``layout``, see adapter.py)."""
-    if layout == "embedding":
-        return f"{prefix}{path}.lora_embedding_A", f"{prefix}{path}.lora_embedding_B"
-    return f"{prefix}{path}.lora_A.weight", f"{prefix}{path}.lora_B.weight"
+def peft_keys(path: str, layout: Layout, prefix: str = PREFIX) -> tuple[str, str]:
+    """The file keys of A and B for the module at ``path`` (its ``layout``, layouts.py)."""
+    return tuple(f"{prefix}{path}.{name}" for name in layout.peft_names)
 
 
-def tensor_key(path: str, name: str, layout: str, prefix: str = PREFIX) -> str:
-    """The file key of tensor ``name`` (lora_A, lora_B or a variant's extra) of the module at ``path``."""
-    if layout == "experts":  # named after its module; which .base_layer depth depends on its neighbours
+def tensor_key(path: str, name: str, layout: Layout, prefix: str = PREFIX) -> str:
+    """The file key of tensor ``name`` (lora_A, lora_B or a kind's own) of the module at ``path``."""
+    if layout.peft_parameter:  # named after its module; which .base_layer depth depends on its neighbours
         module, _, tensor = path.rpartition(".")
         return f"{prefix}{module}[.base_layer].{name}.weight ({tensor})"
     if name in ("lora_A", "lora_B"):
@@ -119,25 +118,9 @@ def _holds_experts(path: str, tensor_path: str, tensors: Mapping[str, Tensor], p
     return A is not None and A.shape[0] != config.rank_for(path)
 
 
-def experts_to_peft(layer: LayerWeights) -> tuple[Tensor, Tensor]:
-    """A (E, r, in), B (E, out, r) -> PEFT's A (E·r, in) and B (out, r·E), column j·E + e of
-    B being expert e's column j."""
-    experts, rank, _ = layer.A.shape
-    return layer.A.reshape(experts * rank, -1), layer.B.permute(1, 2, 0).reshape(layer.B.shape[1], rank * experts)
-
-
-def experts_from_peft(A: Tensor, B: Tensor, rank: int) -> tuple[Tensor, Tensor] | str:
-    """The inverse of ``experts_to_peft`` (``rank``: r per expert), or what does not fit."""
-    if A.dim() != 2 or B.dim() != 2 or A.shape[0] % rank or B.shape[1] != A.shape[0]:
-        return (f"A {tuple(A.shape)}, B {tuple(B.shape)} are not E experts of rank {rank} "
-                "(expected A (E·r, in), B (out, r·E))")
-    experts = A.shape[0] // rank
-    return A.reshape(experts, rank, A.shape[1]), B.reshape(B.shape[0], rank, experts).permute(2, 0, 1)
-
-
 def key_pattern(prefix: str) -> re.Pattern[str]:
-    """A factor's key: the module path, and which factor (A/B, embedding A/B, a variant's extra)."""
-    extras = "|".join(sorted(map(re.escape, extra_names()))) or "(?!)"
+    """A tensor's key: the module path, and which tensor (A/B, embedding A/B, a kind's own)."""
+    extras = "|".join(sorted(map(re.escape, tensor_names() - {"lora_A", "lora_B"}))) or "(?!)"
     return re.compile(rf"^{re.escape(prefix)}(?P<path>.+)\.(?:lora_(?:embedding_(?P<e>[AB])|(?P<l>[AB])\.weight)"
                       rf"|(?P<x>{extras}))$")
 
@@ -147,20 +130,36 @@ def key_pattern(prefix: str) -> re.Pattern[str]:
 BASE_COPY = re.compile(rf"^{re.escape(PREFIX)}(?P<path>.+)\.base_layer\.weight$")
 
 
-# lorakit's LyCORIS kinds and PEFT's peft_type for each; their settings PEFT has and lorakit
-# keeps at PEFT's defaults (other values would build other shapes or another training)
-LYCORIS = {"loha": "LOHA", "lokr": "LOKR"}
-LYCORIS_DEFAULTS = {"rank_dropout": 0.0, "module_dropout": 0.0, "use_effective_conv2d": False}
-LOKR_DEFAULTS = {"decompose_both": False, "decompose_factor": -1, "rank_dropout_scale": False}
+# PEFT's LyCORIS family (LoHa, LoKr, ...) names alpha and its init apart from its LoRA
+LORA_TYPE = "LORA"
+
+
+def _kind_of_fields(data: Mapping[str, Any]) -> tuple[type[Kind] | None, str | None]:
+    """The registered kind whose ``peft_config`` the fields fit (every field it names that the
+    file has agrees; the most specific one wins), or None and the first field in the way."""
+    if data.get(LORAKIT_VARIANT) in VARIANTS:
+        return VARIANTS[data[LORAKIT_VARIANT]], None
+    fitting, obstacle = [], None
+    for kind in VARIANTS.values():
+        fields = kind.peft_config or {}
+        if fields.get("peft_type") != data.get("peft_type"):
+            continue
+        differ = [key for key, value in fields.items() if key in data and data[key] != value]
+        if differ:
+            obstacle = obstacle or f"{differ[0]}={data[differ[0]]!r}"
+        else:
+            fitting.append((-sum(key in data for key in fields), len(fields), kind))
+    return (min(fitting, key=lambda f: f[:2])[2], None) if fitting else (None, obstacle)
 
 
 def config_to_peft(adapter: Adapter) -> dict[str, Any]:
     """The adapter_config.json contents for ``adapter``."""
     config = adapter.config
     base_model, revision = split_revision(adapter.base_model)
-    targets, parameters = config.targets, sorted(p for p, v in adapter.layers.items() if v.layout == "experts")
+    parameters = sorted(p for p, v in adapter.layers.items() if v.layout.peft_parameter)
+    targets = config.targets
     if targets == ALL_LINEAR or parameters:  # PEFT also stores all-linear expanded; it names tensors apart
-        targets = sorted(p for p, v in adapter.layers.items() if v.layout != "experts")
+        targets = sorted(p for p, v in adapter.layers.items() if not v.layout.peft_parameter)
     common = {
         "task_type": adapter.task_type,
         "base_model_name_or_path": base_model,
@@ -175,41 +174,41 @@ def config_to_peft(adapter: Adapter) -> dict[str, Any]:
         "modules_to_save": list(config.modules_to_save) or None,
         "inference_mode": True,
     }
-    if config.variant in LYCORIS:
-        extra = LOKR_DEFAULTS if config.variant == "lokr" else {}
-        return {"peft_type": LYCORIS[config.variant], **common, "alpha": config.alpha, **LYCORIS_DEFAULTS, **extra,
-                "init_weights": True}
+    kind = adapter_class(config)
+    fields = dict(kind.peft_config or {"peft_type": LORA_TYPE})
+    if _kind_of_fields(fields)[0] is not VARIANTS[config.variant]:  # a kind PEFT's fields cannot name
+        fields[LORAKIT_VARIANT] = config.variant
+    if fields["peft_type"] != LORA_TYPE:
+        return {"peft_type": fields["peft_type"], **common, "alpha": config.alpha, **fields, "init_weights": True}
     return {
-        "peft_type": "LORA",
+        "peft_type": LORA_TYPE,
         **common,
         "lora_alpha": config.alpha,
         "lora_dropout": config.dropout,
         "target_parameters": parameters or None,
         "use_rslora": config.use_rslora,
         "init_lora_weights": True if config.init == "default" else config.init,
-        "fan_in_fan_out": any(layer.layout == "conv1d" for layer in adapter.layers.values()),
+        "fan_in_fan_out": any(layer.layout.fan_in_fan_out for layer in adapter.layers.values()),
         "bias": "none",
-        "use_dora": config.variant == "dora",  # PEFT's one switch between its LoRA variants
-        # a variant PEFT has no switch for (a registered one) is named in a field of lorakit's own
-        **({LORAKIT_VARIANT: config.variant} if config.variant not in ("lora", "dora") else {}),
+        "use_dora": False,
+        **fields,
     }
 
 
 def config_from_peft(data: Mapping[str, Any], source: Path | str) -> LoraConfig:
     """A LoraConfig from adapter_config.json contents; refuses options lorakit cannot honour."""
-    kinds = {"LORA": None, **{peft_type: name for name, peft_type in LYCORIS.items()}}
+    types = list(dict.fromkeys((kind.peft_config or {}).get("peft_type", LORA_TYPE) for kind in VARIANTS.values()))
     peft_type = data.get("peft_type")
-    if peft_type not in kinds:
-        raise AdapterFileError(f"{source}: peft_type is {peft_type!r}, lorakit reads {', '.join(map(repr, kinds))} "
+    if peft_type not in types:
+        raise AdapterFileError(f"{source}: peft_type is {peft_type!r}, lorakit reads {', '.join(map(repr, types))} "
                                "adapters")
-    lycoris = kinds[peft_type]
-    checks = UNSUPPORTED
-    if lycoris:
-        defaults = {**LYCORIS_DEFAULTS, **(LOKR_DEFAULTS if lycoris == "lokr" else {})}
-        checks = {key: (value, None) for key, value in defaults.items()}
-    for key, fine in checks.items():
+    lycoris = peft_type != LORA_TYPE
+    for key, fine in ({} if lycoris else UNSUPPORTED).items():
         if data.get(key, fine[0]) not in fine:
             raise AdapterFileError(f"{source}: {key}={data[key]!r} is not supported by lorakit")
+    kind, obstacle = _kind_of_fields(data)
+    if kind is None and not data.get(LORAKIT_VARIANT):
+        raise AdapterFileError(f"{source}: {obstacle} is not supported by lorakit")
     alpha_key = "alpha" if lycoris else "lora_alpha"
     for key in ("r", alpha_key, "target_modules"):
         if data.get(key) is None:
@@ -234,7 +233,7 @@ def config_from_peft(data: Mapping[str, Any], source: Path | str) -> LoraConfig:
             alpha_pattern=data.get("alpha_pattern") or {},
             use_rslora=bool(data.get("use_rslora", False)) and not lycoris,
             init=data["init_lora_weights"] if isinstance(data.get("init_lora_weights"), str) else "default",
-            variant=lycoris or data.get(LORAKIT_VARIANT) or ("dora" if data.get("use_dora") else "lora"),
+            variant=data.get(LORAKIT_VARIANT) or kind_name(kind),
             modules_to_save=data.get("modules_to_save") or (),
         )
     except (ConfigError, TypeError) as err:
@@ -242,14 +241,15 @@ def config_from_peft(data: Mapping[str, Any], source: Path | str) -> LoraConfig:
 
 
 def to_tensors(adapter: Adapter, prefix: str = PREFIX) -> dict[str, Tensor]:
-    """File key -> tensor: A and B of every layer, a variant's extras, the modules stored whole."""
+    """File key -> tensor: every layer's tensors, the modules stored whole."""
     tensors: dict[str, Tensor] = {}
-    experts = expert_key_paths(p for p, v in adapter.layers.items() if v.layout == "experts")
+    parameters = expert_key_paths(p for p, v in adapter.layers.items() if v.layout.peft_parameter)
     for path, layer in adapter.layers.items():
-        if layer.A is not None:  # LoHa / LoKr have factors (extras) only
-            key_a, key_b = peft_keys(experts.get(path, path), layer.layout, prefix)
-            tensors[key_a], tensors[key_b] = experts_to_peft(layer) if path in experts else (layer.A, layer.B)
-        tensors.update({tensor_key(path, name, layer.layout, prefix): t for name, t in layer.extras.items()})
+        for name, tensor in layer.layout.to_peft(layer.tensors).items():
+            if path in parameters and name in ("lora_A", "lora_B"):
+                tensors[f"{prefix}{parameters[path]}.{name}.weight"] = tensor
+            else:
+                tensors[tensor_key(path, name, layer.layout, prefix)] = tensor
     tensors.update({prefix + key: tensor for key, tensor in adapter.saved.items()})
     return tensors
 
@@ -257,12 +257,13 @@ def to_tensors(adapter: Adapter, prefix: str = PREFIX) -> dict[str, Tensor]:
 def from_tensors(config: LoraConfig, tensors: Mapping[str, Tensor], source: Path | str, fan_in_fan_out: bool = False,
                  prefix: str = PREFIX, base_model: str | None = None, task_type: str | None = None,
                  targets: Collection[str] | None = None, parameters: Collection[str] = ()) -> Adapter:
-    """The adapter value of a file's tensors: every key parsed, every module's factors
-    checked (all present, floating point, ranks as the config says). A 4-D A is a
-    Conv2d's; a 2-D pair is a GPT-2 Conv1D's when ``fan_in_fan_out``, an ``nn.Linear``'s
-    otherwise. ``targets``: the module paths of the model it will load into; a key of
-    another module is then unexpected, and shapes are left to ``install``'s check.
-    ``parameters``: the file's ``target_parameters``, which say whose keys hold experts."""
+    """The adapter value of a file's tensors: every key parsed, every module's tensors
+    checked (a whole set of its kind, floating point, ranks as the config says). The layout
+    of a module is its kind's reading of its tensors (for LoRA: a 4-D A is a Conv2d's; a 2-D
+    pair is a GPT-2 Conv1D's when ``fan_in_fan_out``, an ``nn.Linear``'s otherwise).
+    ``targets``: the module paths of the model it will load into; a key of another module
+    is then unexpected, and shapes are left to ``install``'s check. ``parameters``: the
+    file's ``target_parameters``, which say whose keys hold experts."""
     pattern = key_pattern(prefix)
     parts: dict[str, dict[str, tuple[str, Tensor]]] = {}
     saved, problems, expert_paths = {}, [], set()
@@ -290,10 +291,9 @@ def from_tensors(config: LoraConfig, tensors: Mapping[str, Tensor], source: Path
             continue
         factor = match["x"] or ("lora_embedding_" + match["e"] if match["e"] else "lora_" + match["l"])
         parts.setdefault(path, {})[factor] = (key, tensor)
-    extras = adapter_class(config).extras
     layers = {}
     for path, part in sorted(parts.items()):
-        problem, layer = _layer(path, part, config, fan_in_fan_out, extras, prefix, checked=targets is None,
+        problem, layer = _layer(path, part, config, fan_in_fan_out, prefix, checked=targets is None,
                                 experts=path in expert_paths)
         if problem:
             problems.append(f"{path}: {problem}")
@@ -304,57 +304,37 @@ def from_tensors(config: LoraConfig, tensors: Mapping[str, Tensor], source: Path
     return Adapter(config, layers, saved, base_model=base_model, task_type=task_type)
 
 
-def _layer(path: str, part: dict[str, tuple[str, Tensor]], config: LoraConfig, fan_in_fan_out: bool,
-           extras: tuple[str, ...], prefix: str, checked: bool,
-           experts: bool = False) -> tuple[str | None, LayerWeights | None]:
+def _key_of(path: str, name: str, part: Mapping[str, Any], prefix: str) -> str:
+    """The key tensor ``name`` of the module at ``path`` has in a file holding ``part``."""
+    if name not in ("lora_A", "lora_B"):
+        return f"{prefix}{path}.{name}"
+    if any(n.startswith("lora_embedding_") for n in part):
+        return f"{prefix}{path}.{name.replace('lora_', 'lora_embedding_')}"
+    return f"{prefix}{path}.{name}.weight"
+
+
+def _layer(path: str, part: dict[str, tuple[str, Tensor]], config: LoraConfig, fan_in_fan_out: bool, prefix: str,
+           checked: bool, experts: bool = False) -> tuple[str | None, LayerWeights | None]:
     """One module's tensors made a LayerWeights; or what is wrong with them (``checked``:
-    also the ranks, which a model's check covers otherwise)."""
+    also the ranks and products, which a model's check covers otherwise)."""
     kind = adapter_class(config)
-    if hasattr(kind, "factor_problem"):  # LoHa / LoKr: no A and B, a set of factors
-        return _product_layer(path, part, config, kind)
-    embedding = any(name.startswith("lora_embedding_") for name in part)
-    names = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A", "lora_B")
-    missing = [n for n in names if n not in part]
-    if missing:
-        key = f"{prefix}{path}.{missing[0]}" + ("" if embedding else ".weight")
-        return ("needs both lora_A and lora_B" if checked else f"missing key {key}"), None
-    unknown = [key for name, (key, _) in part.items() if name not in (*names, *extras)]
-    if unknown:
-        return f"unexpected key {unknown[0]} (not a tensor of a {config.variant} adapter)", None
-    absent = [name for name in extras if name not in part]
-    if absent:
-        return f"missing key {prefix}{path}.{absent[0]} (a {config.variant} adapter has one per module)", None
-    A, B = part[names[0]][1], part[names[1]][1]
-    for key, tensor in part.values():
-        if not tensor.is_floating_point():
-            return f"{key} has dtype {tensor.dtype}, expected a floating-point tensor", None
-    rank = config.rank_for(path)
-    if experts:
-        factors = experts_from_peft(A, B, rank)
-        if isinstance(factors, str):
-            return factors, None
-        return None, LayerWeights(*factors, config.scaling_for(path), "experts")
-    if checked and (A.shape[0] != rank or B.shape[1] != rank):
-        return f"A {tuple(A.shape)}, B {tuple(B.shape)}; expected rank {rank} (config)", None
-    layout = ("embedding" if embedding else "conv2d" if A.dim() == 4 else "conv1d" if fan_in_fan_out else "linear")
-    return None, LayerWeights(A, B, config.scaling_for(path), layout, {name: part[name][1] for name in extras})
-
-
-def _product_layer(path: str, part: dict[str, tuple[str, Tensor]], config: LoraConfig,
-                   kind: type) -> tuple[str | None, LayerWeights | None]:
-    """A LoHa's or LoKr's factors made a LayerWeights (shapes are left to ``install``'s check
-    against the model, or to the product itself)."""
-    problem = kind.factor_problem(set(part))
+    layout = parameter_layout() if experts else None
+    tensors = {name.replace("lora_embedding_", "lora_"): tensor for name, (_, tensor) in part.items()}
+    absent = [name for name in kind.required() if name not in tensors]
+    if absent and not checked:  # a model is given: name the key its file lacks
+        return f"missing key {_key_of(path, absent[0], part, prefix)}", None
+    problem = kind.tensors_problem(set(tensors))
     if problem:
         return problem, None
     for key, tensor in part.values():
         if not tensor.is_floating_point():
             return f"{key} has dtype {tensor.dtype}, expected a floating-point tensor", None
-    factors = {name: tensor for name, (_, tensor) in part.items()}
-    try:
-        product_delta(factors)
-    except RuntimeError as err:  # factors that cannot be multiplied
-        shapes = ", ".join(f"{name} {tuple(t.shape)}" for name, t in factors.items())
-        return f"factors {shapes} do not multiply ({str(err).splitlines()[0]})", None
-    layout = "conv2d" if any(t.dim() == 4 for t in factors.values()) else "linear"
-    return None, LayerWeights(None, None, config.scaling_for(path), layout, factors)
+    rank = config.rank_for(path)
+    if experts:
+        tensors = layout.from_peft(tensors, rank)
+        if isinstance(tensors, str):
+            return tensors, None
+    else:
+        layout = kind.file_layout(set(part), tensors, fan_in_fan_out)
+    value = LayerWeights(kind, tensors, config.scaling_for(path), layout)
+    return kind.value_problem(value, rank if checked and not experts else None), value

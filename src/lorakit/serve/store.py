@@ -183,19 +183,19 @@ class AdapterStore:
         problems = []
         for layer_path, given in adapter.layers.items():
             layer = self.layers.get(layer_path)
-            if layer is None or given.layout not in ("linear", "conv1d", "experts"):
+            if layer is None or not given.layout.servable:
                 problems.append(f"{layer_path}: no such linear layer or expert tensor in this model (only those "
                                 "are served)")
                 continue
             A, B = given.A.float(), given.B.float()  # read_adapter refused NaN and infinity
-            rank, experts = given.rank, (layer.num_experts,) if given.layout == "experts" else ()
+            rank, experts = given.rank, (layer.num_experts,) if given.layout.batch_dims else ()
             want_A, want_B = (*experts, rank, layer.in_features), (*experts, layer.out_features, rank)
             if tuple(A.shape) != want_A or tuple(B.shape) != want_B:
                 problems.append(f"{layer_path}: A {tuple(A.shape)}, B {tuple(B.shape)}; expected A {want_A}, "
                                 f"B {want_B}")
                 continue
             device = layer.weight.device
-            weights[layer_path] = LayerWeights(A.to(device), B.to(device), given.scaling, given.layout)
+            weights[layer_path] = given.replace({"lora_A": A.to(device), "lora_B": B.to(device)})
         if adapter.saved:
             problems.append(f"modules_to_save {list(adapter.config.modules_to_save)} cannot be served per request")
         if problems or not weights:

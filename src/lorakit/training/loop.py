@@ -128,8 +128,8 @@ def learning_rate(config: Settings, step: int, total_steps: int) -> float:
 def parameter_groups(model: nn.Module, config: Settings) -> list[dict[str, Any]]:
     """A, modules_to_save: lr. B: lr * loraplus_ratio with LoRA+ (LoHa / LoKr, which have no B,
     train at lr). ``lr_scale`` is kept per group."""
-    b_ids = {id(adapter.lora_B) for _, layer in lora_layers(model) for adapter in layer.adapters.values()
-             if hasattr(adapter, "lora_B")}
+    b_ids = {id(param) for _, layer in lora_layers(model) for adapter in layer.adapters.values()
+             for name, param in adapter.named_parameters() if name == "lora_B"}
     trainable = [p for p in model.parameters() if p.requires_grad]
     if config.loraplus_ratio is None:
         return [{"params": trainable, "lr_scale": 1.0}]
@@ -205,7 +205,7 @@ def setup(task: Task, strategy: Plain, config: Settings, processes: Processes) -
         write_text(out / "config.yaml", dump_yaml(config))
     monitor = Monitor(out, task.total_steps, start_step, processes.main, config.log_every, config.report_to,
                       config.to_dict())
-    experts = [layer.weight.shape[0] for _, layer in lora_layers(task.model) if layer.layout == "experts"]
+    experts = [layer.weight.shape[0] for _, layer in lora_layers(task.model) if layer.layout.batch_dims]
     monitor.note(task.note(sum(p.numel() for p in parameters))
                  + (f"; {len(experts)} MoE expert tensors adapted ({max(experts)} experts each)" if experts else "")
                  + (f"; resuming after step {start_step}" if start_step else ""))

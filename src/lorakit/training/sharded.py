@@ -154,8 +154,7 @@ def fill_adapters(model: nn.Module, config: LoraConfig, name: str, seed: int) ->
     torch.manual_seed(seed)
     for _, layer in lora_layers(model):
         adapter = layer.adapters[name]
-        fresh = {key: torch.empty(param.shape) for key, param in adapter.named_parameters()}
-        layer.draw_factors(fresh["lora_A"], fresh["lora_B"], config.init)  # shardable kinds have these two only
+        fresh = adapter.first_values(layer)
         for key, param in adapter.named_parameters():
             value = fresh[key]
             if isinstance(param, DTensor):

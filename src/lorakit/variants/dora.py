@@ -32,7 +32,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import frozen
-from ..adapter import LayerWeights, as_product
+from ..adapter import LayerWeights
+from ..layouts import Layout
 from ..config import LoraConfig
 from .lora import LoraAdapter
 
@@ -42,10 +43,10 @@ if TYPE_CHECKING:
 MAGNITUDE = "lora_magnitude_vector"  # PEFT's name, as module attribute and file key
 
 
-def magnitude_shape(layout: str, out_features: int) -> tuple[int, ...]:
+def magnitude_shape(layout: Layout, out_features: int) -> tuple[int, ...]:
     """The shape PEFT gives ``lora_magnitude_vector``: one value per output unit, laid out
     to broadcast over a Conv2d's output."""
-    return (1, out_features, 1, 1) if layout == "conv2d" else (out_features,)
+    return (1, out_features, 1, 1) if layout.kernel else (out_features,)
 
 
 class DoraAdapter(LoraAdapter):
@@ -56,6 +57,8 @@ class DoraAdapter(LoraAdapter):
     servable = False  # a serving slot adds B·A·x per row; DoRA would need the base rescaled per row
     combinable = False  # its change of W is not a sum of low-rank terms
     shardable = False
+    peft_config = {"peft_type": "LORA", "use_dora": True}
+    kohya_names = None  # kohya's dora_scale is another parametrisation
     extras = (MAGNITUDE,)
 
     def __init__(self, layer: LoraLayer, rank: int, alpha: float, config: LoraConfig) -> None:
@@ -93,7 +96,7 @@ class DoraAdapter(LoraAdapter):
         with torch.no_grad():
             A = self.lora_A.detach().float().flatten(1)  # (r, in)
             B = self.lora_B.detach().float().flatten(1) * self.scaling  # (out, r)
-            W = as_product(frozen.dense(layer.weight), layer.layout)  # (out, in)
+            W = layer.layout.matrix(frozen.dense(layer.weight))  # (out, in)
             squares = self._weight_squares(layer.weight, W)
             cross = (B * (W @ A.T)).sum(1)  # (out, r) ⊙ (out, r)
             update = ((B @ (A @ A.T)) * B).sum(1)
@@ -135,14 +138,14 @@ def merged_direction(weight: Tensor, value: LayerWeights) -> tuple[Tensor, Tenso
     """m ⊙ (W + s·B·A) / n for W = ``weight`` (float32, laid out like the module's weight),
     and n, the norm it divided by."""
     updated = weight + value.delta().to(weight.device)
-    norm = as_product(updated, value.layout).norm(dim=1)
+    norm = value.layout.matrix(updated).norm(dim=1)
     return updated * _per_row(value, norm, weight), norm
 
 
 def _per_row(value: LayerWeights, norm: Tensor, weight: Tensor) -> Tensor:
     """m / n shaped to multiply ``weight`` output unit by output unit."""
-    scale = value.extras[MAGNITUDE].float().flatten().to(weight.device) / norm
-    if value.layout in ("conv1d", "embedding"):  # W is (in, out): an output unit is a column
+    scale = value.tensors[MAGNITUDE].float().flatten().to(weight.device) / norm
+    if value.layout.out_dim == 1:  # W is (in, out): an output unit is a column
         return scale.reshape(1, -1)
     return scale.reshape(-1, *([1] * (weight.dim() - 1)))
 
@@ -159,6 +162,6 @@ def _same(cached: tuple, now: tuple) -> bool:
 
 def _broadcast(layer: LoraLayer, output: Tensor) -> tuple[int, ...]:
     """The shape of a per-output-unit vector against the layer's output."""
-    if layer.layout == "conv2d":
+    if layer.layout.kernel:
         return (1, -1) + (1,) * (output.dim() - 2)
     return (-1,)

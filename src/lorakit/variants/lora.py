@@ -1,62 +1,50 @@
-"""Plain LoRA: the adapter every variant builds on.
+"""Plain LoRA: the kind every LoRA variant builds on.
 
     y = base(x) + s · B A dropout(x),   s = alpha / r  (alpha / sqrt(r) with rsLoRA)
 
 Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", arXiv:2106.09685.
 A (r x in) starts Kaiming-uniform and B (out x r) at zero, so a fresh adapter leaves
-every output exactly as the base computes it.
-
-``LoraAdapter`` is the variant seam. An adapter module owns what is particular to its
-kind, and the rest of lorakit asks it, never its type:
-
-- ``initialise(layer)``: its first values (and whatever it changes in the layer);
-- ``forward(layer, x, base, result, sign)``: ``result`` plus its contribution;
-- ``merged_weight`` / ``unmerged_weight``, and the value-level ``merge_value``;
-- ``release(layer)``: give back what it moved into W, before it goes;
-- ``value(layer)`` / ``exported(layer)``: its weights as a ``LayerWeights`` (as it is, and
-  as a file others can load);
-- ``extras``: tensors besides A and B, under their module attribute = file key suffix
-  (``tensor_shapes``: all of them on a given layer);
-- and what it supports: ``additive``, ``plain``, ``fusable``, ``servable``, ``combinable``,
-  ``shardable``.
+every output exactly as the base computes it. How B·A lies in each module's weight is
+the layout's (layouts.py); how A and B act on each layer's input is the layer's
+(``adapter_forward``, layers.py). Plain LoRA is additive, plain, servable, combinable and
+shardable, and each file format holds it; a subclass that changes the math says no where
+it must (DoRA, PiSSA/OLoRA).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from .. import frozen
 from ..adapter import LayerWeights
 from ..config import LoraConfig
+from ..layouts import LINEAR, Layout, peft_layout
+from .kind import Kind, factor_dtype
 
 if TYPE_CHECKING:
     from ..layers import LoraLayer
 
-
-def factor_dtype(layer: LoraLayer) -> torch.dtype:
-    """The dtype of an adapter's tensors on ``layer``: the base's, or float32 for a
-    half-precision base, whose bf16/fp16 would lose most of the small update's bits (PEFT
-    does the same)."""
-    base_dtype = frozen.compute_dtype(layer.weight)
-    return torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
+__all__ = ["LoraAdapter", "factor_dtype", "lora_value"]
 
 
-class LoraAdapter(nn.Module):
+class LoraAdapter(Kind):
     """One adapter on one layer: A, B, its dropout and its scaling. Merged, it is W + ΔW."""
 
-    additive = True  # its merge adds ΔW: it can be subtracted on the fly and unmerged exactly
+    additive = True
     plain = True  # its update is s·B·A·x and nothing else (the sole-adapter path; kohya files)
-    fusable = False  # not plain, yet as a layer's only adapter it computes the whole output itself
-    servable = True  # a serving slot (plain A and B per row) computes it in a mixed batch
-    combinable = True  # its ΔW is a low-rank product that combine/compress can add and re-factor
-    shardable = True  # trains under FSDP2 (its initial values need no base weight)
+    servable = True
+    combinable = True
+    shardable = True
+    peft_config = {"peft_type": "LORA"}
+    kohya_names = {"lora_A": "lora_down.weight", "lora_B": "lora_up.weight"}
+    diffusers = True
     extras: tuple[str, ...] = ()  # tensors besides lora_A / lora_B (their file key suffixes)
 
     def __init__(self, layer: LoraLayer, rank: int, alpha: float, config: LoraConfig) -> None:
-        super().__init__()
+        nn.Module.__init__(self)
         dtype, device = factor_dtype(layer), layer.weight.device
         a_shape, b_shape = layer.shapes(layer.base_module, rank)
         self.rank = rank
@@ -67,74 +55,10 @@ class LoraAdapter(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(b_shape, device=device, dtype=dtype))
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
 
+    # -- the value -------------------------------------------------------------------
     @classmethod
-    def describe(cls, config: LoraConfig) -> str:
-        """How messages name this kind of adapter."""
-        return f"variant {config.variant}"
-
-    @classmethod
-    def check_config(cls, config: LoraConfig) -> str | None:
-        """Why this kind cannot take ``config``'s settings, or None."""
-        return None
-
-    @classmethod
-    def check_layer(cls, layer_class: type[LoraLayer], base: nn.Module) -> str | None:
-        """Why this kind cannot go on ``base`` (``layer_class`` would wrap it), or None."""
-        return None
-
-    def initialise(self, layer: LoraLayer) -> None:
-        """The first values: the layer type's draw of A and B (B zero, so nothing changes)."""
-        layer.draw_factors(self.lora_A, self.lora_B, self.init)
-
-    def forward(self, layer: LoraLayer, x: Tensor, base: Tensor | None, result: Tensor | None,
-                sign: float = 1.0) -> Tensor:
-        """``result`` plus ``sign`` times this adapter's change of ``layer``'s output for input
-        ``x`` (``base``: the frozen layer's own output, which variants may rescale). Called
-        for the layer's sole adapter before any base output exists (``result`` None), it
-        returns the whole output: its update first, the base product accumulated onto it."""
-        if result is None:
-            return layer.base_forward_onto(self, x)
-        return layer.add_update(result, self, x, sign)
-
-    def idle(self, layer: LoraLayer, x: Tensor, result: Tensor) -> Tensor:
-        """The layer's output while this adapter is neither in use nor merged (variants that
-        moved part of W into themselves add it back here)."""
-        return result
-
-    def merged_weight(self, layer: LoraLayer, weight: Tensor) -> Tensor:
-        """W + ΔW for ``weight`` = W in float32, laid out like ``layer.weight``."""
-        return self.merge_value(weight, self.value(layer))
-
-    def unmerged_weight(self, layer: LoraLayer, weight: Tensor) -> Tensor:
-        """The inverse of ``merged_weight``."""
-        return weight - self.value(layer).delta()
-
-    @staticmethod
-    def merge_value(weight: Tensor, value: LayerWeights) -> Tensor:
-        """W (float32, any device) with ``value`` merged in, without a model."""
-        return weight + value.delta().to(weight.device)
-
-    def release(self, layer: LoraLayer) -> None:
-        """Give back to ``layer`` what this adapter took from W (it is about to go, unmerged)."""
-
-    def value(self, layer: LoraLayer, tensors: dict[str, Tensor] | None = None) -> LayerWeights:
-        """This adapter as a plain value (detached, not copied); ``tensors``: its parameters by
-        name from elsewhere (an FSDP gather) instead of its own."""
-        tensors = tensors if tensors is not None else {n: p.detach() for n, p in self.named_parameters()}
-        return LayerWeights(tensors["lora_A"], tensors["lora_B"], self.scaling, layer.layout,
-                            {name: tensors[name] for name in self.extras})
-
-    def exported(self, layer: LoraLayer) -> LayerWeights:
-        """The value an adapter file holds for other tools: relative to the base they load."""
-        return self.value(layer)
-
-    def load(self, value: LayerWeights) -> None:
-        """Copy ``value``'s tensors (checked to fit) into this adapter's parameters."""
-        with torch.no_grad():
-            self.lora_A.copy_(value.A)
-            self.lora_B.copy_(value.B)
-            for name in self.extras:
-                getattr(self, name).copy_(value.extras[name].reshape(getattr(self, name).shape))
+    def tensor_shapes(cls, layer_class: type[LoraLayer], base: nn.Module, rank: int) -> dict[str, tuple[int, ...]]:
+        return {**dict(zip(("lora_A", "lora_B"), layer_class.shapes(base, rank))), **cls.extra_shapes(layer_class, base)}
 
     @classmethod
     def extra_shapes(cls, layer_class: type[LoraLayer], base: nn.Module) -> dict[str, tuple[int, ...]]:
@@ -142,10 +66,93 @@ class LoraAdapter(nn.Module):
         return {}
 
     @classmethod
-    def tensor_shapes(cls, layer_class: type[LoraLayer], base: nn.Module, rank: int) -> dict[str, tuple[int, ...]]:
-        """Every tensor of this kind of adapter on ``base`` at ``rank``, by its file key suffix."""
-        return {**dict(zip(("lora_A", "lora_B"), layer_class.shapes(base, rank))), **cls.extra_shapes(layer_class, base)}
+    def names(cls) -> tuple[str, ...]:
+        return ("lora_A", "lora_B", *cls.extras)
+
+    @classmethod
+    def tensors_problem(cls, names: set[str]) -> str | None:
+        if not {"lora_A", "lora_B"} <= names:
+            return "needs both lora_A and lora_B"
+        absent = [name for name in cls.extras if name not in names]
+        if absent:
+            return f"missing {absent[0]} (a {cls.__name__} has one per module)"
+        unknown = sorted(names - set(cls.names()))
+        return f"unexpected tensor {unknown[0]} (not a tensor of a {cls.__name__})" if unknown else None
+
+    @classmethod
+    def file_layout(cls, names: set[str], tensors: Mapping[str, Tensor], fan_in_fan_out: bool) -> Layout:
+        return peft_layout(names, tensors["lora_A"], fan_in_fan_out)
+
+    @classmethod
+    def delta_of(cls, value: LayerWeights) -> Tensor:
+        """s·B·A in float32, laid out like the module's weight."""
+        return value.layout.product(value.A.float(), value.B.float()) * value.scaling
+
+    @classmethod
+    def rank_of(cls, value: LayerWeights) -> int:
+        return value.layout.rank(value.A)
+
+    @classmethod
+    def update_shape(cls, value: LayerWeights) -> tuple[int, ...]:
+        return value.layout.update_shape(value.A, value.B)
+
+    @classmethod
+    def value_problem(cls, value: LayerWeights, rank: int | None) -> str | None:
+        A, B = value.A, value.B
+        if rank is not None and (value.layout.rank(A) != rank or B.shape[1 + value.layout.batch_dims] != rank):
+            return f"A {tuple(A.shape)}, B {tuple(B.shape)}; expected rank {rank} (config)"
+        return None
+
+    @classmethod
+    def kohya_tensors(cls, value: LayerWeights) -> dict[str, Tensor]:
+        return {"lora_down.weight": value.A, "lora_up.weight": value.B,
+                "alpha": torch.tensor(value.scaling * value.rank, dtype=torch.float32)}
+
+    @classmethod
+    def from_kohya(cls, name: str, part: dict[str, Tensor], alpha: float, layer_class: type[LoraLayer], base: nn.Module,
+                   shape: tuple[int, ...]) -> tuple[str | None, LayerWeights | None, int]:
+        missing = [p for p in ("lora_down.weight", "lora_up.weight") if p not in part]
+        if missing:
+            return f"missing {', '.join(f'{name}.{p}' for p in missing)}", None, 0
+        A, B = part["lora_down.weight"], part["lora_up.weight"]
+        rank = A.shape[0] if A.dim() else 0
+        expected = layer_class.shapes(base, max(rank, 1))
+        if tuple(A.shape) != expected[0] or tuple(B.shape) != expected[1]:
+            return (f"{name}.lora_down.weight {tuple(A.shape)} / {name}.lora_up.weight {tuple(B.shape)} do not fit: "
+                    f"expected {expected[0]} / {expected[1]}"), None, 0
+        return None, lora_value(A, B, alpha / rank, layer_class.layout, cls), rank
+
+    # -- on a layer ------------------------------------------------------------------
+    @classmethod
+    def check_layer(cls, layer_class: type[LoraLayer], base: nn.Module) -> str | None:
+        return None
+
+    def initialise(self, layer: LoraLayer) -> None:
+        """The first values: the layer type's draw of A and B (B zero, so nothing changes)."""
+        layer.draw_factors(self.lora_A, self.lora_B, self.init)
+
+    def first_values(self, layer: LoraLayer) -> dict[str, Tensor]:
+        fresh = {name: torch.empty(param.shape) for name, param in self.named_parameters()}
+        layer.draw_factors(fresh["lora_A"], fresh["lora_B"], self.init)
+        return fresh
+
+    def forward(self, layer: LoraLayer, x: Tensor, base: Tensor | None, result: Tensor | None,
+                sign: float = 1.0) -> Tensor:
+        """``result`` plus ``sign`` · s·B·A·dropout(x); as the layer's sole adapter (``result``
+        None) the whole output, its update written first and the base product accumulated onto it."""
+        if result is None:
+            return layer.base_forward_onto(self, x)
+        return layer.add_update(result, self, x, sign)
+
+    def value(self, layer: LoraLayer, tensors: dict[str, Tensor] | None = None) -> LayerWeights:
+        tensors = tensors if tensors is not None else {n: p.detach() for n, p in self.named_parameters()}
+        return LayerWeights(type(self), {name: tensors[name] for name in self.names()}, self.scaling, layer.layout)
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha:g}, scaling={self.scaling:g}"
 
+
+def lora_value(A: Tensor, B: Tensor, scaling: float, layout: Layout = LINEAR,
+               kind: type[LoraAdapter] = LoraAdapter) -> LayerWeights:
+    """A plain LoRA value from its pair (what combine, compress and serving build)."""
+    return LayerWeights(kind, {"lora_A": A, "lora_B": B}, scaling, layout)

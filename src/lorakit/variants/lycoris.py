@@ -25,14 +25,15 @@ base's convolution). Merging adds the same ΔW.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from ..adapter import LayerWeights, product_delta
+from ..adapter import LayerWeights
 from ..config import VARIANTS as NAMES, LoraConfig
-from .lora import LoraAdapter, factor_dtype
+from .kind import Kind
 
 if TYPE_CHECKING:
     from ..layers import LoraLayer
@@ -47,30 +48,19 @@ def kronecker_split(dimension: int) -> tuple[int, int]:
 
 def _matrix(layer_class: type[LoraLayer], base: nn.Module) -> tuple[int, int, tuple[int, ...]]:
     """(out, in, kernel) of the weight the factors build: a Conv2d's in is its channels."""
-    if layer_class.layout == "conv2d":
+    if layer_class.layout.kernel:
         return base.out_channels, base.in_channels, tuple(base.kernel_size)
     in_features, out_features = layer_class.dims(base)
     return out_features, in_features, ()
 
 
-class ProductAdapter(LoraAdapter):
-    """What LoHa and LoKr share: factors named as in PEFT's files, ΔW formed from them."""
+class ProductAdapter(Kind):
+    """What LoHa and LoKr share: factors named as in PEFT's and LyCORIS's files, ΔW formed
+    from their product (``product``), in each forward, which is Kind's."""
 
-    plain = False  # its update is not s·B·A·x
     fusable = True  # alone on a Linear: one product with W + ΔW instead of two
-    servable = False  # a serving slot holds A and B
-    combinable = False  # its ΔW is not a low-rank product
-    shardable = False  # not tried under FSDP2
-    extras: tuple[str, ...] = ()  # every factor name this kind may have (a module has some of them)
-
-    def __init__(self, layer: LoraLayer, rank: int, alpha: float, config: LoraConfig) -> None:
-        nn.Module.__init__(self)
-        dtype = factor_dtype(layer)
-        self.rank, self.alpha, self.init = rank, alpha, config.init
-        self.scaling = config.scaling(alpha, rank)
-        for name, shape in self.tensor_shapes(type(layer), layer.base_module, rank).items():
-            self.register_parameter(name, nn.Parameter(torch.zeros(shape, device=layer.weight.device, dtype=dtype)))
-        self.dropout = nn.Identity()
+    additive = True
+    lycoris = ""  # the kind's name in LyCORIS's files (PEFT's peft_type in capitals)
 
     @classmethod
     def describe(cls, config: LoraConfig) -> str:
@@ -86,48 +76,60 @@ class ProductAdapter(LoraAdapter):
 
     @classmethod
     def check_layer(cls, layer_class: type[LoraLayer], base: nn.Module) -> str | None:
-        if layer_class.layout not in ("linear", "conv2d") or not layer_class.rescalable:
+        if layer_class.layout.fan_in_fan_out or not layer_class.dense_update:
             return f"not supported on {type(base).__name__} (nn.Linear and nn.Conv2d take it, as in PEFT)"
         return None
 
-    def factors(self) -> dict[str, Tensor]:
-        return dict(self.named_parameters())
-
-    def forward(self, layer: LoraLayer, x: Tensor, base: Tensor | None, result: Tensor | None,
-                sign: float = 1.0) -> Tensor:
-        delta = product_delta(self.factors(), self.scaling).reshape(layer.weight.shape)
-        if result is None:  # the layer's only adapter (sole_plain_adapter): x (W + ΔW)ᵀ + b, one GEMM
-            return layer.weight_forward(x, layer.weight + delta, layer.bias)
-        update = layer.weight_forward(x.to(delta.dtype), delta).to(result.dtype)  # x ΔWᵀ, or the base's conv
-        return result + update if sign == 1.0 else result - update
-
     @staticmethod
-    def merge_value(weight: Tensor, value: LayerWeights) -> Tensor:
-        return weight + value.delta().reshape(weight.shape).to(weight.device)
-
-    def value(self, layer: LoraLayer, tensors: dict[str, Tensor] | None = None) -> LayerWeights:
-        tensors = tensors if tensors is not None else {n: p.detach() for n, p in self.named_parameters()}
-        return LayerWeights(None, None, self.scaling, layer.layout, tensors, tuple(layer.weight.shape))
-
-    def load(self, value: LayerWeights) -> None:
-        with torch.no_grad():
-            for name, param in self.named_parameters():
-                param.copy_(value.extras[name])
-
-    @classmethod
-    def factor_problem(cls, names: set[str]) -> str | None:
-        """What is wrong with a file module holding exactly these factors (None: a valid set)."""
+    def product(factors: Mapping[str, Tensor], scaling: float) -> Tensor:
+        """ΔW as (out, in), or (out, in·kh·kw) on a Conv2d ((out, in, kh, kw) when W2 is whole);
+        ``scaling`` applied to the smallest factor, not to ΔW (one pass over ΔW fewer)."""
         raise NotImplementedError
 
-    def extra_repr(self) -> str:
-        shapes = ", ".join(f"{n}={tuple(p.shape)}" for n, p in self.named_parameters())
-        return f"rank={self.rank}, alpha={self.alpha:g}, scaling={self.scaling:g}, {shapes}"
+    @classmethod
+    def delta_of(cls, value: LayerWeights) -> Tensor:
+        delta = cls.product({name: t.float() for name, t in value.tensors.items()}, value.scaling)
+        return delta.reshape(value.shape) if value.shape is not None else delta
+
+    @classmethod
+    def kohya_tensors(cls, value: LayerWeights) -> dict[str, Tensor]:
+        return {**value.tensors, "alpha": torch.tensor(value.scaling * value.rank, dtype=torch.float32)}
+
+    @classmethod
+    def from_kohya(cls, name: str, part: dict[str, Tensor], alpha: float, layer_class: type[LoraLayer],
+                   base: nn.Module, shape: tuple[int, ...]) -> tuple[str | None, LayerWeights | None, int]:
+        """A LoHa's or LoKr's factors, checked against the shapes lorakit gives this kind on
+        this module at the file's rank."""
+        problem = cls.tensors_problem(set(part)) or cls.check_layer(layer_class, base)
+        if problem:
+            return problem, None, 0
+        rank = cls.rank_of(LayerWeights(cls, part, 1.0))
+        scaling = alpha / rank if rank else 1.0  # LyCORIS ignores alpha for a LoKr of whole W1 and W2
+        rank = rank or cls.whole_rank(part)
+        expected = cls.tensor_shapes(layer_class, base, rank)
+        misfits = [f"{name}.{n} {tuple(part[n].shape) if n in part else 'missing'}, expected {s}"
+                   for n, s in expected.items() if n not in part or tuple(part[n].shape) != tuple(s)]
+        misfits += [f"{name}.{n}: not a factor lorakit's {cls.lycoris} has here" for n in part if n not in expected]
+        if misfits:
+            return "; ".join(misfits), None, 0
+        return None, LayerWeights(cls, part, scaling, layer_class.layout, shape), rank
+
+    @classmethod
+    def whole_rank(cls, factors: Mapping[str, Tensor]) -> int:
+        """The rank a file's factors were made with where no low-rank pair says it."""
+        return cls.rank_of(LayerWeights(cls, factors, 1.0))
 
 
 class LohaAdapter(ProductAdapter):
     """LoHa: ΔW = s · (W1a W1b) ⊙ (W2a W2b); W1a, W1b, W2a Kaiming-uniform, W2b zero (PEFT)."""
 
-    extras = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+    lycoris = "loha"
+    peft_config = {"peft_type": "LOHA", "rank_dropout": 0.0, "module_dropout": 0.0, "use_effective_conv2d": False}
+    kohya_names = {name: name for name in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")}
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 
     @classmethod
     def tensor_shapes(cls, layer_class: type[LoraLayer], base: nn.Module, rank: int) -> dict[str, tuple[int, ...]]:
@@ -136,21 +138,32 @@ class LohaAdapter(ProductAdapter):
         return {"hada_w1_a": (out, rank), "hada_w1_b": (rank, columns),
                 "hada_w2_a": (out, rank), "hada_w2_b": (rank, columns)}
 
+    @staticmethod
+    def product(factors: Mapping[str, Tensor], scaling: float) -> Tensor:
+        # (out, r) @ (r, in), twice, multiplied entrywise
+        return ((factors["hada_w1_a"] * scaling) @ factors["hada_w1_b"]) * (factors["hada_w2_a"] @ factors["hada_w2_b"])
+
+    @classmethod
+    def rank_of(cls, value: LayerWeights) -> int:
+        return value.tensors["hada_w1_a"].shape[1]
+
     def initialise(self, layer: LoraLayer) -> None:
         for name in ("hada_w1_a", "hada_w1_b", "hada_w2_a"):
             nn.init.kaiming_uniform_(getattr(self, name), a=math.sqrt(5))
         nn.init.zeros_(self.hada_w2_b)
 
-    @classmethod
-    def factor_problem(cls, names: set[str]) -> str | None:
-        missing = [n for n in cls.extras if n not in names]
-        return f"missing {missing[0]} (a LoHa module has {', '.join(cls.extras)})" if missing else None
-
 
 class LokrAdapter(ProductAdapter):
     """LoKr: ΔW = s · W1 ⊗ W2; W1 zero, W2 (or W2a, W2b) Kaiming-uniform (PEFT)."""
 
-    extras = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
+    lycoris = "lokr"
+    peft_config = {"peft_type": "LOKR", "rank_dropout": 0.0, "module_dropout": 0.0, "use_effective_conv2d": False,
+                   "decompose_both": False, "decompose_factor": -1, "rank_dropout_scale": False}
+    kohya_names = {name: name for name in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")}
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
 
     @classmethod
     def tensor_shapes(cls, layer_class: type[LoraLayer], base: nn.Module, rank: int) -> dict[str, tuple[int, ...]]:
@@ -163,18 +176,52 @@ class LokrAdapter(ProductAdapter):
             shapes.update(lokr_w2_a=(b, rank), lokr_w2_b=(rank, d * math.prod(kernel)))
         return shapes
 
+    @staticmethod
+    def product(factors: Mapping[str, Tensor], scaling: float) -> Tensor:
+        W1 = factors["lokr_w1"] if "lokr_w1" in factors else factors["lokr_w1_a"] @ factors["lokr_w1_b"]  # (a, c)
+        W1 = W1 * scaling
+        W2 = factors["lokr_w2"] if "lokr_w2" in factors else factors["lokr_w2_a"] @ factors["lokr_w2_b"]  # (b, d[, kh, kw])
+        if W2.dim() == 4:
+            W1 = W1[:, :, None, None]
+        return torch.kron(W1, W2)  # (a·b, c·d[, kh, kw])
+
+    @classmethod
+    def rank_of(cls, value: LayerWeights) -> int:
+        """The inner dimension of a low-rank pair (0: W1 and W2 whole)."""
+        pair = next((name for name in ("lokr_w2_a", "lokr_w1_a") if name in value.tensors), None)
+        return value.tensors[pair].shape[1] if pair else 0
+
+    @classmethod
+    def required(cls) -> tuple[str, ...]:
+        return ()  # W1 and W2 each whole or a pair: tensors_problem says which sets are whole
+
+    @classmethod
+    def whole_rank(cls, factors: Mapping[str, Tensor]) -> int:
+        """The smallest rank at which lorakit keeps W2 (b, d) whole, r >= max(b, d) / 2."""
+        W2 = factors.get("lokr_w2")
+        if W2 is None:
+            return super().whole_rank(factors)
+        return max(1, math.ceil(max(W2.shape[0], W2.shape[1]) / 2))
+
+    @classmethod
+    def kohya_tensors(cls, value: LayerWeights) -> dict[str, Tensor]:
+        if value.rank:
+            return super().kohya_tensors(value)
+        # W1 and W2 whole: LyCORIS takes scaling 1, so W2 carries ours
+        return {**value.tensors, "lokr_w2": value.tensors["lokr_w2"] * value.scaling, "alpha": torch.tensor(1.0)}
+
     def initialise(self, layer: LoraLayer) -> None:
-        nn.init.zeros_(self.lokr_w1)
         for name, param in self.named_parameters():
             if name.startswith("lokr_w2"):
                 nn.init.kaiming_uniform_(param, a=math.sqrt(5))
 
     @classmethod
-    def factor_problem(cls, names: set[str]) -> str | None:
+    def tensors_problem(cls, names: set[str]) -> str | None:
         if {"lokr_w1_a", "lokr_w1_b"} & names:  # LyCORIS' decompose_both; PEFT's default keeps W1 whole
             return "a LoKr W1 in two factors, lokr_w1_a / lokr_w1_b (decompose_both), is not supported by lorakit"
         for side in ("lokr_w1", "lokr_w2"):
             whole, pair = side in names, {f"{side}_a", f"{side}_b"} & names
             if whole == bool(pair) or len(pair) == 1:
                 return f"needs {side} or both {side}_a and {side}_b, got {sorted({side} & names | pair) or 'neither'}"
-        return None
+        unknown = sorted(names - set(cls.names()))
+        return f"unexpected tensor {unknown[0]}" if unknown else None

@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import frozen
-from ..adapter import LayerWeights, as_product
+from ..adapter import LayerWeights
 from ..config import PISSA_NITER, LoraConfig
-from .lora import LoraAdapter
+from .lora import LoraAdapter, lora_value
 
 if TYPE_CHECKING:
     from ..layers import LoraLayer
@@ -52,6 +52,7 @@ class PrincipalAdapter(LoraAdapter):
 
     plain = False  # W_res lacks s·B₀A₀ while the adapter is not in use
     shardable = False  # its start is a factorization of the whole W
+    kohya_names = None  # relative to W_res, which no other tool has; its export is plain LoRA
 
     def __init__(self, layer: LoraLayer, rank: int, alpha: float, config: LoraConfig) -> None:
         super().__init__(layer, rank, alpha, config)
@@ -70,7 +71,7 @@ class PrincipalAdapter(LoraAdapter):
         return None
 
     def initialise(self, layer: LoraLayer) -> None:
-        W = as_product(frozen.dense(layer.weight), layer.layout)  # (out, in)
+        W = layer.layout.matrix(frozen.dense(layer.weight))  # (out, in)
         r = self.rank
         niter = PISSA_NITER.fullmatch(self.init)
         if self.init == "olora":
@@ -96,7 +97,7 @@ class PrincipalAdapter(LoraAdapter):
 
     def moved(self, layer: LoraLayer) -> LayerWeights:
         """s·B₀A₀, the part of W the adapter took over, as a value."""
-        return LayerWeights(self.moved_A, self.moved_B, self.scaling, layer.layout)
+        return lora_value(self.moved_A, self.moved_B, self.scaling, layer.layout)
 
     def idle(self, layer: LoraLayer, x: Tensor, result: Tensor) -> Tensor:
         if self.moved_A is None:
@@ -115,7 +116,7 @@ class PrincipalAdapter(LoraAdapter):
         value = self.value(layer)
         B = value.B.float() * value.scaling
         if self.moved_A is None:
-            return LayerWeights(value.A.float(), B, 1.0, value.layout)
+            return lora_value(value.A.float(), B, 1.0, value.layout)
         A = torch.cat([value.A.float(), -self.moved_A.float()])
         B = torch.cat([B, self.moved_B.float() * self.scaling], dim=1)
-        return LayerWeights(A, B, 1.0, value.layout)
+        return lora_value(A, B, 1.0, value.layout)
