@@ -34,7 +34,7 @@ class GatedAdapter(LoraAdapter):
         return {"lora_gate": (1,)}
 
     def forward(self, layer, x: Tensor, base, result, sign: float = 1.0) -> Tensor:
-        return result + (sign * self.lora_gate * layer.adapter_forward(self, x)).to(result.dtype)
+        return result + (sign * self.lora_gate * self.update(layer, x)).to(result.dtype)
 
     def unmerged_weight(self, layer, weight: Tensor) -> Tensor:
         value = self.value(layer)

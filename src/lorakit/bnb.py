@@ -14,14 +14,11 @@ bitsandbytes is never imported here: a model that holds these modules has import
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
+import torch
 from torch import Tensor, nn
 
 from .layers import LoraLinear
 
-if TYPE_CHECKING:
-    from .variants import LoraAdapter
 
 BNB_MODULES = ("Linear4bit", "Linear8bitLt")
 
@@ -34,8 +31,9 @@ def is_bnb_linear(module: nn.Module) -> bool:
 class LoraBnbLinear(LoraLinear):
     """A bitsandbytes linear layer with LoRA adapters; the module computes the base."""
 
-    factorable = False  # its weight is packed: nothing to factor
-    rescalable = False  # the module computes the whole base output, bias included
+    single_matrix = False  # its weight is packed: nothing to factor
+    scalable_outputs = False  # the module computes the whole base output, bias included
+    dense_update = False  # nor can a dense ΔW be added to its packed weight
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__(base)
@@ -52,5 +50,5 @@ class LoraBnbLinear(LoraLinear):
         # them (the adapters are submodules: state_dict visits them on its own)
         self.base_module._save_to_state_dict(destination, prefix, keep_vars)
 
-    def adapter_forward(self, adapter: LoraAdapter, x: Tensor, dropout: bool = True) -> Tensor:
-        return super().adapter_forward(adapter, x, dropout).to(x.dtype)  # the module returns x's dtype
+    def output_dtype(self, x: Tensor) -> torch.dtype:
+        return x.dtype  # the module returns its input's dtype

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -30,8 +30,6 @@ from torch._subclasses.fake_tensor import is_fake
 from .layers import LoraLayer, set_module
 from .layouts import Layout, register_layout
 
-if TYPE_CHECKING:
-    from .variants import LoraAdapter
 
 PROJECTIONS = ("gate_up_proj", "down_proj")  # (E, 2I, H) and (E, H, I), as transformers 5 stores them
 
@@ -183,7 +181,8 @@ class LoraExpertWeight(LoraLayer):
     the layer's shared forward and the variant seam work unchanged)."""
 
     layout = EXPERTS
-    rescalable = False
+    scalable_outputs = False
+    adds_in_place = True  # one pass over the (S, out) output, not two
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__(base)
@@ -218,18 +217,11 @@ class LoraExpertWeight(LoraLayer):
     def base_forward(self, x: Tensor) -> Tensor:
         return grouped_linear(x, self.weight, self.groups)  # (S, in) -> (S, out)
 
-    def adapter_forward(self, adapter: LoraAdapter, x: Tensor, dropout: bool = True) -> Tensor:
-        x = x.to(adapter.lora_A.dtype)
-        hidden = grouped_linear(adapter.dropout(x) if dropout else x, adapter.lora_A, self.groups)  # (S, r)
-        return grouped_linear(hidden * adapter.scaling, adapter.lora_B, self.groups).to(self.weight.dtype)
+    def down(self, x: Tensor, A: Tensor, dropout: nn.Module) -> Tensor:
+        return grouped_linear(dropout(x.to(A.dtype)), A, self.groups)  # (S, in) -> (S, r)
 
-    def add_update(self, result: Tensor, adapter: LoraAdapter, x: Tensor, sign: float) -> Tensor:
-        """The update added into ``result``, in place when no gradient is recorded (one pass over
-        the (S, out) output, not two)."""
-        update = self.adapter_forward(adapter, x)
-        if update.dtype != result.dtype or torch.is_grad_enabled():  # autograd keeps the two apart
-            return result + sign * update.to(result.dtype)
-        return result.add_(update, alpha=sign)
+    def up(self, hidden: Tensor, B: Tensor, scaling: float) -> Tensor:
+        return grouped_linear(hidden * scaling, B, self.groups)  # (S, r) -> (S, out)
 
     @classmethod
     def wrap(cls, model: nn.Module, path: str, base: nn.Module) -> LoraLayer:

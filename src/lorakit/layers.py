@@ -1,33 +1,24 @@
-"""LoRA layers: a frozen base operation plus named low-rank adapters.
+"""Adapted layers: a frozen base operation plus named adapters.
 
-    y = base(x) + sum over active adapters of  (alpha / r) * B @ A @ dropout(x)
+    y = base(x) + the update of every active adapter
 
-Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", arXiv:2106.09685.
-A (r x in) starts Kaiming-uniform and B (out x r) starts at zero, so a fresh adapter
-leaves every output exactly as the base computes it.
-
-A LoraLayer takes the place of the module it adapts but keeps that module's
-``weight`` and ``bias`` under their own names, so ``model.state_dict()`` keys of the
-base are unchanged and a base checkpoint still loads. Adapters live in a
-``ModuleDict`` (one ``LoraAdapter`` per name), so ``state_dict``, ``.to()``,
-``deepcopy`` and ``torch.save`` see every tensor.
+A LoraLayer takes the place of the module it adapts but keeps that module's ``weight``
+and ``bias`` under their own names, so ``model.state_dict()`` keys of the base are
+unchanged and a base checkpoint still loads. Adapters live in a ``ModuleDict`` (one
+module of its kind, variants/, per name), so ``state_dict``, ``.to()``, ``deepcopy`` and
+``torch.save`` see every tensor.
 
 Merging is a performance detail, never a change in meaning: whatever is merged, the
 layer computes base + the active adapters. A merged adapter that is not active (or
 all adapters, inside ``disabled``) is subtracted on the fly.
 
-The order of the sums is where the unmerged overhead is decided: with one plain adapter
-in use (on a Linear or Conv1D), its update s·B·A·x and the bias are written first and
-the base product x W^T accumulates onto them in the same GEMM (``frozen.linear_onto``);
-otherwise each adapter's second matmul accumulates into the base output.
-
-One subclass per base type says three things: how the base computes, how an adapter
-computes, and its layout: which change of ``weight`` B @ A is (adapter.py has the math).
-
-The variant seam: each adapter is a module of its variant's class (variants/) that adds
-its own contribution in its own ``forward`` (its parameters are used only inside its own
-call, as FSDP's hooks need), merges itself into W and says what it supports; a layer
-never asks which kind an adapter is.
+One subclass per base type says how its base computes (``base_forward``, and where it
+can, ``base_product``, ``weight_forward``, ``base_forward_onto``), how a pair of factors
+acts on its input (``down``, ``up``: the operations plain LoRA, variants/lora.py, builds
+its update from) and its layout (layouts.py: how an (out, in) update lies in ``weight``).
+Each adapter is a module of its kind that adds its own contribution in its own
+``forward`` (its parameters are used only inside its own call, as FSDP's hooks need),
+merges itself into W and says what it supports; a layer never asks which kind it is.
 """
 
 from __future__ import annotations
@@ -45,22 +36,23 @@ from .config import LoraConfig
 from .layouts import CONV1D, CONV2D, EMBEDDING, LINEAR, Layout
 
 if TYPE_CHECKING:
-    from .variants import LoraAdapter
+    from .variants import Kind
 
 
 class LoraLayer(nn.Module):
     """Base class: a frozen ``weight``/``bias`` and a ``ModuleDict`` of adapters.
 
-    Subclasses implement ``base_forward`` and ``adapter_forward``, ``shapes`` (the A
-    and B shapes for a given rank), and name their ``layout`` (how B @ A becomes a
-    change of ``weight``; see adapter.py, where that math lives).
+    Subclasses implement ``base_forward``, ``down`` and ``up`` (how a pair of factors acts
+    on the input), ``shapes`` (the A and B shapes for a given rank), and name their
+    ``layout`` (how B @ A becomes a change of ``weight``; layouts.py).
     """
 
     layout: Layout  # how an update in (out, in) form lies in ``weight`` (layouts.py)
-    accumulates = False  # whether base_forward_onto exists (the base is a matrix product)
+    accumulates = False  # the base is a matrix product over the last dimension: base_forward_onto exists
     dense_update = False  # whether weight_forward exists (a dense ΔW can act on the input)
-    factorable = False  # its weight is one matrix that PiSSA/OLoRA can factor
-    rescalable = True  # its base output can be rescaled per output unit (DoRA)
+    single_matrix = False  # its weight is one plain matrix that can be factored (PiSSA/OLoRA)
+    scalable_outputs = True  # its base output, without bias, can be rescaled per output unit (DoRA)
+    adds_in_place = False  # an update may be added into the base output in place when no gradient is recorded
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__()
@@ -92,22 +84,31 @@ class LoraLayer(nn.Module):
     def base_forward(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def base_forward_without_bias(self, x: Tensor) -> Tensor:
-        """x W^T alone (DoRA rescales it)."""
-        raise NotImplementedError(f"{type(self).__name__} has no DoRA form")
+    def base_product(self, x: Tensor) -> Tensor:
+        """x W^T alone, without the bias (what DoRA rescales)."""
+        raise NotImplementedError(f"{type(self).__name__} has no base product apart from its bias")
 
-    def adapter_forward(self, adapter: LoraAdapter, x: Tensor, dropout: bool = True) -> Tensor:
-        """s·B·A·dropout(x) (without dropout when the caller applied it)."""
+    def down(self, x: Tensor, A: Tensor, dropout: nn.Module) -> Tensor:
+        """dropout(x) through A as this layer's operation, in A's dtype: x A^T for a Linear,
+        a conv with the base's geometry for a Conv2d, a lookup for an Embedding."""
         raise NotImplementedError
+
+    def up(self, hidden: Tensor, B: Tensor, scaling: float) -> Tensor:
+        """s · ``hidden`` through B as this layer's operation, in B's dtype."""
+        raise NotImplementedError
+
+    def output_dtype(self, x: Tensor) -> torch.dtype:
+        """The dtype of the base's output for input ``x``."""
+        return frozen.compute_dtype(self.weight)
 
     def weight_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         """The base operation with ``weight`` (laid out like ``self.weight``): how a dense ΔW
-        (LoHa, LoKr) acts on the input."""
+        (LoHa, LoKr) acts on the input (layers with ``dense_update``)."""
         raise NotImplementedError(f"{type(self).__name__} cannot apply a dense update")
 
-    def base_forward_onto(self, adapter: LoraAdapter, x: Tensor) -> Tensor:
-        """The output with ``adapter`` alone: s·B·A·dropout(x) + b written first, the base
-        product accumulated onto it (layers with ``accumulates``)."""
+    def base_forward_onto(self, update: Tensor, x: Tensor) -> Tensor:
+        """``update`` (tokens x out, the bias already in it) plus the base product accumulated
+        onto it in the same GEMM (layers with ``accumulates``)."""
         raise NotImplementedError
 
     @staticmethod
@@ -129,7 +130,7 @@ class LoraLayer(nn.Module):
         return self.adapters[name].value(self)
 
     # -- shared ---------------------------------------------------------------------
-    def add_adapter(self, name: str, kind: type[LoraAdapter], rank: int, alpha: float, config: LoraConfig) -> None:
+    def add_adapter(self, name: str, kind: type[Kind], rank: int, alpha: float, config: LoraConfig) -> None:
         adapter = kind(self, rank, alpha, config)
         adapter.initialise(self)
         # New modules start in training mode; an adapter follows its layer's mode so that
@@ -165,7 +166,7 @@ class LoraLayer(nn.Module):
                 result = adapter.idle(self, x, result)
         return result
 
-    def sole_plain_adapter(self, x: Tensor) -> LoraAdapter | None:
+    def sole_plain_adapter(self, x: Tensor) -> Kind | None:
         """The adapter whose update can be written before the base output, for the base
         product to accumulate into it (``base_forward_onto``, layers whose base is a
         plain matrix product): the only adapter in use, nothing merged, every adapter
@@ -185,10 +186,6 @@ class LoraLayer(nn.Module):
         """Let adapter ``name``, unless merged, give back what it took from W (before it goes)."""
         if name not in self.merged:
             self.adapters[name].release(self)
-
-    def add_update(self, result: Tensor, adapter: LoraAdapter, x: Tensor, sign: float) -> Tensor:
-        """result + sign * the adapter's output (layers that can add it in place override this)."""
-        return result + sign * self.adapter_forward(adapter, x)
 
     def merged_weight(self, name: str) -> Tensor:
         """The weight with adapter ``name`` merged in, in float32 (nothing is written)."""
@@ -276,47 +273,6 @@ class _DownProjection(torch.autograd.Function):
         return grad_x, grad_A
 
 
-_NO_DROPOUT = nn.Identity()
-
-
-def _down(adapter: LoraAdapter, x: Tensor, dropout: bool = True) -> Tensor:
-    """dropout(x) A^T, in A's dtype."""
-    A = adapter.lora_A
-    dropout = adapter.dropout if dropout else _NO_DROPOUT
-    if (x.dtype != A.dtype and isinstance(dropout, nn.Identity) and torch.is_grad_enabled()
-            and not torch.is_autocast_enabled(x.device.type)):
-        return _DownProjection.apply(x, A)
-    return F.linear(dropout(x.to(A.dtype)), A)
-
-
-def _linear_adapter(adapter: LoraAdapter, x: Tensor, out_dtype: torch.dtype, dropout: bool = True) -> Tensor:
-    # (..., in) @ (in, r) -> (..., r), scaled while it is small, then @ (r, out).
-    hidden = _down(adapter, x, dropout) * adapter.scaling
-    return F.linear(hidden, adapter.lora_B).to(out_dtype)
-
-
-def _linear_update(adapter: LoraAdapter, x: Tensor, bias: Tensor | None) -> Tensor:
-    """s·B·A·dropout(x) + b as a (tokens x out) matrix, for the base product to accumulate into."""
-    hidden = _down(adapter, x.reshape(-1, x.shape[-1])) * adapter.scaling  # (N, r)
-    return F.linear(hidden, adapter.lora_B, bias)
-
-
-def _add_linear_update(layer: LoraLayer, result: Tensor, adapter: LoraAdapter, x: Tensor, sign: float) -> Tensor:
-    """``add_update`` of the layers whose adapter is a pair of linear maps (the path of
-    several adapters, or of one whose base output must come first): the second matmul
-    accumulates into ``result`` (GEMM with beta = 1), so no (tokens x out) temporary is
-    written and read back. When the dtypes differ (half-precision base, float32 adapter;
-    autocast) the update is cast and added instead."""
-    same = result.dtype == adapter.lora_A.dtype == adapter.lora_B.dtype
-    if not same or result.dim() < 2 or torch.is_autocast_enabled(result.device.type):
-        return LoraLayer.add_update(layer, result, adapter, x, sign)
-    hidden = _down(adapter, x)  # (..., in) -> (..., r)
-    flat = result.view(-1, result.shape[-1])  # (N, out), shares result's memory
-    # flat += sign * scaling * (N, r) @ (r, out)
-    flat.addmm_(hidden.reshape(-1, adapter.rank), adapter.lora_B.T, alpha=sign * adapter.scaling)
-    return result
-
-
 class LoraLinear(LoraLayer):
     """nn.Linear: y = x W^T + b, W (out, in); or, ``transposed``, transformers' GPT-2
     Conv1D: y = x W + b, W stored as (in, out)."""
@@ -325,7 +281,7 @@ class LoraLinear(LoraLayer):
     transposed = False
     accumulates = True
     dense_update = True
-    factorable = True
+    single_matrix = True
 
     @classmethod
     def dims(cls, base: nn.Module) -> tuple[int, int]:
@@ -339,19 +295,23 @@ class LoraLinear(LoraLayer):
     def base_forward(self, x: Tensor) -> Tensor:
         return frozen.linear(x, self.weight, self.bias, transposed=self.transposed)
 
-    def base_forward_onto(self, adapter: LoraAdapter, x: Tensor) -> Tensor:
-        return frozen.linear_onto(_linear_update(adapter, x, self.bias), x, self.weight, transposed=self.transposed)
+    def base_forward_onto(self, update: Tensor, x: Tensor) -> Tensor:
+        return frozen.linear_onto(update, x, self.weight, transposed=self.transposed)
 
-    def base_forward_without_bias(self, x: Tensor) -> Tensor:
+    def base_product(self, x: Tensor) -> Tensor:
         return frozen.linear(x, self.weight, None, transposed=self.transposed)
 
     def weight_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         return F.linear(x, weight.T if self.transposed else weight, bias)
 
-    def adapter_forward(self, adapter: LoraAdapter, x: Tensor, dropout: bool = True) -> Tensor:
-        return _linear_adapter(adapter, x, frozen.compute_dtype(self.weight), dropout)
+    def down(self, x: Tensor, A: Tensor, dropout: nn.Module) -> Tensor:
+        if (x.dtype != A.dtype and isinstance(dropout, nn.Identity) and torch.is_grad_enabled()
+                and not torch.is_autocast_enabled(x.device.type)):
+            return _DownProjection.apply(x, A)
+        return F.linear(dropout(x.to(A.dtype)), A)  # (..., in) @ (in, r) -> (..., r)
 
-    add_update = _add_linear_update
+    def up(self, hidden: Tensor, B: Tensor, scaling: float) -> Tensor:
+        return F.linear(hidden * scaling, B)  # scaled while it is small: (..., r) @ (r, out)
 
 
 class LoraConv1D(LoraLinear):
@@ -392,9 +352,11 @@ class LoraEmbedding(LoraLayer):
     def base_forward(self, x: Tensor) -> Tensor:
         return self._lookup(x, self.weight)
 
-    def adapter_forward(self, adapter: LoraAdapter, x: Tensor, dropout: bool = True) -> Tensor:
-        hidden = self._lookup(x, adapter.lora_A.T)  # (..., r): row ids of A^T
-        return (hidden @ adapter.lora_B.T * adapter.scaling).to(self.weight.dtype)
+    def down(self, x: Tensor, A: Tensor, dropout: nn.Module) -> Tensor:
+        return self._lookup(x, A.T)  # (..., r): row ids of A^T (ids are never dropped)
+
+    def up(self, hidden: Tensor, B: Tensor, scaling: float) -> Tensor:
+        return hidden @ B.T * scaling
 
 
 class LoraConv2d(LoraLayer):
@@ -416,20 +378,20 @@ class LoraConv2d(LoraLayer):
     def base_forward(self, x: Tensor) -> Tensor:
         return self.base_module._conv_forward(x, self.weight, self.bias)
 
-    def base_forward_without_bias(self, x: Tensor) -> Tensor:
+    def base_product(self, x: Tensor) -> Tensor:
         return self.base_module._conv_forward(x, self.weight, None)
 
     def weight_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         return self.base_module._conv_forward(x, weight, bias)
 
-    def adapter_forward(self, adapter: LoraAdapter, x: Tensor, dropout: bool = True) -> Tensor:
+    def down(self, x: Tensor, A: Tensor, dropout: nn.Module) -> Tensor:
         base = self.base_module
-        x = x.to(adapter.lora_A.dtype)
-        x = adapter.dropout(x) if dropout else x
-        # (N, in, H, W) -> (N, r, H', W') with the base's geometry, then 1x1 up to out.
+        x = dropout(x.to(A.dtype))
+        # (N, in, H, W) -> (N, r, H', W') with the base's geometry
         if base.padding_mode != "zeros":
             x = F.pad(x, base._reversed_padding_repeated_twice, mode=base.padding_mode)
-            hidden = F.conv2d(x, adapter.lora_A, None, base.stride, 0, base.dilation)
-        else:
-            hidden = F.conv2d(x, adapter.lora_A, None, base.stride, base.padding, base.dilation)
-        return F.conv2d(hidden * adapter.scaling, adapter.lora_B).to(self.weight.dtype)
+            return F.conv2d(x, A, None, base.stride, 0, base.dilation)
+        return F.conv2d(x, A, None, base.stride, base.padding, base.dilation)
+
+    def up(self, hidden: Tensor, B: Tensor, scaling: float) -> Tensor:
+        return F.conv2d(hidden * scaling, B)  # 1x1 up to out

@@ -73,7 +73,7 @@ class DoraAdapter(LoraAdapter):
 
     @classmethod
     def check_layer(cls, layer_class: type[LoraLayer], base: nn.Module) -> str | None:
-        if not layer_class.rescalable:
+        if not layer_class.scalable_outputs:
             return (f"DoRA is not supported on {type(base).__name__} (Linear, GPT-2 Conv1D, Embedding and Conv2d "
                     "take it)")
         return None
@@ -117,8 +117,8 @@ class DoraAdapter(LoraAdapter):
             plain = base if layer.bias is None else base - layer.bias.reshape(_broadcast(layer, base))
         else:
             dropped = self.dropout(x)
-            plain = layer.base_forward_without_bias(dropped)
-        update = layer.adapter_forward(self, dropped, dropout=False)
+            plain = layer.base_product(dropped)
+        update = self.update(layer, dropped, dropout=False)
         return result + ((scale - 1) * plain + scale * update).to(result.dtype)
 
     def merged_weight(self, layer: LoraLayer, weight: Tensor) -> Tensor:

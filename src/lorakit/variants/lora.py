@@ -6,7 +6,12 @@ Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", arXiv:2106.0968
 A (r x in) starts Kaiming-uniform and B (out x r) at zero, so a fresh adapter leaves
 every output exactly as the base computes it. How B·A lies in each module's weight is
 the layout's (layouts.py); how A and B act on each layer's input is the layer's
-(``adapter_forward``, layers.py). Plain LoRA is additive, plain, servable, combinable and
+(``down``, ``up``, layers.py).
+
+The order of the sums is where the unmerged overhead is decided: as a Linear's or
+Conv1D's only adapter in use, its update and the bias are written first and the base
+product x W^T accumulates onto them in the same GEMM (``frozen.linear_onto``); otherwise
+its second matmul accumulates into the base output. Plain LoRA is additive, plain, servable, combinable and
 shardable, and each file format holds it; a subclass that changes the math says no where
 it must (DoRA, PiSSA/OLoRA).
 """
@@ -17,6 +22,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..adapter import LayerWeights
@@ -28,6 +34,8 @@ if TYPE_CHECKING:
     from ..layers import LoraLayer
 
 __all__ = ["LoraAdapter", "factor_dtype", "lora_value"]
+
+_NO_DROPOUT = nn.Identity()
 
 
 class LoraAdapter(Kind):
@@ -136,13 +144,39 @@ class LoraAdapter(Kind):
         layer.draw_factors(fresh["lora_A"], fresh["lora_B"], self.init)
         return fresh
 
+    def update(self, layer: LoraLayer, x: Tensor, dropout: bool = True) -> Tensor:
+        """s·B·A·dropout(x) as the layer's operations compute it, in the layer's output dtype."""
+        hidden = layer.down(x, self.lora_A, self.dropout if dropout else _NO_DROPOUT)  # (..., r)
+        return layer.up(hidden, self.lora_B, self.scaling).to(layer.output_dtype(x))
+
     def forward(self, layer: LoraLayer, x: Tensor, base: Tensor | None, result: Tensor | None,
                 sign: float = 1.0) -> Tensor:
         """``result`` plus ``sign`` · s·B·A·dropout(x); as the layer's sole adapter (``result``
-        None) the whole output, its update written first and the base product accumulated onto it."""
+        None) the whole output, its update and the bias written first and the base product
+        accumulated onto them (``base_forward_onto``)."""
         if result is None:
-            return layer.base_forward_onto(self, x)
-        return layer.add_update(result, self, x, sign)
+            hidden = layer.down(x.reshape(-1, x.shape[-1]), self.lora_A, self.dropout) * self.scaling  # (N, r)
+            return layer.base_forward_onto(F.linear(hidden, self.lora_B, layer.bias), x)
+        if layer.accumulates:
+            return self._accumulate(layer, result, x, sign)
+        update = self.update(layer, x)
+        if layer.adds_in_place and update.dtype == result.dtype and not torch.is_grad_enabled():
+            return result.add_(update, alpha=sign)
+        return result + sign * update.to(result.dtype)
+
+    def _accumulate(self, layer: LoraLayer, result: Tensor, x: Tensor, sign: float) -> Tensor:
+        """``result`` + sign · the update on a layer whose base is a matrix product: the second
+        matmul accumulates into ``result`` (GEMM with beta = 1), so no (tokens x out) temporary
+        is written and read back. When the dtypes differ (half-precision base, float32
+        adapter; autocast) the update is cast and added instead."""
+        same = result.dtype == self.lora_A.dtype == self.lora_B.dtype
+        if not same or result.dim() < 2 or torch.is_autocast_enabled(result.device.type):
+            return result + sign * self.update(layer, x)
+        hidden = layer.down(x, self.lora_A, self.dropout)  # (..., in) -> (..., r)
+        flat = result.view(-1, result.shape[-1])  # (N, out), shares result's memory
+        # flat += sign * scaling * (N, r) @ (r, out)
+        flat.addmm_(hidden.reshape(-1, self.rank), self.lora_B.T, alpha=sign * self.scaling)
+        return result
 
     def value(self, layer: LoraLayer, tensors: dict[str, Tensor] | None = None) -> LayerWeights:
         tensors = tensors if tensors is not None else {n: p.detach() for n, p in self.named_parameters()}

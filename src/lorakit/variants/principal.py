@@ -66,7 +66,7 @@ class PrincipalAdapter(LoraAdapter):
 
     @classmethod
     def check_layer(cls, layer_class: type[LoraLayer], base: nn.Module) -> str | None:
-        if not layer_class.factorable:
+        if not layer_class.single_matrix:
             return f"needs a Linear or GPT-2 Conv1D weight to factor, not {type(base).__name__}"
         return None
 
