@@ -122,3 +122,49 @@ def test_the_checker_sees_a_cycle_and_a_backward_arrow(tmp_path):
     assert "lorakit.training.loop" in found and layer("lorakit.training.loop") > layer("lorakit.config")
     edges = {**graph(), "lorakit.config": found}
     assert any(c[0] == "lorakit.config" or "lorakit.config" in c for c in find_cycles(edges))
+
+
+# What only the kinds (variants/) and the layouts' homes (layouts.py, and the layer classes that
+# declare them: layers.py, experts.py, bnb.py) may name: the rest of lorakit asks a value's kind
+# and layout, so a new kind or layout lands in one file plus its registration.
+KIND_NAMES = {"dora", "loha", "lokr", "pissa", "olora"}
+KIND_CLASSES = {"DoraAdapter", "LohaAdapter", "LokrAdapter", "PrincipalAdapter", "ProductAdapter"}
+LAYOUT_NAMES = {"linear", "conv1d", "embedding", "conv2d", "experts"}
+LAYOUT_OBJECTS = {"LINEAR", "CONV1D", "EMBEDDING", "CONV2D", "EXPERTS", "Matrix", "Transposed", "EmbeddingTable",
+                  "Kernel", "Stacked"}
+HOMES = ("lorakit.variants", "lorakit.layouts", "lorakit.layers", "lorakit.experts", "lorakit.bnb")
+
+
+def _names_of_kinds_and_layouts(tree: ast.AST) -> list[str]:
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and node.value in KIND_NAMES:
+            found.append(f"line {node.lineno}: the string {node.value!r}")
+        elif isinstance(node, (ast.Name, ast.Attribute)):
+            name = node.id if isinstance(node, ast.Name) else node.attr
+            if name in KIND_CLASSES | LAYOUT_OBJECTS:
+                found.append(f"line {node.lineno}: {name}")
+        elif isinstance(node, ast.alias) and node.name in KIND_CLASSES | LAYOUT_OBJECTS:
+            found.append(f"an import of {node.name}")
+        elif isinstance(node, ast.Compare):  # layout == "experts", layout in ("linear", "conv2d")
+            sides = [node.left, *node.comparators]
+            strings = {c.value for side in sides for c in ast.walk(side) if isinstance(c, ast.Constant)}
+            if strings & LAYOUT_NAMES and any(isinstance(s, ast.Attribute) and s.attr == "layout" for s in sides):
+                found.append(f"line {node.lineno}: a layout compared with its name")
+    return found
+
+
+def test_only_the_kinds_and_layouts_name_themselves():
+    offenders = {}
+    for name, path in module_files().items():
+        if name.startswith(HOMES):
+            continue
+        found = _names_of_kinds_and_layouts(ast.parse(path.read_text(), str(path)))
+        if found:
+            offenders[name] = found
+    assert offenders == {}
+
+
+def test_the_name_check_finds_what_it_looks_for():
+    code = 'x = layer.layout == "experts"\nfrom .variants import DoraAdapter\ny = {"loha": 1}\nz = CONV2D'
+    assert len(_names_of_kinds_and_layouts(ast.parse(code))) == 4

@@ -11,7 +11,6 @@ from test_training_loop import run
 from torch import Tensor, nn
 
 import lorakit
-from lorakit import config as config_module
 from lorakit import variants
 from lorakit.adapter import LayerWeights
 from lorakit.attach import lora_layers
@@ -49,7 +48,7 @@ class GatedAdapter(LoraAdapter):
 def gated():
     variants.register("gated", GatedAdapter, "gated LoRA")
     yield
-    del variants.VARIANTS["gated"], config_module.VARIANTS["gated"]
+    variants.unregister("gated")
 
 
 def test_a_variant_defined_in_a_test_trains_saves_loads_and_merges(gated, tiny_lm_dir, tmp_path):

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from torch import Tensor
 
 from .config import LoraConfig
-from .layouts import LAYOUTS, LINEAR, Layout
+from .layouts import LAYOUTS, Layout
 
 if TYPE_CHECKING:
     from .variants.kind import Kind
@@ -37,7 +37,7 @@ class LayerWeights:
     kind: type[Kind]  # the adapter class whose math these tensors follow
     tensors: Mapping[str, Tensor]
     scaling: float
-    layout: Layout = LINEAR
+    layout: Layout
     # the weight's shape where the tensors do not say it (a LoHa's on a Conv2d); None: unknown
     shape: tuple[int, ...] | None = None
 

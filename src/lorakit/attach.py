@@ -192,9 +192,28 @@ def candidate_names(model: nn.Module) -> list[str]:
     return sorted(names)
 
 
+# module types registered from outside (register_layer) -> the layer class that adapts them
+LAYER_CLASSES: dict[type[nn.Module], type[LoraLayer]] = {}
+
+
+def register_layer(module_type: type[nn.Module], layer_class: type[LoraLayer]) -> None:
+    """Make ``attach`` adapt modules of ``module_type`` with ``layer_class`` (a LoraLayer
+    subclass naming its layout, layouts.py)."""
+    if not (isinstance(layer_class, type) and issubclass(layer_class, LoraLayer)):
+        raise TypeError(f"a layer class is a subclass of lorakit.layers.LoraLayer, got {layer_class!r}")
+    LAYER_CLASSES[module_type] = layer_class
+
+
+def unregister_layer(module_type: type[nn.Module]) -> None:
+    del LAYER_CLASSES[module_type]
+
+
 def layer_class_for(module: nn.Module) -> type[LoraLayer] | None:
     if isinstance(module, LoraLayer):
         return type(module)
+    registered = next((layer for kind, layer in LAYER_CLASSES.items() if isinstance(module, kind)), None)
+    if registered is not None:
+        return registered
     if is_bnb_linear(module):
         return LoraBnbLinear
     if isinstance(module, nn.Linear):

@@ -21,10 +21,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 ALL_LINEAR = "all-linear"
-INITS = ("default", "gaussian", "pissa", "olora")  # and pissa_niter_K:
-PISSA_NITER = re.compile(r"pissa_niter_([1-9]\d*)")  # PiSSA by a randomized SVD of K iterations
-# LoraConfig.variant -> how messages name it; variants/ registers a class under each name
-VARIANTS = {"lora": "LoRA", "dora": "DoRA", "loha": "LoHa", "lokr": "LoKr"}
+# The one registry of kinds of adapter, filled by variants/ (its kinds, and the inits some of them
+# take over) and by variants.register / register_init:
+KINDS: dict[str, type] = {}  # LoraConfig.variant -> the adapter class (variants/kind.py)
+INITS: list[str] = ["default", "gaussian"]  # every init by name; these two are every kind's
+INIT_KINDS: dict[str, tuple[re.Pattern[str], type]] = {}  # an init (or family) -> (its names, the kind taking it over)
 
 # Named target sets for image models. "attention" is what diffusers' DreamBooth-LoRA
 # scripts train: a UNet's or DiT's attention projections (to_q/k/v, to_out.0, and the
@@ -45,8 +46,18 @@ class ConfigError(ValueError):
 
 
 def known_init(init: str) -> bool:
-    """One of INITS, or pissa_niter_K."""
-    return init in INITS or PISSA_NITER.fullmatch(init) is not None
+    """Whether ``init`` is a registered init."""
+    return init in INITS or init_kind(init) is not None
+
+
+def init_kind(init: str) -> type | None:
+    """The kind that takes ``init`` over (None: the variant's own kind draws it)."""
+    return next((kind for names, kind in INIT_KINDS.values() if names.fullmatch(init)), None)
+
+
+def init_names() -> str:
+    """Every init, as messages name them."""
+    return ", ".join(dict.fromkeys([*INITS, *INIT_KINDS]))
 
 
 def lora_scaling(alpha: float, rank: int, use_rslora: bool) -> float:
@@ -118,12 +129,13 @@ class LoraConfig:
         if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if not known_init(self.init):
-            raise ConfigError(f"init must be one of {INITS} or pissa_niter_K, got {self.init!r}")
-        if self.variant not in VARIANTS:
-            raise ConfigError(f"variant must be one of {tuple(VARIANTS)}, got {self.variant!r}")
-        if self.variant != "lora" and self.init not in ("default", "gaussian"):  # PiSSA/OLoRA are LoRA inits
-            raise ConfigError(f"init {self.init!r} with {VARIANTS[self.variant]} is not supported (PiSSA/OLoRA "
-                              "move W into the adapter; the variant computes from W)")
+            raise ConfigError(f"init must be one of {init_names()}, got {self.init!r}")
+        if self.variant not in KINDS:
+            raise ConfigError(f"variant must be one of {tuple(KINDS)}, got {self.variant!r}")
+        owner, kind = init_kind(self.init), KINDS[self.variant]
+        if owner is not None and not issubclass(owner, kind):  # an init that starts another kind of adapter
+            raise ConfigError(f"init {self.init!r} with {kind.display} is not supported (it starts a "
+                              f"{owner.display} adapter, which computes from a part of W moved into it)")
         if isinstance(self.targets, str):
             if self.targets != ALL_LINEAR:
                 _check_regex("targets", self.targets)

@@ -40,18 +40,15 @@ class Stacked(Layout):
     pairs as one, A (E·r, in) expert-major and B (out, r·E) expert-minor."""
 
     name = "experts"
-    peft_parameter = True
-    kohya = False
+    peft_parameter = True  # told by target_parameters, never by the factors
     batch_dims = 1
+    servable = True
 
     def product(self, A: Tensor, B: Tensor) -> Tensor:
         return torch.bmm(B, A)  # (E, out, r) @ (E, r, in) -> (E, out, in)
 
     def update_shape(self, A: Tensor, B: Tensor) -> tuple[int, ...]:
         return (A.shape[0], B.shape[1], A.shape[2])
-
-    def matches_peft(self, names, A: Tensor, fan_in_fan_out: bool) -> bool:
-        return False  # told by target_parameters, never by the factors
 
     def to_peft(self, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
         A, B = tensors["lora_A"], tensors["lora_B"]

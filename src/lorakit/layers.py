@@ -51,7 +51,7 @@ class LoraLayer(nn.Module):
     accumulates = False  # the base is a matrix product over the last dimension: base_forward_onto exists
     dense_update = False  # whether weight_forward exists (a dense ΔW can act on the input)
     single_matrix = False  # its weight is one plain matrix that can be factored (PiSSA/OLoRA)
-    scalable_outputs = True  # its base output, without bias, can be rescaled per output unit (DoRA)
+    scalable_outputs = False  # its base output, without bias, can be rescaled per output unit (DoRA)
     adds_in_place = False  # an update may be added into the base output in place when no gradient is recorded
 
     def __init__(self, base: nn.Module) -> None:
@@ -282,6 +282,7 @@ class LoraLinear(LoraLayer):
     accumulates = True
     dense_update = True
     single_matrix = True
+    scalable_outputs = True
 
     @classmethod
     def dims(cls, base: nn.Module) -> tuple[int, int]:
@@ -330,6 +331,7 @@ class LoraEmbedding(LoraLayer):
     """
 
     layout = EMBEDDING
+    scalable_outputs = True
 
     @staticmethod
     def dims(base: nn.Module) -> tuple[int, int]:
@@ -365,6 +367,7 @@ class LoraConv2d(LoraLayer):
 
     layout = CONV2D
     dense_update = True
+    scalable_outputs = True
 
     @staticmethod
     def dims(base: nn.Module) -> tuple[int, int]:

@@ -23,17 +23,18 @@ from torch import Tensor
 
 class Layout:
     """A module's weight seen as the matrix an update changes: ``matrix`` and ``weight`` map
-    between the two, ``product`` lays out B·A. The default is the plain (out, in) matrix."""
+    between the two, ``product`` lays out B·A. The defaults are the plain (out, in) matrix's;
+    what a layout supports (kohya files, serving slots) it says, as a kind does."""
 
-    name = "linear"
+    name = "layout"
     peft_names = ("lora_A.weight", "lora_B.weight")  # the file key suffixes of A and B
     fan_in_fan_out = False  # PEFT's flag for a weight stored (in, out)
     peft_parameter = False  # PEFT names it in target_parameters (a tensor, not a module)
     kernel = False  # W has a kernel beyond (out, in): a DoRA magnitude broadcasts over it
     out_dim = 0  # the dimension of W that indexes output units
-    kohya = True  # kohya / LyCORIS files hold updates of it
     batch_dims = 0  # leading dimensions of W, A and B that index separate weights (experts)
-    servable = True  # serving slots hold updates of it (serve/slots.py)
+    kohya = False  # kohya / LyCORIS files hold updates of it
+    servable = False  # serving slots hold updates of it (serve/slots.py)
 
     def __repr__(self) -> str:
         return f"<layout {self.name}>"
@@ -60,7 +61,12 @@ class Layout:
         return weight
 
     def rank(self, A: Tensor) -> int:
+        """The rank of the pair, read from A."""
         return A.shape[self.batch_dims]
+
+    def up_rank(self, B: Tensor) -> int:
+        """The rank of the pair, read from B."""
+        return B.shape[self.batch_dims + 1]
 
     def pair(self, A: Tensor, B: Tensor, weight_shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
         """A (k, in) and B (out, k) of a factorisation of the matrix, shaped as this layout's
@@ -71,9 +77,10 @@ class Layout:
         """The shape of the weight that A and B change."""
         return tuple(self.weight(torch.empty(B.shape[0], A.shape[1], device="meta")).shape)
 
-    def matches_peft(self, names: Collection[str], A: Tensor, fan_in_fan_out: bool) -> bool:
-        """Whether a PEFT file's module with these factor names and this A is of this layout."""
-        return A.dim() == 2 and not fan_in_fan_out and "lora_A" in names
+    def matches_peft(self, names: Collection[str], tensors: Mapping[str, Tensor], fan_in_fan_out: bool) -> bool:
+        """Whether a PEFT file's module is of this layout, from its tensors (``names``: as the
+        file names them; ``tensors``: by lorakit's names, lora_A, lora_B, ...)."""
+        return False
 
     def to_peft(self, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """A module's tensors as PEFT stores them."""
@@ -84,7 +91,18 @@ class Layout:
         return dict(tensors)
 
 
-class Transposed(Layout):
+class Matrix(Layout):
+    """nn.Linear: W (out, in)."""
+
+    name = "linear"
+    kohya = True
+    servable = True
+
+    def matches_peft(self, names: Collection[str], tensors: Mapping[str, Tensor], fan_in_fan_out: bool) -> bool:
+        return tensors["lora_A"].dim() == 2 and not fan_in_fan_out and "lora_A" in names
+
+
+class Transposed(Matrix):
     """GPT-2's Conv1D: W stored (in, out)."""
 
     name = "conv1d"
@@ -98,8 +116,8 @@ class Transposed(Layout):
     def matrix(self, weight: Tensor) -> Tensor:
         return weight.T
 
-    def matches_peft(self, names: Collection[str], A: Tensor, fan_in_fan_out: bool) -> bool:
-        return A.dim() == 2 and fan_in_fan_out and "lora_A" in names
+    def matches_peft(self, names: Collection[str], tensors: Mapping[str, Tensor], fan_in_fan_out: bool) -> bool:
+        return tensors["lora_A"].dim() == 2 and fan_in_fan_out and "lora_A" in names
 
 
 class EmbeddingTable(Transposed):
@@ -110,7 +128,7 @@ class EmbeddingTable(Transposed):
     fan_in_fan_out = False
     servable = False
 
-    def matches_peft(self, names: Collection[str], A: Tensor, fan_in_fan_out: bool) -> bool:
+    def matches_peft(self, names: Collection[str], tensors: Mapping[str, Tensor], fan_in_fan_out: bool) -> bool:
         return "lora_embedding_A" in names
 
 
@@ -119,7 +137,7 @@ class Kernel(Layout):
 
     name = "conv2d"
     kernel = True
-    servable = False
+    kohya = True
 
     def product(self, A: Tensor, B: Tensor) -> Tensor:
         return torch.einsum("or,rikl->oikl", B.flatten(1), A)  # (out, r) x (r, in, kh, kw)
@@ -133,11 +151,11 @@ class Kernel(Layout):
     def pair(self, A: Tensor, B: Tensor, weight_shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
         return A.reshape(A.shape[0], *weight_shape[1:]), B.reshape(B.shape[0], B.shape[1], 1, 1)
 
-    def matches_peft(self, names: Collection[str], A: Tensor, fan_in_fan_out: bool) -> bool:
-        return A.dim() == 4
+    def matches_peft(self, names: Collection[str], tensors: Mapping[str, Tensor], fan_in_fan_out: bool) -> bool:
+        return tensors["lora_A"].dim() == 4
 
 
-LINEAR, CONV1D, EMBEDDING, CONV2D = Layout(), Transposed(), EmbeddingTable(), Kernel()
+LINEAR, CONV1D, EMBEDDING, CONV2D = Matrix(), Transposed(), EmbeddingTable(), Kernel()
 
 # every layout by name, in the order a PEFT file's module is matched against them
 LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in (EMBEDDING, CONV2D, CONV1D, LINEAR)}
@@ -153,10 +171,15 @@ def register_layout(layout: Layout) -> Layout:
     return layout
 
 
-def peft_layout(names: Collection[str], A: Tensor, fan_in_fan_out: bool) -> Layout:
-    """The layout of a PEFT file's module (not one in target_parameters) from its factors."""
+def unregister_layout(name: str) -> None:
+    """Forget the layout registered as ``name``."""
+    del LAYOUTS[name]
+
+
+def peft_layout(names: Collection[str], tensors: Mapping[str, Tensor], fan_in_fan_out: bool) -> Layout:
+    """The layout of a PEFT file's module (not one in target_parameters) from its tensors."""
     return next(layout for layout in LAYOUTS.values()
-                if not layout.peft_parameter and layout.matches_peft(names, A, fan_in_fan_out))
+                if not layout.peft_parameter and layout.matches_peft(names, tensors, fan_in_fan_out))
 
 
 def parameter_layout() -> Layout:

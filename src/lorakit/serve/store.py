@@ -20,7 +20,6 @@ from pathlib import Path
 from torch import nn
 
 from ..adapter import LayerWeights
-from ..config import VARIANTS
 from ..variants import adapter_class
 from ..files import CONFIG_NAME, WEIGHTS_NAME, AdapterFileError, locate, read_adapter
 from .slots import SlotLinear, slot_layers
@@ -176,14 +175,17 @@ class AdapterStore:
         except AdapterFileError as err:
             raise StoreError(str(err), 422) from None
         if not adapter_class(adapter.config).servable:
-            raise StoreError(f"adapter {name!r} ({path}) is a {VARIANTS[adapter.config.variant]} adapter: its "
+            raise StoreError(f"adapter {name!r} ({path}) is a {adapter_class(adapter.config).display} adapter: its "
                              "change is not the B·A·x a serving slot adds per request; merge it first (lorakit merge) "
                              "and serve the merged model", 422)
         weights: dict[str, LayerWeights] = {}
         problems = []
         for layer_path, given in adapter.layers.items():
             layer = self.layers.get(layer_path)
-            if layer is None or not given.layout.servable:
+            if not given.layout.servable:
+                problems.append(f"{layer_path}: a {given.layout} layer is not served")
+                continue
+            if layer is None:
                 problems.append(f"{layer_path}: no such linear layer or expert tensor in this model (only those "
                                 "are served)")
                 continue

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import ALL_LINEAR, INITS, VARIANTS, ConfigError, LoraConfig, known_init
+from ..config import ALL_LINEAR, KINDS, ConfigError, LoraConfig, init_names, known_init
 from ..quantize import QUANTIZATIONS
 from ..variants import adapter_class
 from .tracking import check_trackers
@@ -177,10 +177,10 @@ class TrainConfig(Settings):
         positive = ("rank", "batch_size", "micro_batch_size", "max_length", "save_every", "keep_checkpoints",
                     "log_every")
         problems += [f"{name} must be >= 1, got {getattr(self, name)}" for name in positive if getattr(self, name) < 1]
-        if self.variant not in VARIANTS:
-            problems.append(f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
+        if self.variant not in KINDS:
+            problems.append(f"variant must be one of {', '.join(KINDS)}, got {self.variant!r}")
         if not known_init(self.init):
-            problems.append(f"init must be one of {', '.join(INITS)} or pissa_niter_K, got {self.init!r}")
+            problems.append(f"init must be one of {init_names()}, got {self.init!r}")
         if self.max_steps is not None and self.max_steps < 1:
             problems.append(f"max_steps must be >= 1, got {self.max_steps}")
         if self.epochs <= 0:

@@ -13,36 +13,61 @@ adds a kind (a subclass of ``Kind``) under a new name; a layout is registered in
 
 from __future__ import annotations
 
+import re
+
 from .. import config as _config
-from ..config import ConfigError, LoraConfig
+from ..config import ConfigError, LoraConfig, init_kind
 from .dora import DoraAdapter
 from .kind import Kind
 from .lora import LoraAdapter, lora_value
 from .lycoris import LohaAdapter, LokrAdapter, ProductAdapter
-from .principal import PrincipalAdapter, moves_weight
+from .principal import PISSA_NITER, PrincipalAdapter
 
 __all__ = ["Kind", "LoraAdapter", "DoraAdapter", "PrincipalAdapter", "LohaAdapter", "LokrAdapter", "ProductAdapter",
-           "VARIANTS", "adapter_class", "register", "tensor_names", "kind_name", "lora_value"]
+           "VARIANTS", "adapter_class", "register", "register_init", "unregister", "tensor_names", "kind_name",
+           "lora_value"]
 
-# LoraConfig.variant -> the adapter class each layer gets
-VARIANTS: dict[str, type[Kind]] = {"lora": LoraAdapter, "dora": DoraAdapter, "loha": LohaAdapter,
-                                   "lokr": LokrAdapter}
+VARIANTS = _config.KINDS  # LoraConfig.variant -> the adapter class each layer gets (the one registry)
 
 
 def register(name: str, kind: type[Kind], display: str | None = None) -> None:
-    """Make ``LoraConfig(variant=name)`` build ``kind`` adapters (``display``: its name in messages)."""
+    """Make ``LoraConfig(variant=name)`` build ``kind`` adapters (``display``: its name in
+    messages, where the class says none)."""
     if not (isinstance(kind, type) and issubclass(kind, Kind)):
         raise TypeError(f"a variant is a subclass of lorakit.variants.Kind, got {kind!r}")
+    if "display" not in vars(kind):
+        kind.display = display or name
     VARIANTS[name] = kind
-    _config.VARIANTS[name] = display or name
+
+
+def register_init(name: str, kind: type[Kind], names: str | None = None) -> None:
+    """Make ``LoraConfig(init=name)`` start ``kind`` adapters (``names``: a regular expression
+    of a family of inits shown as ``name``; ``kind`` a subclass of the variant it is an init of)."""
+    _config.INIT_KINDS[name] = (re.compile(names or re.escape(name)), kind)
+    if names is None:
+        _config.INITS.append(name)
+
+
+def unregister(name: str) -> None:
+    """Forget the kind registered as ``name``."""
+    kind = VARIANTS.pop(name)
+    if vars(kind).get("display") == name:
+        del kind.display
 
 
 def adapter_class(config: LoraConfig) -> type[Kind]:
-    """The adapter class ``config`` asks for (its variant; PiSSA/OLoRA by its init)."""
+    """The adapter class ``config`` asks for (its variant's, or that of the init it takes)."""
     kind = VARIANTS.get(config.variant)
     if kind is None:  # a name LoraConfig knows but no class was registered for
         raise ConfigError(f"variant {config.variant!r} has no adapter class; known: {', '.join(VARIANTS)}")
-    return PrincipalAdapter if moves_weight(config.init) else kind
+    return init_kind(config.init) or kind
+
+
+for _name, _kind in {"lora": LoraAdapter, "dora": DoraAdapter, "loha": LohaAdapter, "lokr": LokrAdapter}.items():
+    register(_name, _kind)
+register_init("pissa", PrincipalAdapter)
+register_init("olora", PrincipalAdapter)
+register_init("pissa_niter_K", PrincipalAdapter, PISSA_NITER.pattern)
 
 
 def tensor_names() -> set[str]:

@@ -52,6 +52,7 @@ def magnitude_shape(layout: Layout, out_features: int) -> tuple[int, ...]:
 class DoraAdapter(LoraAdapter):
     """LoRA's A and B plus a magnitude per output unit."""
 
+    display = "DoRA"
     additive = False
     plain = False  # it rescales the base output
     servable = False  # a serving slot adds B·A·x per row; DoRA would need the base rescaled per row

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from .. import frozen
 from ..adapter import LayerWeights
 from ..config import LoraConfig
-from ..layouts import CONV2D, LINEAR, Layout
+from ..layouts import CONV1D, CONV2D, LINEAR, Layout
 
 if TYPE_CHECKING:
     from ..layers import LoraLayer
@@ -51,6 +51,7 @@ class Kind(nn.Module):
     """One adapter of some kind on one layer: its tensors, registered as parameters under
     their file key suffixes, its scaling and its math."""
 
+    display: ClassVar[str] = "adapter"  # how messages name it (register sets it from the name otherwise)
     additive = False  # its merge adds ΔW: it can be subtracted on the fly and unmerged exactly
     plain = False  # its update is s·B·A·x and nothing else (the sole-adapter path)
     fusable = False  # as a layer's only adapter it computes x (W + ΔW)ᵀ + b in one product
@@ -117,7 +118,7 @@ class Kind(nn.Module):
     def file_layout(cls, names: set[str], tensors: Mapping[str, Tensor], fan_in_fan_out: bool) -> Layout:
         """The layout of a PEFT file's module of this kind from its tensors (``names``: their
         names as the file has them): a Conv2d's where a tensor has a kernel, else a Linear's."""
-        return CONV2D if any(t.dim() == 4 for t in tensors.values()) else LINEAR
+        return CONV2D if any(t.dim() == 4 for t in tensors.values()) else CONV1D if fan_in_fan_out else LINEAR
 
     @classmethod
     def value_problem(cls, value: LayerWeights, rank: int | None) -> str | None:

@@ -41,6 +41,7 @@ _NO_DROPOUT = nn.Identity()
 class LoraAdapter(Kind):
     """One adapter on one layer: A, B, its dropout and its scaling. Merged, it is W + ΔW."""
 
+    display = "LoRA"
     additive = True
     plain = True  # its update is s·B·A·x and nothing else (the sole-adapter path; kohya files)
     servable = True
@@ -89,7 +90,7 @@ class LoraAdapter(Kind):
 
     @classmethod
     def file_layout(cls, names: set[str], tensors: Mapping[str, Tensor], fan_in_fan_out: bool) -> Layout:
-        return peft_layout(names, tensors["lora_A"], fan_in_fan_out)
+        return peft_layout(names, tensors, fan_in_fan_out)
 
     @classmethod
     def delta_of(cls, value: LayerWeights) -> Tensor:
@@ -107,7 +108,7 @@ class LoraAdapter(Kind):
     @classmethod
     def value_problem(cls, value: LayerWeights, rank: int | None) -> str | None:
         A, B = value.A, value.B
-        if rank is not None and (value.layout.rank(A) != rank or B.shape[1 + value.layout.batch_dims] != rank):
+        if rank is not None and (value.layout.rank(A) != rank or value.layout.up_rank(B) != rank):
             return f"A {tuple(A.shape)}, B {tuple(B.shape)}; expected rank {rank} (config)"
         return None
 

@@ -32,7 +32,8 @@ import torch
 from torch import Tensor, nn
 
 from ..adapter import LayerWeights
-from ..config import VARIANTS as NAMES, LoraConfig
+from ..config import LoraConfig
+from ..layouts import LINEAR
 from .kind import Kind
 
 if TYPE_CHECKING:
@@ -64,7 +65,7 @@ class ProductAdapter(Kind):
 
     @classmethod
     def describe(cls, config: LoraConfig) -> str:
-        return NAMES[config.variant]  # "LoHa", "LoKr"
+        return cls.display
 
     @classmethod
     def check_config(cls, config: LoraConfig) -> str | None:
@@ -103,7 +104,7 @@ class ProductAdapter(Kind):
         problem = cls.tensors_problem(set(part)) or cls.check_layer(layer_class, base)
         if problem:
             return problem, None, 0
-        rank = cls.rank_of(LayerWeights(cls, part, 1.0))
+        rank = cls.rank_of(LayerWeights(cls, part, 1.0, layer_class.layout))
         scaling = alpha / rank if rank else 1.0  # LyCORIS ignores alpha for a LoKr of whole W1 and W2
         rank = rank or cls.whole_rank(part)
         expected = cls.tensor_shapes(layer_class, base, rank)
@@ -117,13 +118,14 @@ class ProductAdapter(Kind):
     @classmethod
     def whole_rank(cls, factors: Mapping[str, Tensor]) -> int:
         """The rank a file's factors were made with where no low-rank pair says it."""
-        return cls.rank_of(LayerWeights(cls, factors, 1.0))
+        return cls.rank_of(LayerWeights(cls, factors, 1.0, LINEAR))
 
 
 class LohaAdapter(ProductAdapter):
     """LoHa: ΔW = s · (W1a W1b) ⊙ (W2a W2b); W1a, W1b, W2a Kaiming-uniform, W2b zero (PEFT)."""
 
     lycoris = "loha"
+    display = "LoHa"
     peft_config = {"peft_type": "LOHA", "rank_dropout": 0.0, "module_dropout": 0.0, "use_effective_conv2d": False}
     kohya_names = {name: name for name in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")}
 
@@ -157,6 +159,7 @@ class LokrAdapter(ProductAdapter):
     """LoKr: ΔW = s · W1 ⊗ W2; W1 zero, W2 (or W2a, W2b) Kaiming-uniform (PEFT)."""
 
     lycoris = "lokr"
+    display = "LoKr"
     peft_config = {"peft_type": "LOKR", "rank_dropout": 0.0, "module_dropout": 0.0, "use_effective_conv2d": False,
                    "decompose_both": False, "decompose_factor": -1, "rank_dropout_scale": False}
     kohya_names = {name: name for name in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")}

@@ -25,6 +25,7 @@ which PEFT, vLLM and ``lorakit serve`` load on the unmodified base.
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
 import torch
@@ -33,23 +34,19 @@ from torch import Tensor, nn
 
 from .. import frozen
 from ..adapter import LayerWeights
-from ..config import PISSA_NITER, LoraConfig
+from ..config import LoraConfig
 from .lora import LoraAdapter, lora_value
 
 if TYPE_CHECKING:
     from ..layers import LoraLayer
 
-MOVING_INITS = ("pissa", "olora")  # and pissa_niter_K
-
-
-def moves_weight(init: str) -> bool:
-    """Whether ``init`` starts the adapter as a part of W (this module's adapters)."""
-    return init in MOVING_INITS or PISSA_NITER.fullmatch(init) is not None
+PISSA_NITER = re.compile(r"pissa_niter_([1-9]\d*)")  # PiSSA by a randomized SVD of K iterations
 
 
 class PrincipalAdapter(LoraAdapter):
     """A LoRA adapter that took the part s·B₀A₀ of W over at its start."""
 
+    display = "PiSSA/OLoRA"
     plain = False  # W_res lacks s·B₀A₀ while the adapter is not in use
     shardable = False  # its start is a factorization of the whole W
     kohya_names = None  # relative to W_res, which no other tool has; its export is plain LoRA
