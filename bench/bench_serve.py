@@ -44,7 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_core import interleaved, table  # noqa: E402
 
-from lorakit.serve.slots import STACK_TOKENS  # noqa: E402
+from lorakit.serve.slots import STACK_TOKENS, router_of  # noqa: E402
 
 
 def random_adapters(model, root: Path, ranks: list[int], prefix: str = "a") -> list[str]:
@@ -115,7 +115,7 @@ def mixed_batch(rounds: int, layers: int) -> None:
     def ours_with(model, ids, row_slots, gather: bool = True, copy_blocks: bool = False):
         """``gather``: False forces segments; ``copy_blocks``: the stacked path copies the
         batch's blocks even when they lie side by side (as it did before reading them in place)."""
-        router = model.lorakit_router
+        router = router_of(model)
 
         def call():
             router.stack_tokens = STACK_TOKENS if gather else 0

@@ -14,8 +14,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "src" / "lorakit"
 # everything in it). A module may import from its own layer or lower ones.
 LAYERS = {
     # the core: torch, safetensors and huggingface_hub only
-    "config": 0, "adapter": 0, "layouts": 0, "frozen": 0, "hub": 0, "quiet": 0, "layers": 0, "bnb": 0, "experts": 0, "variants": 0,
-    "attach": 0, "merge": 0, "quantize": 0,
+    "config": 0, "adapter": 0, "layouts": 0, "frozen": 0, "hub": 0, "quiet": 0, "layers": 0, "bnb": 0, "experts": 0,
+    "variants": 0, "attach": 0, "merge": 0, "quantize": 0,
     # adapters as files
     "formats": 1, "files": 1,
     # models and adapter algebra

@@ -84,7 +84,8 @@ def test_the_toy_kind_trains_saves_loads_and_merges(triple, tiny_lm_dir, tmp_pat
     state = lorakit.merged_state_dict(base, value)
     for path, layer in layers.items():
         t = {name: p.detach() for name, p in layer.adapters["default"].named_parameters()}
-        expected = base[f"{path}.weight"] + layer.adapters["default"].scaling * t["triple_u"] @ t["triple_m"] @ t["triple_v"]
+        scaling = layer.adapters["default"].scaling
+        expected = base[f"{path}.weight"] + scaling * t["triple_u"] @ t["triple_m"] @ t["triple_v"]
         torch.testing.assert_close(state[f"{path}.weight"], expected, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(fresh.get_submodule(path).weight.detach(), state[f"{path}.weight"], rtol=0, atol=0)
 

@@ -8,7 +8,7 @@ import torch
 from conftest import MODELS, randomize_adapters
 
 import lorakit
-from lorakit.serve.slots import BASE, SlotLinear, enable_slots, make_route, routing
+from lorakit.serve.slots import BASE, SlotLinear, enable_slots, make_route, router_of, routing
 from lorakit.serve.store import AdapterStore
 
 
@@ -43,7 +43,7 @@ def test_every_row_equals_its_adapter_alone(family, ranks, path, tmp_path):
     from lorakit.serve import slots as module
 
     base, singles, served, store = build(family, tmp_path, ranks)
-    served.lorakit_router.stack_tokens = PATHS[path]
+    router_of(served).stack_tokens = PATHS[path]
     names = [*singles, None] * 2 + ["a0"] * 2  # a0 has a longer segment than the others
     random.Random(len(ranks)).shuffle(names)
     slots = [store.acquire(n) if n else BASE for n in names]
@@ -53,7 +53,7 @@ def test_every_row_equals_its_adapter_alone(family, ranks, path, tmp_path):
             mixed = module.mixed_forward(served, ids, slots)
         else:
             with routing(served, slots, ids.shape[1]):
-                stacked = served.lorakit_router.current.stack is not None
+                stacked = router_of(served).current.stack is not None
                 mixed = served(ids).logits
             assert stacked == (path.startswith("stacked") and len(ranks) > 1)
         for row, name in enumerate(names):
@@ -71,7 +71,7 @@ def test_stacked_groups_of_one_adapter_each_after_the_base_rows(family, tmp_path
     ids = torch.randint(0, base.config.vocab_size, (len(names), 3), generator=torch.Generator().manual_seed(6))
     grouped = sorted(slots)
     with routing(served, grouped, 3):
-        stack = served.lorakit_router.current.stack
+        stack = router_of(served).current.stack
     assert (stack.start, stack.end, stack.length) == (6, 24, 6) and stack.slots.tolist() == sorted(set(slots) - {BASE})
     with torch.no_grad():
         logits = mixed_forward(served, ids, slots)
@@ -198,7 +198,7 @@ def test_bf16_base_stacked_rows_match_each_adapter_alone(tmp_path):
         lorakit.load_adapter(references[name], tmp_path / name)
     ids = torch.randint(0, 97, (4, 1), generator=torch.Generator().manual_seed(8))
     with torch.no_grad(), routing(served, slots, 1):
-        assert served.lorakit_router.current.stack is not None
+        assert router_of(served).current.stack is not None
         logits = served(ids).logits
         for row, name in enumerate(names):
             # the same fp32 update, summed in another order: equal up to one bf16 rounding per layer

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from . import hub
 from .adapter import Adapter
-from .attach import (AttachError, adapters, attach, check_new_name, delete_adapter, find_saved_modules,
+from .attach import (AttachError, Target, adapters, attach, check_new_name, delete_adapter, find_saved_modules,
                      find_targets, known_adapters, lora_layers)
 from .config import LoraConfig, config_for_layers
 from .formats import AdapterFileError, read_safetensors
@@ -106,6 +106,22 @@ def check_fits(model: nn.Module, adapter: Adapter, name: str | None, source: str
         saved_modules = find_saved_modules(model, adapter.config)
     except AttachError as err:
         raise AdapterFileError(f"{source}: does not fit this model: {err}") from None
+    problems = fit_problems(adapter, targets, keys)
+    expected = {f"{path}.{key}": (path, p) for path, m in saved_modules.items() for key, p in m.named_parameters()}
+    problems += [_tensor_problem(path, f"{PREFIX}{key}", adapter.saved.get(key), tuple(p.shape))
+                 for key, (path, p) in expected.items()]
+    problems += [f"unexpected key {PREFIX}{key} (no such module to save)" for key in adapter.saved if key not in expected]
+    problems = [p for p in problems if p]
+    if problems:
+        shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
+        raise AdapterFileError(f"{source}: does not fit this model:\n  " + "\n  ".join(shown))
+
+
+def fit_problems(adapter: Adapter, targets: list[Target], keys: KeyNamer | None = None) -> list[str]:
+    """Every way the modules of ``adapter`` do not fit ``targets``: a tensor its kind has there
+    missing, unexpected, mis-shaped or not floating point, a module of no target. Loading into
+    a model and filling serving slots both check with it."""
+    keys = keys or _plain_names
     kind = adapter_class(adapter.config)
     problems = []
     for target in targets:
@@ -115,21 +131,13 @@ def check_fits(model: nn.Module, adapter: Adapter, name: str | None, source: str
         if value is None:
             problems.append(f"{target.path}: missing key {keys(target.path, next(iter(shapes)), layout)}")
             continue
-        tensors = value.tensors
-        problems += [_tensor_problem(target.path, keys(target.path, n, layout), tensors.get(n), shape)
+        problems += [_tensor_problem(target.path, keys(target.path, n, layout), value.tensors.get(n), shape)
                      for n, shape in shapes.items()]
-        problems += [f"{target.path}: unexpected tensor {n}" for n in tensors if n not in shapes]
+        problems += [f"{target.path}: unexpected tensor {n}" for n in value.tensors if n not in shapes]
     found = {t.path for t in targets}
     problems += [f"unexpected key {keys(path, next(iter(value.tensors)), value.layout)} (no such target in this model)"
                  for path, value in adapter.layers.items() if path not in found]
-    expected = {f"{path}.{key}": (path, p) for path, m in saved_modules.items() for key, p in m.named_parameters()}
-    problems += [_tensor_problem(path, f"{PREFIX}{key}", adapter.saved.get(key), tuple(p.shape))
-                 for key, (path, p) in expected.items()]
-    problems += [f"unexpected key {PREFIX}{key} (no such module to save)" for key in adapter.saved if key not in expected]
-    problems = [p for p in problems if p]
-    if problems:
-        shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
-        raise AdapterFileError(f"{source}: does not fit this model:\n  " + "\n  ".join(shown))
+    return [p for p in problems if p]
 
 
 def _tensor_problem(path: str, key: str, tensor: Tensor | None, shape: tuple[int, ...]) -> str | None:

@@ -43,7 +43,7 @@ def file_bytes(adapters: Mapping[str, Adapter]) -> bytes:
     for component, adapter in adapters.items():
         if adapter.saved:
             raise AdapterFileError(f"{component}: modules_to_save have no place in a diffusers LoRA file")
-        if not all(layer.kind.diffusers for layer in adapter.layers.values()):  # neither diffusers nor lorakit reads them
+        if not all(layer.kind.diffusers for layer in adapter.layers.values()):  # no reader takes other kinds
             kind = adapter_class(adapter.config).describe(adapter.config)
             raise AdapterFileError(f"{component}: a diffusers LoRA file holds lora_A / lora_B factors, which a "
                                    f"{kind} adapter does not have; write it as kohya (LyCORIS keys, read by "

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from .kvcache import KVCache
 from .request import Request, SamplingParams, choose_tokens, sampled_logprobs, token_logprobs
-from .slots import routing
+from .slots import router_of, routing
 from .store import AdapterStore, Lease, StoreError
 
 __all__ = ["Engine", "Request", "SamplingParams", "build_engine", "complete", "lease_all"]
@@ -40,6 +40,7 @@ class Engine:
         self.store = store
         self.max_batch = max_batch
         self.device = next(model.parameters()).device
+        self.router = router_of(model)  # the route's context: the engine's, not an attribute of the model
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.waiting: queue.Queue[Request] = queue.Queue()
         self.admitting: list[Request] = []  # taken off the queue, not yet running
@@ -166,7 +167,7 @@ class Engine:
         extended in place)."""
         from transformers import DynamicCache
 
-        with routing(self.model, slots, ids.shape[1]):
+        with routing(self.router, slots, ids.shape[1]):
             # The output head runs on the last position only, unless a prompt is scored.
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                              past_key_values=past if past is not None else DynamicCache(), use_cache=True,

@@ -35,10 +35,12 @@ class Route:
 
 
 class Router:
-    """Shared by every SlotLinear of a model: the route of the forward pass under way."""
+    """Shared by every slotted layer of a model, held by the engine that serves it: the route
+    of the forward pass under way (the context the layers read; nothing on the model)."""
 
-    def __init__(self, capacity: int, stack_tokens: int = STACK_TOKENS) -> None:
+    def __init__(self, capacity: int, device: torch.device | str = "cpu", stack_tokens: int = STACK_TOKENS) -> None:
         self.capacity = capacity
+        self.device = torch.device(device)
         # the stacked path runs when every adapter of a grouped batch has as many tokens, or
         # when adapters have at most this many tokens each on average; 0: never
         self.stack_tokens = stack_tokens

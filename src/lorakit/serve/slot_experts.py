@@ -1,22 +1,28 @@
-"""Mixed-adapter batches through fused MoE experts (experts.py has the math).
+"""Mixed-adapter batches through fused MoE experts, by the grouped forward training uses.
 
 A served model's fused-experts modules become ``SlotExperts``: the frozen expert tensors
-plus, per tensor, a ``SlotExpertWeight`` that holds each loaded adapter's E pairs
-(A_s (E, r, in) and s·B_s^T (E, r, out), float32). Per forward, every token-expert pair
-is sorted once by (expert, slot of its row); each expert then computes its base
-product on all its tokens and adds each adapter's update to that adapter's contiguous
-block of them, so each row gets exactly its own adapter's experts.
+plus, per tensor, a ``SlotExpertWeight`` that keeps every loaded adapter's E pairs stacked
+as one more set of "experts", one per (expert, lane) with lane 0 the base (zeros) and lane
+1 + s slot s: A (E·lanes, r, in) and s·B (E·lanes, out, r), the rank padded to the widest
+loaded (a multiple of 4, as grouped GEMMs align rows), zeros being exact. Per forward the
+token-expert pairs are sorted once by (expert, lane); the base product is one grouped GEMM
+over the experts (experts.py's ``grouped_linear``) and each adapter's update two more over
+the (expert, lane) groups, with no per-expert loop and no host read where the device runs
+``grouped_mm`` (as on CPU with torch >= 2.10).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import is_fake
 
 from ..adapter import LayerWeights
-from ..experts import PROJECTIONS, expert_parameters
+from ..experts import (PROJECTIONS, ExpertWeight, Groups, LoraExpertWeight, expert_parameters, grouped_linear,
+                       grouped_mm_works)
 from .route import Route, Router
+
+ALIGN = 4  # ranks padded to a multiple of this: 16-byte rows of float32 for grouped_mm
 
 
 class SlotExpertWeight(nn.Module):
@@ -26,34 +32,49 @@ class SlotExpertWeight(nn.Module):
         super().__init__()
         self.weight = weight
         self.num_experts, self.out_features, self.in_features = weight.shape
-        self.slots: list[tuple[Tensor, Tensor] | None] = [None] * capacity  # (A, s·B^T) per slot
+        self.capacity = capacity
+        self.slots: list[LayerWeights | None] = [None] * capacity
+        self.stacked: tuple[Tensor, Tensor] | None = None  # A (E·lanes, r, in), s·B (E·lanes, out, r)
+        object.__setattr__(self, "base_module", ExpertWeight(weight))  # what its adapters' shapes are read from
+        self.layer_class = LoraExpertWeight
 
     def fill(self, slot: int, weights: LayerWeights) -> None:
-        slots = list(self.slots)  # one assignment: a forward sees the old or the new list
-        slots[slot] = (weights.A.float().contiguous(), (weights.B.float() * weights.scaling).transpose(1, 2).contiguous())
-        self.slots = slots
+        slots = list(self.slots)
+        slots[slot] = weights
+        self._restack(slots)
 
     def empty(self, slot: int) -> None:
         slots = list(self.slots)
         slots[slot] = None
-        self.slots = slots
+        self._restack(slots)
 
-    def project(self, x: Tensor, expert: int, blocks: list[tuple[int, int, int]]) -> Tensor:
-        """x W_e^T for expert e's tokens, plus, on each (slot, start, end) block of them, that
-        slot's s·B_e·A_e·x."""
-        out = F.linear(x, self.weight[expert])  # (n, in) @ (in, out)
-        slots = self.slots
-        for slot, start, end in blocks:
-            pair = slots[slot]
-            if pair is None:  # this adapter does not target this tensor
-                continue
-            A, scaled_Bt = pair
-            hidden = x[start:end].float() @ A[expert].T  # (m, in) @ (in, r)
-            out[start:end] += (hidden @ scaled_Bt[expert]).to(out.dtype)  # (m, r) @ (r, out)
-        return out
+    def _restack(self, slots: list[LayerWeights | None]) -> None:
+        """One assignment each: a forward sees the old stacks or the new ones."""
+        filled = [(slot, w) for slot, w in enumerate(slots) if w is not None]
+        stacked = None
+        if filled:
+            rank = -(-max(w.rank for _, w in filled) // ALIGN) * ALIGN
+            lanes, E = self.capacity + 1, self.num_experts
+            device = self.weight.device
+            A = torch.zeros(E, lanes, rank, self.in_features, device=device)
+            B = torch.zeros(E, lanes, self.out_features, rank, device=device)
+            for slot, w in filled:
+                A[:, slot + 1, :w.rank] = w.A.float()
+                B[:, slot + 1, :, :w.rank] = w.B.float() * w.scaling
+            stacked = (A.flatten(0, 1), B.flatten(0, 1))
+        self.slots, self.stacked = slots, stacked
+
+    def project(self, x: Tensor, experts: Groups, lanes: Groups) -> Tensor:
+        """x W_e^T for every pair, plus, on each pair whose row has an adapter, its s·B_e·A_e·x."""
+        out = grouped_linear(x, self.weight, experts)  # (S, in) -> (S, out)
+        stacked = self.stacked
+        if stacked is None:
+            return out
+        hidden = grouped_linear(x.float(), stacked[0], lanes)  # (S, r)
+        return out + grouped_linear(hidden, stacked[1], lanes).to(out.dtype)  # (S, out)
 
     def extra_repr(self) -> str:
-        used = sum(pair is not None for pair in self.slots)
+        used = sum(w is not None for w in self.slots)
         return f"experts={self.num_experts}, in={self.in_features}, out={self.out_features}, slots={used}"
 
 
@@ -71,43 +92,33 @@ class SlotExperts(nn.Module):
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         tokens, top_k = top_k_index.shape
         lanes = self.router.capacity + 1  # lane 0: rows on the base
-        row_lane = self._token_lanes(tokens, self.router.current, hidden_states.device)
-        pair_lane = row_lane.repeat_interleave(top_k)  # (T k,)
-        key = top_k_index.reshape(-1) * lanes + pair_lane
-        order = key.argsort(stable=True)  # pairs grouped by expert, then by slot
-        counts = torch.bincount(key, minlength=self.num_experts * lanes).view(-1, lanes).tolist()  # one host read
-        token_of = order // top_k
-        weights = top_k_weights.reshape(-1)[order]
-        output = torch.zeros_like(hidden_states)
-        start = 0
-        for expert, per_lane in enumerate(counts[:self.num_experts]):
-            count = sum(per_lane)
-            if count == 0:
-                continue
-            blocks, offset = [], per_lane[0]
-            for lane in range(1, lanes):
-                if per_lane[lane]:
-                    blocks.append((lane - 1, offset, offset + per_lane[lane]))
-                    offset += per_lane[lane]
-            rows = token_of[start:start + count]
-            gate, up = self.gate_up_proj.project(hidden_states[rows], expert, blocks).chunk(2, dim=-1)
-            out = self.down_proj.project(self.act_fn(gate) * up, expert, blocks)  # (n, H)
-            output.index_add_(0, rows, (out * weights[start:start + count, None]).to(output.dtype))
-            start += count
-        return output
+        row_lane = token_lanes(tokens, self.router.current, hidden_states.device)
+        experts = top_k_index.reshape(-1)
+        key = experts * lanes + row_lane.repeat_interleave(top_k)  # (T k,)
+        order = key.argsort(stable=True)  # pairs grouped by expert, then by lane
+        device, real = hidden_states.device, not is_fake(hidden_states)
+        by_expert = Groups(experts, self.num_experts, real and grouped_mm_works(device, hidden_states.dtype))
+        # the adapters compute in float32
+        by_lane = Groups(key, self.num_experts * lanes, real and grouped_mm_works(device, torch.float32))
+        rows = order // top_k  # the token of each pair
+        gate, up = self.gate_up_proj.project(hidden_states[rows], by_expert, by_lane).chunk(2, dim=-1)
+        out = self.down_proj.project(self.act_fn(gate) * up, by_expert, by_lane)  # (T k, H)
+        weighted = out * top_k_weights.reshape(-1)[order, None]
+        return torch.zeros_like(hidden_states).index_add_(0, rows, weighted.to(hidden_states.dtype))
 
-    @staticmethod
-    def _token_lanes(tokens: int, route: Route | None, device: torch.device) -> Tensor:
-        """Each token's lane: 1 + the slot of its row, 0 on the base (slot BASE = -1)."""
-        lanes = torch.zeros(tokens, dtype=torch.long, device=device)
-        if route is None:
-            return lanes
-        for slot, start, end in route.segments:
-            if route.order is None:
-                lanes[start:end] = slot + 1
-            else:
-                lanes[route.order[start:end]] = slot + 1
+
+def token_lanes(tokens: int, route: Route | None, device: torch.device) -> Tensor:
+    """Each token's lane: 1 + the slot of its row, 0 on the base (slot BASE = -1); one
+    assignment per adapter of the batch, none per row."""
+    lanes = torch.zeros(tokens, dtype=torch.long, device=device)
+    if route is None:
         return lanes
+    for slot, start, end in route.segments:
+        if route.order is None:
+            lanes[start:end] = slot + 1
+        else:
+            lanes[route.order[start:end]] = slot + 1
+    return lanes
 
 
 def enable_expert_slots(model: nn.Module, router: Router) -> None:
@@ -117,4 +128,3 @@ def enable_expert_slots(model: nn.Module, router: Router) -> None:
     found = [(path, m) for path, m in model.named_modules() if path and expert_parameters(m) is not None]
     for path, module in found:
         set_module(model, path, SlotExperts(module, router))
-

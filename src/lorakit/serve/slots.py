@@ -40,12 +40,13 @@ from torch import Tensor, nn
 
 from .. import frozen
 from ..adapter import LayerWeights
+from ..attach import layer_class_for, output_head
 from .pool import Pool, SlotWeights
 from .route import BASE, STACK_TOKENS, Route, Router, Stack, make_route
-from .slot_experts import SlotExpertWeight, enable_expert_slots
+from .slot_experts import SlotExperts, SlotExpertWeight, enable_expert_slots
 
-__all__ = ["BASE", "Route", "Router", "Stack", "SlotLinear", "enable_slots", "make_route", "mixed_forward", "routing",
-           "slot_layers"]
+__all__ = ["BASE", "Route", "Router", "Stack", "SlotLinear", "enable_slots", "make_route", "mixed_forward", "router_of",
+           "routing", "slot_layers"]
 
 
 class SlotLinear(nn.Module):
@@ -54,8 +55,12 @@ class SlotLinear(nn.Module):
     def __init__(self, base: nn.Module, router: Router) -> None:
         super().__init__()
         self.transposed = not isinstance(base, nn.Linear)  # Conv1D stores W as (in, out)
+        self.layer_class = layer_class_for(base)  # whose shapes an adapter of this layer has
         self.weight = base.weight
         self.register_parameter("bias", base.bias)
+        base.register_parameter("weight", None)  # emptied, kept out of the tree: the adapters' shapes
+        base.register_parameter("bias", None)
+        object.__setattr__(self, "base_module", base)
         self.in_features, self.out_features = (self.weight.shape if self.transposed
                                                else self.weight.shape[::-1])
         self.pool = Pool.empty(router.capacity, self.in_features, self.out_features, self.weight.device)
@@ -140,10 +145,9 @@ def enable_slots(model: nn.Module, capacity: int, stack_tokens: int = STACK_TOKE
     (and every fused-experts module by a SlotExperts: slot_experts.py).
 
     ``stack_tokens``: see ``Router``; 0 adds adapters by segments only."""
-    from ..attach import layer_class_for, output_head
     from ..layers import LoraConv1D, LoraLinear, set_module
 
-    router = Router(capacity, stack_tokens)
+    router = Router(capacity, next(model.parameters()).device, stack_tokens)
     head = output_head(model)
     targets = [(path, m) for path, m in model.named_modules()
                if path and m is not head and layer_class_for(m) in (LoraLinear, LoraConv1D)]
@@ -151,8 +155,13 @@ def enable_slots(model: nn.Module, capacity: int, stack_tokens: int = STACK_TOKE
         set_module(model, path, SlotLinear(module, router))
     enable_expert_slots(model, router)
     model.requires_grad_(False)
-    model.lorakit_router = router
     return router
+
+
+def router_of(model: nn.Module) -> Router | None:
+    """The router the slotted layers of ``model`` share (None: the model has no slots). The
+    engine keeps it; nothing is set on the model itself."""
+    return next((m.router for m in model.modules() if isinstance(m, (SlotLinear, SlotExperts))), None)
 
 
 def slot_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -162,16 +171,17 @@ def slot_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 @contextmanager
-def routing(model: nn.Module, row_slots: Sequence[int], seq_len: int) -> Iterator[None]:
-    """Run the model's forward passes inside the block with row i on slot ``row_slots[i]``.
+def routing(target: Router | nn.Module | None, row_slots: Sequence[int], seq_len: int) -> Iterator[None]:
+    """Run the forward passes inside the block with row i on slot ``row_slots[i]``; ``target``:
+    the router of the slotted model (the engine's), or the model, whose router is looked up.
 
     A model without slots (one being trained: its adapters attached, not slotted) runs as
     it is, every row on its active adapters."""
-    router: Router | None = getattr(model, "lorakit_router", None)
+    router = target if isinstance(target, Router) or target is None else router_of(target)
     if router is None:
         yield
         return
-    router.current = make_route(row_slots, seq_len, next(model.parameters()).device, router.stack_tokens)
+    router.current = make_route(row_slots, seq_len, router.device, router.stack_tokens)
     try:
         yield
     finally:

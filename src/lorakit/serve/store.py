@@ -19,10 +19,12 @@ from pathlib import Path
 
 from torch import nn
 
-from ..adapter import LayerWeights
+from ..adapter import Adapter, LayerWeights
+from ..attach import Target
+from ..files import CONFIG_NAME, WEIGHTS_NAME, AdapterFileError, fit_problems, locate, read_adapter
+from ..formats.peft import tensor_key
 from ..variants import adapter_class
-from ..files import CONFIG_NAME, WEIGHTS_NAME, AdapterFileError, locate, read_adapter
-from .slots import SlotLinear, slot_layers
+from .slots import SlotLinear, router_of, slot_layers
 
 # Path segments of letters, digits, . _ -, none starting with a dot (so no "..", no hidden files).
 NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*(/[A-Za-z0-9_-][A-Za-z0-9._-]*)*$")
@@ -89,7 +91,7 @@ class AdapterStore:
             raise StoreError(f"adapter root {root} is not a directory", 400)
         self.root = Path(root).resolve() if root is not None else None
         self.layers: dict[str, SlotLinear] = slot_layers(model)
-        self.capacity = model.lorakit_router.capacity
+        self.capacity = router_of(model).capacity
         self.max_adapters = min(max_adapters, self.capacity)
         self.max_bytes = max_bytes
         self.loaded: OrderedDict[str, Loaded] = OrderedDict()  # least recently used first
@@ -178,31 +180,29 @@ class AdapterStore:
             raise StoreError(f"adapter {name!r} ({path}) is a {adapter_class(adapter.config).display} adapter: its "
                              "change is not the B·A·x a serving slot adds per request; merge it first (lorakit merge) "
                              "and serve the merged model", 422)
-        weights: dict[str, LayerWeights] = {}
-        problems = []
+        problems, targets = [], []
         for layer_path, given in adapter.layers.items():
             layer = self.layers.get(layer_path)
             if not given.layout.servable:
                 problems.append(f"{layer_path}: a {given.layout} layer is not served")
-                continue
-            if layer is None:
+            elif layer is None:
                 problems.append(f"{layer_path}: no such linear layer or expert tensor in this model (only those "
                                 "are served)")
-                continue
-            A, B = given.A.float(), given.B.float()  # read_adapter refused NaN and infinity
-            rank, experts = given.rank, (layer.num_experts,) if given.layout.batch_dims else ()
-            want_A, want_B = (*experts, rank, layer.in_features), (*experts, layer.out_features, rank)
-            if tuple(A.shape) != want_A or tuple(B.shape) != want_B:
-                problems.append(f"{layer_path}: A {tuple(A.shape)}, B {tuple(B.shape)}; expected A {want_A}, "
-                                f"B {want_B}")
-                continue
-            device = layer.weight.device
-            weights[layer_path] = given.replace({"lora_A": A.to(device), "lora_B": B.to(device)})
+            else:
+                config = adapter.config
+                targets.append(Target(layer_path, layer.base_module, layer.layer_class, config.rank_for(layer_path),
+                                      config.alpha_for(layer_path)))
+        served = Adapter(adapter.config, {t.path: adapter.layers[t.path] for t in targets})
+        problems += fit_problems(served, targets, tensor_key)  # the check loading into a model makes
         if adapter.saved:
             problems.append(f"modules_to_save {list(adapter.config.modules_to_save)} cannot be served per request")
-        if problems or not weights:
+        if problems or not targets:
             shown = problems[:10] or ["no LoRA weights"]
             raise StoreError(f"adapter {name!r} ({path}) does not fit this model: " + "; ".join(shown), 422)
+        weights = {}
+        for target in targets:  # a slot holds A and s·B in float32 (read_adapter refused NaN and infinity)
+            value, device = adapter.layers[target.path], self.layers[target.path].weight.device
+            weights[target.path] = value.replace({n: value.tensors[n].float().to(device) for n in ("lora_A", "lora_B")})
         nbytes = sum(w.nbytes for w in weights.values())
         if self.max_bytes is not None and nbytes > self.max_bytes:
             raise StoreError(f"adapter {name!r} needs {nbytes} bytes, more than the store's {self.max_bytes}", 422)

@@ -140,7 +140,8 @@ class Kind(nn.Module):
     def from_kohya(cls, name: str, part: dict[str, Tensor], alpha: float, layer_class: type[LoraLayer], base: nn.Module,
                    shape: tuple[int, ...]) -> tuple[str | None, LayerWeights | None, int]:
         """A kohya file's module (tensors by kohya key suffix, alpha) as a value checked to fit
-        ``base`` (whose weight has ``shape``; ``name``: its kohya name, for messages), with the rank its config takes; or what is wrong."""
+        ``base`` (whose weight has ``shape``; ``name``: its kohya name, for messages), with the
+        rank its config takes; or what is wrong."""
         raise NotImplementedError(f"{cls.__name__} has no kohya form")
 
     @staticmethod
