@@ -70,6 +70,22 @@ def test_forward_and_gradients_equal_the_dense_formula(kind):
         torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("order", [("plain", "default"), ("default", "plain")])
+def test_a_plain_adapter_beside_an_active_dora_adapter_leaves_it_the_base_output(order):
+    """Plain LoRA adds its update into the output in place; DoRA, active beside it, still rescales
+    the base output alone: the sum equals the two dense formulas added."""
+    model, x = dora_model("linear")
+    lorakit.attach(model, lorakit.LoraConfig(rank=2, alpha=3, targets=["layer"]), name="plain")
+    randomize_adapters(model, "plain")
+    lorakit.set_active(model, list(order))
+    dora, plain = model.layer.adapters["default"], model.layer.adapters["plain"]
+    with torch.no_grad():
+        out = model(x)
+        expected = dense_forward(model, x, dora.lora_A, dora.lora_B, dora.lora_magnitude_vector)
+        expected += plain.scaling * F.linear(F.linear(x, plain.lora_A), plain.lora_B)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("kind", ["linear", "conv1d", "conv2d", "embedding"])
 def test_a_fresh_dora_adapter_changes_nothing_and_m_starts_at_the_norm(kind):
     model, x = single(kind)

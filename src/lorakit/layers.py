@@ -122,7 +122,7 @@ class LoraLayer(nn.Module):
         nn.init.zeros_(B)
 
     def delta_weight(self, name: str) -> Tensor:
-        """(alpha / r) * B @ A laid out like ``weight``, in float32."""
+        """Adapter ``name``'s ΔW laid out like ``weight``, in float32."""
         return self.weights(name).delta()
 
     def weights(self, name: str) -> LayerWeights:
@@ -149,8 +149,10 @@ class LoraLayer(nn.Module):
         if sole is not None:  # the whole output, from the adapter's own call
             return sole(self, x, None, None)
         base = self.base_forward(x)
-        result = base
         wanted = () if self.disabled else self.active
+        adding = [n for n in wanted if n not in self.merged] + [n for n in self.merged if n not in wanted]
+        # adapters may add into the result in place; one that reads the base output (DoRA) must see it as it was
+        result = base.clone() if len(adding) > 1 and not all(self.adapters[n].plain for n in adding) else base
         for name in wanted:
             if name not in self.merged:
                 result = self.adapters[name](self, x, base, result)
