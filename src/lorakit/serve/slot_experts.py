@@ -6,9 +6,10 @@ as one more set of "experts", one per (expert, lane) with lane 0 the base (zeros
 1 + s slot s: A (E·lanes, r, in) and s·B (E·lanes, out, r), the rank padded to the widest
 loaded (a multiple of 4, as grouped GEMMs align rows), zeros being exact. Per forward the
 token-expert pairs are sorted once by (expert, lane); the base product is one grouped GEMM
-over the experts (experts.py's ``grouped_linear``) and each adapter's update two more over
-the (expert, lane) groups, with no per-expert loop and no host read where the device runs
-``grouped_mm`` (as on CPU with torch >= 2.10).
+over the experts (experts.py's ``grouped_linear``, as in training) and the adapters' update
+two more over the (expert, lane) groups, or, for few pairs (a decode step), two batched
+matmuls over each pair's gathered A and B: no per-expert loop, and no host read where the
+device runs ``grouped_mm`` (as on CPU with torch >= 2.10).
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from ..experts import (PROJECTIONS, ExpertWeight, Groups, LoraExpertWeight, expe
 from .route import Route, Router
 
 ALIGN = 4  # ranks padded to a multiple of this: 16-byte rows of float32 for grouped_mm
+# at most this many gathered elements (pairs x rank x (in + out)) take the gather path: a grouped
+# GEMM over every (expert, lane) group costs a few microseconds per group, empty ones included
+GATHER_ELEMENTS = 1 << 22
 
 
 class SlotExpertWeight(nn.Module):
@@ -64,14 +68,20 @@ class SlotExpertWeight(nn.Module):
             stacked = (A.flatten(0, 1), B.flatten(0, 1))
         self.slots, self.stacked = slots, stacked
 
-    def project(self, x: Tensor, experts: Groups, lanes: Groups) -> Tensor:
-        """x W_e^T for every pair, plus, on each pair whose row has an adapter, its s·B_e·A_e·x."""
+    def project(self, x: Tensor, experts: Groups, lanes: Groups, keys: Tensor | None) -> Tensor:
+        """x W_e^T for every pair, plus, on each pair whose row has an adapter, its s·B_e·A_e·x
+        (``keys``: each pair's (expert, lane) group, in the pairs' order; None: every row on the base)."""
         out = grouped_linear(x, self.weight, experts)  # (S, in) -> (S, out)
         stacked = self.stacked
-        if stacked is None:
+        if stacked is None or keys is None:
             return out
-        hidden = grouped_linear(x.float(), stacked[0], lanes)  # (S, r)
-        return out + grouped_linear(hidden, stacked[1], lanes).to(out.dtype)  # (S, out)
+        A, B = stacked
+        if x.shape[0] * A.shape[1] * (A.shape[2] + B.shape[1]) <= GATHER_ELEMENTS:
+            # few pairs (a decode step): each pair's own A and B gathered, two batched matmuls
+            hidden = torch.bmm(x.float()[:, None, :], A[keys].transpose(1, 2))  # (S, 1, in) @ (S, in, r)
+            return out + torch.bmm(hidden, B[keys].transpose(1, 2))[:, 0].to(out.dtype)  # (S, 1, r) @ (S, r, out)
+        hidden = grouped_linear(x.float(), A, lanes)  # (S, r)
+        return out + grouped_linear(hidden, B, lanes).to(out.dtype)  # (S, out)
 
     def extra_repr(self) -> str:
         used = sum(w is not None for w in self.slots)
@@ -100,9 +110,11 @@ class SlotExperts(nn.Module):
         by_expert = Groups(experts, self.num_experts, real and grouped_mm_works(device, hidden_states.dtype))
         # the adapters compute in float32
         by_lane = Groups(key, self.num_experts * lanes, real and grouped_mm_works(device, torch.float32))
-        rows = order // top_k  # the token of each pair
-        gate, up = self.gate_up_proj.project(hidden_states[rows], by_expert, by_lane).chunk(2, dim=-1)
-        out = self.down_proj.project(self.act_fn(gate) * up, by_expert, by_lane)  # (T k, H)
+        rows, keys = order // top_k, key[order]  # the token and the (expert, lane) group of each pair
+        if self.router.current is None or not self.router.current.segments:
+            keys = None  # no row on an adapter: the base alone
+        gate, up = self.gate_up_proj.project(hidden_states[rows], by_expert, by_lane, keys).chunk(2, dim=-1)
+        out = self.down_proj.project(self.act_fn(gate) * up, by_expert, by_lane, keys)  # (T k, H)
         weighted = out * top_k_weights.reshape(-1)[order, None]
         return torch.zeros_like(hidden_states).index_add_(0, rows, weighted.to(hidden_states.dtype))
 
