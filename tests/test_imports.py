@@ -19,7 +19,7 @@ LAYERS = {
     # adapters as files
     "formats": 1, "files": 1,
     # models and adapter algebra
-    "pretrained": 2, "combine": 2, "analyze": 2, "pipelines": 2, "plan": 2, "report": 2,
+    "pretrained": 2, "combine": 2, "analyze": 2, "pipelines": 2, "plan": 2, "report": 2, "llamacpp": 2,
     # the applications: serving, and training, whose RL rollouts decode with serving's engine
     "serve": 3, "training": 4,
     "cli": 5, "__main__": 5,

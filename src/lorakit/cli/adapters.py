@@ -42,22 +42,49 @@ def combine(
 
 @app.command()
 def convert(
-    source: Annotated[str, typer.Argument(help="A PEFT adapter directory, or a diffusers / kohya LoRA file.")],
-    out: Annotated[str, typer.Argument(help="Where to write: a directory (peft, diffusers) or a file (kohya).")],
-    to: Annotated[str, typer.Option(help="peft, diffusers or kohya.")],
-    pipeline: Annotated[str, typer.Option(help="The diffusers pipeline folder the adapter belongs to (only its "
-                                               "config.json files are read).")],
+    source: Annotated[str, typer.Argument(help="A PEFT adapter directory, a diffusers / kohya LoRA file, or a "
+                                               "llama.cpp adapter .gguf.")],
+    target: Annotated[str | None, typer.Argument(help="Where to write (or --out): a directory (peft, diffusers) "
+                                                      "or a file (kohya, gguf).")] = None,
+    to: Annotated[str, typer.Option(help="peft, diffusers, kohya or gguf.")] = "peft",
+    out: Annotated[str | None, typer.Option(help="Where to write (instead of the second argument).")] = None,
+    base: Annotated[str | None, typer.Option(help="GGUF: the base model (HF dir, Hub id, .gguf, smollm2-135m); "
+                                                  "only its config and tensor names are read.")] = None,
+    pipeline: Annotated[str | None, typer.Option(help="Image models: the diffusers pipeline folder the adapter "
+                                                      "belongs to (only its config.json files are read).")] = None,
     component: Annotated[str, typer.Option(help="The model a PEFT directory belongs to.")] = "unet",
 ) -> None:
-    """Convert an image-model adapter between PEFT's, diffusers' and kohya's files.
+    """Convert an adapter: for llama.cpp / Ollama (GGUF, with --base) or between image-model files.
 
-    Example: lorakit convert civitai_style.safetensors runs/style --to diffusers --pipeline sd15/
+    Examples: lorakit convert runs/chat/adapter --to gguf --base smollm2-135m --out chat.gguf;
+    lorakit convert chat.gguf --to peft --base smollm2-135m --out runs/chat-back;
+    lorakit convert civitai_style.safetensors runs/style --to diffusers --pipeline sd15/
     """
-    from ..pipelines import convert as convert_adapter
-
     with user_errors():
-        path = convert_adapter(source, out, to, pipeline, component)
+        destination = out or target
+        if destination is None:
+            raise ValueError("say where to write: a second argument or --out")
+        if to == "gguf" or source.endswith(".gguf"):
+            path = _convert_gguf(source, destination, to, base)
+        else:
+            from ..pipelines import convert as convert_adapter
+
+            if pipeline is None:
+                raise ValueError("--pipeline is needed for image-model adapters (--to gguf needs --base)")
+            path = convert_adapter(source, destination, to, pipeline, component)
     console.print(f"wrote {path}")
+
+
+def _convert_gguf(source: str, destination: str, to: str, base: str | None):
+    from ..llamacpp import export_adapter_gguf, import_adapter_gguf
+
+    if base is None:
+        raise ValueError("--base is needed with GGUF: the model the adapter belongs to")
+    if to == "gguf":
+        return export_adapter_gguf(source, base, destination)
+    if to != "peft":
+        raise ValueError(f"a GGUF adapter converts to peft, not {to}")
+    return import_adapter_gguf(source, base, destination)
 
 
 @app.command()
@@ -139,21 +166,34 @@ def _report_kept(result, headline: str) -> None:
 def merge(
     model: Annotated[str, typer.Argument(help="Base model: HF model dir, Hub id (org/name[@revision]), .gguf file, or smollm2-135m.")],
     adapter: Annotated[str, typer.Argument(help="PEFT-format adapter directory or Hub id.")],
-    out: Annotated[str, typer.Option(help="Directory for the merged model.")],
-    dtype: Annotated[str, typer.Option(help="Weight dtype of the merged model: fp32, bf16, fp16.")] = "fp32",
+    out: Annotated[str, typer.Option(help="Directory for the merged model (a .gguf file with --to gguf).")],
+    dtype: Annotated[str, typer.Option(help="Weight dtype: fp32, bf16, fp16; with --to gguf also f32, f16, "
+                                            "q8_0.")] = "fp32",
+    to: Annotated[str, typer.Option(help="transformers (a model directory) or gguf (one file for llama.cpp and "
+                                         "Ollama, with a Modelfile beside it).")] = "transformers",
     quantize: Annotated[str | None, typer.Option(
         help="The base was quantized (nf4, int8) when the adapter was trained: merge into those "
              "dequantized weights, the function the adapter learned. The result is written dense "
              "in --dtype, never re-quantized.")] = None,
 ) -> None:
-    """Merge an adapter into its base model and save a plain transformers model.
+    """Merge an adapter into its base model and save a plain transformers model, or a GGUF file.
 
-    Example: lorakit merge smollm2-135m runs/chat/adapter --out merged/
+    Examples: lorakit merge smollm2-135m runs/chat/adapter --out merged/;
+    lorakit merge smollm2-135m runs/chat/adapter --to gguf --dtype q8_0 --out chat.gguf
     """
     import torch
 
     from ..pretrained import save_merged
 
+    if to == "gguf":
+        from ..llamacpp import merge_to_gguf
+
+        with user_errors():
+            path = merge_to_gguf(model, adapter, out, {"fp32": "f32", "fp16": "f16"}.get(dtype, dtype), quantize)
+        console.print(f"merged model written to {path} (llama.cpp, Ollama: {path.with_suffix('.Modelfile').name})")
+        return
+    if to != "transformers":
+        raise typer.BadParameter("expected transformers or gguf", param_hint="--to")
     if dtype not in DTYPES:
         why = (" (a merged model is written dense; re-quantizing W + delta would round the adapter's small "
                "update away: quantize when loading it, e.g. lorakit serve --quantize)") if dtype in QUANTIZATIONS else ""

@@ -20,6 +20,7 @@ its hyperparameters and its tokenizer (vocabulary, merges, special tokens, chat 
 from __future__ import annotations
 
 import os
+import struct
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -33,9 +34,8 @@ from ..config import config_for_layers
 from ..variants import lora_value
 from . import AdapterFileError
 
-# transformers' architecture -> llama.cpp's (Mistral's weights are a Llama's to llama.cpp)
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
-                 "Qwen3ForCausalLM": "qwen3"}
+# transformers' model type -> llama.cpp's architecture (Mistral's weights are a Llama's to llama.cpp)
+ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 PERMUTED = {"llama"}  # llama.cpp's converter permutes q and k rows (rope on interleaved pairs)
 ADAPTER_SUFFIXES = (".weight.lora_a", ".weight.lora_b")
 DTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -44,11 +44,11 @@ MERGE_INSTEAD = "use lorakit merge --to gguf to write the merged model instead"
 
 def architecture(config: Any) -> str:
     """llama.cpp's name of the model's architecture; refused by name where lorakit writes none."""
-    found = [ARCHITECTURES[a] for a in getattr(config, "architectures", None) or [] if a in ARCHITECTURES]
-    if not found:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ARCHITECTURES:
         raise AdapterFileError(f"GGUF: lorakit writes {', '.join(sorted(ARCHITECTURES))} models, not "
-                               f"{getattr(config, 'architectures', None)}; nothing written")
-    return found[0]
+                               f"{model_type!r} ({getattr(config, 'architectures', None)}); nothing written")
+    return ARCHITECTURES[model_type]
 
 
 def _name_map(config: Any, arch: str):
@@ -118,9 +118,11 @@ def _refusal(path: str, layer: Any, names: Mapping[str, str], head: str | None) 
     return None
 
 
-def write_adapter(adapter: Adapter, model: nn.Module, path: str | os.PathLike) -> Path:
+def write_adapter(adapter: Adapter, model: nn.Module, path: str | os.PathLike,
+                  base_tensors: Mapping[str, tuple[int, ...]] | None = None) -> Path:
     """``adapter`` as a llama.cpp adapter file at ``path`` (``model``: its base, on any device,
-    meta included; every module checked to fit it before anything is written), atomically."""
+    meta included; every module checked to fit it before anything is written), atomically.
+    ``base_tensors``: name -> (out, in) of a base GGUF, which must hold every tensor changed."""
     import gguf
 
     from ..attach import output_head
@@ -134,6 +136,10 @@ def write_adapter(adapter: Adapter, model: nn.Module, path: str | os.PathLike) -
         raise AdapterFileError(" ".join(str(err).split())) from None
     head = output_head(model)
     tensors, alpha = adapter_tensors(adapter, config, next((p for p, m in model.named_modules() if m is head), None))
+    for name in tensors if base_tensors is not None else ():
+        stem = name.removesuffix(ADAPTER_SUFFIXES[0]).removesuffix(ADAPTER_SUFFIXES[1]) + ".weight"
+        if stem not in base_tensors:
+            raise AdapterFileError(f"the base GGUF has no tensor {stem}, which the adapter changes; nothing written")
     writer = gguf.GGUFWriter(None, arch)
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
@@ -162,20 +168,20 @@ def _write(writer: Any, path: Path) -> Path:
 def read_adapter(path: str | os.PathLike, model: nn.Module) -> Adapter:
     """A llama.cpp adapter file as an adapter value on ``model`` (its base); B's rows put back
     in transformers' order, α / r the scaling of each module."""
-    reader = _reader(path)
-    fields = _fields(reader)
-    if fields.get("general.type") != "adapter" or fields.get("adapter.type") != "lora":
-        raise AdapterFileError(f"{path}: not a LoRA adapter GGUF (general.type {fields.get('general.type')!r}, "
-                               f"adapter.type {fields.get('adapter.type')!r}); a model GGUF loads as a model")
+    found = reader(path)
+    values = fields(found)
+    if values.get("general.type") != "adapter" or values.get("adapter.type") != "lora":
+        raise AdapterFileError(f"{path}: not a LoRA adapter GGUF (general.type {values.get('general.type')!r}, "
+                               f"adapter.type {values.get('adapter.type')!r}); a model GGUF loads as a model")
     config = model.config
     arch = architecture(config)
-    if fields.get("general.architecture") != arch:
-        raise AdapterFileError(f"{path}: an adapter for a {fields.get('general.architecture')!r} model, the base is "
+    if values.get("general.architecture") != arch:
+        raise AdapterFileError(f"{path}: an adapter for a {values.get('general.architecture')!r} model, the base is "
                                f"{arch!r}")
-    alpha = float(fields.get("adapter.lora.alpha", 0.0))
+    alpha = float(values.get("adapter.lora.alpha", 0.0))
     paths = {name: p for p, name in base_names(config, [p for p, _ in model.named_modules()]).items()}
     factors: dict[str, dict[str, Tensor]] = {}
-    for tensor in reader.tensors:
+    for tensor in found.tensors:
         stem, suffix = _split(tensor.name)
         if suffix is None or stem not in paths:
             raise AdapterFileError(f"{path}: tensor {tensor.name!r} is no LoRA factor of a module of this base")
@@ -205,22 +211,16 @@ def _split(name: str) -> tuple[str, str | None]:
     return name, None
 
 
-def _reader(path: str | os.PathLike):
+def reader(path: str | os.PathLike):
     from gguf import GGUFReader
 
     try:
         return GGUFReader(path)
-    except (ValueError, OSError, IndexError, KeyError, struct_error()) as err:
+    except (ValueError, OSError, IndexError, KeyError, struct.error) as err:
         raise AdapterFileError(f"{path}: not a readable GGUF file ({err})") from None
 
 
-def struct_error() -> type[Exception]:
-    import struct
-
-    return struct.error
-
-
-def _fields(reader: Any) -> dict[str, Any]:
+def fields(reader: Any) -> dict[str, Any]:
     values = {}
     for key, field in reader.fields.items():
         try:
