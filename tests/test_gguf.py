@@ -135,6 +135,21 @@ def test_a_merged_dora_model_runs_in_llama_cpp(base, tmp_path):
     assert "FROM ./merged.gguf" in modelfile
 
 
+@pytest.mark.parametrize("dtype", ["f16", "bf16", "q8_0"])
+def test_a_merged_model_in_a_smaller_dtype_runs_in_llama_cpp(base, tmp_path, dtype):
+    """Rounded weights: lorakit's top-1 among llama.cpp's top 5, log-probabilities within what the
+    dtype's rounding moves them on these small random models."""
+    from lorakit.llamacpp import merge_to_gguf
+
+    directory, _ = base
+    model, adapter_dir = trained(directory, tmp_path, ADAPTERS["lora"])
+    path = merge_to_gguf(directory, adapter_dir, tmp_path / f"merged-{dtype}.gguf", dtype)
+    prompt = prompt_for(directory, model)
+    theirs, mine = llama_cpp_top5(prompt, path), ours(model, prompt)
+    assert int(mine.argmax()) in theirs
+    assert max(abs(v - float(mine[t])) for t, v in theirs.items()) <= {"f16": 0.02, "bf16": 0.3, "q8_0": 0.3}[dtype]
+
+
 def test_an_adapter_round_trips_through_gguf(base, tmp_path):
     from lorakit.llamacpp import export_adapter_gguf, import_adapter_gguf
 

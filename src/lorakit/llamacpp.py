@@ -15,6 +15,8 @@ import json
 import os
 from pathlib import Path
 
+import torch
+
 from .files import read_adapter, write_adapter
 from .formats import AdapterFileError
 from .formats import gguf as gguf_format
@@ -58,7 +60,7 @@ def merge_to_gguf(base: str, adapter: str | os.PathLike, out: str | os.PathLike,
     read_config(adapter)
     model = load_model(base, quantize=quantize)
     if quantize:
-        dequantize_model(model)
+        dequantize_model(model, torch.float32)
     load_adapter(model, adapter)
     detach(model)
     path = write_model(model, _tokenizer_dir(base), out, dtype, pre=_pre_tokenizer(base))
