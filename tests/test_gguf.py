@@ -2,7 +2,7 @@
 the next-token top-5 log-probabilities llama.cpp computes from files lorakit wrote equal
 lorakit's own within 0.01 (top-1 identical), and the adapter moves them at least 20 times
 that from the base's, for a plain LoRA, an rsLoRA, per-module ranks and alphas, a PiSSA
-adapter and a merged DoRA model, on tiny random Llama and Qwen2 models."""
+adapter and a merged DoRA model, on tiny random Llama, Qwen2 and Qwen3 models."""
 
 import pytest
 import torch
@@ -30,26 +30,31 @@ def prompt_for(directory: str, *models) -> list[int]:
     raise AssertionError("no prompt found")
 
 
-def save_tiny_qwen2(directory):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+def save_tiny_qwen(directory, family: str):
+    """A random Qwen2 (q/k/v biases, tied embeddings) or Qwen3 (q/k norms) model with a corpus tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     tokenizer = corpus_tokenizer("swedish")
     torch.manual_seed(1)
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=True, initializer_range=0.1, eos_token_id=tokenizer.eos_token_id)
-    Qwen2ForCausalLM(config).save_pretrained(directory)
+    config = AutoConfig.for_model(family, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                  max_position_embeddings=256, tie_word_embeddings=True, initializer_range=0.1,
+                                  eos_token_id=tokenizer.eos_token_id)
+    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2"])
+@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3"])
 def base(request, tmp_path_factory):
     """A tiny model directory and its float32 GGUF, written by lorakit."""
     from lorakit.llamacpp import write_base_gguf
 
     root = tmp_path_factory.mktemp(request.param)
-    directory = save_tiny_causal_lm(root / "model") if request.param == "llama" else save_tiny_qwen2(root / "model")
+    if request.param == "llama":
+        directory = save_tiny_causal_lm(root / "model")
+    else:
+        directory = save_tiny_qwen(root / "model", request.param)
     return str(directory), write_base_gguf(str(directory), root / "base.gguf")
 
 
