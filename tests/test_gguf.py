@@ -230,6 +230,19 @@ def test_the_command_line_converts_both_ways(base, tmp_path):
     assert set(lorakit.read_adapter(tmp_path / "back").layers) == set(lorakit.read_adapter(adapter_dir).layers)
 
 
+def test_lorakit_merge_to_gguf_from_the_command_line(base, tmp_path):
+    from lorakit.cli import app
+
+    directory, _ = base
+    model, adapter_dir = trained(directory, tmp_path, ADAPTERS["rslora"])
+    result = CliRunner().invoke(app, ["merge", directory, str(adapter_dir), "--to", "gguf", "--dtype", "fp32",
+                                      "--out", str(tmp_path / "m.gguf")])
+    assert result.exit_code == 0, result.output
+    prompt = prompt_for(directory, model)
+    assert_agree(llama_cpp_top5(prompt, tmp_path / "m.gguf"), ours(model, prompt))
+    assert (tmp_path / "m.Modelfile").read_text().startswith("# ollama create NAME -f m.Modelfile")
+
+
 @pytest.mark.slow
 def test_smollm2_with_an_adapter_in_llama_cpp(tmp_path):
     """The embedded default model, its float32 GGUF and an adapter, both written by lorakit."""
