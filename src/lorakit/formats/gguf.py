@@ -51,7 +51,8 @@ def architecture(config: Any) -> str:
     return ARCHITECTURES[model_type]
 
 
-def _name_map(config: Any, arch: str):
+def name_map(config: Any, arch: str):
+    """The gguf package's map from transformers' tensor names to llama.cpp's, for this model."""
     import gguf
 
     arch_id = next(key for key, name in gguf.MODEL_ARCH_NAMES.items() if name == arch)
@@ -61,11 +62,11 @@ def _name_map(config: Any, arch: str):
 def base_names(config: Any, paths: list[str]) -> dict[str, str]:
     """Module path -> the name of its weight in the base's GGUF, without ``.weight`` (paths
     llama.cpp has no tensor for are left out)."""
-    names = _name_map(config, architecture(config))
+    names = name_map(config, architecture(config))
     return {path: name for path in paths if (name := names.get_name(path)) is not None}
 
 
-def _heads(config: Any, path: str) -> int | None:
+def permuted_heads(config: Any, path: str) -> int | None:
     """How many heads the rows of the module at ``path`` are permuted in (None: not permuted)."""
     if architecture(config) not in PERMUTED:
         return None
@@ -100,7 +101,7 @@ def adapter_tensors(adapter: Adapter, config: Any, head: str | None) -> tuple[di
         if why:
             raise AdapterFileError(f"{path}: {why}; {MERGE_INSTEAD}")
         A, B = layer.A.float(), layer.B.float() * (layer.scaling * layer.rank / alpha)  # llama.cpp: (α / r) B A
-        heads = _heads(config, path)
+        heads = permuted_heads(config, path)
         if heads is not None:
             B = permute_rows(B, heads)
         tensors[f"{names[path]}{ADAPTER_SUFFIXES[0]}"] = A
@@ -146,10 +147,10 @@ def write_adapter(adapter: Adapter, model: nn.Module, path: str | os.PathLike,
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
     for name, tensor in tensors.items():
         writer.add_tensor(name, tensor.detach().cpu().numpy().astype(np.float32))
-    return _write(writer, Path(path))
+    return write_file(writer, Path(path))
 
 
-def _write(writer: Any, path: Path) -> Path:
+def write_file(writer: Any, path: Path) -> Path:
     """Write ``writer``'s file to a temporary name beside ``path``, then rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -191,7 +192,7 @@ def read_adapter(path: str | os.PathLike, model: nn.Module) -> Adapter:
         if set(pair) != {"a", "b"} or alpha <= 0:
             raise AdapterFileError(f"{path}: {module}: needs lora_a, lora_b and adapter.lora.alpha > 0")
         A, B = pair["a"], pair["b"]
-        heads = _heads(config, module)
+        heads = permuted_heads(config, module)
         layers[module] = lora_value(A, permute_rows(B, heads, inverse=True) if heads else B, alpha / A.shape[0])
     ranks = {p: v.A.shape[0] for p, v in layers.items()}
     adapter = Adapter(config_for_layers(ranks, {p: alpha for p in ranks}), layers)

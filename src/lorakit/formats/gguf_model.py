@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from . import AdapterFileError
-from .gguf import DTYPES, _heads, _name_map, _write, architecture, permute_rows
+from .gguf import DTYPES, architecture, name_map, permute_rows, permuted_heads, write_file
 
 # llama.cpp's pre-tokenizer by the model's family, where its tokenizer.json says nothing of it
 PRE_TOKENIZERS = {"qwen2": "qwen2", "qwen3": "qwen2"}
@@ -36,7 +36,7 @@ def write_model(model: nn.Module, tokenizer_dir: str | os.PathLike, path: str | 
         raise AdapterFileError(f"--dtype must be one of {', '.join(DTYPES)} for a GGUF model, got {dtype!r}")
     config = model.config
     arch = architecture(config)
-    names = _name_map(config, arch)
+    names = name_map(config, arch)
     state = {k: v for k, v in model.state_dict().items()}
     if getattr(config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)  # llama.cpp reads the embedding for a tied head
@@ -46,7 +46,7 @@ def write_model(model: nn.Module, tokenizer_dir: str | os.PathLike, path: str | 
         if mapped is None:
             unknown.append(key)
             continue
-        heads = _heads(config, key.rsplit(".", 1)[0])
+        heads = permuted_heads(config, key.rsplit(".", 1)[0])
         tensors[mapped] = permute_rows(tensor, heads) if heads else tensor
     if unknown:
         raise AdapterFileError(f"GGUF: no llama.cpp tensor for {unknown[:5]} of this {arch} model; nothing written")
@@ -59,7 +59,7 @@ def write_model(model: nn.Module, tokenizer_dir: str | os.PathLike, path: str | 
     for key, tensor in tensors.items():
         data, raw = _stored(tensor, dtype)
         writer.add_tensor(key, data, raw_dtype=raw)
-    return _write(writer, Path(path))
+    return write_file(writer, Path(path))
 
 
 def _stored(tensor: torch.Tensor, dtype: str) -> tuple[np.ndarray, Any]:
