@@ -51,9 +51,9 @@ class LayerWeights:
         """A copy that owns its tensors (later training does not change it)."""
         return self.replace({name: t.clone() for name, t in self.tensors.items()})
 
-    def replace(self, tensors: Mapping[str, Tensor], scaling: float | None = None) -> LayerWeights:
-        """The same kind, layout and shape with other tensors (and scaling)."""
-        return LayerWeights(self.kind, tensors, self.scaling if scaling is None else scaling, self.layout, self.shape)
+    def replace(self, tensors: Mapping[str, Tensor]) -> LayerWeights:
+        """The same kind, scaling, layout and shape with other tensors."""
+        return LayerWeights(self.kind, tensors, self.scaling, self.layout, self.shape)
 
     @property
     def A(self) -> Tensor:

@@ -98,7 +98,6 @@ def check_fits(model: nn.Module, adapter: Adapter, name: str | None, source: str
                keys: KeyNamer | None = None) -> None:
     """Raise AdapterFileError listing every way ``adapter`` does not fit ``model`` (``name``:
     the new adapter's name, checked to be free; None to overwrite an existing one)."""
-    keys = keys or _plain_names
     if name is not None:
         check_new_name(model, name)
     try:

@@ -150,9 +150,12 @@ class LoraLayer(nn.Module):
             return sole(self, x, None, None)
         base = self.base_forward(x)
         wanted = () if self.disabled else self.active
-        adding = [n for n in wanted if n not in self.merged] + [n for n in self.merged if n not in wanted]
-        # adapters may add into the result in place; one that reads the base output (DoRA) must see it as it was
-        result = base.clone() if len(adding) > 1 and not all(self.adapters[n].plain for n in adding) else base
+        result = base
+        if len(wanted) + len(self.merged) > 1:
+            # adapters may add into the result in place; one that reads the base output (DoRA) must see it as it was
+            adding = [n for n in wanted if n not in self.merged] + [n for n in self.merged if n not in wanted]
+            if len(adding) > 1 and not all(self.adapters[n].plain for n in adding):
+                result = base.clone()
         for name in wanted:
             if name not in self.merged:
                 result = self.adapters[name](self, x, base, result)

@@ -131,10 +131,7 @@ def write_adapter(adapter: Adapter, model: nn.Module, path: str | os.PathLike,
 
     config = model.config
     arch = architecture(config)
-    try:
-        check_fits(model, adapter, None, "adapter")
-    except AdapterFileError as err:
-        raise AdapterFileError(" ".join(str(err).split())) from None
+    _check_fits(model, adapter, "adapter")
     head = output_head(model)
     tensors, alpha = adapter_tensors(adapter, config, next((p for p, m in model.named_modules() if m is head), None))
     for name in tensors if base_tensors is not None else ():
@@ -196,13 +193,18 @@ def read_adapter(path: str | os.PathLike, model: nn.Module) -> Adapter:
         layers[module] = lora_value(A, permute_rows(B, heads, inverse=True) if heads else B, alpha / A.shape[0])
     ranks = {p: v.A.shape[0] for p, v in layers.items()}
     adapter = Adapter(config_for_layers(ranks, {p: alpha for p in ranks}), layers)
+    _check_fits(model, adapter, path)
+    return adapter
+
+
+def _check_fits(model: nn.Module, adapter: Adapter, source: str | os.PathLike) -> None:
+    """files.check_fits, its problems on one line."""
     from ..files import check_fits
 
     try:
-        check_fits(model, adapter, None, path)
+        check_fits(model, adapter, None, source)
     except AdapterFileError as err:
         raise AdapterFileError(" ".join(str(err).split())) from None
-    return adapter
 
 
 def _split(name: str) -> tuple[str, str | None]:

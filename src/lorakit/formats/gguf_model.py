@@ -37,7 +37,7 @@ def write_model(model: nn.Module, tokenizer_dir: str | os.PathLike, path: str | 
     config = model.config
     arch = architecture(config)
     names = name_map(config, arch)
-    state = {k: v for k, v in model.state_dict().items()}
+    state = dict(model.state_dict())
     if getattr(config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)  # llama.cpp reads the embedding for a tied head
     tensors, unknown = {}, []

@@ -68,7 +68,7 @@ class SlotExpertWeight(nn.Module):
             stacked = (A.flatten(0, 1), B.flatten(0, 1))
         self.slots, self.stacked = slots, stacked
 
-    def project(self, x: Tensor, experts: Groups, lanes: Groups, keys: Tensor | None) -> Tensor:
+    def project(self, x: Tensor, experts: Groups, lanes: Groups | None, keys: Tensor | None) -> Tensor:
         """x W_e^T for every pair, plus, on each pair whose row has an adapter, its s·B_e·A_e·x
         (``keys``: each pair's (expert, lane) group, in the pairs' order; None: every row on the base)."""
         out = grouped_linear(x, self.weight, experts)  # (S, in) -> (S, out)
@@ -101,18 +101,19 @@ class SlotExperts(nn.Module):
 
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         tokens, top_k = top_k_index.shape
+        route = self.router.current
+        in_use = route is not None and bool(route.segments)  # else every row on the base: no adapter work
         lanes = self.router.capacity + 1  # lane 0: rows on the base
-        row_lane = token_lanes(tokens, self.router.current, hidden_states.device)
         experts = top_k_index.reshape(-1)
-        key = experts * lanes + row_lane.repeat_interleave(top_k)  # (T k,)
+        key = experts * lanes + token_lanes(tokens, route, hidden_states.device).repeat_interleave(top_k)  # (T k,)
         order = key.argsort(stable=True)  # pairs grouped by expert, then by lane
         device, real = hidden_states.device, not is_fake(hidden_states)
         by_expert = Groups(experts, self.num_experts, real and grouped_mm_works(device, hidden_states.dtype))
-        # the adapters compute in float32
-        by_lane = Groups(key, self.num_experts * lanes, real and grouped_mm_works(device, torch.float32))
-        rows, keys = order // top_k, key[order]  # the token and the (expert, lane) group of each pair
-        if self.router.current is None or not self.router.current.segments:
-            keys = None  # no row on an adapter: the base alone
+        by_lane = keys = None
+        if in_use:  # the adapters compute in float32
+            by_lane = Groups(key, self.num_experts * lanes, real and grouped_mm_works(device, torch.float32))
+            keys = key[order]  # the (expert, lane) group of each pair
+        rows = order // top_k  # the token of each pair
         gate, up = self.gate_up_proj.project(hidden_states[rows], by_expert, by_lane, keys).chunk(2, dim=-1)
         out = self.down_proj.project(self.act_fn(gate) * up, by_expert, by_lane, keys)  # (T k, H)
         weighted = out * top_k_weights.reshape(-1)[order, None]

@@ -53,15 +53,7 @@ class LoraAdapter(Kind):
     extras: tuple[str, ...] = ()  # tensors besides lora_A / lora_B (their file key suffixes)
 
     def __init__(self, layer: LoraLayer, rank: int, alpha: float, config: LoraConfig) -> None:
-        nn.Module.__init__(self)
-        dtype, device = factor_dtype(layer), layer.weight.device
-        a_shape, b_shape = layer.shapes(layer.base_module, rank)
-        self.rank = rank
-        self.alpha = alpha
-        self.init = config.init
-        self.scaling = config.scaling(alpha, rank)
-        self.lora_A = nn.Parameter(torch.empty(a_shape, device=device, dtype=dtype))
-        self.lora_B = nn.Parameter(torch.zeros(b_shape, device=device, dtype=dtype))
+        super().__init__(layer, rank, alpha, config)  # lora_A, lora_B (and extras) at zero until initialise
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
 
     # -- the value -------------------------------------------------------------------

@@ -62,6 +62,11 @@ class ProductAdapter(Kind):
     fusable = True  # alone on a Linear: one product with W + ΔW instead of two
     additive = True
     lycoris = ""  # the kind's name in LyCORIS's files (PEFT's peft_type in capitals)
+    factors: tuple[str, ...] = ()  # every factor name this kind may have (a module has some of them)
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return cls.factors
 
     @classmethod
     def describe(cls, config: LoraConfig) -> str:
@@ -127,11 +132,8 @@ class LohaAdapter(ProductAdapter):
     lycoris = "loha"
     display = "LoHa"
     peft_config = {"peft_type": "LOHA", "rank_dropout": 0.0, "module_dropout": 0.0, "use_effective_conv2d": False}
-    kohya_names = {name: name for name in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")}
-
-    @classmethod
-    def names(cls) -> tuple[str, ...]:
-        return ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+    factors = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+    kohya_names = {name: name for name in factors}  # LyCORIS names them as PEFT does
 
     @classmethod
     def tensor_shapes(cls, layer_class: type[LoraLayer], base: nn.Module, rank: int) -> dict[str, tuple[int, ...]]:
@@ -162,11 +164,8 @@ class LokrAdapter(ProductAdapter):
     display = "LoKr"
     peft_config = {"peft_type": "LOKR", "rank_dropout": 0.0, "module_dropout": 0.0, "use_effective_conv2d": False,
                    "decompose_both": False, "decompose_factor": -1, "rank_dropout_scale": False}
-    kohya_names = {name: name for name in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")}
-
-    @classmethod
-    def names(cls) -> tuple[str, ...]:
-        return ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
+    factors = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
+    kohya_names = {name: name for name in factors}  # LyCORIS names them as PEFT does
 
     @classmethod
     def tensor_shapes(cls, layer_class: type[LoraLayer], base: nn.Module, rank: int) -> dict[str, tuple[int, ...]]:
