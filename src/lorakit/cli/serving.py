@@ -89,7 +89,7 @@ def serve(
 
     from ..hub import parse as hub_id
     from ..serve.engine import build_engine
-    from ..serve.server import Limits, create_app
+    from ..serve.server import Limits, create_app, serve_here
 
     with user_errors():
         _check_serving_flags(threads, loop, dtype)
@@ -104,14 +104,17 @@ def serve(
     # a Hub id is the model's name, as vLLM serves it; a directory is named after itself
     base_id = hub_id(model)
     base_name = name or (base_id.repo if base_id else Path(model.rstrip("/")).name)
-    app_ = create_app(engine, base_name, Limits(max_prompt_tokens, max_tokens, max_queue), allow_runtime_lora)
+    app_ = create_app(engine, base_name, Limits(max_prompt_tokens, max_tokens, max_queue), allow_runtime_lora,
+                      engine_thread=False)
     sources = ", ".join([*([adapters] if adapters else []), *named]) or "(none)"
     console.print(f"serving {base_name} and adapters from {sources} on http://{host}:{port} "
                   f"({device}, {quantize or dtype}, {torch.get_num_threads()} threads)")
     # asyncio by default: on a CPU, uvloop + httptools measured no faster (bench_serve --compare-loop).
-    uvicorn.run(app_, host=host, port=port, log_level="warning", loop=loop,
-                http="httptools" if loop == "uvloop" else "h11",
-                timeout_graceful_shutdown=max(int(round(shutdown_timeout)), 1))
+    config = uvicorn.Config(app_, host=host, port=port, log_level="warning", loop=loop,
+                            http="httptools" if loop == "uvloop" else "h11",
+                            timeout_graceful_shutdown=max(int(round(shutdown_timeout)), 1))
+    if not serve_here(app_, config):
+        raise typer.Exit(1)
 
 
 def _check_serving_flags(threads: int | None, loop: str, dtype: str) -> None:

@@ -68,17 +68,26 @@ class Service:
 router = APIRouter()
 
 
-def create_app(engine: Engine, base_name: str, limits: Limits = Limits(), allow_runtime_lora: bool = False) -> FastAPI:
+def create_app(engine: Engine, base_name: str, limits: Limits = Limits(), allow_runtime_lora: bool = False,
+               engine_thread: bool = True) -> FastAPI:
+    """The app; its engine runs in a thread of its own while the app runs, or, with
+    ``engine_thread=False``, in whichever thread calls ``engine.run(app.state.stop)``
+    (``serve_here``); the app's shutdown sets that event."""
+    stop = threading.Event()
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        stop = threading.Event()
-        worker = threading.Thread(target=engine.run, args=(stop,), name="lorakit-engine", daemon=True)
-        worker.start()
+        worker = None
+        if engine_thread:
+            worker = threading.Thread(target=engine.run, args=(stop,), name="lorakit-engine", daemon=True)
+            worker.start()
         yield
         stop.set()  # the engine closes whatever it still holds as cancelled, then returns
-        worker.join(timeout=10)
+        if worker is not None:
+            worker.join(timeout=10)
 
     app = FastAPI(title="lorakit", lifespan=lifespan)
+    app.state.stop = stop
     app.state.service = Service(engine, base_name, limits, allow_runtime_lora, Metrics(engine))
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(StoreError, _store_error)
@@ -91,6 +100,40 @@ def create_app(engine: Engine, base_name: str, limits: Limits = Limits(), allow_
 
 def _service(http: HttpRequest) -> Service:
     return http.app.state.service
+
+
+def serve_here(app: FastAPI, config) -> bool:
+    """Serve ``app`` (made with ``engine_thread=False``) until SIGINT or SIGTERM: HTTP in a
+    second thread, the engine's forward passes in this one; False if the HTTP server never
+    started (the port taken, say).
+
+    The engine stays in the thread that loaded the model because the CPU's math library
+    (OpenMP) runs a parallel region several times slower from a second thread once the first
+    has used it: a decode step of SmolLM2-135M took 75 ms there against 45 ms here."""
+    import signal
+
+    import uvicorn
+
+    server = uvicorn.Server(config)
+    stop: threading.Event = app.state.stop
+
+    def http() -> None:
+        try:
+            server.run()
+        finally:  # normally the app's shutdown has set it; a failed start has not
+            stop.set()
+
+    signals = (signal.SIGINT, signal.SIGTERM)
+    handlers = {sig: signal.signal(sig, server.handle_exit) for sig in signals}  # a first signal drains, a second forces
+    thread = threading.Thread(target=http, name="lorakit-http", daemon=True)
+    try:
+        thread.start()
+        app.state.service.engine.run(stop)
+        thread.join()
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    return server.started
 
 
 # -- errors: always the JSON body ---------------------------------------------------
@@ -139,7 +182,7 @@ async def models(http: HttpRequest) -> dict[str, Any]:
                 "root": service.base_name, "parent": None, "max_model_len": service.limits.max_prompt_tokens}]
     entries += [{"id": info.name, "object": "model", "created": now, "owned_by": "lorakit", "root": info.root,
                  "parent": service.base_name, "rank": info.rank}
-                for info in await run_in_threadpool(service.store.catalog)]
+                for info in await _in_engine(service, service.store.catalog)]
     return {"object": "list", "data": entries}
 
 
@@ -180,15 +223,21 @@ async def chat(body: ChatBody, http: HttpRequest):
 @router.post("/v1/load_lora_adapter")
 async def load_lora(body: LoadBody, http: HttpRequest) -> dict[str, str]:
     service = _runtime_allowed(http)
-    await run_in_threadpool(service.store.register, body.lora_name, body.lora_path)
+    await _in_engine(service, service.store.register, body.lora_name, body.lora_path)
     return {"status": "ok", "message": f"adapter {body.lora_name!r} loaded"}
 
 
 @router.post("/v1/unload_lora_adapter")
 async def unload_lora(body: UnloadBody, http: HttpRequest) -> dict[str, str]:
     service = _runtime_allowed(http)
-    await run_in_threadpool(service.store.unregister, body.lora_name)
+    await _in_engine(service, service.store.unregister, body.lora_name)
     return {"status": "ok", "message": f"adapter {body.lora_name!r} unloaded"}
+
+
+async def _in_engine(service: Service, function, *args):
+    """``function(*args)`` run by the engine between steps: whatever touches the model's tensors
+    (reading an adapter into its slots) runs in the thread that decodes."""
+    return await asyncio.wrap_future(service.engine.call(function, *args))
 
 
 def _runtime_allowed(http: HttpRequest) -> Service:
@@ -249,7 +298,7 @@ async def _serve(service: Service, body: Sampling, prompts: list[list[int]], par
             loop.call_soon_threadsafe(pieces.put_nowait, (i, None))
 
         requests.append(Request(prompts[index // body.n], adapter, seeded, on_text=on_text, on_done=on_done))
-    leases = await _lease(store, [adapter] * count)
+    leases = await _lease(engine, [adapter] * count)
     submitted = 0
     try:
         for request, lease in zip(requests, leases):
@@ -276,10 +325,17 @@ async def _serve(service: Service, body: Sampling, prompts: list[list[int]], par
     return reply.whole(requests, [echo[i // body.n] for i in range(count)] if echo else None)
 
 
-async def _lease(store, names: list[str | None]) -> list:
-    """lease_all in a worker thread; if this handler is cancelled meanwhile, the leases
-    are released when they arrive rather than lost."""
-    work = asyncio.get_running_loop().run_in_executor(None, lease_all, store, names)
+async def _lease(engine: Engine, names: list[str | None]) -> list:
+    """Leases on ``names``: here when every adapter is loaded already, else by the engine between
+    steps (a load touches the model's tensors); if this handler is cancelled meanwhile, the
+    leases are released when they arrive rather than lost."""
+    held = [None if name is None else engine.store.lease_loaded(name) for name in names]
+    if all(lease is not None or name is None for lease, name in zip(held, names)):
+        return held
+    for lease in held:
+        if lease is not None:
+            lease.release()
+    work = asyncio.wrap_future(engine.call(lease_all, engine.store, names))
     try:
         return await asyncio.shield(work)
     except asyncio.CancelledError:

@@ -213,6 +213,13 @@ class AdapterStore:
         """A lease on adapter ``name``'s slot (loading it if needed); release it when done."""
         return Lease(self, name, self.acquire(name))
 
+    def lease_loaded(self, name: str) -> Lease | None:
+        """A lease on ``name``'s slot if it is loaded already (no file read, no tensor touched), else None."""
+        with self.lock:
+            if name not in self.loaded or self.loaded[name].retiring:
+                return None
+            return Lease(self, name, self._use(name))
+
     def acquire(self, name: str) -> int:
         """The slot of adapter ``name``, loading it if needed; the caller must ``release`` it."""
         with self.lock:
