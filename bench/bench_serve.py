@@ -290,7 +290,7 @@ def model_limit(spec: str, root: Path, names: list[str], device: str, dtype: tor
 
         @torch.inference_mode()
         def step():  # writes the next column in place, each time the same one
-            engine._forward(last, mask, positions, slots, cache.for_forward())
+            engine._forward(last, mask, positions, slots, cache)
             if device == "cuda":
                 torch.cuda.synchronize()
         return step

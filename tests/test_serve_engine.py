@@ -122,10 +122,10 @@ class Faulty:
     def __init__(self, engine, slot):
         self.engine, self.slot, self.forward = engine, slot, engine._forward
 
-    def __call__(self, ids, mask, positions, slots, past=None, all_logits=False):
+    def __call__(self, ids, mask, positions, slots, cache=None, rows=slice(None), all_logits=False):
         if self.slot in slots:
             raise RuntimeError("this adapter's rows break the forward pass")
-        return self.forward(ids, mask, positions, slots, past, all_logits)
+        return self.forward(ids, mask, positions, slots, cache, rows, all_logits)
 
 
 @pytest.mark.parametrize("when", ["prefill", "decode"])

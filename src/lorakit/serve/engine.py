@@ -24,6 +24,7 @@ from concurrent.futures import Future
 import torch
 from torch import Tensor, nn
 
+from .decoder import DecodeStep
 from .kvcache import KVCache
 from .request import Request, SamplingParams, choose_tokens, sampled_logprobs, token_logprobs
 from .slots import router_of, routing
@@ -43,6 +44,7 @@ class Engine:
         self.device = next(model.parameters()).device
         self.router = router_of(model)  # the route's context: the engine's, not an attribute of the model
         self.vocab_size = model.get_input_embeddings().num_embeddings
+        self.decode_step = DecodeStep.build(model)  # None: decode through the model's generic forward
         self.waiting: queue.Queue[Request] = queue.Queue()
         self.jobs: queue.Queue[tuple[Future, object, tuple]] = queue.Queue()  # see ``call``
         self.admitting: list[Request] = []  # taken off the queue, not yet running
@@ -174,27 +176,32 @@ class Engine:
             self._decode()
 
     def _decodes_alone(self, row: int) -> bool:
-        cache = self.cache.for_forward(slice(row, row + 1))  # writes only the next, unused column
         mask = torch.cat([self.mask[row:row + 1], self.mask.new_ones((1, 1))], dim=1)
         last = torch.tensor([[self.rows[row].generated[-1]]], device=self.device)
-        try:
-            self._forward(last, mask, mask[:, :-1].sum(-1, keepdim=True), [self.rows[row].slot], cache)
+        try:  # writes only the row's next, unused column
+            self._forward(last, mask, mask[:, :-1].sum(-1, keepdim=True), [self.rows[row].slot], self.cache,
+                          slice(row, row + 1))
             return True
         except Exception:
             return False
 
     # -- internals -------------------------------------------------------------------
-    def _forward(self, ids: Tensor, mask: Tensor, positions: Tensor, slots: list[int], past=None,
-                 all_logits: bool = False) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
-        """Logits, and the keys and values of every layer (``past``, a transformers cache, is
-        extended in place)."""
+    def _forward(self, ids: Tensor, mask: Tensor, positions: Tensor, slots: list[int], cache: KVCache | None = None,
+                 rows: slice = slice(None), all_logits: bool = False) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+        """Float logits; a prefill (no ``cache``) also returns every layer's keys and values, a
+        decode step writes them into the next column of ``cache`` (of its ``rows``)."""
         from transformers import DynamicCache
 
         with routing(self.router, slots, ids.shape[1]):
+            if cache is not None and self.decode_step is not None and self.decode_step.fits(mask.shape[1]):
+                cache.make_room()
+                layers = cache.layers if rows == slice(None) else [(k[rows], v[rows]) for k, v in cache.layers]
+                attend = None if bool(mask.all()) else mask  # no padding: attention needs no mask
+                return self.decode_step(ids, positions, attend, layers, cache.width)[:, None], []
+            past = cache.for_forward(rows) if cache is not None else DynamicCache()
             # The output head runs on the last position only, unless a prompt is scored.
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                             past_key_values=past if past is not None else DynamicCache(), use_cache=True,
-                             logits_to_keep=0 if all_logits else 1)
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=past,
+                             use_cache=True, logits_to_keep=0 if all_logits else 1)
         return out.logits.float(), [(layer.keys, layer.values) for layer in out.past_key_values.layers]
 
     def _prefill_forward(self, requests: list[Request]) -> tuple[Tensor, KVCache, Tensor]:
@@ -243,7 +250,7 @@ class Engine:
         last = torch.tensor([[r.generated[-1]] for r in self.rows], device=self.device)
         positions = self.mask.sum(-1, keepdim=True)  # (B, 1): the next position of every row
         mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
-        logits, _ = self._forward(last, mask, positions, [r.slot for r in self.rows], self.cache.for_forward())
+        logits, _ = self._forward(last, mask, positions, [r.slot for r in self.rows], self.cache)
         self.mask = mask  # only once the forward pass has succeeded: the new column counts from now on
         self.cache.width += 1
         self._sample(logits[:, -1], self.rows)

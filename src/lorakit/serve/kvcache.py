@@ -71,13 +71,17 @@ class KVCache:
         written in place. Makes room for one more column first."""
         from transformers import DynamicCache
 
-        if self.width + 1 > self.capacity:
-            self.layers = [(_with_room(k[:, :, :self.width], 2 * self.width),
-                            _with_room(v[:, :, :self.width], 2 * self.width)) for k, v in self.layers]
+        self.make_room()
         layer_class = _cache_layer_class()
         past = DynamicCache()
         past.layers = [layer_class(k[rows], v[rows], self.width) for k, v in self.layers]
         return past
+
+    def make_room(self) -> None:
+        """At least one free column after ``width`` (the buffers double when full)."""
+        if self.width + 1 > self.capacity:
+            self.layers = [(_with_room(k[:, :, :self.width], 2 * self.width),
+                            _with_room(v[:, :, :self.width], 2 * self.width)) for k, v in self.layers]
 
     def columns(self) -> list[tuple[Tensor, Tensor]]:
         """Views of the columns in use, per layer."""

@@ -22,7 +22,7 @@ and the live blocks copied into them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -32,14 +32,15 @@ from ..adapter import LayerWeights
 
 @dataclass(frozen=True)
 class SlotWeights:
-    """One filled slot of a layer: views of the pool's A (r x in) and (alpha / r) * B^T (r x out)."""
+    """One filled slot of a layer: views of the pool's A (r x in) and (alpha / r) * B^T (r x out),
+    made once per pool (at batch 1 a decode step's cost is mostly such small operations)."""
 
     A: Tensor
     scaled_Bt: Tensor
+    At: Tensor = field(init=False)  # (in, r): a view, no copy
 
-    @property
-    def At(self) -> Tensor:  # (in, r): a view, no copy
-        return self.A.T
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "At", self.A.T)
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class Pool:
     block_of: Tensor  # (capacity + 1,) long: the block of every slot, 0 when empty; the last entry serves BASE (-1)
     uniform: bool  # every live slot has the full width: stacking reads no padding
     blocks: tuple[int, ...]  # block_of on the host
+    views: tuple[SlotWeights | None, ...]  # per slot
 
     def consecutive(self, slots: tuple[int, ...]) -> slice | None:
         """The blocks of ``slots``, in order, as one slice of the buffers when they are
@@ -68,14 +70,12 @@ class Pool:
     def _make(cls, A: Tensor, scaled_Bt: Tensor, spans: tuple[tuple[int, int] | None, ...]) -> Pool:
         blocks = [span[0] if span else 0 for span in spans] + [0]
         uniform = all(span is None or span[1] == A.shape[1] for span in spans)
-        return cls(A, scaled_Bt, spans, torch.tensor(blocks, device=A.device), uniform, tuple(blocks))
+        views = tuple(None if span is None else SlotWeights(A[span[0], :span[1]], scaled_Bt[span[0], :span[1]])
+                      for span in spans)
+        return cls(A, scaled_Bt, spans, torch.tensor(blocks, device=A.device), uniform, tuple(blocks), views)
 
     def weights(self, slot: int) -> SlotWeights | None:
-        span = self.spans[slot]
-        if span is None:
-            return None
-        block, rank = span
-        return SlotWeights(self.A[block, :rank], self.scaled_Bt[block, :rank])
+        return self.views[slot]
 
     def rank(self, slot: int) -> int:
         span = self.spans[slot]

@@ -95,11 +95,13 @@ class SlotLinear(nn.Module):
                 weights = pool.weights(slot)
                 if weights is None:  # this adapter does not target this layer
                     continue
-                hidden = torch.mm(tokens[start:end].float(), weights.At)  # (n, in) @ (in, r) -> (n, r)
+                whole = start == 0 and end == tokens.shape[0]  # one adapter for the batch: no slicing
+                rows, target = (tokens, out) if whole else (tokens[start:end], out[start:end])
+                hidden = torch.mm(rows if rows.dtype == torch.float32 else rows.float(), weights.At)  # (n, r)
                 if out.dtype == torch.float32:  # add (n, r) @ (r, out) into the output in place
-                    out[start:end].addmm_(hidden, weights.scaled_Bt)
+                    target.addmm_(hidden, weights.scaled_Bt)
                 else:
-                    out[start:end] += (hidden @ weights.scaled_Bt).to(out.dtype)
+                    target += (hidden @ weights.scaled_Bt).to(out.dtype)
             return
         grouped = tokens.index_select(0, route.order)
         delta = torch.zeros((grouped.shape[0], out.shape[1]), dtype=torch.float32, device=out.device)
