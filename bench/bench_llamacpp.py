@@ -11,7 +11,14 @@ alternating order; the table gives lorakit / llama.cpp tokens/s per round.
 
 Cases: one request at a time on one adapter and on the base (tokens/s after the first token,
 and the time to the first token); 32 concurrent requests on one adapter, on the base, and on
-32 different adapters (aggregate tokens/s). Also: the time of ``lorakit convert --to gguf`` for
+32 different adapters (aggregate tokens/s).
+
+The time to the first token is the latency of a one-token completion of a prompt neither server
+has seen (the streams' first text is not comparable: with ``ignore_eos`` llama.cpp bans the
+end-of-sequence token where lorakit, as vLLM, samples it and goes on, and this prompt's first
+greedy token is that token, which has no text), with llama.cpp's ``cache_prompt`` off (it
+otherwise starts from a slot's cached prompt sharing a prefix with the new one; lorakit keeps no
+prompt cache). Also: the time of ``lorakit convert --to gguf`` for
 an r=16 all-linear adapter of the model, and of ``lorakit merge --to gguf``.
 
     python bench/bench_llamacpp.py [--rounds 2] [--max-tokens 128]
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import statistics
 import subprocess
@@ -108,8 +116,18 @@ def body(server: str, adapter: int | None, i: int, max_tokens: int) -> dict:
     return request
 
 
-def single(url: str, request: dict) -> tuple[float, float]:
-    """One request alone, streamed: (seconds to the first token, tokens/s after it)."""
+def first_token(url: str, request: dict) -> float:
+    """Seconds to complete ``request`` with one token (prefill and the first token), not streamed."""
+    import httpx
+
+    start = time.perf_counter()
+    reply = httpx.post(url + "/v1/completions", json={**request, "max_tokens": 1}, timeout=600)
+    reply.raise_for_status()
+    return time.perf_counter() - start
+
+
+def single(url: str, request: dict) -> float:
+    """One request alone, streamed: tokens/s after its first text."""
     import httpx
 
     start, first, count = time.perf_counter(), None, 0
@@ -122,7 +140,7 @@ def single(url: str, request: dict) -> tuple[float, float]:
                 count += 1
                 first = first or time.perf_counter()
     end = time.perf_counter()
-    return first - start, (count - 1) / max(end - first, 1e-9)
+    return (count - 1) / max(end - first, 1e-9)
 
 
 async def concurrent(url: str, requests: list[dict]) -> float:
@@ -148,12 +166,18 @@ def cases() -> dict:
     }
 
 
-def measure(urls: dict[str, str], server: str, shape: str, adapter_of, max_tokens: int) -> tuple[float, float | None]:
+def measure(urls: dict[str, str], server: str, shape: str, adapter_of, max_tokens: int,
+            fresh: int) -> tuple[float, float | None]:
+    """tokens/s, and for single requests the median time to the first token; ``fresh``: the
+    number of the first prompt no server has seen."""
     base = adapter_of(0) is None
     url = urls["llama.cpp base" if server == "llama.cpp" and base else server]
     if shape == "single":
-        firsts, rates = zip(*(single(url, body(server, adapter_of(i), i, max_tokens)) for i in range(2)))
-        return statistics.median(rates), statistics.median(firsts)
+        rates = [single(url, body(server, adapter_of(i), i, max_tokens)) for i in range(2)]
+        unseen = [body(server, adapter_of(0), fresh + i, 1) for i in range(3)]
+        if server == "llama.cpp":
+            unseen = [{**request, "cache_prompt": False} for request in unseen]
+        return statistics.median(rates), statistics.median(first_token(url, request) for request in unseen)
     requests = [body(server, adapter_of(i), i, max_tokens) for i in range(32)]
     return asyncio.run(concurrent(url, requests)), None
 
@@ -191,10 +215,12 @@ def main() -> None:
                 adapter_of = (lambda i: None) if name.endswith("base") else (lambda i: i)
                 asyncio.run(concurrent(urls[name], [body(server, adapter_of(i), i, 2) for i in range(32)]))  # warm-up
             results: dict[str, list[tuple[float, float, float | None, float | None]]] = {c: [] for c in cases()}
+            prompts_unseen = itertools.count(1000, 10)  # warm-up and the streams use prompts 0..31
             for r in range(args.rounds):
                 for case, (shape, adapter_of) in cases().items():
                     order = ["lorakit", "llama.cpp"] if r % 2 == 0 else ["llama.cpp", "lorakit"]
-                    measured = {s: measure(urls, s, shape, adapter_of, args.max_tokens) for s in order}
+                    fresh = next(prompts_unseen)
+                    measured = {s: measure(urls, s, shape, adapter_of, args.max_tokens, fresh) for s in order}
                     results[case].append((*measured["lorakit"], *measured["llama.cpp"]))
                     print(f"round {r + 1}: {case}: lorakit {measured['lorakit'][0]:.1f} tok/s, llama.cpp "
                           f"{measured['llama.cpp'][0]:.1f} tok/s", flush=True)

@@ -24,7 +24,7 @@ from concurrent.futures import Future
 import torch
 from torch import Tensor, nn
 
-from .decoder import DecodeStep
+from .forward import CachedForward
 from .kvcache import KVCache
 from .request import Request, SamplingParams, choose_tokens, sampled_logprobs, token_logprobs
 from .slots import router_of, routing
@@ -44,7 +44,7 @@ class Engine:
         self.device = next(model.parameters()).device
         self.router = router_of(model)  # the route's context: the engine's, not an attribute of the model
         self.vocab_size = model.get_input_embeddings().num_embeddings
-        self.decode_step = DecodeStep.build(model)  # None: decode through the model's generic forward
+        self.cached_forward = CachedForward.build(model)  # None: decode through the model's generic forward
         self.waiting: queue.Queue[Request] = queue.Queue()
         self.jobs: queue.Queue[tuple[Future, object, tuple]] = queue.Queue()  # see ``call``
         self.admitting: list[Request] = []  # taken off the queue, not yet running
@@ -187,22 +187,30 @@ class Engine:
 
     # -- internals -------------------------------------------------------------------
     def _forward(self, ids: Tensor, mask: Tensor, positions: Tensor, slots: list[int], cache: KVCache | None = None,
-                 rows: slice = slice(None), all_logits: bool = False) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
-        """Float logits; a prefill (no ``cache``) also returns every layer's keys and values, a
-        decode step writes them into the next column of ``cache`` (of its ``rows``)."""
+                 rows: slice = slice(None), all_logits: bool = False) -> tuple[Tensor, KVCache]:
+        """Float logits, and the cache holding every layer's keys and values: a new one for a
+        prefill (no ``cache``); a decode step writes into the next column of ``cache`` (of its
+        ``rows``) and returns it."""
         from transformers import DynamicCache
 
         with routing(self.router, slots, ids.shape[1]):
-            if cache is not None and self.decode_step is not None and self.decode_step.fits(mask.shape[1]):
+            if self.cached_forward is not None and not all_logits and self.cached_forward.fits(mask.shape[1]):
+                if cache is None:
+                    cache = KVCache(self.cached_forward.buffers(ids.shape[0], ids.shape[1]), 0)
                 cache.make_room()
                 layers = cache.layers if rows == slice(None) else [(k[rows], v[rows]) for k, v in cache.layers]
-                attend = None if bool(mask.all()) else mask  # no padding: attention needs no mask
-                return self.decode_step(ids, positions, attend, layers, cache.width)[:, None], []
+                attend = None if bool(mask.all()) else mask  # no padding: the causal pattern alone
+                logits = self.cached_forward(ids, positions, attend, layers, cache.width)[:, None]
+                if cache.width == 0:
+                    cache.width = ids.shape[1]
+                return logits, cache
             past = cache.for_forward(rows) if cache is not None else DynamicCache()
             # The output head runs on the last position only, unless a prompt is scored.
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=past,
                              use_cache=True, logits_to_keep=0 if all_logits else 1)
-        return out.logits.float(), [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        if cache is None:
+            cache = KVCache.build([(layer.keys, layer.values) for layer in out.past_key_values.layers])
+        return out.logits.float(), cache
 
     def _prefill_forward(self, requests: list[Request]) -> tuple[Tensor, KVCache, Tensor]:
         """Logits of the last position, the new rows' cache and mask; changes nothing."""
@@ -216,12 +224,12 @@ class Engine:
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         scored = requests[0].params.prompt_logprobs  # then it is the only request
-        logits, layers = self._forward(ids, mask, positions, [r.slot for r in requests], all_logits=scored)
+        logits, cache = self._forward(ids, mask, positions, [r.slot for r in requests], all_logits=scored)
         if scored:
             request = requests[0]
             top = request.params.logprobs or 0
             request.prompt_logprobs = [None] + token_logprobs(logits[0, :-1], request.prompt_ids[1:], top)
-        return logits[:, -1], KVCache.build(layers), mask
+        return logits[:, -1], cache, mask
 
     def _join(self, requests: list[Request], cache: KVCache, mask: Tensor) -> None:
         """Append new rows (their cache and mask) to the running batch, left-padding the shorter side."""

@@ -1,4 +1,4 @@
-"""The engine's own decode step for Llama-family models (serve/decoder.py): the tokens and the
+"""The engine's own decode step for Llama-family models (serve/forward.py): the tokens and the
 log-probabilities of transformers' generic forward, on every family it takes, with padded
 rows, mixed adapters in slots and adapters attached (as rollouts run them)."""
 
@@ -8,7 +8,7 @@ from conftest import corpus_tokenizer, randomize_adapters
 from serving import save_adapters
 
 import lorakit
-from lorakit.serve.decoder import DecodeStep
+from lorakit.serve.forward import CachedForward
 from lorakit.serve.engine import Engine, Request, SamplingParams
 from lorakit.serve.slots import enable_slots
 from lorakit.serve.store import AdapterStore
@@ -47,17 +47,22 @@ def run(engine: Engine, prompts: list[list[int]], adapters: list[str | None], to
     return engine.generate(requests)
 
 
+class Counted:
+    """The engine's own forward, counting the new tokens of each pass it runs."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.step, self.calls = engine.cached_forward, []
+        self.buffers, self.fits = self.step.buffers, self.step.fits
+        engine.cached_forward = self
+
+    def __call__(self, tokens, *args):
+        self.calls.append(tokens.shape[1])
+        return self.step(tokens, *args)
+
+
 def counted(engine: Engine) -> list[int]:
-    """Wrap the engine's decode step; the list grows by one per step it runs."""
-    calls, step = [], engine.decode_step
-
-    def wrapped(*args):
-        calls.append(1)
-        return step(*args)
-
-    engine.decode_step = wrapped
-    engine.decode_step.fits = step.fits
-    return calls
+    """New tokens per pass of the engine's own forward: the prompt's, then 1 per decode step."""
+    return Counted(engine).calls
 
 
 def assert_same(fast: list[Request], generic: list[Request]) -> None:
@@ -76,38 +81,38 @@ def prompts_of(vocab: int, lengths=(5, 2, 9), seed: int = 1) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "qwen3"])
-def test_decode_step_gives_the_generic_forward_tokens_with_adapters_attached(name, tokenizer):
+def test_cached_forward_gives_the_generic_forward_tokens_with_adapters_attached(name, tokenizer):
     model = family(name, len(tokenizer))
     lorakit.attach(model, lorakit.LoraConfig(rank=4, alpha=8, targets="all-linear"))
     randomize_adapters(model, scale=0.3)
     fast = Engine(model, tokenizer, None)
     generic = Engine(model, tokenizer, None)
-    generic.decode_step = None
-    assert fast.decode_step is not None
+    generic.cached_forward = None
+    assert fast.cached_forward is not None
     calls = counted(fast)
     prompts = prompts_of(len(tokenizer))  # three lengths: left-padded rows
     expected = run(generic, prompts, [None] * 3)
     assert_same(run(fast, prompts, [None] * 3), expected)
-    assert len(calls) == 7  # every decode step after the prefill's token
+    assert calls == [9] + [1] * 7  # the prefill (three rows padded to 9), then every decode step
     lorakit.set_active(model, [])  # the base: the adapter off changes the tokens, and both paths agree
     base_fast, base_generic = run(fast, prompts, [None] * 3), run(generic, prompts, [None] * 3)
     assert_same(base_fast, base_generic)
     assert [r.generated for r in base_fast] != [r.generated for r in expected]
 
 
-def test_decode_step_gives_the_generic_forward_tokens_with_mixed_slots(tiny_lm_dir, tmp_path):
+def test_cached_forward_gives_the_generic_forward_tokens_with_mixed_slots(tiny_lm_dir, tmp_path):
     save_adapters(tiny_lm_dir, tmp_path, [2, 8])
     model = lorakit.load_model(str(tiny_lm_dir))
     enable_slots(model, 2)
     tokenizer = lorakit.load_tokenizer(str(tiny_lm_dir))
     store = AdapterStore(model, tmp_path, 2)
     fast, generic = Engine(model, tokenizer, store), Engine(model, tokenizer, store)
-    generic.decode_step = None
+    generic.cached_forward = None
     calls = counted(fast)
     prompts = prompts_of(len(tokenizer), (4, 7, 3, 6))
     adapters = ["a1", None, "a0", "a1"]  # rows on different slots, one on the base
     assert_same(run(fast, prompts, adapters), run(generic, prompts, adapters))
-    assert len(calls) == 7
+    assert calls == [7] + [1] * 7
 
 
 def test_a_step_past_a_sliding_window_takes_the_generic_forward(tokenizer):
@@ -119,17 +124,17 @@ def test_a_step_past_a_sliding_window_takes_the_generic_forward(tokenizer):
                               initializer_range=0.2)
     model = tf.MistralForCausalLM(config).eval()
     fast, generic = Engine(model, tokenizer, None), Engine(model, tokenizer, None)
-    generic.decode_step = None
+    generic.cached_forward = None
     calls = counted(fast)
     prompt = prompts_of(len(tokenizer), (5,))
     assert_same(run(fast, prompt, [None], tokens=10), run(generic, prompt, [None], tokens=10))
     # 5 prompt columns, then one more per step: steps attending over 6, 7, 8 columns fit the window
-    assert len(calls) == 3
-    assert fast.decode_step.fits(8) and not fast.decode_step.fits(9)
+    assert calls == [5, 1, 1, 1]
+    assert fast.cached_forward.fits(8) and not fast.cached_forward.fits(9)
 
 
 def test_other_families_take_the_generic_forward(tokenizer):
     from conftest import tiny_gpt2
 
-    assert DecodeStep.build(tiny_gpt2()) is None
-    assert Engine(tiny_gpt2(), tokenizer, None).decode_step is None
+    assert CachedForward.build(tiny_gpt2()) is None
+    assert Engine(tiny_gpt2(), tokenizer, None).cached_forward is None
