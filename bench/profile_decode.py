@@ -18,6 +18,10 @@ The adapter's share is measured apart: the same steps with no adapter on the row
 BASE) and the difference taken. The profiler records every operator, which slows the step;
 the buckets are its view, and the last row is the same steps timed without it.
 
+The server's own loop is measured apart too: one request of 128 tokens streamed through
+``lorakit serve`` (HTTP, the engine's thread, server-sent events) against the same request
+run by the engine in this process, in milliseconds per token.
+
     python bench/profile_decode.py [--tokens 32]
 """
 
@@ -111,6 +115,38 @@ def decode_seconds(engine, requests_for, rows: int, tokens: int) -> float:
     return seconds
 
 
+def server_loop(engine, root: Path, adapter: str, prompt: list[int], text: str, tokens: int = 128) -> tuple[float, float]:
+    """Milliseconds per token after the first of one greedy request on ``adapter``: run by
+    ``engine`` here, and streamed by ``lorakit serve`` (2 threads) in a subprocess."""
+    import subprocess
+
+    from bench_llamacpp import _wait, single
+    from serving_helpers import free_port
+
+    from lorakit.serve.request import Request, SamplingParams
+
+    def here() -> float:
+        times: list[float] = []
+        request = Request(list(prompt), adapter, SamplingParams(max_tokens=tokens, ignore_eos=True),
+                          lease=engine.store.lease(adapter), on_text=lambda _: times.append(time.perf_counter()))
+        engine.generate([request])
+        return (times[-1] - times[0]) / (len(times) - 1) * 1e3
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "lorakit", "serve", "smollm2-135m", "--adapters", str(root),
+                               "--port", str(port), "--threads", "2"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait(url, server)
+        request = {"model": adapter, "prompt": text, "max_tokens": tokens, "temperature": 0, "ignore_eos": True}
+        single(url, {**request, "max_tokens": 4})  # warm-up
+        served = [1e3 / single(url, request) for _ in range(3)]
+    finally:
+        server.kill()
+    return min(here() for _ in range(3)), min(served)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=32)
@@ -122,7 +158,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as root:
         names = random_adapters(lorakit.load_model("smollm2-135m"), Path(root), [16])
         engine = build_engine("smollm2-135m", root, max_adapters=2, max_batch=32)
-        prompt = engine.tokenizer("Tell me about the sea.")["input_ids"]
+        text = "Tell me about the sea."
+        prompt = engine.tokenizer(text)["input_ids"]
         params = SamplingParams(max_tokens=args.tokens, ignore_eos=True)
 
         def with_adapter(rows):
@@ -136,6 +173,7 @@ def main() -> None:
         for rows in (1, 32):
             table[f"batch {rows}, adapter"] = profile(engine, with_adapter, rows, args.tokens)
             table[f"batch {rows}, base"] = profile(engine, base, rows, args.tokens)
+        here, served = server_loop(engine, Path(root), names[0], prompt, text)
     columns = list(table)
     buckets = ["matmuls", "attention", "norms/rope/elementwise", "KV cache", "sampling", "other operators",
                "Python and dispatch", "step", "step without the profiler"]
@@ -148,6 +186,8 @@ def main() -> None:
         extra = table[f"batch {rows}, adapter"][key] - table[f"batch {rows}, base"][key]
         print(f"batch {rows}: the adapter adds {extra * 1e3:.1f} ms a step "
               f"({extra / table[f'batch {rows}, base'][key]:.0%} of the base step), without the profiler")
+    print(f"one request, one adapter, 128 tokens: {here:.1f} ms a token in this process, {served:.1f} ms streamed "
+          f"by lorakit serve: the server's own loop adds {served - here:.1f} ms a token")
 
 
 if __name__ == "__main__":

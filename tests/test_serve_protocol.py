@@ -196,6 +196,21 @@ def test_sigterm_answers_what_is_in_flight_and_exits_in_bounded_time(tiny_lm_dir
         process.wait()
 
 
+def test_a_taken_port_stops_the_server_with_an_error(tiny_lm_dir):
+    """The HTTP server runs in a second thread and the engine in the first: when HTTP cannot
+    start, the engine's loop must end too, and the process exit with an error."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "lorakit", "serve", str(tiny_lm_dir), "--port", str(port),
+                                 "--threads", "1"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "address already in use" in result.stderr.lower()
+
+
 def test_ignore_eos_is_taken_as_vllm_takes_it(server):
     body = post(server, "/v1/completions", {"model": "a0", "prompt": "Hej", "max_tokens": 5, "temperature": 0,
                                             "ignore_eos": True})

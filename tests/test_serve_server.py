@@ -224,3 +224,27 @@ def test_a_client_that_leaves_mid_request_frees_its_row_and_slot(stream, tiny_lm
         assert post(thread, "/v1/completions", {"model": "a3", "prompt": "hej", "max_tokens": 2}).status_code == 200
     finally:
         thread.stop()
+
+
+def test_adapter_loads_run_in_a_thread_that_ends_with_them(tiny_lm_dir, root, monkeypatch):
+    """A thread that has run a parallel CPU kernel and lives on slows every short kernel of the
+    decoding thread (OpenMP keeps its pool): loads never run in a pooled worker thread."""
+    engine = build_engine(str(tiny_lm_dir), str(root), max_adapters=2, max_batch=4)
+    loaders = []
+    install = engine.store.install
+
+    def recorded(prepared):
+        loaders.append(threading.current_thread())
+        return install(prepared)
+
+    monkeypatch.setattr(engine.store, "install", recorded)
+    thread = ServerThread(create_app(engine, BASE, Limits(max_prompt_tokens=64, max_tokens=8)))
+    try:
+        reply = post(thread, "/v1/completions", {"model": "a1", "prompt": "hej", "max_tokens": 2})
+        assert reply.status_code == 200
+        assert post(thread, "/v1/completions", {"model": "a1", "prompt": "hej", "max_tokens": 2}).status_code == 200
+    finally:
+        thread.stop()
+    assert len(loaders) == 1 and loaders[0].name == "lorakit-adapter"  # loaded once, by its own thread
+    loaders[0].join(timeout=5)
+    assert not loaders[0].is_alive()

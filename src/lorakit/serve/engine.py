@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import queue
 import threading
-from concurrent.futures import Future
 
 import torch
 from torch import Tensor, nn
@@ -46,7 +45,6 @@ class Engine:
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.cached_forward = CachedForward.build(model)  # None: decode through the model's generic forward
         self.waiting: queue.Queue[Request] = queue.Queue()
-        self.jobs: queue.Queue[tuple[Future, object, tuple]] = queue.Queue()  # see ``call``
         self.admitting: list[Request] = []  # taken off the queue, not yet running
         self.rows: list[Request] = []
         self.cache: KVCache | None = None  # the running rows' keys and values, per layer
@@ -63,17 +61,9 @@ class Engine:
         self.waiting.put(request)
         self.wake.set()
 
-    def call(self, function, *args) -> Future:
-        """Run ``function(*args)`` in the decoding thread, between two steps (adapter loads: see
-        ``serve_here`` for why the model's tensors are touched from one thread only)."""
-        future: Future = Future()
-        self.jobs.put((future, function, args))
-        self.wake.set()
-        return future
-
     @property
     def busy(self) -> bool:
-        return bool(self.rows) or not self.waiting.empty() or not self.jobs.empty()
+        return bool(self.rows) or not self.waiting.empty()
 
     def has_room(self, limit: int, more: int = 1) -> bool:
         """Whether ``more`` requests fit under ``limit`` requests waiting or decoding."""
@@ -82,8 +72,7 @@ class Engine:
     # -- the decoding thread ---------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> None:
-        """Run queued calls, admit waiting requests, then decode one token for every running row."""
-        self._run_jobs()
+        """Admit waiting requests, then decode one token for every running row."""
         while len(self.rows) + len(self.admitting) < self.max_batch:
             try:
                 self.admitting.append(self.waiting.get_nowait())
@@ -129,18 +118,6 @@ class Engine:
         while not all(r.done.is_set() for r in requests):
             self.step()
         return requests
-
-    def _run_jobs(self) -> None:
-        while True:
-            try:
-                future, function, args = self.jobs.get_nowait()
-            except queue.Empty:
-                return
-            if future.set_running_or_notify_cancel():
-                try:
-                    future.set_result(function(*args))
-                except BaseException as err:  # the caller's error, raised where it waits
-                    future.set_exception(err)
 
     # -- failure isolation -----------------------------------------------------------
     def _prefill_isolated(self, requests: list[Request]) -> None:
@@ -359,11 +336,6 @@ class Engine:
         self.rows, self.admitting, self.cache, self.mask = [], [], None, None
         for request in failed:
             request.close("cancelled", error)
-        if error is None:  # stopping: nothing will run the calls still queued
-            while not self.jobs.empty():
-                future = self.jobs.get_nowait()[0]
-                if future.set_running_or_notify_cancel():
-                    future.set_exception(StoreError("the server is stopping", 503))
 
 
 def lease_all(store: AdapterStore, names: list[str | None]) -> list[Lease | None]:

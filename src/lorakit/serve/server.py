@@ -20,6 +20,7 @@ import asyncio
 import json
 import threading
 import time
+from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from typing import Any
@@ -27,7 +28,6 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from .engine import Engine, lease_all
@@ -182,7 +182,7 @@ async def models(http: HttpRequest) -> dict[str, Any]:
                 "root": service.base_name, "parent": None, "max_model_len": service.limits.max_prompt_tokens}]
     entries += [{"id": info.name, "object": "model", "created": now, "owned_by": "lorakit", "root": info.root,
                  "parent": service.base_name, "rank": info.rank}
-                for info in await _in_engine(service, service.store.catalog)]
+                for info in await _in_own_thread(service.store.catalog)]
     return {"object": "list", "data": entries}
 
 
@@ -223,21 +223,37 @@ async def chat(body: ChatBody, http: HttpRequest):
 @router.post("/v1/load_lora_adapter")
 async def load_lora(body: LoadBody, http: HttpRequest) -> dict[str, str]:
     service = _runtime_allowed(http)
-    await _in_engine(service, service.store.register, body.lora_name, body.lora_path)
+    await _in_own_thread(service.store.register, body.lora_name, body.lora_path)
     return {"status": "ok", "message": f"adapter {body.lora_name!r} loaded"}
 
 
 @router.post("/v1/unload_lora_adapter")
 async def unload_lora(body: UnloadBody, http: HttpRequest) -> dict[str, str]:
     service = _runtime_allowed(http)
-    await _in_engine(service, service.store.unregister, body.lora_name)
+    await _in_own_thread(service.store.unregister, body.lora_name)
     return {"status": "ok", "message": f"adapter {body.lora_name!r} unloaded"}
 
 
-async def _in_engine(service: Service, function, *args):
-    """``function(*args)`` run by the engine between steps: whatever touches the model's tensors
-    (reading an adapter into its slots) runs in the thread that decodes."""
-    return await asyncio.wrap_future(service.engine.call(function, *args))
+def _own_thread(function, *args) -> Future:
+    """``function(*args)`` in a new thread that ends with it: adapter reads and loads, which use
+    the model's tensors, never run in the decoding loop nor in a pooled worker thread. A living
+    thread that has once run a parallel CPU kernel keeps a pool of OpenMP threads, and while it
+    lives the decoding thread's short kernels ran several times slower (GNU OpenMP: 40 against
+    145 us for one of SmolLM2's products at batch 1); a thread that has ended has freed its pool."""
+    future: Future = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(function(*args))
+        except BaseException as err:  # raised where the handler awaits it
+            future.set_exception(err)
+
+    threading.Thread(target=run, name="lorakit-adapter", daemon=True).start()
+    return future
+
+
+async def _in_own_thread(function, *args):
+    return await asyncio.wrap_future(_own_thread(function, *args))
 
 
 def _runtime_allowed(http: HttpRequest) -> Service:
@@ -284,7 +300,7 @@ async def _serve(service: Service, body: Sampling, prompts: list[list[int]], par
         raise ApiError(429, "too many requests in flight; retry later", "rate_limit_error")
     adapter = None if body.model == service.base_name else body.model
     if adapter is not None and not store.knows(adapter):
-        await run_in_threadpool(store.resolve, adapter)  # 404 unknown, 400 escapes the root
+        await _in_own_thread(store.resolve, adapter)  # 404 unknown, 400 escapes the root
     loop = asyncio.get_running_loop()
     pieces: asyncio.Queue[tuple[int, str | None]] = asyncio.Queue()
     requests = []
@@ -326,16 +342,16 @@ async def _serve(service: Service, body: Sampling, prompts: list[list[int]], par
 
 
 async def _lease(engine: Engine, names: list[str | None]) -> list:
-    """Leases on ``names``: here when every adapter is loaded already, else by the engine between
-    steps (a load touches the model's tensors); if this handler is cancelled meanwhile, the
-    leases are released when they arrive rather than lost."""
+    """Leases on ``names``: here when every adapter is loaded already, else in a thread of their
+    own (``_own_thread``); if this handler is cancelled meanwhile, the leases are released when
+    they arrive rather than lost."""
     held = [None if name is None else engine.store.lease_loaded(name) for name in names]
     if all(lease is not None or name is None for lease, name in zip(held, names)):
         return held
     for lease in held:
         if lease is not None:
             lease.release()
-    work = asyncio.wrap_future(engine.call(lease_all, engine.store, names))
+    work = asyncio.wrap_future(_own_thread(lease_all, engine.store, names))
     try:
         return await asyncio.shield(work)
     except asyncio.CancelledError:
