@@ -172,13 +172,14 @@ class Engine:
 
         with routing(self.router, slots, ids.shape[1]):
             if self.cached_forward is not None and not all_logits and self.cached_forward.fits(mask.shape[1]):
-                if cache is None:
+                prefill = cache is None
+                if prefill:
                     cache = KVCache(self.cached_forward.buffers(ids.shape[0], ids.shape[1]), 0)
                 cache.make_room()
                 layers = cache.layers if rows == slice(None) else [(k[rows], v[rows]) for k, v in cache.layers]
                 attend = None if bool(mask.all()) else mask  # no padding: the causal pattern alone
                 logits = self.cached_forward(ids, positions, attend, layers, cache.width)[:, None]
-                if cache.width == 0:
+                if prefill:
                     cache.width = ids.shape[1]
                 return logits, cache
             past = cache.for_forward(rows) if cache is not None else DynamicCache()
