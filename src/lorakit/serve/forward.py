@@ -110,14 +110,17 @@ class CachedForward:
 
 def _attention_mask(mask: Tensor | None, length: int, column: int) -> Tensor | None:
     """Which columns each new token attends to: (B, 1, T, column + T) boolean, or None when that
-    is every column (one token) or the causal pattern (a first prompt, ``is_causal``).
+    is every column (one token) or the causal pattern (a first prompt, ``is_causal``); ``mask``
+    None says the rows have no padding.
 
     A left-padding position attends to itself alone: a query that sees no key at all would give
     NaN, which the next layer's keys would carry into every row's attention (weight 0 times NaN)."""
-    if mask is None and (length == 1 or column == 0):
+    if mask is None:
+        if length > 1 and column > 0:  # is_causal would align the new tokens with the first columns
+            raise ValueError("several new tokens after cached ones need the mask of their columns")
         return None
     width = column + length
-    real = torch.ones((1, width), dtype=torch.bool) if mask is None else mask.bool()
+    real = mask.bool()
     attend = real[:, None, None, :]  # (B, 1, 1, width)
     if length == 1:
         return attend

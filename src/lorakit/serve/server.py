@@ -314,7 +314,7 @@ async def _serve(service: Service, body: Sampling, prompts: list[list[int]], par
             loop.call_soon_threadsafe(pieces.put_nowait, (i, None))
 
         requests.append(Request(prompts[index // body.n], adapter, seeded, on_text=on_text, on_done=on_done))
-    leases = await _lease(engine, [adapter] * count)
+    leases = await _lease(store, [adapter] * count)
     submitted = 0
     try:
         for request, lease in zip(requests, leases):
@@ -341,17 +341,17 @@ async def _serve(service: Service, body: Sampling, prompts: list[list[int]], par
     return reply.whole(requests, [echo[i // body.n] for i in range(count)] if echo else None)
 
 
-async def _lease(engine: Engine, names: list[str | None]) -> list:
+async def _lease(store, names: list[str | None]) -> list:
     """Leases on ``names``: here when every adapter is loaded already, else in a thread of their
     own (``_own_thread``); if this handler is cancelled meanwhile, the leases are released when
     they arrive rather than lost."""
-    held = [None if name is None else engine.store.lease_loaded(name) for name in names]
+    held = [None if name is None else store.lease_loaded(name) for name in names]
     if all(lease is not None or name is None for lease, name in zip(held, names)):
         return held
     for lease in held:
         if lease is not None:
             lease.release()
-    work = asyncio.wrap_future(_own_thread(lease_all, engine.store, names))
+    work = asyncio.wrap_future(_own_thread(lease_all, store, names))
     try:
         return await asyncio.shield(work)
     except asyncio.CancelledError:
